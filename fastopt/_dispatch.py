@@ -1,0 +1,171 @@
+"""Check the arrays of one update and run it on the device they live on.
+
+NumPy arrays run the CPU kernel; anything with ``__cuda_array_interface__`` (CuPy,
+PyTorch CUDA tensors, Numba device arrays) runs the CUDA kernel on the arrays in place.
+Every check runs before any kernel does, so a rejected call writes nothing.
+"""
+import os
+import sys
+import warnings
+
+import numpy as np
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# Below this many elements the serial CPU loop wins: waking the thread pool costs a few
+# microseconds (benchmarks/test_threshold.py measures the crossover on a given machine).
+PARALLEL_THRESHOLD = int(os.environ.get("FASTOPT_PARALLEL_THRESHOLD", 65536))
+
+
+class _Array:
+    """What the checks need to know of one argument, whatever library it came from."""
+
+    __slots__ = ("name", "obj", "device", "dtype", "shape", "contiguous", "writeable", "span")
+
+    def __init__(self, name, obj):
+        self.name, self.obj = name, obj
+        if isinstance(obj, np.ndarray):
+            self.device = "cpu"
+            self.dtype, self.shape = obj.dtype, obj.shape
+            self.contiguous = obj.flags.c_contiguous
+            self.writeable = obj.flags.writeable
+            ptr = obj.__array_interface__["data"][0]
+            self.span = (ptr, ptr + obj.nbytes)  # exact once contiguity is checked
+        elif hasattr(obj, "__cuda_array_interface__"):
+            cai = obj.__cuda_array_interface__
+            self.device = "cuda"
+            self.dtype, self.shape = np.dtype(cai["typestr"]), tuple(cai["shape"])
+            c_strides = tuple(np.empty(self.shape, self.dtype, order="C").strides) if self.shape else ()
+            strides = cai.get("strides")
+            self.contiguous = strides is None or tuple(strides) == c_strides or _size(self.shape) <= 1
+            ptr, readonly = cai["data"]
+            self.writeable = not readonly
+            self.span = (ptr, ptr + _size(self.shape) * self.dtype.itemsize)
+        elif _is_simulated_device_array(obj):
+            self.device = "cuda"
+            self.dtype, self.shape = obj.dtype, tuple(obj.shape)
+            self.contiguous = obj.is_c_contiguous()
+            self.writeable = True
+            self.span = None  # the simulator's arrays are host memory; overlap is not checked
+        else:
+            raise TypeError(
+                f"{name} must be a NumPy array or a CUDA array (CuPy, PyTorch CUDA tensor, "
+                f"Numba device array), got {type(obj).__name__}")
+
+
+def _size(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _is_simulated_device_array(obj):
+    sim = sys.modules.get("numba.cuda.simulator.cudadrv.devicearray")
+    return sim is not None and isinstance(obj, sim.FakeCUDAArray)
+
+
+def check_arrays(param, grad, states):
+    """Validate ``param``, ``grad`` and the named ``states`` (None entries are skipped).
+
+    Returns the list of checked arrays, param first. Raises TypeError / ValueError naming
+    the offending argument.
+    """
+    arrays = [_Array("param", param), _Array("grad", grad)]
+    arrays += [_Array(name, a) for name, a in states.items() if a is not None]
+    ref = arrays[0]
+    if ref.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"param has dtype {ref.dtype}; fastopt supports float32 and float64")
+    for a in arrays[1:]:
+        if a.device != ref.device:
+            raise ValueError(f"{a.name} is a {_where(a)} array but param is a {_where(ref)} array: "
+                             f"all arrays of an update must be on the same device")
+        if a.dtype != ref.dtype:
+            raise TypeError(f"{a.name} has dtype {a.dtype} but param has dtype {ref.dtype}")
+        if a.shape != ref.shape:
+            raise ValueError(f"{a.name} has shape {a.shape} but param has shape {ref.shape}")
+    for a in arrays:
+        if not a.contiguous:
+            raise ValueError(f"{a.name} is not C-contiguous; pass a contiguous array "
+                             f"(e.g. np.ascontiguousarray) so it can be updated in place")
+        if a is not arrays[1] and not a.writeable:
+            raise ValueError(f"{a.name} is read-only; it is updated in place and must be writeable")
+    for i, a in enumerate(arrays):
+        for b in arrays[i + 1:]:
+            if _overlap(a, b):
+                raise ValueError(f"{a.name} and {b.name} share memory; each array of an update "
+                                 f"must be its own buffer")
+    return arrays
+
+
+def _where(a):
+    return "NumPy (CPU)" if a.device == "cpu" else "CUDA"
+
+
+def _overlap(a, b):
+    if a.span is None or b.span is None or a.span[0] == a.span[1] or b.span[0] == b.span[1]:
+        return False
+    return a.span[0] < b.span[1] and b.span[0] < a.span[1]
+
+
+def cast_scalars(scalars, dtype):
+    """Floats become the arrays' dtype (a Python float would compile a float64 kernel)."""
+    f = dtype.type
+    return tuple(s if isinstance(s, (bool, np.bool_)) else f(s) for s in scalars)
+
+
+def launch(kernels, param, grad, states, scalars):
+    """Run ``kernels`` over the arrays (already checked by :func:`check_arrays`)."""
+    arrays = [param, grad, *states]
+    if isinstance(param, np.ndarray):
+        flat = [None if a is None else a.reshape(-1) for a in arrays]
+        flat += [None] * (5 - len(flat))
+        kernel = kernels.cpu(parallel=param.size >= PARALLEL_THRESHOLD)
+        kernel(*flat, cast_scalars(scalars, param.dtype))
+        return
+    _launch_cuda(kernels, arrays, scalars)
+
+
+def _launch_cuda(kernels, arrays, scalars):
+    from numba import config, cuda
+    if config.ENABLE_CUDASIM:
+        flat = [None if a is None else a.reshape(a.size) for a in arrays]
+        grid, stream = (2, 16), 0  # the simulator runs each thread in Python: few threads, strided
+    else:
+        stream = _stream_of(arrays[0], cuda)
+        flat = [None if a is None else cuda.as_cuda_array(a, sync=False).reshape(-1) for a in arrays]
+        n = flat[0].size
+        threads = 256
+        grid = (max(1, min((n + threads - 1) // threads, 32 * _sm_count(cuda))), threads)
+    flat += [None] * (5 - len(flat))
+    dtype = np.dtype(flat[0].dtype)
+    with warnings.catch_warnings():
+        # Small tensors give small grids; Numba warns about occupancy, which is expected here.
+        warnings.filterwarnings("ignore", message=".*[Gg]rid size.*")
+        kernels.cuda()[grid[0], grid[1], stream](*flat, cast_scalars(scalars, dtype))
+
+
+_SM_COUNT = {}
+
+
+def _sm_count(cuda):
+    dev = cuda.get_current_device()
+    if dev.id not in _SM_COUNT:
+        _SM_COUNT[dev.id] = dev.MULTIPROCESSOR_COUNT
+    return _SM_COUNT[dev.id]
+
+
+def _stream_of(obj, cuda):
+    """Launch on the stream the producer of the array names (CUDA array interface v3)."""
+    ptr = getattr(obj, "__cuda_array_interface__", {}).get("stream")
+    if ptr in (None, 1):
+        return cuda.default_stream()
+    if ptr == 2:
+        return cuda.per_thread_default_stream()
+    return cuda.external_stream(ptr)
+
+
+def update(kernels, param, grad, states, scalars):
+    """Check every array, then run one fused pass of ``kernels``."""
+    check_arrays(param, grad, states)
+    launch(kernels, param, grad, list(states.values()), scalars)

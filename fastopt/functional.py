@@ -1,0 +1,17 @@
+"""In-place, fused update rules with PyTorch's semantics, state names and defaults.
+
+Each call checks its arguments, computes the step's scalars on the host and runs one
+fused pass over the arrays, on the CPU for NumPy arrays or on the GPU for CUDA arrays.
+"""
+from .kernels.adadelta import adadelta_
+from .kernels.adagrad import adagrad_
+from .kernels.adam import adam_, adamw_
+from .kernels.adamax import adamax_
+from .kernels.lion import lion_
+from .kernels.nadam import nadam_
+from .kernels.radam import radam_
+from .kernels.rmsprop import rmsprop_
+from .kernels.sgd import sgd_
+
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adadelta_", "adamax_", "nadam_",
+           "radam_", "lion_"]

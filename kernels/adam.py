@@ -1,0 +1,121 @@
+"""Adam (Kingma & Ba, 2015) and AdamW (Loshchilov & Hutter, 2019), as ``torch.optim.Adam/AdamW``.
+
+    g      = -grad if maximize else grad
+    g     += weight_decay * p                      (Adam: L2 penalty in the gradient)
+    p     *= 1 - lr * weight_decay                 (AdamW: decoupled decay instead)
+    m      = beta1 * m + (1 - beta1) * g
+    v      = beta2 * v + (1 - beta2) * g**2
+    v_max  = max(v_max, v)                         (amsgrad; v_max replaces v below)
+    p     -= lr / (1 - beta1**t) * m / (sqrt(v / (1 - beta2**t)) + eps)
+
+``bias_correction=False`` drops both ``1 - beta**t`` factors: the lecture notes' "Adam
+(almost)". Host scalars: ``lr / (1 - beta1**t)`` and ``1 / sqrt(1 - beta2**t)``.
+"""
+import math
+
+import numpy as np
+
+from . import _args
+from ._loops import Kernels
+
+
+def adam_math(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, c):
+    (beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_sqrt_bc2, eps,
+     l2, decay, amsgrad, maximize) = c
+    if maximize:
+        g = -g
+    g = g + l2 * p
+    p = p * decay
+    exp_avg = beta1 * exp_avg + one_minus_beta1 * g
+    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
+    if amsgrad:
+        max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq)
+        denom = math.sqrt(max_exp_avg_sq) * inv_sqrt_bc2 + eps
+    else:
+        denom = math.sqrt(exp_avg_sq) * inv_sqrt_bc2 + eps
+    return p - step_size * exp_avg / denom, exp_avg, exp_avg_sq, max_exp_avg_sq
+
+
+KERNELS = Kernels("adam", adam_math)
+STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def check(*, lr, betas, eps, weight_decay, **_):
+    _args.lr(lr)
+    _args.eps(eps)
+    _args.betas(betas)
+    _args.nonneg("weight_decay", weight_decay)
+
+
+def scalars(*, step, lr, betas, eps, weight_decay, amsgrad, maximize, bias_correction=True,
+            decoupled=False):
+    beta1, beta2 = betas
+    bc1 = 1 - beta1 ** step if bias_correction else 1.0
+    bc2 = 1 - beta2 ** step if bias_correction else 1.0
+    l2, decay = (0.0, 1 - lr * weight_decay) if decoupled else (weight_decay, 1.0)
+    return (beta1, 1 - beta1, beta2, 1 - beta2, lr / bc1, 1 / math.sqrt(bc2), eps,
+            l2, decay, bool(amsgrad), bool(maximize))
+
+
+def _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, **hp):
+    from fastopt._dispatch import update
+    check(**hp)
+    _args.step(step)
+    if hp["amsgrad"]:
+        _args.required("max_exp_avg_sq", max_exp_avg_sq, "when amsgrad=True")
+    else:
+        max_exp_avg_sq = None
+    update(KERNELS, param, grad, dict(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq),
+           scalars(step=step, **hp))
+
+
+def adam_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3, betas=(0.9, 0.999),
+          eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, bias_correction=True):
+    """One Adam step, in place on ``param`` and the state arrays (see the module docstring)."""
+    _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
+          weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+          bias_correction=bias_correction, decoupled=False)
+
+
+def adamw_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3, betas=(0.9, 0.999),
+           eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False, bias_correction=True):
+    """One AdamW step: Adam with decoupled weight decay, ``p *= 1 - lr * weight_decay``."""
+    _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
+          weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+          bias_correction=bias_correction, decoupled=True)
+
+
+def _reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, betas, eps,
+               weight_decay, amsgrad, maximize, bias_correction, decoupled):
+    beta1, beta2 = betas
+    g = -grad if maximize else grad
+    if decoupled:
+        param *= 1 - lr * weight_decay
+    else:
+        g = g + weight_decay * param
+    exp_avg[:] = beta1 * exp_avg + (1 - beta1) * g
+    exp_avg_sq[:] = beta2 * exp_avg_sq + (1 - beta2) * g ** 2
+    if amsgrad:
+        np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+    v = max_exp_avg_sq if amsgrad else exp_avg_sq
+    m_hat = exp_avg / (1 - beta1 ** step) if bias_correction else exp_avg
+    v_hat = v / (1 - beta2 ** step) if bias_correction else v
+    param -= lr * m_hat / (np.sqrt(v_hat) + eps)
+
+
+def adam_reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,
+                   betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+                   bias_correction=True):
+    """Textbook Adam in NumPy (float64), the check for :func:`adam_`."""
+    _reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
+               weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+               bias_correction=bias_correction, decoupled=False)
+
+
+def adamw_reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,
+                    betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False,
+                    bias_correction=True):
+    """Textbook AdamW in NumPy (float64), the check for :func:`adamw_`."""
+    _reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
+               weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+               bias_correction=bias_correction, decoupled=True)

@@ -1,0 +1,97 @@
+"""RAdam (Liu et al., 2020), as ``torch.optim.RAdam``.
+
+    g      = -grad if maximize else grad
+    g     += weight_decay * p                      (or p *= 1 - lr*weight_decay, decoupled)
+    m      = beta1 * m + (1 - beta1) * g
+    v      = beta2 * v + (1 - beta2) * g**2
+    rho_inf = 2 / (1 - beta2) - 1;   rho_t = rho_inf - 2 t beta2**t / (1 - beta2**t)
+    r_t    = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
+    p     -= lr * m / (1 - beta1**t) * r_t * sqrt(1 - beta2**t) / (sqrt(v) + eps)   if rho_t > 5
+    p     -= lr * m / (1 - beta1**t)                                              otherwise
+
+Whether the step is rectified, and r_t, depend on t only: computed on the host.
+"""
+import math
+
+import numpy as np
+
+from . import _args
+from ._loops import Kernels
+
+
+def radam_math(p, g, exp_avg, exp_avg_sq, _2, c):
+    beta1, one_minus_beta1, beta2, one_minus_beta2, coef, eps, rectify, l2, decay, maximize = c
+    if maximize:
+        g = -g
+    g = g + l2 * p
+    p = p * decay
+    exp_avg = beta1 * exp_avg + one_minus_beta1 * g
+    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
+    if rectify:
+        p = p - coef * exp_avg / (math.sqrt(exp_avg_sq) + eps)
+    else:
+        p = p - coef * exp_avg
+    return p, exp_avg, exp_avg_sq, _2
+
+
+KERNELS = Kernels("radam", radam_math)
+STATES = ("exp_avg", "exp_avg_sq")
+
+
+def check(*, lr, betas, eps, weight_decay, **_):
+    _args.lr(lr)
+    _args.eps(eps)
+    _args.betas(betas)
+    _args.nonneg("weight_decay", weight_decay)
+
+
+def rectification(step, beta2):
+    """(rectify, r_t): the variance rectification term, defined once rho_t > 5."""
+    bc2 = 1 - beta2 ** step
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * beta2 ** step / bc2
+    if rho_t <= 5:
+        return False, 1.0
+    return True, math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+
+
+def scalars(*, step, lr, betas, eps, weight_decay, decoupled_weight_decay, maximize):
+    beta1, beta2 = betas
+    rectify, r = rectification(step, beta2)
+    coef = lr / (1 - beta1 ** step) * (r * math.sqrt(1 - beta2 ** step) if rectify else 1.0)
+    l2, decay = (0.0, 1 - lr * weight_decay) if decoupled_weight_decay else (weight_decay, 1.0)
+    return (beta1, 1 - beta1, beta2, 1 - beta2, coef, eps, rectify, l2, decay, bool(maximize))
+
+
+def radam_(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+           weight_decay=0.0, decoupled_weight_decay=False, maximize=False):
+    """One RAdam step in place on ``param``, ``exp_avg`` and ``exp_avg_sq``."""
+    from fastopt._dispatch import update
+    hp = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+              decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+    check(**hp)
+    _args.step(step)
+    update(KERNELS, param, grad, dict(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq), scalars(step=step, **hp))
+
+
+def radam_reference(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                    weight_decay=0.0, decoupled_weight_decay=False, maximize=False):
+    """Textbook RAdam in NumPy (float64), the check for :func:`radam_`."""
+    beta1, beta2 = betas
+    g = -grad if maximize else grad
+    if decoupled_weight_decay:
+        param *= 1 - lr * weight_decay
+    else:
+        g = g + weight_decay * param
+    exp_avg[:] = beta1 * exp_avg + (1 - beta1) * g
+    exp_avg_sq[:] = beta2 * exp_avg_sq + (1 - beta2) * g ** 2
+    m_hat = exp_avg / (1 - beta1 ** step)
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * beta2 ** step / (1 - beta2 ** step)
+    if rho_t > 5:
+        v_hat = np.sqrt(exp_avg_sq / (1 - beta2 ** step))
+        r = np.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+        # torch adds eps to sqrt(v) before bias correction: 1 / (sqrt(v_hat) + eps / sqrt(bc2))
+        param -= lr * m_hat * r / (v_hat + eps / np.sqrt(1 - beta2 ** step))
+    else:
+        param -= lr * m_hat

@@ -1,0 +1,93 @@
+"""RMSprop (Hinton, 2012), plain, centered and with momentum, as ``torch.optim.RMSprop``.
+
+    g     = -grad if maximize else grad
+    g    += weight_decay * p
+    sq    = alpha * sq + (1 - alpha) * g**2
+    ga    = alpha * ga + (1 - alpha) * g             (centered)
+    avg   = sqrt(sq - ga**2) if centered else sqrt(sq)
+    b     = momentum * b + g / (avg + eps)           (momentum > 0: p -= lr * b)
+    p    -= lr * g / (avg + eps)                     (otherwise)
+"""
+import math
+
+import numpy as np
+
+from . import _args
+from ._loops import Kernels
+
+
+def rmsprop_math(p, g, square_avg, momentum_buffer, grad_avg, c):
+    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, use_momentum, centered, maximize = c
+    if maximize:
+        g = -g
+    g = g + weight_decay * p
+    square_avg = alpha * square_avg + one_minus_alpha * g * g
+    if centered:
+        grad_avg = alpha * grad_avg + one_minus_alpha * g
+        avg = math.sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        avg = math.sqrt(square_avg) + eps
+    if use_momentum:
+        momentum_buffer = momentum * momentum_buffer + g / avg
+        p = p - lr * momentum_buffer
+    else:
+        p = p - lr * g / avg
+    return p, square_avg, momentum_buffer, grad_avg
+
+
+KERNELS = Kernels("rmsprop", rmsprop_math)
+STATES = ("square_avg", "momentum_buffer", "grad_avg")
+
+
+def check(*, lr, alpha, eps, weight_decay, momentum, **_):
+    _args.lr(lr)
+    _args.eps(eps)
+    _args.nonneg("momentum", momentum)
+    _args.nonneg("weight_decay", weight_decay)
+    _args.unit("alpha", alpha)
+
+
+def scalars(*, step, lr, alpha, eps, weight_decay, momentum, centered, maximize):
+    return (lr, alpha, 1 - alpha, eps, weight_decay, momentum, momentum > 0, bool(centered),
+            bool(maximize))
+
+
+def rmsprop_(param, grad, square_avg, momentum_buffer=None, grad_avg=None, *, step, lr=1e-2,
+             alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False):
+    """One RMSprop step in place. ``momentum_buffer`` is needed when ``momentum > 0``,
+    ``grad_avg`` when ``centered``; both start as zeros, as in PyTorch."""
+    from fastopt._dispatch import update
+    hp = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+              centered=centered, maximize=maximize)
+    check(**hp)
+    _args.step(step)
+    if momentum > 0:
+        _args.required("momentum_buffer", momentum_buffer, "when momentum > 0")
+    else:
+        momentum_buffer = None
+    if centered:
+        _args.required("grad_avg", grad_avg, "when centered=True")
+    else:
+        grad_avg = None
+    update(KERNELS, param, grad,
+           dict(square_avg=square_avg, momentum_buffer=momentum_buffer, grad_avg=grad_avg),
+           scalars(step=step, **hp))
+
+
+def rmsprop_reference(param, grad, square_avg, momentum_buffer=None, grad_avg=None, *, step, lr=1e-2,
+                      alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
+                      maximize=False):
+    """Textbook RMSprop in NumPy (float64), the check for :func:`rmsprop_`."""
+    g = -grad if maximize else grad
+    g = g + weight_decay * param
+    square_avg[:] = alpha * square_avg + (1 - alpha) * g ** 2
+    if centered:
+        grad_avg[:] = alpha * grad_avg + (1 - alpha) * g
+        rms = np.sqrt(square_avg - grad_avg ** 2)
+    else:
+        rms = np.sqrt(square_avg)
+    if momentum > 0:
+        momentum_buffer[:] = momentum * momentum_buffer + g / (rms + eps)
+        param -= lr * momentum_buffer
+    else:
+        param -= lr * g / (rms + eps)

@@ -1,0 +1,78 @@
+"""SGD with momentum, dampening and Nesterov, as ``torch.optim.SGD``.
+
+    g    = -grad if maximize else grad
+    g   += weight_decay * p
+    b    = g                                        (first step: the buffer starts as g)
+    b    = momentum * b + (1 - dampening) * g       (later steps)
+    d    = g + momentum * b if nesterov else b      (d = g when momentum == 0)
+    p   -= lr * d
+"""
+import numpy as np
+
+from . import _args
+from ._loops import Kernels
+
+
+def sgd_math(p, g, momentum_buffer, _1, _2, c):
+    lr, weight_decay, momentum, one_minus_dampening, use_momentum, first, nesterov, maximize = c
+    if maximize:
+        g = -g
+    g = g + weight_decay * p
+    if use_momentum:
+        if first:
+            momentum_buffer = g
+        else:
+            momentum_buffer = momentum * momentum_buffer + one_minus_dampening * g
+        d = g + momentum * momentum_buffer if nesterov else momentum_buffer
+    else:
+        d = g
+    return p - lr * d, momentum_buffer, _1, _2
+
+
+KERNELS = Kernels("sgd", sgd_math)
+STATES = ("momentum_buffer",)
+
+
+def check(*, lr, momentum, dampening, weight_decay, nesterov, **_):
+    _args.lr(lr)
+    _args.nonneg("momentum", momentum)
+    _args.nonneg("weight_decay", weight_decay)
+    if not -float("inf") < dampening < float("inf"):
+        raise ValueError(f"Invalid dampening value: {dampening}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+def scalars(*, step, lr, momentum, dampening, weight_decay, nesterov, maximize):
+    return (lr, weight_decay, momentum, 1 - dampening, momentum != 0, step == 1,
+            bool(nesterov), bool(maximize))
+
+
+def sgd_(param, grad, momentum_buffer=None, *, step, lr, momentum=0.0, dampening=0.0,
+         weight_decay=0.0, nesterov=False, maximize=False):
+    """One SGD step in place. At ``step == 1`` the momentum buffer is set to the gradient
+    (its content is ignored), as PyTorch does when the buffer does not exist yet."""
+    from fastopt._dispatch import update
+    hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+              nesterov=nesterov, maximize=maximize)
+    check(**hp)
+    _args.step(step)
+    if momentum != 0:
+        _args.required("momentum_buffer", momentum_buffer, "when momentum != 0")
+    else:
+        momentum_buffer = None
+    update(KERNELS, param, grad, dict(momentum_buffer=momentum_buffer), scalars(step=step, **hp))
+
+
+def sgd_reference(param, grad, momentum_buffer=None, *, step, lr, momentum=0.0, dampening=0.0,
+                  weight_decay=0.0, nesterov=False, maximize=False):
+    """Textbook SGD with momentum in NumPy (float64), the check for :func:`sgd_`."""
+    g = -grad if maximize else grad
+    g = g + weight_decay * param
+    if momentum != 0:
+        if step == 1:
+            momentum_buffer[:] = g
+        else:
+            momentum_buffer[:] = momentum * momentum_buffer + (1 - dampening) * g
+        g = g + momentum * momentum_buffer if nesterov else momentum_buffer
+    param -= lr * g
