@@ -20,17 +20,19 @@ PARALLEL_THRESHOLD = int(os.environ.get("FASTOPT_PARALLEL_THRESHOLD", 65536))
 class _Array:
     """What the checks need to know of one argument, whatever library it came from."""
 
-    __slots__ = ("name", "obj", "device", "dtype", "shape", "contiguous", "writeable", "span")
+    __slots__ = ("name", "obj", "device", "dtype", "shape", "contiguous", "writeable", "owner")
 
     def __init__(self, name, obj):
         self.name, self.obj = name, obj
         if isinstance(obj, np.ndarray):
             self.device = "cpu"
             self.dtype, self.shape = obj.dtype, obj.shape
-            self.contiguous = obj.flags.c_contiguous
-            self.writeable = obj.flags.writeable
-            ptr = obj.__array_interface__["data"][0]
-            self.span = (ptr, ptr + obj.nbytes)  # exact once contiguity is checked
+            flags = obj.flags
+            self.contiguous, self.writeable = flags.c_contiguous, flags.writeable
+            owner = obj
+            while isinstance(owner.base, np.ndarray):
+                owner = owner.base
+            self.owner = owner  # arrays with different owners cannot overlap
         elif hasattr(obj, "__cuda_array_interface__"):
             cai = obj.__cuda_array_interface__
             self.device = "cuda"
@@ -38,19 +40,28 @@ class _Array:
             c_strides = tuple(np.empty(self.shape, self.dtype, order="C").strides) if self.shape else ()
             strides = cai.get("strides")
             self.contiguous = strides is None or tuple(strides) == c_strides or _size(self.shape) <= 1
-            ptr, readonly = cai["data"]
-            self.writeable = not readonly
-            self.span = (ptr, ptr + _size(self.shape) * self.dtype.itemsize)
+            self.writeable = not cai["data"][1]
+            self.owner = None
         elif _is_simulated_device_array(obj):
             self.device = "cuda"
             self.dtype, self.shape = obj.dtype, tuple(obj.shape)
             self.contiguous = obj.is_c_contiguous()
             self.writeable = True
-            self.span = None  # the simulator's arrays are host memory; overlap is not checked
+            self.owner = None
         else:
             raise TypeError(
                 f"{name} must be a NumPy array or a CUDA array (CuPy, PyTorch CUDA tensor, "
                 f"Numba device array), got {type(obj).__name__}")
+
+    def span(self):
+        """[first, last) byte addresses, or None where unknown (the simulator)."""
+        if self.device == "cpu":
+            ptr = self.obj.__array_interface__["data"][0]
+        elif self.owner is None and hasattr(self.obj, "__cuda_array_interface__"):
+            ptr = self.obj.__cuda_array_interface__["data"][0]
+        else:
+            return None
+        return ptr, ptr + _size(self.shape) * self.dtype.itemsize
 
 
 def _size(shape):
@@ -103,15 +114,19 @@ def _where(a):
 
 
 def _overlap(a, b):
-    if a.span is None or b.span is None or a.span[0] == a.span[1] or b.span[0] == b.span[1]:
+    if a.device == "cpu" and a.owner is not b.owner:
+        return False  # separate allocations: skip the (slower) address arithmetic
+    sa, sb = a.span(), b.span()
+    if sa is None or sb is None or sa[0] == sa[1] or sb[0] == sb[1]:
         return False
-    return a.span[0] < b.span[1] and b.span[0] < a.span[1]
+    return sa[0] < sb[1] and sb[0] < sa[1]
 
 
 def cast_scalars(scalars, dtype):
-    """Floats become the arrays' dtype (a Python float would compile a float64 kernel)."""
-    f = dtype.type
-    return tuple(s if isinstance(s, (bool, np.bool_)) else f(s) for s in scalars)
+    """``(floats, flags)`` -> one tuple, the floats in the arrays' dtype (a Python float
+    would compile a float64 kernel)."""
+    floats, flags = scalars
+    return (*np.array(floats, dtype), *flags)
 
 
 def launch(kernels, param, grad, states, scalars):

@@ -1,20 +1,27 @@
 """Hyper-parameter checks, with PyTorch's messages so errors read the same in both."""
-import numbers
+import math
 
 
-def nonneg(name, value, label=None):
-    # `not 0.0 <= x` also rejects NaN
-    if not isinstance(value, numbers.Real) or not 0.0 <= value < float("inf"):
-        raise ValueError(f"Invalid {label or name} value: {value}")
+def _in(value, lo, hi, closed_hi):
+    # `not lo <= x` also rejects NaN; a non-number fails the comparison with TypeError
+    try:
+        return lo <= value < hi or (closed_hi and value == hi)
+    except TypeError:
+        return False
+
+
+def nonneg(name, value):
+    if not _in(value, 0.0, math.inf, False):
+        raise ValueError(f"Invalid {name} value: {value}")
 
 
 def lr(value):
-    if not isinstance(value, numbers.Real) or not 0.0 <= value < float("inf"):
+    if not _in(value, 0.0, math.inf, False):
         raise ValueError(f"Invalid learning rate: {value}")
 
 
 def eps(value):
-    if not isinstance(value, numbers.Real) or not 0.0 <= value < float("inf"):
+    if not _in(value, 0.0, math.inf, False):
         raise ValueError(f"Invalid epsilon value: {value}")
 
 
@@ -22,18 +29,18 @@ def betas(value):
     if len(value) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {value!r}")
     for i, b in enumerate(value):
-        if not isinstance(b, numbers.Real) or not 0.0 <= b < 1.0:
+        if not _in(b, 0.0, 1.0, False):
             raise ValueError(f"Invalid beta parameter at index {i}: {b}")
 
 
 def unit(name, value):
     """A decay rate in [0, 1]."""
-    if not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+    if not _in(value, 0.0, 1.0, True):
         raise ValueError(f"Invalid {name} value: {value}")
 
 
 def step(value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if type(value) is not int and not (hasattr(value, "__index__") and not isinstance(value, bool)) or value < 1:
         raise ValueError(f"step must be a positive integer (the 1-based number of this update), got {value!r}")
 
 

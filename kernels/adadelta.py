@@ -38,7 +38,7 @@ def check(*, lr, rho, eps, weight_decay, **_):
 
 
 def scalars(*, step, lr, rho, eps, weight_decay, maximize):
-    return (lr, rho, 1 - rho, eps, weight_decay, bool(maximize))
+    return (lr, rho, 1 - rho, eps, weight_decay), (bool(maximize),)
 
 
 def adadelta_(param, grad, square_avg, acc_delta, *, step, lr=1.0, rho=0.9, eps=1e-6,

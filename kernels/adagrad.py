@@ -35,7 +35,7 @@ def check(*, lr, lr_decay, weight_decay, eps, **_):
 
 
 def scalars(*, step, lr, lr_decay, weight_decay, eps, maximize):
-    return (lr / (1 + (step - 1) * lr_decay), weight_decay, eps, bool(maximize))
+    return (lr / (1 + (step - 1) * lr_decay), weight_decay, eps), (bool(maximize),)
 
 
 def adagrad_(param, grad, state_sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,

@@ -53,8 +53,8 @@ def scalars(*, step, lr, betas, eps, weight_decay, amsgrad, maximize, bias_corre
     bc1 = 1 - beta1 ** step if bias_correction else 1.0
     bc2 = 1 - beta2 ** step if bias_correction else 1.0
     l2, decay = (0.0, 1 - lr * weight_decay) if decoupled else (weight_decay, 1.0)
-    return (beta1, 1 - beta1, beta2, 1 - beta2, lr / bc1, 1 / math.sqrt(bc2), eps,
-            l2, decay, bool(amsgrad), bool(maximize))
+    return ((beta1, 1 - beta1, beta2, 1 - beta2, lr / bc1, 1 / math.sqrt(bc2), eps, l2, decay),
+            (bool(amsgrad), bool(maximize)))
 
 
 def _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, **hp):

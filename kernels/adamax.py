@@ -35,7 +35,7 @@ def check(*, lr, betas, eps, weight_decay, **_):
 
 def scalars(*, step, lr, betas, eps, weight_decay, maximize):
     beta1, beta2 = betas
-    return (beta1, 1 - beta1, beta2, lr / (1 - beta1 ** step), eps, weight_decay, bool(maximize))
+    return (beta1, 1 - beta1, beta2, lr / (1 - beta1 ** step), eps, weight_decay), (bool(maximize),)
 
 
 def adamax_(param, grad, exp_avg, exp_inf, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,

@@ -33,7 +33,7 @@ def check(*, lr, betas, weight_decay, **_):
 
 def scalars(*, step, lr, betas, weight_decay, maximize):
     beta1, beta2 = betas
-    return (lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, 0.0, bool(maximize))
+    return (lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, 0.0), (bool(maximize),)
 
 
 def lion_(param, grad, exp_avg, *, step, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):

@@ -66,9 +66,9 @@ def scalars(*, step, lr, betas, eps, weight_decay, momentum_decay, decoupled_wei
     mu_t, mu_next = mu(step, beta1, momentum_decay), mu(step + 1, beta1, momentum_decay)
     prod = mu_product(step, beta1, momentum_decay)
     l2, decay = (0.0, 1 - lr * weight_decay) if decoupled_weight_decay else (weight_decay, 1.0)
-    return (beta1, 1 - beta1, beta2, 1 - beta2, 1 / math.sqrt(1 - beta2 ** step), eps,
-            lr * (1 - mu_t) / (1 - prod), lr * mu_next / (1 - prod * mu_next),
-            l2, decay, bool(maximize))
+    return ((beta1, 1 - beta1, beta2, 1 - beta2, 1 / math.sqrt(1 - beta2 ** step), eps,
+             lr * (1 - mu_t) / (1 - prod), lr * mu_next / (1 - prod * mu_next),
+             l2, decay), (bool(maximize),))
 
 
 def nadam_(param, grad, exp_avg, exp_avg_sq, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,

@@ -20,7 +20,7 @@ from ._loops import Kernels
 
 
 def radam_math(p, g, exp_avg, exp_avg_sq, _2, c):
-    beta1, one_minus_beta1, beta2, one_minus_beta2, coef, eps, rectify, l2, decay, maximize = c
+    beta1, one_minus_beta1, beta2, one_minus_beta2, coef, eps, l2, decay, rectify, maximize = c
     if maximize:
         g = -g
     g = g + l2 * p
@@ -60,7 +60,7 @@ def scalars(*, step, lr, betas, eps, weight_decay, decoupled_weight_decay, maxim
     rectify, r = rectification(step, beta2)
     coef = lr / (1 - beta1 ** step) * (r * math.sqrt(1 - beta2 ** step) if rectify else 1.0)
     l2, decay = (0.0, 1 - lr * weight_decay) if decoupled_weight_decay else (weight_decay, 1.0)
-    return (beta1, 1 - beta1, beta2, 1 - beta2, coef, eps, rectify, l2, decay, bool(maximize))
+    return (beta1, 1 - beta1, beta2, 1 - beta2, coef, eps, l2, decay), (rectify, bool(maximize))
 
 
 def radam_(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,

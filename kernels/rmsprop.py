@@ -48,8 +48,8 @@ def check(*, lr, alpha, eps, weight_decay, momentum, **_):
 
 
 def scalars(*, step, lr, alpha, eps, weight_decay, momentum, centered, maximize):
-    return (lr, alpha, 1 - alpha, eps, weight_decay, momentum, momentum > 0, bool(centered),
-            bool(maximize))
+    return ((lr, alpha, 1 - alpha, eps, weight_decay, momentum),
+            (momentum > 0, bool(centered), bool(maximize)))
 
 
 def rmsprop_(param, grad, square_avg, momentum_buffer=None, grad_avg=None, *, step, lr=1e-2,

@@ -7,6 +7,8 @@
     d    = g + momentum * b if nesterov else b      (d = g when momentum == 0)
     p   -= lr * d
 """
+import math
+
 import numpy as np
 
 from . import _args
@@ -37,15 +39,15 @@ def check(*, lr, momentum, dampening, weight_decay, nesterov, **_):
     _args.lr(lr)
     _args.nonneg("momentum", momentum)
     _args.nonneg("weight_decay", weight_decay)
-    if not -float("inf") < dampening < float("inf"):
+    if not -math.inf < dampening < math.inf:
         raise ValueError(f"Invalid dampening value: {dampening}")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
 def scalars(*, step, lr, momentum, dampening, weight_decay, nesterov, maximize):
-    return (lr, weight_decay, momentum, 1 - dampening, momentum != 0, step == 1,
-            bool(nesterov), bool(maximize))
+    return ((lr, weight_decay, momentum, 1 - dampening),
+            (momentum != 0, step == 1, bool(nesterov), bool(maximize)))
 
 
 def sgd_(param, grad, momentum_buffer=None, *, step, lr, momentum=0.0, dampening=0.0,

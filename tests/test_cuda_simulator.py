@@ -1,0 +1,24 @@
+"""Runs every `cuda`-marked test on Numba's CUDA simulator, in a child process (the
+simulator must be chosen before Numba is imported), and reports the child's result."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import CUDA
+
+pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip install -e .[test])")
+
+
+@pytest.mark.skipif(CUDA, reason="CUDA tests already run in this process (GPU or simulator)")
+def test_cuda_tests_pass_on_the_simulator():
+    here = Path(__file__).parent
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+                          "-p", "no:randomly", str(here)], capture_output=True, text=True, env=env, timeout=1800)
+    tail = "\n".join(out.stdout.splitlines()[-40:]) + out.stderr[-4000:]
+    assert out.returncode == 0, "simulator run failed:\n" + tail
+    assert " passed" in out.stdout and " failed" not in out.stdout, tail
+    print(out.stdout.splitlines()[-1])

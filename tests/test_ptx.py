@@ -1,0 +1,50 @@
+"""The CUDA kernels compile to PTX without a GPU, and float32 kernels hold no .f64 instruction."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import SIMULATOR
+
+pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip install -e .[test])")
+pytestmark = pytest.mark.skipif(SIMULATOR, reason="compile_ptx does not exist under the simulator")
+
+
+def test_ptx_command_reports_every_kernel_without_f64():
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    out = subprocess.run([sys.executable, "-m", "fastopt.kernels", "ptx", "--cc", "80", "--cc", "90"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[1:-1]]
+    kernels = {r[0] for r in rows}
+    assert kernels == {"sgd", "adagrad", "rmsprop", "adam", "adadelta", "adamax", "nadam", "radam", "lion"}
+    for row in rows:
+        dtype, cc, lines, f64 = row[-4], row[-3], int(row[-2]), int(row[-1])
+        assert cc in ("80", "90") and lines > 100
+        if dtype == "float32":
+            assert f64 == 0, row
+        else:
+            assert f64 > 0, row  # the float64 kernels really are float64: the count sees them
+    assert "OK: no float32 kernel" in out.stdout
+
+
+def leaky_math(p, g, s0, s1, s2, c):
+    lr, one_minus_beta = c
+    return p - lr * (1.0 - g), s0, s1, s2  # the bare 1.0 is a float64
+
+
+def clean_math(p, g, s0, s1, s2, c):
+    lr, one = c
+    return p - lr * (one - g), s0, s1, s2
+
+
+@pytest.mark.parametrize("math,leaks", [(leaky_math, True), (clean_math, False)])
+def test_f64_count_catches_a_bare_literal(math, leaks):
+    from fastopt._dispatch import cast_scalars
+    from fastopt.kernels._loops import Kernels
+    from fastopt.kernels._ptx import compile_kernel, f64_count
+    scalars = cast_scalars(((1e-3, 1.0), ()), np.dtype(np.float32))
+    ptx = compile_kernel(Kernels(math.__name__, math), (), scalars, np.float32, (8, 0))
+    assert (f64_count(ptx) > 0) == leaks

@@ -1,0 +1,60 @@
+"""Every rule x backend x dtype x hyper-parameter set, against its float64 NumPy reference."""
+import numpy as np
+import pytest
+
+from cases import N_DRAWS, gradients, hparams, states
+from conftest import BACKENDS, SIMULATOR, to_backend, to_host
+from fastopt.kernels import RULES
+
+STEPS = 50
+# Sizes that are no multiple of a block or a SIMD width; 70001 crosses the CPU's parallel
+# threshold. The simulator runs each GPU thread in Python, so it gets small sizes only.
+SIZES = {"cpu": (1, 7, 4099, 70001), "cuda": (1, 7, 301) if SIMULATOR else (1, 7, 4099, 70001)}
+
+# Tolerances. float64 kernels differ from the reference only in the order of operations
+# (hoisted scalars, multiplying by 1/sqrt(bc2) rather than dividing): a few ulps per step,
+# so 1e-9 relative leaves 4 orders of margin after 50 steps. float32 rounds every state
+# update (unit roundoff 6e-8); over 50 steps the relative error of the states stays near
+# 50 * 6e-8 = 3e-6, and of the parameters, which move by at most lr-sized steps, near that
+# times the update size: 1e-4 relative and 1e-5 absolute (params start at unit scale) hold
+# every case with margin. Lion takes sign(); a near-zero argument could flip it in float32, so
+# the parameter check there allows a few elements to differ by 2*lr.
+TOL = {np.float64: dict(rtol=1e-9, atol=1e-12), np.float32: dict(rtol=1e-4, atol=1e-5)}
+
+
+def _cases():
+    cases = []
+    for rule in RULES:
+        for i in range(N_DRAWS):
+            cases.append(pytest.param(rule, i, id=f"{rule}-{i}"))
+    return cases
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("rule,draw", _cases())
+def test_matches_reference(rule, draw, dtype, backend):
+    _, fn, reference = RULES[rule]
+    hp = hparams(rule, draw)
+    for n in SIZES[backend]:
+        rng = np.random.default_rng(n)
+        p0 = rng.standard_normal(n)
+        ref_param, ref_states = p0.copy(), states(rule, n)
+        param = to_backend(p0.astype(dtype), backend)
+        state = [to_backend(s.astype(dtype), backend) for s in states(rule, n)]
+        grads = gradients(STEPS, n, seed=n + draw)
+        for step, g in enumerate(grads, start=1):
+            reference(ref_param, g, *ref_states, step=step, **hp)
+            fn(param, to_backend(g.astype(dtype), backend), *state, step=step, **hp)
+        got = to_host(param)
+        assert got.dtype == dtype
+        tol = TOL[dtype]
+        for name, a, b in zip(RULES[rule][0].STATES, state, ref_states):
+            np.testing.assert_allclose(to_host(a), b, **tol, err_msg=f"{rule} {name} n={n} {hp}")
+        if rule == "lion" and dtype == np.float32:
+            off = ~np.isclose(got, ref_param, **tol)
+            assert off.sum() <= max(2, n // 1000), f"lion param n={n}: {off.sum()} elements differ"
+            np.testing.assert_allclose(got, ref_param, rtol=0, atol=2 * STEPS * hp.get("lr", 1e-4) + 1e-5)
+        else:
+            np.testing.assert_allclose(got, ref_param, **tol, err_msg=f"{rule} param n={n} {hp}")
+        assert not np.allclose(got, p0), "the parameters did not move"
