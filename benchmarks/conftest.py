@@ -30,7 +30,7 @@ def pytest_terminal_summary(terminalreporter):
     w("")
     w(f"fastopt benchmark summary (median of rounds; numba threads={numba.get_num_threads()}, "
       f"threading layer={layer})")
-    peers = ["numpy", "torch_foreach", "torch_fused", "torch_single"]
+    peers = ["numpy", "torch_foreach", "torch_fused", "serial"]
     head = f"{'rule':<10}{'n':>7}{'fastopt ms':>12}{'GB/s':>8}{'% roof':>8}" + "".join(f"{'x ' + p:>16}" for p in peers)
     w(head)
     for (group, size), r in sorted(RESULTS.items(), key=lambda kv: (kv[0][0], kv[0][1])):
@@ -40,4 +40,5 @@ def pytest_terminal_summary(terminalreporter):
         roof = f"{100 * r['roof'][0] / t:7.0f}%" if "roof" in r else f"{'-':>8}"
         cols = "".join(f"{r[p][0] / t:16.2f}" if p in r else f"{'-':>16}" for p in peers)
         w(f"{group:<10}{size:>7.0e}{t * 1e3:12.4f}{nbytes / t / 1e9:8.1f}{roof}{cols}")
-    w("x peer = peer time / fastopt time (above 1: fastopt is faster); % roof = roof time / fastopt time")
+    w("x peer = peer time / fastopt time (above 1: fastopt is faster); % roof = roof time / fastopt time; "
+      "x serial (adam-thr rows) = serial / parallel CPU kernel time")
