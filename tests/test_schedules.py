@@ -1,0 +1,50 @@
+"""Schedules against their textbook formulas, evaluated independently here."""
+import math
+
+import pytest
+
+from fastopt import schedules as S
+
+T = [0, 1, 2, 7, 10, 99, 100, 101, 1000]
+
+# (schedule, the formula it must follow)
+CASES = [
+    (S.constant(0.1), lambda t: 0.1),
+    (S.step_decay(0.1, 0.5, 10), lambda t: 0.1 * 0.5 ** math.floor(t / 10)),
+    (S.exponential_decay(0.1, 0.01), lambda t: 0.1 * math.exp(-0.01 * t)),
+    (S.inverse_time_decay(0.1, 0.05), lambda t: 0.1 / (1 + 0.05 * t)),
+    (S.cosine_decay(0.1, 100, final=0.001),
+     lambda t: 0.001 + 0.099 * (1 + math.cos(math.pi * min(t, 100) / 100)) / 2),
+    (S.linear_warmup(0.1, 10), lambda t: 0.1 * min(t, 10) / 10),
+    (S.warmup_cosine(0.1, 10, 110),
+     lambda t: 0.1 * t / 10 if t < 10 else 0.1 * (1 + math.cos(math.pi * min(t - 10, 100) / 100)) / 2),
+    (S.join([S.constant(1.0), S.constant(0.5), S.step_decay(0.25, 0.1, 2)], [5, 8]),
+     lambda t: 1.0 if t < 5 else 0.5 if t < 8 else 0.25 * 0.1 ** ((t - 8) // 2)),
+]
+
+
+@pytest.mark.parametrize("schedule,formula", CASES, ids=[repr(c[0])[:40] for c in CASES])
+def test_schedule_follows_formula(schedule, formula):
+    for t in T:
+        assert schedule(t) == pytest.approx(formula(t), rel=1e-12, abs=1e-15), t
+
+
+def test_warmup_is_continuous_at_the_boundary():
+    s = S.warmup_cosine(0.1, 10, 110)
+    assert s(9) < s(10) == pytest.approx(0.1)
+    assert s(11) < s(10)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: S.step_decay(0.1, 1.5, 10), "factor"),
+    (lambda: S.step_decay(0.1, 0.5, 0), "every"),
+    (lambda: S.exponential_decay(-1, 0.1), "init"),
+    (lambda: S.cosine_decay(0.1, 0), "steps"),
+    (lambda: S.linear_warmup(float("nan"), 5), "peak"),
+    (lambda: S.join([S.constant(1)], [5]), "one boundary fewer"),
+    (lambda: S.join([S.constant(1), S.constant(2)], [0]), "boundaries"),
+    (lambda: S.warmup_cosine(0.1, 10, 10), "total_steps"),
+])
+def test_bad_arguments_name_the_argument(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
