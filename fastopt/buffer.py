@@ -1,0 +1,105 @@
+"""ParamBuffer: a model's parameters as views into one contiguous arena, and a twin
+arena for their gradients, so that an optimizer updates the whole model in one pass."""
+import numpy as np
+
+from ._dispatch import SUPPORTED_DTYPES
+
+ALIGN = 64  # bytes: each view starts on a cache line (and so on a 16-byte boundary)
+
+
+def _array_module(device):
+    if device == "cpu":
+        return np
+    if device == "cuda":
+        try:
+            import cupy
+        except ImportError as e:
+            raise ImportError("device='cuda' needs CuPy: pip install fastopt[cuda]") from e
+        return cupy
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def _aligned_empty(xp, n, dtype):
+    """n elements whose first one sits on an ALIGN-byte boundary."""
+    itemsize = np.dtype(dtype).itemsize
+    raw = xp.empty(n + ALIGN // itemsize, dtype)
+    ptr = raw.data.ptr if xp is not np else raw.ctypes.data
+    skip = (-ptr % ALIGN) // itemsize
+    return raw[skip:skip + n]
+
+
+class ParamBuffer:
+    """``ParamBuffer([w1, b1, w2])`` copies the arrays into one arena;
+    ``ParamBuffer(shapes=[(3, 4), (4,)], dtype=np.float32, device="cpu")`` allocates zeros.
+
+    ``params`` / ``grads`` are lists of views (in order) into ``arena`` / ``grad_arena``;
+    ``offsets[i]`` is where view i starts in the arena. Gaps between segments (alignment
+    padding) hold zeros in both arenas, which every rule leaves at zero.
+    """
+
+    def __init__(self, arrays=None, *, shapes=None, dtype=np.float32, device="cpu", names=None):
+        if (arrays is None) == (shapes is None):
+            raise ValueError("pass either arrays or shapes (with dtype and device), not both or neither")
+        if arrays is not None:
+            arrays = list(arrays)
+            if not arrays:
+                raise ValueError("arrays is empty: a ParamBuffer needs at least one parameter")
+            device = "cpu" if isinstance(arrays[0], np.ndarray) else "cuda"
+            dtype = arrays[0].dtype
+            for i, a in enumerate(arrays):
+                where = "cpu" if isinstance(a, np.ndarray) else "cuda" if hasattr(a, "__cuda_array_interface__") else None
+                if where is None:
+                    raise TypeError(f"arrays[{i}] must be a NumPy or CUDA array, got {type(a).__name__}")
+                if where != device:
+                    raise ValueError(f"arrays[{i}] is on {where} but arrays[0] is on {device}")
+                if a.dtype != dtype:
+                    raise TypeError(f"arrays[{i}] has dtype {a.dtype} but arrays[0] has dtype {dtype}")
+            shapes = [tuple(a.shape) for a in arrays]
+        shapes = [tuple(int(d) for d in s) for s in shapes]
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype {self.dtype} is not supported; fastopt supports float32 and float64")
+        if names is not None:
+            names = list(names)
+            if len(names) != len(shapes):
+                raise ValueError(f"names has {len(names)} entries for {len(shapes)} parameters")
+            if len(set(names)) != len(names):
+                raise ValueError("names must be unique")
+        self.device, self.shapes, self.names = device, shapes, names
+        xp = _array_module(device)
+        step = ALIGN // self.dtype.itemsize
+        self.offsets, end = [], 0
+        for s in shapes:
+            self.offsets.append(end)
+            size = int(np.prod(s, dtype=np.int64))
+            end += -(-size // step) * step  # round each segment up to whole cache lines
+        self.arena, self.grad_arena = (_aligned_empty(xp, end, self.dtype) for _ in range(2))
+        self.arena.fill(0)
+        self.grad_arena.fill(0)
+        self.params = self._views(self.arena)
+        self.grads = self._views(self.grad_arena)
+        if arrays is not None:
+            for view, a in zip(self.params, arrays):
+                view[...] = a
+
+    def _views(self, arena):
+        return [arena[o:o + int(np.prod(s, dtype=np.int64))].reshape(s) for o, s in zip(self.offsets, self.shapes)]
+
+    def __len__(self):
+        return len(self.shapes)
+
+    @property
+    def numel(self):
+        """Parameters held, without the alignment padding."""
+        return sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+
+    def zero_grad(self):
+        self.grad_arena.fill(0)
+
+    def named_params(self):
+        names = self.names or [str(i) for i in range(len(self))]
+        return list(zip(names, self.params))
+
+    def __repr__(self):
+        return (f"ParamBuffer({len(self)} tensors, {self.numel:,} params, {self.dtype.name}, "
+                f"{self.device}, arena {self.arena.size:,})")

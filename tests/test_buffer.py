@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+
+from fastopt.buffer import ALIGN, ParamBuffer
+
+
+def _model(dtype=np.float32):
+    rng = np.random.default_rng(0)
+    shapes = [(3, 5), (5,), (7, 1, 3), (1,), (33,)]
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_views_hold_the_arrays_and_share_the_arena(dtype):
+    arrays = _model(dtype)
+    buf = ParamBuffer(arrays, names=[f"p{i}" for i in range(len(arrays))])
+    assert len(buf) == 5 and buf.numel == sum(a.size for a in arrays)
+    for a, p, g in zip(arrays, buf.params, buf.grads):
+        np.testing.assert_array_equal(p, a)
+        assert p.shape == a.shape and p.dtype == dtype
+        assert np.shares_memory(p, buf.arena) and np.shares_memory(g, buf.grad_arena)
+        assert p.ctypes.data % ALIGN == 0 and g.ctypes.data % ALIGN == 0
+        assert not g.any()
+    # padding is zero and the arena holds nothing but the params
+    assert buf.arena.sum() == pytest.approx(sum(a.sum() for a in arrays))
+    buf.params[1][...] = 7
+    assert buf.arena[buf.offsets[1]] == 7 and arrays[1][0] != 7  # copied, not aliased
+    assert buf.named_params()[2][0] == "p2"
+
+
+def test_shapes_constructor_allocates_zeros():
+    buf = ParamBuffer(shapes=[(4, 4), (4,)], dtype=np.float64, device="cpu")
+    assert [p.shape for p in buf.params] == [(4, 4), (4,)]
+    assert buf.arena.dtype == np.float64 and not buf.arena.any()
+
+
+@pytest.mark.parametrize("kwargs,exc,message", [
+    (dict(arrays=[]), ValueError, "arrays is empty"),
+    (dict(arrays=[np.zeros(3, np.float32), np.zeros(3)]), TypeError, r"arrays\[1\] has dtype float64"),
+    (dict(arrays=[np.zeros(3, np.int64)]), TypeError, "dtype int64 is not supported"),
+    (dict(arrays=[np.zeros(3, np.float32), [1.0]]), TypeError, r"arrays\[1\] must be a NumPy or CUDA array"),
+    (dict(shapes=[(3,)], device="tpu"), ValueError, "device must be 'cpu' or 'cuda'"),
+    (dict(shapes=[(3,), (2,)], names=["a"]), ValueError, "names has 1 entries"),
+    (dict(shapes=[(3,), (2,)], names=["a", "a"]), ValueError, "names must be unique"),
+    (dict(), ValueError, "pass either arrays or shapes"),
+])
+def test_bad_input_names_the_argument(kwargs, exc, message):
+    with pytest.raises(exc, match=message):
+        ParamBuffer(**kwargs)
+
+
+def test_one_fused_call_updates_every_view():
+    """The point of the arena: one functional call over it equals one call per tensor."""
+    from fastopt.functional import adam_
+    arrays = _model()
+    buf = ParamBuffer(arrays)
+    rng = np.random.default_rng(1)
+    for g in buf.grads:
+        g[...] = rng.standard_normal(g.shape)
+    state = [np.zeros_like(buf.arena) for _ in range(2)]
+    adam_(buf.arena, buf.grad_arena, *state, step=1, lr=0.1)
+    for a, p, g in zip(arrays, buf.params, buf.grads):
+        m, v = np.zeros_like(a), np.zeros_like(a)
+        q = a.copy()
+        adam_(q, np.ascontiguousarray(g), m, v, step=1, lr=0.1)
+        np.testing.assert_array_equal(p, q)
+    pad = np.ones(buf.arena.size, bool)
+    for o, p in zip(buf.offsets, buf.params):
+        pad[o:o + p.size] = False
+    assert pad.any() and not buf.arena[pad].any()  # padding stayed zero
