@@ -131,10 +131,9 @@ def cast_scalars(scalars, dtype):
 
 def launch(kernels, param, grad, states, scalars):
     """Run ``kernels`` over the arrays (already checked by :func:`check_arrays`)."""
-    arrays = [param, grad, *states]
+    arrays = [param, grad, *states] + [None] * (3 - len(states))  # kernels take three state slots
     if isinstance(param, np.ndarray):
         flat = [None if a is None else a.reshape(-1) for a in arrays]
-        flat += [None] * (5 - len(flat))
         kernel = kernels.cpu(parallel=param.size >= PARALLEL_THRESHOLD)
         kernel(*flat, cast_scalars(scalars, param.dtype))
         return
@@ -152,7 +151,6 @@ def _launch_cuda(kernels, arrays, scalars):
         n = flat[0].size
         threads = 256
         grid = (max(1, min((n + threads - 1) // threads, 32 * _sm_count(cuda))), threads)
-    flat += [None] * (5 - len(flat))
     dtype = np.dtype(flat[0].dtype)
     with warnings.catch_warnings():
         # Small tensors give small grids; Numba warns about occupancy, which is expected here.

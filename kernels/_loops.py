@@ -18,7 +18,6 @@ the ``.f64`` instructions that would betray it).
 import hashlib
 import inspect
 
-import numba
 from numba import njit, prange
 
 _CPU_OPTIONS = dict(error_model="numpy", nogil=True)  # "numpy": no ZeroDivision check, so loops vectorize
