@@ -1,5 +1,8 @@
 """fastopt: fused optimizer update kernels for NumPy and CUDA arrays."""
 from . import functional, schedules
 from .buffer import ParamBuffer
+from .checkpoint import load, save
+from .optimizer import Optimizer
+from .optimizers import OPTIMIZERS, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam, RAdam, RMSprop
 
 __version__ = "0.1.0"

@@ -1,8 +1,10 @@
 """ParamBuffer: a model's parameters as views into one contiguous arena, and a twin
 arena for their gradients, so that an optimizer updates the whole model in one pass."""
+import weakref
+
 import numpy as np
 
-from ._dispatch import SUPPORTED_DTYPES
+from ._dispatch import SUPPORTED_DTYPES, _Array
 
 ALIGN = 64  # bytes: each view starts on a cache line (and so on a 16-byte boundary)
 
@@ -17,6 +19,39 @@ def _array_module(device):
             raise ImportError("device='cuda' needs CuPy: pip install fastopt[cuda]") from e
         return cupy
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def layout(shapes, dtype):
+    """Offsets (in elements) of each shape's segment in an arena, and the arena's size."""
+    step = ALIGN // np.dtype(dtype).itemsize
+    offsets, end = [], 0
+    for s in shapes:
+        offsets.append(end)
+        end += -(-_numel(s) // step) * step  # round each segment up to whole cache lines
+    return offsets, end
+
+
+def _numel(shape):
+    return int(np.prod(shape, dtype=np.int64))
+
+
+_BUFFERS = weakref.WeakSet()  # live buffers, so an optimizer can recognise their views
+
+
+def find_segment(array):
+    """``(buffer, i)`` when ``array`` is exactly view ``i`` of a live ParamBuffer, else None."""
+    span = _Array("param", array).span()
+    if span is None:
+        return None
+    for buf in list(_BUFFERS):
+        start, stop = _Array("arena", buf.arena).span()
+        if start <= span[0] < stop and array.dtype == buf.dtype:
+            offset, rem = divmod(span[0] - start, buf.dtype.itemsize)
+            if rem == 0 and offset in buf._index:
+                i = buf._index[offset]
+                if tuple(array.shape) == buf.shapes[i]:
+                    return buf, i
+    return None
 
 
 def _aligned_empty(xp, n, dtype):
@@ -67,12 +102,8 @@ class ParamBuffer:
                 raise ValueError("names must be unique")
         self.device, self.shapes, self.names = device, shapes, names
         xp = _array_module(device)
-        step = ALIGN // self.dtype.itemsize
-        self.offsets, end = [], 0
-        for s in shapes:
-            self.offsets.append(end)
-            size = int(np.prod(s, dtype=np.int64))
-            end += -(-size // step) * step  # round each segment up to whole cache lines
+        self.offsets, end = layout(shapes, self.dtype)
+        self._index = {o: i for i, o in enumerate(self.offsets) if _numel(shapes[i])}
         self.arena, self.grad_arena = (_aligned_empty(xp, end, self.dtype) for _ in range(2))
         self.arena.fill(0)
         self.grad_arena.fill(0)
@@ -81,9 +112,10 @@ class ParamBuffer:
         if arrays is not None:
             for view, a in zip(self.params, arrays):
                 view[...] = a
+        _BUFFERS.add(self)
 
     def _views(self, arena):
-        return [arena[o:o + int(np.prod(s, dtype=np.int64))].reshape(s) for o, s in zip(self.offsets, self.shapes)]
+        return [arena[o:o + _numel(s)].reshape(s) for o, s in zip(self.offsets, self.shapes)]
 
     def __len__(self):
         return len(self.shapes)
@@ -91,7 +123,7 @@ class ParamBuffer:
     @property
     def numel(self):
         """Parameters held, without the alignment padding."""
-        return sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+        return sum(_numel(s) for s in self.shapes)
 
     def zero_grad(self):
         self.grad_arena.fill(0)

@@ -6,8 +6,9 @@ A rule writes its math once, as a plain function on scalars::
 
 ``p`` and ``g`` are one parameter and its gradient, ``s0..s2`` up to three state values
 (a rule that has fewer ignores the rest), ``c`` the tuple of per-step scalars computed on
-the host. This module compiles that one function three ways: a serial and a parallel
-CPU loop (``numba.njit``) and a CUDA grid-stride loop (``numba.cuda.jit``). A state array
+the host. This module compiles that one function into a serial and a parallel CPU loop over flat
+arrays (``numba.njit``), the same two over lists of arrays (a whole model's separate
+tensors in one call), and a CUDA grid-stride loop (``numba.cuda.jit``). A state array
 passed as ``None`` is pruned at compile time: it is never read nor written, so a step
 moves only the bytes its options need.
 
@@ -18,7 +19,8 @@ the ``.f64`` instructions that would betray it).
 import hashlib
 import inspect
 
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 _CPU_OPTIONS = dict(error_model="numpy", nogil=True)  # "numpy": no ZeroDivision check, so loops vectorize
 
@@ -48,6 +50,35 @@ def _make_cpu_loop(apply):
     return cpu_loop
 
 
+def _make_segment_loop(apply):
+    def segment_loop(param, grad, s0, s1, s2, c):
+        # A loop from 0 over sliced arrays: LLVM vectorizes this form, not range(lo, hi).
+        for i in range(param.size):
+            apply(i, param, grad, s0, s1, s2, c)
+    return segment_loop
+
+
+def _piece(arrays, t, lo, hi):
+    """``arrays[t][lo:hi]``, or None where the state slot is unused."""
+
+
+@overload(_piece)
+def _piece_impl(arrays, t, lo, hi):
+    if isinstance(arrays, types.NoneType):
+        return lambda arrays, t, lo, hi: None
+    return lambda arrays, t, lo, hi: arrays[t][lo:hi]
+
+
+def _make_multi_loop(segment_loop):
+    def multi_loop(params, grads, s0, s1, s2, chunks, c):
+        # chunks[k] = (tensor, start, stop): big tensors are split so threads share them.
+        for k in prange(chunks.shape[0]):
+            t, lo, hi = chunks[k, 0], chunks[k, 1], chunks[k, 2]
+            segment_loop(params[t][lo:hi], grads[t][lo:hi], _piece(s0, t, lo, hi), _piece(s1, t, lo, hi),
+                         _piece(s2, t, lo, hi), c)
+    return multi_loop
+
+
 def _enable_cache(dispatcher, name, salt):
     """Cache a generated CPU kernel on disk under its own name.
 
@@ -74,9 +105,9 @@ class Kernels:
 
     def __init__(self, name, math):
         self.name, self.math = name, math
-        self._cpu = {}
+        self._cpu, self._multi = {}, {}
         self._cuda = None
-        src = inspect.getsource(inspect.getmodule(math)) + inspect.getsource(_make_apply)
+        src = inspect.getsource(inspect.getmodule(math)) + inspect.getsource(inspect.getmodule(Kernels))
         self._salt = hashlib.sha256(src.encode()).hexdigest()
 
     def cpu(self, parallel):
@@ -86,6 +117,16 @@ class Kernels:
             kind = "parallel" if parallel else "serial"
             self._cpu[parallel] = _enable_cache(loop, f"{self.name}_cpu_{kind}", self._salt)
         return self._cpu[parallel]
+
+    def cpu_multi(self, parallel):
+        """The loop over typed lists of 1-D arrays and a (n_chunks, 3) int64 chunk table."""
+        if parallel not in self._multi:
+            apply = njit(**_CPU_OPTIONS)(_make_apply(njit(**_CPU_OPTIONS)(self.math)))
+            segment = njit(**_CPU_OPTIONS)(_make_segment_loop(apply))
+            loop = njit(parallel=parallel, **_CPU_OPTIONS)(_make_multi_loop(segment))
+            kind = "parallel" if parallel else "serial"
+            self._multi[parallel] = _enable_cache(loop, f"{self.name}_multi_{kind}", self._salt)
+        return self._multi[parallel]
 
     def cuda_loop(self):
         """The Python CUDA kernel function (not yet compiled), for ``cuda.jit`` or ``compile_ptx``."""

@@ -48,11 +48,11 @@ def check(*, lr, betas, eps, weight_decay, **_):
 
 
 def scalars(*, step, lr, betas, eps, weight_decay, amsgrad, maximize, bias_correction=True,
-            decoupled=False):
+            decoupled_weight_decay=False):
     beta1, beta2 = betas
     bc1 = 1 - beta1 ** step if bias_correction else 1.0
     bc2 = 1 - beta2 ** step if bias_correction else 1.0
-    l2, decay = (0.0, 1 - lr * weight_decay) if decoupled else (weight_decay, 1.0)
+    l2, decay = (0.0, 1 - lr * weight_decay) if decoupled_weight_decay else (weight_decay, 1.0)
     return ((beta1, 1 - beta1, beta2, 1 - beta2, lr / bc1, 1 / math.sqrt(bc2), eps, l2, decay),
             (bool(amsgrad), bool(maximize)))
 
@@ -74,7 +74,7 @@ def adam_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-
     """One Adam step, in place on ``param`` and the state arrays (see the module docstring)."""
     _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
           weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-          bias_correction=bias_correction, decoupled=False)
+          bias_correction=bias_correction, decoupled_weight_decay=False)
 
 
 def adamw_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3, betas=(0.9, 0.999),
@@ -82,14 +82,14 @@ def adamw_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e
     """One AdamW step: Adam with decoupled weight decay, ``p *= 1 - lr * weight_decay``."""
     _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
           weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-          bias_correction=bias_correction, decoupled=True)
+          bias_correction=bias_correction, decoupled_weight_decay=True)
 
 
 def _reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, betas, eps,
-               weight_decay, amsgrad, maximize, bias_correction, decoupled):
+               weight_decay, amsgrad, maximize, bias_correction, decoupled_weight_decay):
     beta1, beta2 = betas
     g = -grad if maximize else grad
-    if decoupled:
+    if decoupled_weight_decay:
         param *= 1 - lr * weight_decay
     else:
         g = g + weight_decay * param
@@ -109,7 +109,7 @@ def adam_reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, ste
     """Textbook Adam in NumPy (float64), the check for :func:`adam_`."""
     _reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
                weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-               bias_correction=bias_correction, decoupled=False)
+               bias_correction=bias_correction, decoupled_weight_decay=False)
 
 
 def adamw_reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,
@@ -118,4 +118,4 @@ def adamw_reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, st
     """Textbook AdamW in NumPy (float64), the check for :func:`adamw_`."""
     _reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
                weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-               bias_correction=bias_correction, decoupled=True)
+               bias_correction=bias_correction, decoupled_weight_decay=True)

@@ -1,0 +1,152 @@
+"""Checkpoints: an optimizer's state arenas (and optionally the params) in one ``.npz``.
+
+``save`` writes a temporary file in the target's folder, fsyncs it and renames it over
+the target, so a crash mid-write leaves the previous checkpoint whole. ``load`` checks the
+rule, shapes and dtypes against the live optimizer and names every difference before it
+writes anything. The arenas are stored whole, so a resumed run is bit-for-bit the same.
+"""
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from .buffer import ParamBuffer
+from .optimizer import _copy_in, _to_host
+
+FORMAT = "fastopt-checkpoint-1"
+
+
+def save(path, optimizer, params=None):
+    """Write ``optimizer`` (and ``params``: a ParamBuffer, or a list of arrays) to ``path``."""
+    path = os.fspath(path)
+    opt = optimizer
+    if opt.arenas is None:
+        opt._allocate()  # a checkpoint before the first step: zero state, as a fresh run has
+    meta = {
+        "format": FORMAT, "optimizer": type(opt).__name__, "dtype": opt._params[0].dtype.name,
+        "shapes": [list(a.shape) for a in opt._params], "offsets": [int(o) for o in opt._offsets],
+        "steps": opt._steps(), "groups": [_group_meta(g) for g in opt.param_groups],
+    }
+    arrays = {f"state.{name}": _to_host(arena) for name, arena in opt.arenas.items()}
+    if params is not None:
+        meta["params"] = _params_meta(params)
+        if isinstance(params, ParamBuffer):
+            arrays["params.arena"] = _to_host(params.arena)
+        else:
+            arrays.update({f"params.{i}": _to_host(a) for i, a in enumerate(params)})
+    arrays["meta"] = np.array(json.dumps(meta))
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+    return path
+
+
+def load(path, optimizer, params=None):
+    """Restore ``optimizer`` (and ``params``) from ``path``; raises ValueError naming every
+    mismatch (rule, dtype, number of params, shapes, groups) before anything is written."""
+    path = os.fspath(path)
+    opt = optimizer
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    if "meta" not in arrays:
+        raise ValueError(f"{path} is not a fastopt checkpoint (no meta entry)")
+    meta = json.loads(str(arrays.pop("meta")))
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} has format {meta.get('format')!r}; this fastopt reads {FORMAT!r}")
+    problems = _differences(meta, opt, params, arrays)
+    if problems:
+        raise ValueError(f"{path} does not match: " + "; ".join(problems))
+    for g, saved in zip(opt.param_groups, meta["groups"]):
+        for k, v in saved.items():
+            if k in g and k not in opt.fixed and not (k == "lr" and (callable(g["lr"]) or v is None)):
+                g[k] = tuple(v) if isinstance(v, list) else v
+    if opt.arenas is None:
+        opt._allocate()
+    same_layout = meta["offsets"] == [int(o) for o in opt._offsets]
+    for name, arena in opt.arenas.items():
+        saved = arrays.get(f"state.{name}")
+        if saved is None:
+            continue  # a state the saved run's options did not use
+        if same_layout and saved.size == arena.size:
+            _copy_in(arena, 0, saved)
+        else:
+            for o_saved, o, a in zip(meta["offsets"], opt._offsets, opt._params):
+                _copy_in(arena, o, saved[o_saved:o_saved + a.size])
+    for plan, t in zip(opt._plans, meta["steps"]):
+        plan.step = t
+    if params is not None:
+        if isinstance(params, ParamBuffer):
+            _copy_in(params.arena, 0, arrays["params.arena"])
+        else:
+            for i, a in enumerate(params):
+                _copy_in(a.reshape(a.size), 0, arrays[f"params.{i}"].reshape(-1))
+
+
+def _group_meta(group):
+    out = {}
+    for k, v in group.items():
+        if k == "params":
+            out[k] = len(v)
+        elif callable(v):
+            out[k] = None  # a schedule is code: the step count restores its value
+        else:
+            out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _params_meta(params):
+    if isinstance(params, ParamBuffer):
+        return {"kind": "buffer", "shapes": [list(s) for s in params.shapes], "size": int(params.arena.size),
+                "dtype": params.dtype.name}
+    return {"kind": "list", "shapes": [list(a.shape) for a in params], "dtype": params[0].dtype.name}
+
+
+def _differences(meta, opt, params, arrays):
+    problems = []
+    name = type(opt).__name__
+    if meta["optimizer"] != name:
+        problems.append(f"the optimizer is {name} here but {meta['optimizer']} in the checkpoint")
+    dtype = opt._params[0].dtype.name
+    if meta["dtype"] != dtype:
+        problems.append(f"dtype is {dtype} here but {meta['dtype']} in the checkpoint")
+    shapes = [list(a.shape) for a in opt._params]
+    if len(shapes) != len(meta["shapes"]):
+        problems.append(f"{len(shapes)} params here but {len(meta['shapes'])} in the checkpoint")
+    else:
+        problems += [f"param {i} has shape {tuple(a)} here but {tuple(b)} in the checkpoint"
+                     for i, (a, b) in enumerate(zip(shapes, meta["shapes"])) if a != b]
+    counts = [len(g["params"]) for g in opt.param_groups]
+    saved_counts = [g["params"] for g in meta["groups"]]
+    if counts != saved_counts:
+        problems.append(f"params per group are {counts} here but {saved_counts} in the checkpoint")
+    if params is not None:
+        saved = meta.get("params")
+        if saved is None:
+            problems.append("params were given but the checkpoint holds none")
+        else:
+            here = _params_meta(params)
+            for key in ("kind", "shapes", "dtype", "size"):
+                if here.get(key) != saved.get(key):
+                    problems.append(f"params {key} is {here.get(key)} here but {saved.get(key)} in the checkpoint")
+    return problems
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows: the rename is what matters
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
