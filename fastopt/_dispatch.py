@@ -137,10 +137,11 @@ def launch(kernels, param, grad, states, scalars):
         kernel = kernels.cpu(parallel=param.size >= PARALLEL_THRESHOLD)
         kernel(*flat, cast_scalars(scalars, param.dtype))
         return
-    _launch_cuda(kernels, arrays, scalars)
+    _launch_cuda(kernels, arrays, cast_scalars(scalars, _Array("param", param).dtype))
 
 
 def _launch_cuda(kernels, arrays, scalars):
+    """Launch on CUDA arrays; ``scalars`` already cast to their dtype."""
     from numba import config, cuda
     if config.ENABLE_CUDASIM:
         flat = [None if a is None else a.reshape(a.size) for a in arrays]
@@ -151,11 +152,10 @@ def _launch_cuda(kernels, arrays, scalars):
         n = flat[0].size
         threads = 256
         grid = (max(1, min((n + threads - 1) // threads, 32 * _sm_count(cuda))), threads)
-    dtype = np.dtype(flat[0].dtype)
     with warnings.catch_warnings():
         # Small tensors give small grids; Numba warns about occupancy, which is expected here.
         warnings.filterwarnings("ignore", message=".*[Gg]rid size.*")
-        kernels.cuda()[grid[0], grid[1], stream](*flat, cast_scalars(scalars, dtype))
+        kernels.cuda()[grid[0], grid[1], stream](*flat, scalars)
 
 
 _SM_COUNT = {}

@@ -68,7 +68,7 @@ def load(path, optimizer, params=None):
         raise ValueError(f"{path} does not match: " + "; ".join(problems))
     for g, saved in zip(opt.param_groups, meta["groups"]):
         for k, v in saved.items():
-            if k in g and k not in opt.fixed and not (k == "lr" and (callable(g["lr"]) or v is None)):
+            if k in g and k != "params" and k not in opt.fixed and not (k == "lr" and (callable(g["lr"]) or v is None)):
                 g[k] = tuple(v) if isinstance(v, list) else v
     if opt.arenas is None:
         opt._allocate()

@@ -304,7 +304,8 @@ class Optimizer:
                 if entry is None:
                     group_steps.add(0)
                     continue
-                group_steps.add(int(_from_torch_value(entry["step"])))
+                # torch's SGD keeps no step count: a momentum buffer means at least one step
+                group_steps.add(int(_from_torch_value(entry["step"])) if "step" in entry else int(bool(entry)))
                 for name, value in entry.items():
                     name = renamed.get(name, name)
                     if name not in self.rule.STATES:
