@@ -47,7 +47,7 @@ def test_adam_step(record, model, impl):
             one = np.float32(1)
 
             def run():
-                kernel(buf.arena, buf.grad_arena, m, v, None, (one,))
+                kernel(buf.arena, buf.grad_arena, m, v, None, (one, one))
         else:
             if impl == "fastopt":
                 opt = fastopt.Adam(buf, lr=1e-3)

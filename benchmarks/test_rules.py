@@ -57,7 +57,7 @@ def test_step(record, rule, impl, n):
         one = np.float32(1)
 
         def run():
-            kernel(*args, (one,))
+            kernel(*args, (one, one))
     elif impl == "numpy":
         def run():
             step[0] += 1

@@ -122,11 +122,11 @@ def _overlap(a, b):
     return sa[0] < sb[1] and sb[0] < sa[1]
 
 
-def cast_scalars(scalars, dtype):
-    """``(floats, flags)`` -> one tuple, the floats in the arrays' dtype (a Python float
-    would compile a float64 kernel)."""
+def cast_scalars(scalars, dtype, grad_scale=1.0):
+    """``(floats, flags)`` -> the kernels' scalar tuple ``(grad_scale, *floats, *flags)``,
+    the floats in the arrays' dtype (a Python float would compile a float64 kernel)."""
     floats, flags = scalars
-    return (*np.array(floats, dtype), *flags)
+    return (*np.array((grad_scale, *floats), dtype), *flags)
 
 
 def launch(kernels, param, grad, states, scalars):

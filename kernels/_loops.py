@@ -6,7 +6,8 @@ A rule writes its math once, as a plain function on scalars::
 
 ``p`` and ``g`` are one parameter and its gradient, ``s0..s2`` up to three state values
 (a rule that has fewer ignores the rest), ``c`` the tuple of per-step scalars computed on
-the host. This module compiles that one function into a serial and a parallel CPU loop over flat
+the host. The compiled loops take ``(grad_scale, *c)``: the gradient is multiplied by
+``grad_scale`` as it is read (see ``fastopt._dispatch.cast_scalars``). This module compiles that one function into a serial and a parallel CPU loop over flat
 arrays (``numba.njit``), the same two over lists of arrays (a whole model's separate
 tensors in one call), and a CUDA grid-stride loop (``numba.cuda.jit``). A state array
 passed as ``None`` is pruned at compile time: it is never read nor written, so a step
@@ -27,12 +28,14 @@ _CPU_OPTIONS = dict(error_model="numpy", nogil=True)  # "numpy": no ZeroDivision
 
 def _make_apply(math):
     def apply(i, param, grad, s0, s1, s2, c):
-        g = grad[i]
+        # c[0] scales the gradient (the global-norm clip factor; exactly 1 otherwise), so
+        # clipping costs no pass of its own; c[1:] are the rule's scalars.
+        g = grad[i] * c[0]
         # A missing state gets a dummy value; its result is dropped and the branch pruned.
         x0 = s0[i] if s0 is not None else g
         x1 = s1[i] if s1 is not None else g
         x2 = s2[i] if s2 is not None else g
-        p, x0, x1, x2 = math(param[i], g, x0, x1, x2, c)
+        p, x0, x1, x2 = math(param[i], g, x0, x1, x2, c[1:])
         param[i] = p
         if s0 is not None:
             s0[i] = x0

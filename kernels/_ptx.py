@@ -49,8 +49,6 @@ def example_scalars(fn, module, dtype):
     params = inspect.signature(fn).parameters
     hp = {k: (p.default if p.default is not inspect.Parameter.empty else 1e-3)
           for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k != "step"}
-    if "decoupled" in inspect.signature(module.scalars).parameters:
-        hp["decoupled"] = False
     return cast_scalars(module.scalars(step=1, **hp), np.dtype(dtype))
 
 
