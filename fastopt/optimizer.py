@@ -19,8 +19,10 @@ import numpy as np
 
 from . import _dispatch
 from .buffer import ALIGN, ParamBuffer, _aligned_empty, find_segment, layout
+from .clip import NormPlan, clip_coefficient
 
 CHUNK = 1 << 15  # elements per work item of the list kernel: big tensors are shared by threads
+NONFINITE = ("skip", "raise", "propagate")
 
 
 class Optimizer:
@@ -32,7 +34,16 @@ class Optimizer:
     initial = {}      # state name -> group key holding its initial value (else zero)
     fixed = {}        # hyper-parameters the class fixes (AdamW: decoupled_weight_decay=True)
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, *, max_grad_norm=None, nonfinite="skip"):
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be None or a positive number, got {max_grad_norm!r}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {', '.join(map(repr, NONFINITE))}, got {nonfinite!r}")
+        self.max_grad_norm, self.nonfinite = max_grad_norm, nonfinite
+        self.last_grad_norm = None     # the global gradient norm of the last step (when computed)
+        self.last_step_skipped = False
+        self.skipped_steps = 0         # steps skipped for a non-finite gradient (nonfinite="skip")
+        self._norm_plan = None
         self.defaults = dict(defaults)
         self._scalar_keys = [k for k in inspect.signature(self.rule.scalars).parameters if k not in ("step", "lr")]
         self.param_groups = []
@@ -152,6 +163,11 @@ class Optimizer:
                             arena[o:o + a.size] = value
                 self.arenas[name] = arena
         self._plans = [self._plan(g) for g in self.param_groups]
+        if self._buffer is not None:
+            align = ALIGN // self._buffer.dtype.itemsize
+            runs = _runs([o for o, a in zip(offsets, self._params) if a.size],
+                         [a.size for a in self._params if a.size], align)
+            self._norm_plan = NormPlan([self._buffer.grad_arena[lo:hi] for lo, hi in runs])
 
     def _offsets_of(self, group):
         first = sum(len(g["params"]) for g in self.param_groups[:self.param_groups.index(group)])
@@ -207,6 +223,21 @@ class Optimizer:
             grads = self._check_grads(grads)
         if self._plans is None:
             self._allocate()
+        scale = 1.0
+        if self.max_grad_norm is not None or self.nonfinite != "propagate":
+            # one reduction pass: the global norm, and whether any gradient is inf or NaN
+            norms = self._norm_plan if grads is None else grads.norm_plan()
+            total, finite = norms.norm(2.0)
+            self.last_grad_norm = total
+            if not finite and self.nonfinite == "raise":
+                raise FloatingPointError("a gradient holds inf or NaN (nonfinite='raise'): nothing was updated")
+            if not finite and self.nonfinite == "skip":
+                self.last_step_skipped = True
+                self.skipped_steps += 1
+                return
+            if self.max_grad_norm is not None:
+                scale = clip_coefficient(total, self.max_grad_norm)  # applied inside the update kernel
+        self.last_step_skipped = False
         dtype = self._params[0].dtype
         for plan in self._plans:
             group = plan.group
@@ -215,7 +246,7 @@ class Optimizer:
             if not lr >= 0:
                 raise ValueError(f"the learning rate schedule gave {lr} at step {plan.step}")
             scalars = _dispatch.cast_scalars(
-                self.rule.scalars(step=t, lr=lr, **{k: group[k] for k in self._scalar_keys}), dtype)
+                self.rule.scalars(step=t, lr=lr, **{k: group[k] for k in self._scalar_keys}), dtype, scale)
             self.launches += plan.run(scalars, grads)
             plan.step = t
 
@@ -391,6 +422,7 @@ class _GradLists:
     """The checked gradients of one step, split by group (typed lists built once per list)."""
 
     def __init__(self, grads, groups):
+        self._all, self._norms = grads, None
         self._by_group, i = {}, 0
         for g in groups:
             self._by_group[id(g)] = grads[i:i + len(g["params"])]
@@ -399,6 +431,11 @@ class _GradLists:
 
     def arrays(self, group):
         return self._by_group[id(group)]
+
+    def norm_plan(self):
+        if self._norms is None:
+            self._norms = NormPlan(self._all)
+        return self._norms
 
     def typed(self, group):
         if id(group) not in self._typed:

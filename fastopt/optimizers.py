@@ -4,6 +4,13 @@ each class here only names its hyper-parameters and the state its options need.
 
 ``lr`` is a float or a schedule (any callable of the number of updates done, e.g.
 ``fastopt.schedules.warmup_cosine``), evaluated on the host before each step.
+
+Every class also takes the keyword ``options`` of :class:`fastopt.Optimizer`:
+``max_grad_norm`` (clip the global 2-norm of the gradients; the factor is applied inside
+the update kernel) and ``nonfinite``: ``"skip"`` (default: a step whose gradients hold
+inf or NaN changes nothing and counts in ``skipped_steps``), ``"raise"``
+(FloatingPointError before anything is written) or ``"propagate"`` (PyTorch's behaviour;
+with ``max_grad_norm=None`` too, no reduction pass at all).
 """
 from .kernels import adadelta, adagrad, adam, adamax, lion, nadam, radam, rmsprop, sgd
 from .optimizer import Optimizer
@@ -14,9 +21,9 @@ class SGD(Optimizer):
     rule = sgd
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 maximize=False):
+                 maximize=False, **options):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, maximize=maximize))
+                                      nesterov=nesterov, maximize=maximize), **options)
 
     def _states_needed(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -29,12 +36,12 @@ class Adagrad(Optimizer):
     initial = {"state_sum": "initial_accumulator_value"}
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10,
-                 *, maximize=False):
+                 *, maximize=False, **options):
         if not initial_accumulator_value >= 0:
             raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
         super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                                       initial_accumulator_value=initial_accumulator_value, eps=eps,
-                                      maximize=maximize))
+                                      maximize=maximize), **options)
 
 
 class RMSprop(Optimizer):
@@ -42,9 +49,9 @@ class RMSprop(Optimizer):
     rule = rmsprop
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, *,
-                 maximize=False):
+                 maximize=False, **options):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                                      centered=centered, maximize=maximize))
+                                      centered=centered, maximize=maximize), **options)
 
     def _states_needed(self, group):
         return (("square_avg",) + (("momentum_buffer",) if group["momentum"] > 0 else ())
@@ -57,11 +64,11 @@ class Adam(Optimizer):
     rule = adam
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
-                 maximize=False, decoupled_weight_decay=False, bias_correction=True):
+                 maximize=False, decoupled_weight_decay=False, bias_correction=True, **options):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, maximize=maximize,
                                       decoupled_weight_decay=decoupled_weight_decay,
-                                      bias_correction=bias_correction))
+                                      bias_correction=bias_correction), **options)
 
     def _states_needed(self, group):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
@@ -72,26 +79,26 @@ class AdamW(Adam):
     fixed = {"decoupled_weight_decay": True}
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, bias_correction=True):
+                 maximize=False, bias_correction=True, **options):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         decoupled_weight_decay=True, bias_correction=bias_correction)
+                         decoupled_weight_decay=True, bias_correction=bias_correction, **options)
 
 
 class Adadelta(Optimizer):
     """Adadelta (``torch.optim.Adadelta``); see ``kernels/adadelta.py``."""
     rule = adadelta
 
-    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, maximize=False):
-        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize))
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, *, maximize=False, **options):
+        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize), **options)
 
 
 class Adamax(Optimizer):
     """Adamax (``torch.optim.Adamax``); see ``kernels/adamax.py``."""
     rule = adamax
 
-    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, maximize=False):
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, maximize=False, **options):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      maximize=maximize))
+                                      maximize=maximize), **options)
 
 
 class NAdam(Optimizer):
@@ -99,10 +106,10 @@ class NAdam(Optimizer):
     rule = nadam
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
-                 decoupled_weight_decay=False, *, maximize=False):
+                 decoupled_weight_decay=False, *, maximize=False, **options):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       momentum_decay=momentum_decay,
-                                      decoupled_weight_decay=decoupled_weight_decay, maximize=maximize))
+                                      decoupled_weight_decay=decoupled_weight_decay, maximize=maximize), **options)
 
     def _to_torch_state(self, entry, group):
         import torch
@@ -118,17 +125,18 @@ class RAdam(Optimizer):
     rule = radam
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 decoupled_weight_decay=False, *, maximize=False):
+                 decoupled_weight_decay=False, *, maximize=False, **options):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      decoupled_weight_decay=decoupled_weight_decay, maximize=maximize))
+                                      decoupled_weight_decay=decoupled_weight_decay, maximize=maximize), **options)
 
 
 class Lion(Optimizer):
     """Lion (Chen et al., 2023; not in torch.optim); see ``kernels/lion.py``."""
     rule = lion
 
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize))
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False, **options):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize),
+                         **options)
 
 
 # name -> class, for the training script and the tests' tables

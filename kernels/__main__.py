@@ -15,12 +15,14 @@ def main(argv=None):
     from numba import config
     if config.ENABLE_CUDASIM:
         parser.error("PTX cannot be compiled under NUMBA_ENABLE_CUDASIM=1; unset it")
-    from ._ptx import report
+    import itertools
+
+    from ._ptx import report, report_extra
     ccs = [(int(c[:-1]), int(c[-1])) for c in (args.cc or ["80", "90"])]
     header = ("kernel", "states", "dtype", "cc", "ptx lines", ".f64")
     print("{:<10} {:<42} {:<8} {:<4} {:>9} {:>5}".format(*header))
     leaks = 0
-    for kernel, states, dtype, cc, lines, f64 in report(ccs):
+    for kernel, states, dtype, cc, lines, f64 in itertools.chain(report(ccs), report_extra(ccs)):
         print(f"{kernel:<10} {states:<42} {dtype:<8} {cc[0]}{cc[1]:<3} {lines:>9} {f64:>5}", flush=True)
         leaks += dtype == "float32" and f64 > 0
     if leaks:

@@ -9,3 +9,44 @@ def make_cuda_loop(apply):
         for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
             apply(i, param, grad, s0, s1, s2, c)
     return cuda_loop
+
+
+def make_reduce(dtype_name, threads, modes):
+    """The block reduction of ``_reduce`` (here, where ``cuda`` is a module global)."""
+    from numba import types
+    acc = getattr(types, dtype_name)
+    squares, maximum = modes
+
+    def reduce_chunks(x, starts, stops, mode, p, zero, totals, checks):
+        tot_sh = cuda.shared.array(threads, acc)
+        chk_sh = cuda.shared.array(threads, acc)
+        tid = cuda.threadIdx.x
+        for k in range(cuda.blockIdx.x, starts.size, cuda.gridDim.x):
+            total, check = zero, zero
+            for i in range(starts[k] + tid, stops[k], threads):
+                v = x[i]
+                check += v * zero
+                if mode == squares:
+                    total += v * v
+                elif mode == maximum:
+                    total = max(total, abs(v))
+                else:
+                    total += abs(v) ** p
+            tot_sh[tid] = total
+            chk_sh[tid] = check
+            cuda.syncthreads()
+            step = threads // 2
+            while step > 0:  # a fixed tree: the same sums in the same order on every run
+                if tid < step:
+                    if mode == maximum:
+                        tot_sh[tid] = max(tot_sh[tid], tot_sh[tid + step])
+                    else:
+                        tot_sh[tid] += tot_sh[tid + step]
+                    chk_sh[tid] += chk_sh[tid + step]
+                cuda.syncthreads()
+                step //= 2
+            if tid == 0:
+                totals[k] = tot_sh[0]
+                checks[k] = chk_sh[0]
+            cuda.syncthreads()
+    return reduce_chunks

@@ -79,3 +79,25 @@ def report(ccs, dtypes=(np.float32, np.float64)):
                     ptx = compile_kernel(module.KERNELS, layout, scalars, dtype, cc)
                     yield (module.KERNELS.name, states, np.dtype(dtype).name, cc, len(ptx.splitlines()),
                            f64_count(ptx))
+
+
+def compile_reduce(dtype, cc):
+    """PTX of the norm reduction (``_reduce``) for ``dtype``."""
+    import numba
+    from numba import cuda, types
+    from . import _reduce
+    from ._cuda import make_reduce
+    elem = numba.from_dtype(np.dtype(dtype))
+    arr, idx = types.Array(elem, 1, "C"), types.Array(types.int64, 1, "C")
+    fn = make_reduce(np.dtype(dtype).name, _reduce.THREADS, (_reduce.SQUARES, _reduce.MAX))
+    with _target_cc(cc):
+        ptx, _ = cuda.compile_ptx(fn, (arr, idx, idx, types.int64, elem, elem, arr, arr), cc=cc)
+    return ptx
+
+
+def report_extra(ccs, dtypes=(np.float32, np.float64)):
+    """The kernels that are not update rules: the gradient-norm reduction."""
+    for dtype in dtypes:
+        for cc in ccs:
+            ptx = compile_reduce(dtype, cc)
+            yield ("norm", "-", np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))

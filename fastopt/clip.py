@@ -1,0 +1,137 @@
+"""Global gradient norms: ``clip_grad_norm_`` (as ``torch.nn.utils.clip_grad_norm_``) and
+the one-pass norm + non-finite check the optimizers run before a guarded or clipped step.
+
+    total = (sum_i sum_j |g_ij|**p) ** (1/p)       (max |g_ij| for p = inf)
+    coef  = min(1, max_norm / (total + 1e-6));  g *= coef
+"""
+import math
+
+import numpy as np
+
+from . import _dispatch
+from .buffer import ParamBuffer
+from .kernels import _reduce
+from .kernels._loops import Kernels
+
+
+class NormPlan:
+    """A reusable reduction over fixed arrays (flattened views): the chunk table, the
+    typed list (CPU) and the output slots are built once."""
+
+    def __init__(self, arrays):
+        self.arrays = [a.reshape(a.size) if hasattr(a, "reshape") else a for a in arrays]
+        self.sizes = [int(a.size) for a in self.arrays]
+        self.chunks = _reduce.chunk_table(self.sizes)
+        self.cpu = bool(self.arrays) and isinstance(self.arrays[0], np.ndarray)
+        n = self.chunks.shape[0]
+        if self.cpu:
+            from numba.typed import List
+            self.typed = List(self.arrays) if self.arrays else None
+            self.totals, self.checks = np.zeros(n), np.zeros(n)
+            self.kernel = _reduce.cpu(parallel=sum(self.sizes) >= _dispatch.PARALLEL_THRESHOLD)
+
+    def partials(self, norm_type=2.0):
+        """Per-chunk (totals, checks) as float64 host arrays, and the mode."""
+        mode = _reduce.mode_of(norm_type)
+        if not self.chunks.shape[0]:
+            return np.zeros(0), np.zeros(0), mode
+        if self.cpu:
+            self.kernel(self.typed, self.chunks, mode, float(norm_type) if mode == _reduce.POWER else 2.0,
+                        self.totals, self.checks)
+            return self.totals, self.checks, mode
+        return (*_cuda_partials(self.arrays, self.chunks, mode, norm_type), mode)
+
+    def norm(self, norm_type=2.0):
+        """``(total norm, all finite)``."""
+        totals, checks, mode = self.partials(norm_type)
+        return _reduce.combine(totals, checks, mode, float(norm_type))
+
+    def segment_norms(self, norm_type=2.0):
+        """The norm of each array, and whether all were finite."""
+        totals, checks, mode = self.partials(norm_type)
+        sums = _reduce.segment_sums(totals, self.chunks, len(self.arrays), mode)
+        finite = bool(np.isfinite(np.sum(checks)))
+        if mode == _reduce.SQUARES:
+            return np.sqrt(sums), finite
+        return (sums if mode == _reduce.MAX else sums ** (1.0 / float(norm_type))), finite
+
+
+def _cuda_partials(arrays, chunks, mode, norm_type):
+    from numba import config, cuda
+    dtype = np.dtype(_dispatch._Array("grads[0]", arrays[0]).dtype)
+    kernel = _reduce.cuda_kernel(dtype)
+    totals = cuda.device_array(chunks.shape[0], dtype)
+    checks = cuda.device_array(chunks.shape[0], dtype)
+    p, zero = dtype.type(norm_type if mode == _reduce.POWER else 2.0), dtype.type(0)
+    for t, a in enumerate(arrays):
+        rows = np.nonzero(chunks[:, 0] == t)[0]
+        if not rows.size:
+            continue
+        x = a if config.ENABLE_CUDASIM else cuda.as_cuda_array(a, sync=False)
+        starts = cuda.to_device(np.ascontiguousarray(chunks[rows, 1]))
+        stops = cuda.to_device(np.ascontiguousarray(chunks[rows, 2]))
+        lo, hi = int(rows[0]), int(rows[-1]) + 1  # a tensor's chunks are consecutive rows
+        blocks = min(rows.size, 1024)
+        kernel[blocks, _reduce.THREADS](x, starts, stops, mode, p, zero, totals[lo:hi], checks[lo:hi])
+    return totals.copy_to_host().astype(np.float64), checks.copy_to_host().astype(np.float64)
+
+
+def _grad_arrays(grads, name="grads"):
+    if isinstance(grads, ParamBuffer):
+        return [grads.grad_arena]
+    grads = [grads] if hasattr(grads, "shape") else list(grads)
+    for i, g in enumerate(grads):
+        a = _dispatch._Array(f"{name}[{i}]", g)
+        if a.dtype not in _dispatch.SUPPORTED_DTYPES:
+            raise TypeError(f"{name}[{i}] has dtype {a.dtype}; fastopt supports float32 and float64")
+        if not a.contiguous:
+            raise ValueError(f"{name}[{i}] is not C-contiguous")
+        if a.device != _dispatch._Array(f"{name}[0]", grads[0]).device:
+            raise ValueError(f"{name}[{i}] is on {a.device} but {name}[0] is not: all on one device")
+    return grads
+
+
+def grad_norm(grads, norm_type=2.0):
+    """The global norm of ``grads`` (a ParamBuffer's grad arena, or a list of arrays)."""
+    return NormPlan(_grad_arrays(grads)).norm(norm_type)[0]
+
+
+def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
+    """Scale ``grads`` in place so their global norm is at most ``max_norm``; returns the
+    norm before clipping (a float), as ``torch.nn.utils.clip_grad_norm_`` does.
+
+    ``grads`` is a ParamBuffer (its grad arena, one pass) or a list of arrays. The norm is
+    a deterministic reduction: the same gradients give the same bits on every run. An
+    optimizer built with ``max_grad_norm=`` does the same without this separate scaling
+    pass: the factor is applied inside its update kernel.
+    """
+    if not (isinstance(max_norm, (int, float)) and max_norm > 0):
+        raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
+    arrays = _grad_arrays(grads)
+    total, finite = NormPlan(arrays).norm(norm_type)
+    if not finite and error_if_nonfinite:
+        raise FloatingPointError(f"the total norm of order {norm_type} of the gradients is non-finite, "
+                                 "so it cannot be clipped (error_if_nonfinite=True)")
+    coef = clip_coefficient(total, max_norm)
+    if coef != 1.0:  # NaN included: a non-finite norm spreads to the gradients, as in torch
+        for a in arrays:
+            if isinstance(a, np.ndarray):
+                a *= a.dtype.type(coef)
+            else:
+                flat = a.reshape(a.size)
+                _dispatch._launch_cuda(_SCALE, [flat, flat, None, None, None],
+                                       _dispatch.cast_scalars(((), ()), flat.dtype, coef))
+    return total
+
+
+def clip_coefficient(total, max_norm):
+    """torch's factor ``min(1, max_norm / (total + 1e-6))`` (NaN for a NaN norm)."""
+    coef = max_norm / (total + 1e-6)
+    return coef if math.isnan(coef) else min(coef, 1.0)
+
+
+def _scale_math(p, g, s0, s1, s2, c):
+    return g, s0, s1, s2  # the loop has already multiplied g by its scale, c[0]
+
+
+_SCALE = Kernels("scale", _scale_math)

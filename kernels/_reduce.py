@@ -1,0 +1,141 @@
+"""Deterministic norms of many arrays in one pass: the reduction behind global-norm
+clipping, the non-finite guard and the per-tensor norms of LAMB and LARS.
+
+The arrays are cut into a fixed table of chunks ``(tensor, start, stop)``; each chunk is
+reduced in a fixed order and written to its own slot, and the host adds the slots up in
+chunk order. The same inputs therefore give the same bits on every run, whatever the
+thread scheduling (a shared atomic accumulator would not).
+
+Per chunk two numbers come back: ``sum(|x|**p)`` (``max |x|`` for p = inf) and
+``sum(x * 0)``, which is NaN exactly when the chunk holds an inf or a NaN: the non-finite
+check costs no branch and no extra pass.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ._loops import _CPU_OPTIONS
+
+CHUNK = 1 << 15  # elements per chunk: enough work per thread, few partials to add up
+
+# mode of the reduction (a compile-time branch): p = 2, p = inf, any other p
+SQUARES, MAX, POWER = 0, 1, 2
+
+# The CPU kernels sum in float64 with reordering allowed inside a chunk, so LLVM can use
+# SIMD lanes; the order is still fixed by the compiled code, hence the same every run.
+_REDUCE_OPTIONS = dict(_CPU_OPTIONS, fastmath={"reassoc", "contract"})
+
+
+@njit(**_REDUCE_OPTIONS)
+def _squares(x):
+    total, check = 0.0, 0.0
+    for i in range(x.size):
+        v = np.float64(x[i])
+        check += v * 0.0
+        total += v * v
+    return total, check
+
+
+@njit(**_REDUCE_OPTIONS)
+def _max_abs(x):
+    total, check = 0.0, 0.0
+    for i in range(x.size):
+        v = np.float64(x[i])
+        check += v * 0.0
+        total = max(total, abs(v))
+    return total, check
+
+
+@njit(**_REDUCE_OPTIONS)
+def _powers(x, p):
+    total, check = 0.0, 0.0
+    for i in range(x.size):
+        v = np.float64(x[i])
+        check += v * 0.0
+        total += abs(v) ** p
+    return total, check
+
+
+@njit(**_CPU_OPTIONS)
+def _chunk(x, mode, p):
+    # one loop per mode: a branch inside the loop would stop it from vectorizing
+    if mode == SQUARES:
+        return _squares(x)
+    if mode == MAX:
+        return _max_abs(x)
+    return _powers(x, p)
+
+
+def _make_cpu(parallel):
+    def reduce_chunks(arrays, chunks, mode, p, totals, checks):
+        for k in prange(chunks.shape[0]):
+            t, lo, hi = chunks[k, 0], chunks[k, 1], chunks[k, 2]
+            totals[k], checks[k] = _chunk(arrays[t][lo:hi], mode, p)
+    return njit(parallel=parallel, **_CPU_OPTIONS)(reduce_chunks)
+
+
+_CPU = {}
+
+
+def cpu(parallel):
+    if parallel not in _CPU:
+        _CPU[parallel] = _make_cpu(parallel)
+    return _CPU[parallel]
+
+
+def chunk_table(sizes, chunk=None):
+    """(n_chunks, 3) int64 rows ``(tensor, start, stop)`` covering every array."""
+    chunk = chunk or CHUNK
+    rows = [(t, lo, min(lo + chunk, n)) for t, n in enumerate(sizes) for lo in range(0, n, chunk)]
+    return np.array(rows, np.int64).reshape(-1, 3)
+
+
+def mode_of(norm_type):
+    norm_type = float(norm_type)
+    if norm_type == 2.0:
+        return SQUARES
+    if norm_type == math.inf:
+        return MAX
+    if not norm_type > 0:
+        raise ValueError(f"norm_type must be > 0 (or inf), got {norm_type}")
+    return POWER
+
+
+def combine(totals, checks, mode, norm_type):
+    """The norm from the chunk partials (added in chunk order), and whether all were finite."""
+    finite = bool(np.isfinite(np.sum(checks))) if checks.size else True
+    if mode == MAX:
+        total = float(np.max(totals)) if totals.size else 0.0
+        return total, finite
+    s = float(np.sum(totals))
+    return (math.sqrt(s) if mode == SQUARES else s ** (1.0 / norm_type)), finite
+
+
+def segment_sums(totals, chunks, n_tensors, mode):
+    """Per-tensor totals (sum of |x|**p, or max) from the chunk partials, in chunk order."""
+    t = chunks[:, 0]
+    if mode == MAX:
+        out = np.zeros(n_tensors)
+        np.maximum.at(out, t, totals)
+        return out
+    return np.bincount(t, weights=totals, minlength=n_tensors)
+
+
+# -- CUDA -------------------------------------------------------------------------------
+
+THREADS = 128
+_CUDA = {}
+
+
+def cuda_kernel(dtype):
+    """One block per chunk (grid-stride over chunks), a fixed tree in shared memory.
+
+    Sums in the arrays' dtype (no float64 in a float32 kernel); ``zero`` comes from the
+    host for the same reason."""
+    key = np.dtype(dtype)
+    if key not in _CUDA:
+        from numba import cuda
+        from ._cuda import make_reduce
+        _CUDA[key] = cuda.jit(make_reduce(key.name, THREADS, (SQUARES, MAX)))
+    return _CUDA[key]
