@@ -3,6 +3,8 @@ from . import functional, schedules
 from .buffer import ParamBuffer
 from .checkpoint import load, save
 from .clip import clip_grad_norm_, grad_norm
+from .lbfgs import LBFGS
+from .newton import Newton
 from .optimizer import Optimizer
 from .optimizers import OPTIMIZERS, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam, RAdam, RMSprop
 
