@@ -17,13 +17,15 @@ from .optimizer import Optimizer
 
 
 class SGD(Optimizer):
-    """SGD with momentum, dampening and Nesterov (``torch.optim.SGD``); see ``kernels/sgd.py``."""
+    """SGD with momentum, dampening and Nesterov (``torch.optim.SGD``); see ``kernels/sgd.py``.
+    ``l1`` adds an L1 penalty: a subgradient term, or a proximal soft threshold
+    (``l1_mode="proximal"``) that sets small weights to exactly zero."""
     rule = sgd
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 maximize=False, **options):
+                 maximize=False, l1=0.0, l1_mode="subgradient", **options):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, maximize=maximize), **options)
+                                      nesterov=nesterov, maximize=maximize, l1=l1, l1_mode=l1_mode), **options)
 
     def _states_needed(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -64,11 +66,12 @@ class Adam(Optimizer):
     rule = adam
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
-                 maximize=False, decoupled_weight_decay=False, bias_correction=True, **options):
+                 maximize=False, decoupled_weight_decay=False, bias_correction=True, l1=0.0, l1_mode="subgradient",
+                 **options):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, maximize=maximize,
                                       decoupled_weight_decay=decoupled_weight_decay,
-                                      bias_correction=bias_correction), **options)
+                                      bias_correction=bias_correction, l1=l1, l1_mode=l1_mode), **options)
 
     def _states_needed(self, group):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
@@ -79,9 +82,10 @@ class AdamW(Adam):
     fixed = {"decoupled_weight_decay": True}
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, bias_correction=True, **options):
+                 maximize=False, bias_correction=True, l1=0.0, l1_mode="subgradient", **options):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
-                         decoupled_weight_decay=True, bias_correction=bias_correction, **options)
+                         decoupled_weight_decay=True, bias_correction=bias_correction, l1=l1, l1_mode=l1_mode,
+                         **options)
 
 
 class Adadelta(Optimizer):

@@ -47,3 +47,12 @@ def step(value):
 def required(name, array, why):
     if array is None:
         raise ValueError(f"{name} is required {why}")
+
+
+L1_MODES = ("subgradient", "proximal")
+
+
+def l1(value, mode):
+    nonneg("l1", value)
+    if mode not in L1_MODES:
+        raise ValueError(f"l1_mode must be 'subgradient' or 'proximal', got {mode!r}")

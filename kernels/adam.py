@@ -9,7 +9,10 @@
     p     -= lr / (1 - beta1**t) * m / (sqrt(v / (1 - beta2**t)) + eps)
 
 ``bias_correction=False`` drops both ``1 - beta**t`` factors: the lecture notes' "Adam
-(almost)". Host scalars: ``lr / (1 - beta1**t)`` and ``1 / sqrt(1 - beta2**t)``.
+(almost)". L1 (``l1`` > 0): ``l1_mode="subgradient"`` adds ``l1 * sign(p)`` to g with the
+L2 term; ``"proximal"`` soft-thresholds after the step with each coordinate's own step
+size, ``p = sign(p) * max(|p| - lr / (1 - beta1**t) * l1 / denom, 0)`` (exact zeros).
+Host scalars: ``lr / (1 - beta1**t)`` and ``1 / sqrt(1 - beta2**t)``.
 """
 import math
 
@@ -21,10 +24,12 @@ from ._loops import Kernels
 
 def adam_math(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, c):
     (beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_sqrt_bc2, eps,
-     l2, decay, amsgrad, maximize) = c
+     l2, decay, l1, zero, amsgrad, maximize, l1_subgradient, proximal) = c
     if maximize:
         g = -g
     g = g + l2 * p
+    if l1_subgradient:
+        g = g + (l1 if p > zero else -l1 if p < zero else zero)
     p = p * decay
     exp_avg = beta1 * exp_avg + one_minus_beta1 * g
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
@@ -33,28 +38,33 @@ def adam_math(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, c):
         denom = math.sqrt(max_exp_avg_sq) * inv_sqrt_bc2 + eps
     else:
         denom = math.sqrt(exp_avg_sq) * inv_sqrt_bc2 + eps
-    return p - step_size * exp_avg / denom, exp_avg, exp_avg_sq, max_exp_avg_sq
+    p = p - step_size * exp_avg / denom
+    if proximal:
+        shrunk = abs(p) - step_size * l1 / denom
+        p = math.copysign(shrunk, p) if shrunk > zero else zero
+    return p, exp_avg, exp_avg_sq, max_exp_avg_sq
 
 
 KERNELS = Kernels("adam", adam_math)
 STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-def check(*, lr, betas, eps, weight_decay, **_):
+def check(*, lr, betas, eps, weight_decay, l1=0.0, l1_mode="subgradient", **_):
     _args.lr(lr)
+    _args.l1(l1, l1_mode)
     _args.eps(eps)
     _args.betas(betas)
     _args.nonneg("weight_decay", weight_decay)
 
 
 def scalars(*, step, lr, betas, eps, weight_decay, amsgrad, maximize, bias_correction=True,
-            decoupled_weight_decay=False):
+            decoupled_weight_decay=False, l1=0.0, l1_mode="subgradient"):
     beta1, beta2 = betas
     bc1 = 1 - beta1 ** step if bias_correction else 1.0
     bc2 = 1 - beta2 ** step if bias_correction else 1.0
     l2, decay = (0.0, 1 - lr * weight_decay) if decoupled_weight_decay else (weight_decay, 1.0)
-    return ((beta1, 1 - beta1, beta2, 1 - beta2, lr / bc1, 1 / math.sqrt(bc2), eps, l2, decay),
-            (bool(amsgrad), bool(maximize)))
+    return ((beta1, 1 - beta1, beta2, 1 - beta2, lr / bc1, 1 / math.sqrt(bc2), eps, l2, decay, l1, 0.0),
+            (bool(amsgrad), bool(maximize), l1 > 0 and l1_mode == "subgradient", l1 > 0 and l1_mode == "proximal"))
 
 
 def _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, **hp):
@@ -70,29 +80,33 @@ def _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, **hp):
 
 
 def adam_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3, betas=(0.9, 0.999),
-          eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, bias_correction=True):
+          eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, bias_correction=True,
+          l1=0.0, l1_mode="subgradient"):
     """One Adam step, in place on ``param`` and the state arrays (see the module docstring)."""
     _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
           weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-          bias_correction=bias_correction, decoupled_weight_decay=False)
+          bias_correction=bias_correction, decoupled_weight_decay=False, l1=l1, l1_mode=l1_mode)
 
 
 def adamw_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3, betas=(0.9, 0.999),
-           eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False, bias_correction=True):
+           eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False, bias_correction=True,
+           l1=0.0, l1_mode="subgradient"):
     """One AdamW step: Adam with decoupled weight decay, ``p *= 1 - lr * weight_decay``."""
     _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
           weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-          bias_correction=bias_correction, decoupled_weight_decay=True)
+          bias_correction=bias_correction, decoupled_weight_decay=True, l1=l1, l1_mode=l1_mode)
 
 
 def _reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, betas, eps,
-               weight_decay, amsgrad, maximize, bias_correction, decoupled_weight_decay):
+               weight_decay, amsgrad, maximize, bias_correction, decoupled_weight_decay, l1, l1_mode):
     beta1, beta2 = betas
     g = -grad if maximize else grad
     if decoupled_weight_decay:
         param *= 1 - lr * weight_decay
     else:
         g = g + weight_decay * param
+    if l1_mode == "subgradient":
+        g = g + l1 * np.sign(param)
     exp_avg[:] = beta1 * exp_avg + (1 - beta1) * g
     exp_avg_sq[:] = beta2 * exp_avg_sq + (1 - beta2) * g ** 2
     if amsgrad:
@@ -101,21 +115,25 @@ def _reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, be
     m_hat = exp_avg / (1 - beta1 ** step) if bias_correction else exp_avg
     v_hat = v / (1 - beta2 ** step) if bias_correction else v
     param -= lr * m_hat / (np.sqrt(v_hat) + eps)
+    if l1_mode == "proximal":
+        step_size = lr / (1 - beta1 ** step) if bias_correction else lr
+        denom = np.sqrt(v) * (1 / np.sqrt(1 - beta2 ** step) if bias_correction else 1.0) + eps
+        param[:] = np.sign(param) * np.maximum(np.abs(param) - step_size * l1 / denom, 0.0)
 
 
 def adam_reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,
                    betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
-                   bias_correction=True):
+                   bias_correction=True, l1=0.0, l1_mode="subgradient"):
     """Textbook Adam in NumPy (float64), the check for :func:`adam_`."""
     _reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
                weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-               bias_correction=bias_correction, decoupled_weight_decay=False)
+               bias_correction=bias_correction, decoupled_weight_decay=False, l1=l1, l1_mode=l1_mode)
 
 
 def adamw_reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,
                     betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False,
-                    bias_correction=True):
+                    bias_correction=True, l1=0.0, l1_mode="subgradient"):
     """Textbook AdamW in NumPy (float64), the check for :func:`adamw_`."""
     _reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
                weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-               bias_correction=bias_correction, decoupled_weight_decay=True)
+               bias_correction=bias_correction, decoupled_weight_decay=True, l1=l1, l1_mode=l1_mode)

@@ -15,12 +15,18 @@ def _wd(rng, i):
     return 0.0 if i % 2 == 0 else float(rng.uniform(1e-3, 1e-1))
 
 
+def _l1(rng, i, mode):
+    """L1 on the last draw only (torch has none: the parity tests skip that draw)."""
+    return dict(l1=float(rng.uniform(1e-3, 1e-1)), l1_mode=mode) if i == 3 else {}
+
+
 # rule -> draw(rng, i) -> hyper-parameters; i = 0 always gives the defaults (plus lr for sgd)
 DRAWS = {
     "sgd": lambda rng, i: {} if i == 0 else dict(
         momentum=[0.0, float(rng.uniform(0.5, 0.99)), float(rng.uniform(0.5, 0.99))][i % 3],
         dampening=float(rng.uniform(0, 0.5)) if i % 3 == 2 and i % 2 else 0.0,
-        nesterov=(i % 3 == 1), weight_decay=_wd(rng, i), maximize=(i % 4 == 3)),
+        nesterov=(i % 3 == 1), weight_decay=_wd(rng, i), maximize=(i % 4 == 3),
+        **_l1(rng, i, "proximal")),
     "adagrad": lambda rng, i: {} if i == 0 else dict(
         lr=float(rng.uniform(1e-3, 1e-1)), lr_decay=float(rng.uniform(0, 0.1)) if i % 2 else 0.0,
         weight_decay=_wd(rng, i + 1), eps=float(10 ** rng.uniform(-10, -6)), maximize=(i == 3)),
@@ -30,10 +36,12 @@ DRAWS = {
         momentum=float(rng.uniform(0.5, 0.95)) if i >= 2 else 0.0, maximize=(i == 3)),
     "adam": lambda rng, i: {} if i == 0 else dict(
         lr=float(10 ** rng.uniform(-4, -2)), betas=_betas(rng), eps=float(10 ** rng.uniform(-8, -5)),
-        weight_decay=_wd(rng, i), amsgrad=(i % 2 == 1), maximize=(i == 2), bias_correction=(i != 3)),
+        weight_decay=_wd(rng, i), amsgrad=(i % 2 == 1), maximize=(i == 2), bias_correction=(i != 3),
+        **_l1(rng, i, "proximal")),
     "adamw": lambda rng, i: {} if i == 0 else dict(
         lr=float(10 ** rng.uniform(-4, -2)), betas=_betas(rng), eps=float(10 ** rng.uniform(-8, -5)),
-        weight_decay=float(rng.uniform(0, 0.2)), amsgrad=(i % 2 == 0), maximize=(i == 3)),
+        weight_decay=float(rng.uniform(0, 0.2)), amsgrad=(i % 2 == 0), maximize=(i == 3),
+        **_l1(rng, i, "subgradient")),
     "adadelta": lambda rng, i: {} if i == 0 else dict(
         lr=float(rng.uniform(0.1, 1.0)), rho=float(rng.uniform(0.8, 0.99)),
         eps=float(10 ** rng.uniform(-7, -5)), weight_decay=_wd(rng, i), maximize=(i == 2)),

@@ -262,3 +262,34 @@ def test_bad_state_dict_writes_nothing(mutate, match):
     for i in before["state"]:
         for k, v in before["state"][i].items():
             np.testing.assert_array_equal(after["state"][i][k], v)
+
+
+# -- L1 (the lecture notes' lambda |w|_1) --------------------------------------------
+
+@pytest.mark.parametrize("cls, kw", [(fastopt.SGD, dict(lr=0.1)), (fastopt.Adam, dict(lr=0.05)),
+                                     (fastopt.AdamW, dict(lr=0.05))], ids=["sgd", "adam", "adamw"])
+def test_proximal_l1_gives_exact_zeros(cls, kw):
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal(500) * 0.1
+    opt = cls([w], l1=0.5, l1_mode="proximal", **kw)
+    plain_w = w.copy()
+    plain = cls([plain_w], **kw)
+    for _ in range(20):
+        g = 0.01 * rng.standard_normal(500)
+        opt.step([g])
+        plain.step([g.copy()])
+    assert (w == 0).sum() > 250 and (plain_w == 0).sum() == 0
+
+
+def test_subgradient_l1_pulls_toward_zero():
+    w = np.array([2.0, -3.0, 0.0])
+    fastopt.SGD([w], lr=0.1, l1=1.0).step([np.zeros(3)])
+    np.testing.assert_array_equal(w, [1.9, -2.9, 0.0])
+
+
+@pytest.mark.parametrize("kw, match", [(dict(l1=-1.0), "l1"), (dict(l1=0.1, l1_mode="lasso"), "l1_mode")])
+def test_bad_l1(kw, match):
+    with pytest.raises(ValueError, match=match):
+        fastopt.SGD([np.zeros(3)], lr=0.1, **kw)
+    with pytest.raises(ValueError, match=match):
+        fastopt.functional.adam_(np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3), step=1, **kw)

@@ -28,6 +28,9 @@ def _torch_kwargs(rule, hp):
     hp = dict(hp)
     if hp.pop("bias_correction", True) is False:
         pytest.skip("torch has no Adam without bias correction")
+    if hp.pop("l1", 0.0):
+        pytest.skip("torch has no L1 option")
+    hp.pop("l1_mode", None)
     return hp
 
 
