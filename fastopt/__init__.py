@@ -1,5 +1,6 @@
 """fastopt: fused optimizer update kernels for NumPy and CUDA arrays."""
 from . import functional, schedules
+from .averaging import EMA, PolyakAverage
 from .buffer import ParamBuffer
 from .checkpoint import load, save
 from .clip import clip_grad_norm_, grad_norm

@@ -96,8 +96,16 @@ def compile_reduce(dtype, cc):
 
 
 def report_extra(ccs, dtypes=(np.float32, np.float64)):
-    """The kernels that are not update rules: the gradient-norm reduction."""
+    """The kernels that are not update rules: the gradient-norm reduction, the averages."""
+    from fastopt._dispatch import cast_scalars
+    from . import ema, polyak
     for dtype in dtypes:
         for cc in ccs:
             ptx = compile_reduce(dtype, cc)
             yield ("norm", "-", np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))
+    for module in (ema, polyak):
+        for dtype in dtypes:
+            scalars = cast_scalars(module.scalars(step=1), np.dtype(dtype))
+            for cc in ccs:
+                ptx = compile_kernel(module.KERNELS, (), scalars, dtype, cc)
+                yield (module.KERNELS.name, "-", np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))
