@@ -1,9 +1,10 @@
 """fastopt: fused optimizer update kernels for NumPy and CUDA arrays."""
-from . import functional, schedules
+from . import functional, nn, preprocessing, schedules
 from .averaging import EMA, PolyakAverage
 from .buffer import ParamBuffer
 from .checkpoint import load, save
 from .clip import clip_grad_norm_, grad_norm
+from .gradcheck import GradcheckReport, check_layer, gradcheck
 from .lbfgs import LBFGS
 from .newton import Newton
 from .optimizer import Optimizer

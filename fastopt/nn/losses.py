@@ -1,0 +1,79 @@
+"""Losses and the L2 penalty. Each loss is one call, ``loss, dpred = loss_fn(pred, target)``:
+the mean loss over the batch (a 0-d array on the prediction's device: ``float(loss)``
+synchronizes, so call it only when the value is needed) and its gradient with respect to
+``pred``, ready for ``model.backward(dpred)``. One call because the forward quantities
+(softmax, residuals) are exactly what the gradient needs.
+"""
+import numpy as np
+
+from ._array import array_module
+
+
+def _check_same_shape(pred, target):
+    if pred.shape != target.shape:
+        raise ValueError(f"target must have the shape of pred {pred.shape}, got {target.shape}")
+
+
+def softmax_cross_entropy(logits, target):
+    """Mean cross-entropy of softmax(logits) (N, K) against integer class labels (N,).
+
+        L = 1/N sum_i [ logsumexp(z_i) - z_i[y_i] ],   dL/dz_i = (softmax(z_i) - onehot(y_i)) / N
+
+    Stable for any logits: z is shifted by its row maximum before exp, so exp never overflows
+    and the log-sum-exp is at least 0.
+    """
+    xp = array_module(logits)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must have shape (N, K), got {logits.shape}")
+    target = xp.asarray(target)
+    if target.shape != logits.shape[:1] or target.dtype.kind not in "iu":
+        raise ValueError(f"target must be integer class labels of shape ({logits.shape[0]},), "
+                         f"got {target.dtype} {target.shape}")
+    if xp is np and target.size and (target.min() < 0 or target.max() >= logits.shape[1]):
+        raise ValueError(f"target labels must be in [0, {logits.shape[1]}), got [{target.min()}, {target.max()}]")
+    n = logits.shape[0]
+    rows = xp.arange(n)
+    z = logits - logits.max(axis=1, keepdims=True)
+    ez = xp.exp(z)
+    total = ez.sum(axis=1)
+    loss = (xp.log(total) - z[rows, target]).mean()
+    grad = ez / (total[:, None] * n)
+    grad[rows, target] -= logits.dtype.type(1 / n)
+    return loss, grad
+
+
+def mse_loss(pred, target):
+    """Mean squared error over every element: L = mean((p - t)^2), dL/dp = 2 (p - t) / p.size."""
+    _check_same_shape(pred, target)
+    diff = pred - target
+    return (diff * diff).mean(), diff * pred.dtype.type(2 / diff.size)
+
+
+def mae_loss(pred, target):
+    """Mean absolute error over every element: L = mean|p - t|, dL/dp = sign(p - t) / p.size
+    (0 where p == t, as PyTorch's L1Loss)."""
+    _check_same_shape(pred, target)
+    diff = pred - target
+    xp = array_module(diff)
+    return xp.abs(diff).mean(), xp.sign(diff) * pred.dtype.type(1 / diff.size)
+
+
+def l2_penalty(buffer, strength, *, weights_only=True):
+    """The lecture notes' L2 regularizer R = strength * sum_j theta_j^2, added to the loss.
+
+    Adds dR/dtheta = 2 * strength * theta into ``buffer.grads`` IN PLACE, so call it after
+    ``model.backward`` (which overwrites the gradients), and returns R (0-d array).
+    ``weights_only=True`` penalizes the parameters of 2 or more dimensions (Linear and Conv
+    weights), not biases or BatchNorm's gamma and beta; False penalizes the whole arena
+    in one pass (its padding is zero and adds nothing).
+    """
+    if not strength >= 0:
+        raise ValueError(f"strength must be >= 0, got {strength!r}")
+    xp = array_module(buffer.arena)
+    pairs = ([(buffer.arena, buffer.grad_arena)] if not weights_only else
+             [(p, g) for p, g in zip(buffer.params, buffer.grads) if p.ndim >= 2])
+    total = xp.zeros((), buffer.dtype)
+    for p, g in pairs:
+        total += (p * p).sum()
+        g += (2 * strength) * p
+    return strength * total

@@ -1,0 +1,200 @@
+"""The layer protocol and ``Sequential``, which owns the model's one ``ParamBuffer``.
+
+A layer declares its parameters (``param_shapes``), is handed views into the model's arenas
+(``bind``), keeps in ``forward`` what its ``backward`` needs, and in ``backward`` OVERWRITES
+its gradient views (``grads[name][...] = ...``) and returns d(loss)/d(input). Overwriting,
+not accumulating, means one backward pass leaves exactly this batch's gradient in
+``model.buffer.grad_arena``: no ``zero_grad`` between steps, and no gradient array is
+allocated per step.
+"""
+import numpy as np
+
+from ..buffer import ParamBuffer, _array_module
+from ._array import to_numpy
+
+
+class _Unbuilt(dict):
+    """The params / grads of a layer not yet placed in a model: empty, and a clear error on use."""
+
+    def __init__(self, owner):
+        super().__init__()
+        self.owner = owner
+
+    def __missing__(self, name):
+        raise RuntimeError(f"{self.owner} has no parameters yet: build it inside a Sequential "
+                           f"(which allocates them in the model's ParamBuffer)")
+
+
+class Layer:
+    """Base class. Subclasses override ``forward`` and ``backward`` and, when they have
+    parameters, ``param_shapes`` and ``init_params``.
+
+    ``params`` / ``grads``: dicts name -> view into the model's arena / grad arena.
+    ``nonlinearity``: set on activation layers; a weight layer's default init is chosen from
+    the first non-``transparent`` layer after it.
+    """
+
+    nonlinearity = None
+    transparent = False  # pooling, reshaping, normalization, dropout: seen through when choosing an init
+
+    def __init__(self):
+        self.params, self.grads = _Unbuilt(type(self).__name__), _Unbuilt(type(self).__name__)
+        self.training = True
+
+    def param_shapes(self):
+        """Ordered dict name -> shape of this layer's parameters."""
+        return {}
+
+    def init_params(self, rng, nonlinearity):
+        """Dict name -> float64 host array: the initial values (``nonlinearity`` follows the layer)."""
+        return {}
+
+    def bind(self, params, grads):
+        self.params, self.grads = params, grads
+
+    def build_state(self, xp, dtype):
+        """Allocate non-parameter state (BatchNorm's running statistics)."""
+
+    def buffers(self):
+        """Dict name -> array of non-parameter state, checkpointed beside the parameters."""
+        return {}
+
+    def reseed(self, seed):
+        """Restart the layer's random stream (Dropout), for reproducible runs and gradient checks."""
+
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, dout, need_dx=True):
+        raise NotImplementedError
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def train(self, mode=True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class Sequential(Layer):
+    """``Sequential(*layers, dtype=np.float32, device="cpu", seed=0)``: the layers in order,
+    built at once: every parameter is a view into ONE ``ParamBuffer`` (``model.buffer``),
+    named ``"{index}.{name}"`` as in PyTorch (``"0.weight"``, ``"0.bias"``, ``"4.weight"``),
+    initialized in place from ``np.random.default_rng(seed)`` with each layer's default for
+    the activation that follows it.
+
+    ``model(x)`` / ``model.forward(x)`` casts ``x`` to the model's dtype and device.
+    ``model.backward(dout)`` overwrites ``model.buffer.grads`` with d(loss)/d(params) and
+    returns d(loss)/d(x) (``need_dx=False`` skips that last product and returns None).
+    """
+
+    def __init__(self, *layers, dtype=np.float32, device="cpu", seed=0):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer) or isinstance(layer, Sequential):
+                raise TypeError(f"layers[{i}] must be a fastopt.nn layer (not a Sequential), "
+                                f"got {type(layer).__name__}")
+        if len({id(layer) for layer in layers}) != len(layers):
+            raise ValueError("layers must be distinct objects: a layer instance holds its own views and caches")
+        self.layers = list(layers)
+        self.dtype = np.dtype(dtype)
+        self.device = device
+        self._xp = _array_module(device)
+        names, shapes = [], []
+        for i, layer in enumerate(self.layers):
+            for name, shape in layer.param_shapes().items():
+                names.append(f"{i}.{name}")
+                shapes.append(tuple(shape))
+        self.buffer = ParamBuffer(shapes=shapes, names=names, dtype=self.dtype, device=device)
+        rng = np.random.default_rng(seed)
+        pairs = iter(zip(self.buffer.params, self.buffer.grads))
+        for i, layer in enumerate(self.layers):
+            layer.build_state(self._xp, self.dtype)
+            own = [(name, *next(pairs)) for name in layer.param_shapes()]
+            if own:
+                values = layer.init_params(rng, self._nonlinearity_after(i))
+                for name, p, _ in own:
+                    p[...] = self._xp.asarray(values[name], dtype=self.dtype)
+                layer.bind({name: p for name, p, _ in own}, {name: g for name, _, g in own})
+        self.reseed(int(rng.integers(2**31)))
+        self.params = dict(zip(names, self.buffer.params))
+        self.grads = dict(zip(names, self.buffer.grads))
+        self._first_with_params = next((i for i, l in enumerate(self.layers) if l.params), len(self.layers))
+
+    def _nonlinearity_after(self, i):
+        for layer in self.layers[i + 1:]:
+            if layer.nonlinearity is not None:
+                return layer.nonlinearity
+            if not layer.transparent:
+                break
+        return "linear"
+
+    def forward(self, x):
+        x = self._xp.asarray(x, dtype=self.dtype)
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dout, need_dx=True):
+        """Overwrite every parameter gradient; return d(loss)/d(input), or None with
+        ``need_dx=False`` (the layers below the first parameter then do no work)."""
+        dout = self._xp.asarray(dout, dtype=self.dtype)
+        stop = 0 if need_dx else self._first_with_params
+        for i in range(len(self.layers) - 1, stop - 1, -1):
+            dout = self.layers[i].backward(dout, need_dx=need_dx or i > stop)
+        return dout if need_dx else None
+
+    def train(self, mode=True):
+        super().train(mode)
+        for layer in self.layers:
+            layer.train(mode)
+        return self
+
+    def reseed(self, seed):
+        rng = np.random.default_rng(seed)
+        for layer in self.layers:
+            layer.reseed(int(rng.integers(2**31)))
+
+    def buffers(self):
+        """Dict ``"{index}.{name}"`` -> array of the layers' non-parameter state (the live arrays)."""
+        return {f"{i}.{k}": v for i, layer in enumerate(self.layers) for k, v in layer.buffers().items()}
+
+    def state_dict(self):
+        """Host (NumPy) copies of every parameter and buffer, by name: a checkpoint, with
+        PyTorch's names and layouts for the same layers (no ``num_batches_tracked``)."""
+        state = {name: to_numpy(p).copy() for name, p in self.params.items()}
+        state.update({name: to_numpy(b).copy() for name, b in self.buffers().items()})
+        return state
+
+    def load_state_dict(self, state, strict=True):
+        """Copy arrays (NumPy, CuPy or anything ``asarray`` takes) into the parameters and
+        buffers in place; the arena and every view stay the same objects."""
+        targets = {**self.params, **self.buffers()}
+        missing = sorted(set(targets) - set(state))
+        unexpected = sorted(set(state) - set(targets))
+        if strict and (missing or unexpected):
+            raise KeyError(f"state does not match the model: missing {missing}, unexpected {unexpected}")
+        for name in set(targets) & set(state):
+            value = self._xp.asarray(state[name], dtype=self.dtype)
+            if value.shape != targets[name].shape:
+                raise ValueError(f"state[{name!r}] has shape {value.shape}, the model has {targets[name].shape}")
+            targets[name][...] = value
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __repr__(self):
+        inner = "\n".join(f"  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
+        return f"Sequential(\n{inner}\n) on {self.device}, {self.dtype.name}, {self.buffer.numel:,} parameters"

@@ -1,0 +1,81 @@
+"""Plotting and table helpers for the training scripts.
+
+    plot_curves(out_path, curves, title, ylabel)   one line per named curve -> PNG
+    format_table(rows, headers)                    aligned plain-text table
+
+Figures are drawn with Matplotlib's object-oriented API on its Agg canvas: no pyplot, so
+no display is needed, the caller's backend is left alone and no figure stays open.
+"""
+import numbers
+from pathlib import Path
+
+import numpy as np
+
+
+def _xy(name, curve):
+    """A curve as (x, y): a 1-D sequence of values is drawn against 0, 1, 2, ...; a
+    sequence of (x, y) pairs as given."""
+    values = np.asarray(curve, dtype=np.float64)
+    if values.ndim == 1:
+        return np.arange(len(values)), values
+    if values.ndim == 2 and values.shape[1] == 2:
+        return values[:, 0], values[:, 1]
+    raise ValueError(f"curves[{name!r}] must be a 1-D sequence of values or a sequence of "
+                     f"(x, y) pairs, got shape {values.shape}")
+
+
+def plot_curves(out_path, curves, title, ylabel, xlabel="step", logy=False, dpi=100):
+    """Save a PNG with one line per entry of ``curves`` (``{name: values}`` or
+    ``{name: [(x, y), ...]}``), a legend, and a log y-axis if ``logy`` (values <= 0 are
+    then left out of the line). NaN values leave gaps. Creates the parent folder; returns
+    the path as a ``pathlib.Path``."""
+    from matplotlib.figure import Figure
+
+    if not curves:
+        raise ValueError("curves is empty: nothing to plot")
+    lines = {name: _xy(name, curve) for name, curve in curves.items()}
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(8, 5), dpi=dpi, layout="constrained")
+    ax = fig.subplots()
+    for name, (x, y) in lines.items():
+        if logy:
+            y = np.where(y > 0, y, np.nan)  # a log axis cannot show them
+        ax.plot(x, y, lw=1.5, label=str(name))
+    if logy:
+        ax.set_yscale("log")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend()
+    fig.savefig(out_path)
+    return out_path
+
+
+def _cell(value, floatfmt):
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(value), True
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return format(float(value), floatfmt), True
+    return str(value), False
+
+
+def format_table(rows, headers, floatfmt=".4g"):
+    """Rows of cells as an aligned plain-text table: a header line, a rule of dashes, one
+    line per row, columns two spaces apart. A column of numbers only is right-aligned (floats
+    written with ``floatfmt``), any other column left-aligned; every line has the same length."""
+    headers = [str(h) for h in headers]
+    cells = []
+    for i, row in enumerate(rows):
+        row = list(row)
+        if len(row) != len(headers):
+            raise ValueError(f"rows[{i}] has {len(row)} cells but there are {len(headers)} headers")
+        cells.append([_cell(v, floatfmt) for v in row])
+    widths = [max([len(h)] + [len(r[j][0]) for r in cells]) for j, h in enumerate(headers)]
+    numeric = [bool(cells) and all(r[j][1] for r in cells) for j in range(len(headers))]
+
+    def line(texts, right):
+        return "  ".join(t.rjust(w) if r else t.ljust(w) for t, w, r in zip(texts, widths, right))
+
+    out = [line(headers, numeric), "  ".join("-" * w for w in widths)]
+    out += [line([t for t, _ in r], numeric) for r in cells]
+    return "\n".join(out)
