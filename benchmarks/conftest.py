@@ -30,7 +30,7 @@ def pytest_terminal_summary(terminalreporter):
     w("")
     w(f"fastopt benchmark summary (median of rounds; numba threads={numba.get_num_threads()}, "
       f"threading layer={layer})")
-    peers = ["numpy", "torch_foreach", "torch_fused", "serial", "groups", "lists"]
+    peers = ["numpy", "torch_foreach", "torch_fused", "torch", "serial", "groups", "lists"]
     head = f"{'rule':<10}{'n':>7}{'fastopt ms':>12}{'GB/s':>8}{'% roof':>8}" + "".join(f"{'x ' + p:>16}" for p in peers)
     w(head)
     for (group, size), r in sorted(RESULTS.items(), key=lambda kv: (kv[0][0], kv[0][1])):

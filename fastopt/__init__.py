@@ -5,6 +5,7 @@ from .buffer import ParamBuffer
 from .checkpoint import load, save
 from .clip import clip_grad_norm_, grad_norm
 from .gradcheck import GradcheckReport, check_layer, gradcheck
+from .layerwise import LAMB, LARS
 from .lbfgs import LBFGS
 from .newton import Newton
 from .optimizer import Optimizer

@@ -76,6 +76,15 @@ def _is_simulated_device_array(obj):
     return sim is not None and isinstance(obj, sim.FakeCUDAArray)
 
 
+def as_kernel_array(a):
+    """A PyTorch CUDA tensor as a Numba device array over the same memory (its ``size`` is a
+    method, its ``reshape`` a copy-or-view); every other array as it is."""
+    if type(a).__module__.startswith("torch") and hasattr(a, "__cuda_array_interface__"):
+        from numba import cuda
+        return cuda.as_cuda_array(a.detach(), sync=False)
+    return a
+
+
 def check_arrays(param, grad, states):
     """Validate ``param``, ``grad`` and the named ``states`` (None entries are skipped).
 

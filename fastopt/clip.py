@@ -80,6 +80,7 @@ def _grad_arrays(grads, name="grads"):
     if isinstance(grads, ParamBuffer):
         return [grads.grad_arena]
     grads = [grads] if hasattr(grads, "shape") else list(grads)
+    grads = [_dispatch.as_kernel_array(g) for g in grads]
     for i, g in enumerate(grads):
         a = _dispatch._Array(f"{name}[{i}]", g)
         if a.dtype not in _dispatch.SUPPORTED_DTYPES:

@@ -74,6 +74,7 @@ class Optimizer:
         if isinstance(arrays, ParamBuffer):
             arrays = arrays.params
         arrays = [arrays] if _is_array(arrays) else list(arrays)
+        arrays = [_dispatch.as_kernel_array(a) for a in arrays]
         if not arrays:
             raise ValueError(f"param group {len(self.param_groups)} has no parameters")
         self._check_hyper(group, f"param group {len(self.param_groups)}")
@@ -258,6 +259,7 @@ class Optimizer:
         cached, checked = self._grad_cache
         if cached is not None and len(cached) == len(grads) and all(a is b for a, b in zip(cached, grads)):
             return checked
+        originals, grads = grads, [_dispatch.as_kernel_array(g) for g in grads]
         if len(grads) != len(self._params):
             raise ValueError(f"grads has {len(grads)} arrays for {len(self._params)} params")
         for i, (p, g) in enumerate(zip(self._params, grads)):
@@ -273,7 +275,7 @@ class Optimizer:
             if _dispatch._overlap(a, b):
                 raise ValueError(f"grads[{i}] shares memory with params[{i}]")
         checked = _GradLists(grads, self.param_groups)
-        self._grad_cache = (grads, checked)
+        self._grad_cache = (originals, checked)
         return checked
 
     # -- state dicts ---------------------------------------------------------------------

@@ -143,6 +143,8 @@ class Lion(Optimizer):
                          **options)
 
 
+from .layerwise import LAMB, LARS  # noqa: E402  (they build on the Optimizer base, not on this file)
+
 # name -> class, for the training script and the tests' tables
 OPTIMIZERS = {cls.__name__.lower(): cls for cls in (SGD, Adagrad, RMSprop, Adam, AdamW, Adadelta, Adamax, NAdam,
-                                                     RAdam, Lion)}
+                                                     RAdam, Lion, LAMB, LARS)}

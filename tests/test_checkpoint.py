@@ -43,8 +43,8 @@ def _host_params(params):
     return [to_host(a) for a in arrays]
 
 
-def _resume_equals_uninterrupted(tmp_path, rule, dtype, backend="cpu", buffer=True, steps=6, stop=3):
-    hp = hparams(rule, 1)
+def _resume_equals_uninterrupted(tmp_path, rule, dtype, backend="cpu", buffer=True, steps=6, stop=3, hp=None):
+    hp = hparams(rule, 1) if hp is None else hp
     grads = _grads(1, steps, dtype)
     whole, wp = _model(rule, hp, dtype, backend, buffer)
     for g in grads:
@@ -71,6 +71,11 @@ def _resume_equals_uninterrupted(tmp_path, rule, dtype, backend="cpu", buffer=Tr
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_resume_is_bit_exact(tmp_path, rule, dtype):
     _resume_equals_uninterrupted(tmp_path, rule, dtype)
+
+
+@pytest.mark.parametrize("rule, hp", [("lamb", dict(lr=1e-2)), ("lars", dict(lr=0.1, momentum=0.9, weight_decay=1e-4))])
+def test_resume_is_bit_exact_layerwise(tmp_path, rule, hp):
+    _resume_equals_uninterrupted(tmp_path, rule, np.float32, hp=hp)
 
 
 @pytest.mark.parametrize("rule", ["adam", "sgd"])
