@@ -96,13 +96,19 @@ def compile_reduce(dtype, cc):
 
 
 def report_extra(ccs, dtypes=(np.float32, np.float64)):
-    """The kernels that are not update rules: the gradient-norm reduction, the averages."""
+    """The kernels outside RULES: the gradient-norm reduction, LAMB and LARS, the averages."""
     from fastopt._dispatch import cast_scalars
     from . import ema, polyak
     for dtype in dtypes:
         for cc in ccs:
             ptx = compile_reduce(dtype, cc)
             yield ("norm", "-", np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))
+    from . import lamb, lars
+    for dtype in dtypes:
+        for cc in ccs:
+            for name, ptx in [("lamb", p) for p in lamb.ptx(dtype, cc)] + [
+                    ("lars", lars.ptx(dtype, cc, momentum=m)) for m in (True, False)]:
+                yield (name, "-", np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))
     for module in (ema, polyak):
         for dtype in dtypes:
             scalars = cast_scalars(module.scalars(step=1), np.dtype(dtype))

@@ -20,7 +20,7 @@ def test_ptx_command_reports_every_kernel_without_f64():
     rows = [line.split() for line in out.stdout.splitlines()[1:-1]]
     kernels = {r[0] for r in rows}
     assert kernels == {"sgd", "adagrad", "rmsprop", "adam", "adadelta", "adamax", "nadam", "radam", "lion", "norm",
-                       "ema", "polyak"}
+                       "lamb", "lars", "ema", "polyak"}
     for row in rows:
         dtype, cc, lines, f64 = row[-4], row[-3], int(row[-2]), int(row[-1])
         assert cc in ("80", "90") and lines > 100
