@@ -36,11 +36,19 @@ def save(path, optimizer, params=None):
         else:
             arrays.update({f"params.{i}": _to_host(a) for i, a in enumerate(params)})
     arrays["meta"] = np.array(json.dumps(meta))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    return path
+
+
+def atomic_write(path, write):
+    """Call ``write(file)`` on a temporary file in ``path``'s folder, fsync it and rename it
+    over ``path``: a crash leaves the old file or the new one, never half of one."""
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -48,7 +56,6 @@ def save(path, optimizer, params=None):
         os.unlink(tmp)
         raise
     _fsync_dir(folder)
-    return path
 
 
 def load(path, optimizer, params=None):

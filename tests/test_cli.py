@@ -1,0 +1,186 @@
+"""The ``fastopt`` command: each subcommand end to end on a tiny budget (the loss falls, the
+accuracy beats chance, the PNGs are real pictures, the metrics parse), a resumed run equal
+bit for bit to an uninterrupted one, complete --help, and bad arguments: one line, exit 2."""
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastopt import train as T
+from fastopt.cli import HYPER_FLAGS, build_parser, main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--limit", "200", "--no-progress"]
+
+
+def assert_png(path):
+    from matplotlib.image import imread
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
+    image = imread(path)
+    assert image.shape[0] >= 300 and image.shape[1] >= 400, (path, image.shape)
+    assert image[..., :3].std() > 0.05, f"{path} is blank"
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("model", ["mlp", "conv"])
+def test_train_end_to_end(tmp_path, capsys, model):
+    code, out, err = run(["train", "--model", model, "--epochs", 3, "--out", tmp_path, *TINY], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    epochs = metrics["epochs"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"] < metrics["step_loss"][0]
+    assert epochs[-1]["test_acc"] > 0.5  # chance is 0.1
+    assert all(r["examples_per_s"] > 0 and r["seconds"] > 0 for r in epochs)
+    assert metrics["summary"]["final_test_acc"] == epochs[-1]["test_acc"]
+    assert metrics["config"]["model"] == model and len(metrics["step_loss"]) == 3 * 7  # ceil(200 / 32) steps
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["test_acc"]) for r in rows] == [r["test_acc"] for r in epochs]
+    for name in ("loss.png", "accuracy.png"):
+        assert_png(tmp_path / name)
+    assert "device: cpu" in out and out.count("epoch ") >= 3 and "done: 3 epochs" in out
+
+
+def test_compare_end_to_end(tmp_path, capsys):
+    names = ["sgd", "nesterov", "adam"]
+    code, out, err = run(["compare", "--optimizers", ",".join(names), "--model", "mlp", "--epochs", 2,
+                          "--out", tmp_path, *TINY], capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    runs = metrics["runs"]
+    assert list(runs) == names
+    # the same initial weights: every run starts from the same test loss
+    assert len({r["initial"]["test_loss"] for r in runs.values()}) == 1
+    for name, r in runs.items():
+        assert r["hyper"]["lr"] == T.DEFAULT_LR[name]
+        assert r["epochs"][-1]["train_loss"] < r["step_loss"][0] and r["epochs"][-1]["test_acc"] > 0.3
+    for name in ("loss.png", "accuracy.png"):
+        assert_png(tmp_path / name)
+    table = out[out.index("optimizer "):].splitlines()
+    assert [line.split()[0] for line in table[2:2 + len(names)]] == names
+    with open(tmp_path / "metrics.csv") as f:
+        assert [r["optimizer"] for r in csv.DictReader(f)] == [n for n in names for _ in range(2)]
+
+
+def test_valley_end_to_end(tmp_path, capsys):
+    code, out, err = run(["valley", "--optimizers", "sgd,momentum,adam", "--steps", 60, "--out", tmp_path], capsys)
+    assert code == 0, err
+    assert_png(tmp_path / "valley.png")
+    rows = json.loads((tmp_path / "metrics.json").read_text())["rows"]
+    assert [(r["problem"], r["optimizer"]) for r in rows] == [(p, o) for p in ("quadratic", "rosenbrock")
+                                                                for o in ("sgd", "momentum", "adam")]
+    assert "distance to minimum" in out and out.count("rosenbrock") == 3
+
+
+def test_bench_checks_against_the_reference(capsys):
+    code, out, err = run(["bench", "-n", 5000, "--steps", 3, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "5,000 float32 params" in out and "max |fastopt - float64 NumPy reference|" in out
+
+
+@pytest.mark.parametrize("model,schedule", [("mlp", "constant"), ("conv", "exp")])
+def test_resume_is_bit_exact(tmp_path, capsys, model, schedule):
+    """Two epochs in one go == one epoch, stop, --resume to two: parameters, optimizer
+    state, BatchNorm statistics (conv), Dropout masks (mlp) and every metric but the clock."""
+    common = ["--model", model, "--schedule", schedule, "--checkpoint", *TINY]
+    assert run(["train", *common, "--epochs", 2, "--out", tmp_path / "a"], capsys)[0] == 0
+    assert run(["train", *common, "--epochs", 1, "--out", tmp_path / "b"], capsys)[0] == 0
+    code, out, err = run(["train", *common, "--epochs", 2, "--resume", "--out", tmp_path / "b"], capsys)
+    assert code == 0, err
+    assert "resumed from" in out and out.count("epoch 2/2") == 1 and "epoch 1/2" not in out
+    for name in (T.CHECKPOINT, T.CHECKPOINT_STATE):
+        with np.load(tmp_path / "a" / name) as a, np.load(tmp_path / "b" / name) as b:
+            assert a.files == b.files
+            for key in a.files:
+                if key != "meta":  # meta holds the clock readings
+                    assert np.array_equal(a[key], b[key]), (name, key)
+    with np.load(tmp_path / "a" / T.CHECKPOINT_STATE) as a:
+        assert any(k.startswith("buffer/") for k in a.files) == (model == "conv")
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "ab")
+    strip = lambda m: [{k: v for k, v in r.items() if k not in T.CLOCK_FIELDS} for r in m["epochs"]]  # noqa: E731
+    assert strip(ma) == strip(mb) and ma["step_loss"] == mb["step_loss"]
+
+
+def test_help_is_complete(capsys):
+    """Every option of every subcommand has a help text, and every optimizer flag is offered."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            assert action.help, f"fastopt {name} {action.option_strings} has no help"
+    code, out, _ = run(["train", "--help"], capsys)
+    assert code == 0
+    for flag in [*HYPER_FLAGS, "--optimizer", "--lr", "--schedule", "--warmup-steps", "--decay-rate",
+                 "--max-grad-norm", "--ema", "--model", "--batch-size", "--epochs", "--seed", "--device", "--out",
+                 "--data", "--checkpoint", "--resume", "--no-progress"]:
+        assert flag in out, flag
+    assert "examples:" in out and "fastopt compare" in out
+
+
+# (arguments, text the one error line must contain)
+BAD = [
+    (["train", "--optimizer", "adamm"], "invalid choice: 'adamm'"),
+    (["train", "--lr", "-1"], "argument --lr: must be > 0, got -1"),
+    (["train", "--lr", "0"], "argument --lr: must be > 0"),
+    (["train", "--lr", "nan"], "argument --lr: must be > 0"),
+    (["train", "--lr", "fast"], "argument --lr: expected a number"),
+    (["train", "--betas", "0.9"], "argument --betas: must be two numbers"),
+    (["train", "--betas", "0.9,1.0"], "argument --betas: must be two numbers"),
+    (["train", "--epochs", "0"], "argument --epochs/-e: must be >= 1"),
+    (["train", "--batch-size", "2.5"], "argument --batch-size/-b: expected an integer"),
+    (["train", "--seed", "-3"], "argument --seed: must be >= 0"),
+    (["train", "--ema", "1"], "argument --ema: must be in (0, 1)"),
+    (["train", "--data", "{tmp}/no-such-mnist"], "no-such-mnist: no such file or directory"),
+    (["train", "--data", "{tmp}/bad.npz"], "bad.npz: not a readable .npz file"),
+    (["train", "--momentum", "0.9"], "--momentum does not apply to adam"),
+    (["train", "--optimizer", "sgd", "--nesterov"], "Nesterov momentum requires a momentum"),
+    (["train", "--schedule", "warmup_cosine", "--warmup-steps", "100000"], "--schedule warmup_cosine"),
+    (["train", "--resume", "--out", "{tmp}/fresh"], "--resume: no checkpoint in"),
+    (["train", "--out", "{tmp}/bad.npz"], "File exists"),
+    (["compare", "--optimizers", "sgd,adamm"], "unknown optimizer 'adamm'"),
+    (["valley", "--optimizers", "sgd,sgd"], "optimizer listed twice"),
+    (["bench", "-n", "0"], "argument -n: must be >= 1"),
+    (["fly"], "invalid choice: 'fly'"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_arguments_give_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)  # the default --out is relative: keep it out of the checkout
+    (tmp_path / "bad.npz").write_bytes(b"this is not a zip archive")
+    argv = [a.format(tmp=tmp_path) for a in argv] + (["--no-progress"] if argv[0] == "train" else [])
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "fresh").exists()  # nothing written
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastopt: error: "), err
+    assert message in lines[0]
+    assert "Traceback" not in err + out
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    device, _ = T.resolve_device("auto")
+    if device == "cuda":
+        pytest.skip("a GPU is present")
+    code, _, err = run(["train", "--device", "cuda"], capsys)
+    assert code == 2 and err.startswith("fastopt: error: --device cuda: ") and len(err.strip().splitlines()) == 1
+
+
+def test_python_dash_m_help_and_a_bad_argument_in_a_child_process(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "fastopt", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert ok.returncode == 0 and all(c in ok.stdout for c in ("train", "compare", "valley", "bench"))
+    bad = subprocess.run([sys.executable, "-m", "fastopt", "train", "--lr", "-1"], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.startswith("fastopt: error: argument --lr: must be > 0, got -1")
+    assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr

@@ -1,0 +1,326 @@
+"""fastopt.train: model builders, optimizer and schedule construction from settings, weight
+decay groups, the epoch loop (progress, per-step losses, accuracy), MNIST files, EMA and
+clipping when this fastopt has them, checkpoints (refusals), and the outputs' helpers."""
+import gzip
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import nn
+from fastopt import train as T
+
+try:
+    import cupy
+except ImportError:
+    cupy = None
+
+DIGITS = T.load_dataset(limit=160)  # standardized digits, the first 160 train and test images
+
+
+def tiny_config(tmp_path, **changes):
+    return T.Config(**{"epochs": 2, "limit": 160, "out": str(tmp_path / "run"), "progress": False, **changes})
+
+
+def quiet(*_):
+    pass
+
+
+# (model, input shape, classes): the digits, MNIST, and a flat input for the MLP
+SHAPES = [("mlp", (1, 8, 8), 10), ("mlp", (1, 28, 28), 10), ("mlp", (64,), 3),
+          ("conv", (1, 8, 8), 10), ("conv", (1, 28, 28), 10), ("conv", (3, 12, 10), 5)]
+
+
+@pytest.mark.parametrize("name,shape,classes", SHAPES, ids=[f"{m}-{'x'.join(map(str, s))}" for m, s, _ in SHAPES])
+def test_build_model_forward_and_backward_shapes(name, shape, classes):
+    model = T.build_model(name, shape, classes, np.float64, "cpu", seed=0)
+    x = np.random.default_rng(0).standard_normal((4, *shape))
+    logits = model(x)
+    assert logits.shape == (4, classes) and np.isfinite(logits).all()
+    loss, dlogits = nn.softmax_cross_entropy(logits, np.arange(4) % classes)
+    model.backward(dlogits)
+    assert all(g.shape == p.shape for g, p in zip(model.buffer.grads, model.buffer.params))
+    assert np.abs(model.buffer.grad_arena).sum() > 0
+
+
+def test_build_model_same_seed_same_weights_and_bad_input():
+    a, b, c = (T.build_model("conv", (1, 8, 8), 10, seed=s) for s in (3, 3, 4))
+    assert np.array_equal(a.buffer.arena, b.buffer.arena)
+    assert not np.array_equal(a.buffer.arena, c.buffer.arena)
+    with pytest.raises(T.UsageError, match="--model conv needs images"):
+        T.build_model("conv", (64,), 10)
+    with pytest.raises(T.UsageError, match="--model must be one of"):
+        T.build_model("resnet", (1, 8, 8), 10)
+
+
+# (name, explicit hyper-parameters, strict, expected class, expected kwargs subset, error)
+KWARGS = [
+    ("momentum", {}, True, fastopt.SGD, {"momentum": 0.9, "lr": T.DEFAULT_LR["momentum"]}, None),
+    ("lars", {"weight_decay": 1e-3}, True, fastopt.OPTIMIZERS["lars"], {"momentum": 0.9, "weight_decay": 1e-3}, None),
+    ("nesterov", {"momentum": 0.5}, True, fastopt.SGD, {"momentum": 0.5, "nesterov": True}, None),
+    ("sgd", {"momentum": 0.8, "nesterov": True}, True, fastopt.SGD, {"momentum": 0.8, "nesterov": True}, None),
+    ("adam", {"betas": (0.8, 0.99), "eps": 1e-6}, True, fastopt.Adam, {"betas": (0.8, 0.99), "eps": 1e-6}, None),
+    ("rmsprop", {"alpha": 0.9, "centered": True}, True, fastopt.RMSprop, {"alpha": 0.9, "centered": True}, None),
+    ("adadelta", {"rho": 0.95}, True, fastopt.Adadelta, {"rho": 0.95, "lr": T.DEFAULT_LR["adadelta"]}, None),
+    ("adam", {"momentum": 0.9}, True, None, None, "--momentum does not apply to adam"),
+    ("adam", {"momentum": 0.9, "eps": 1e-7}, False, fastopt.Adam, {"eps": 1e-7}, None),
+    ("adamz", {}, True, None, None, "--optimizer must be one of"),
+]
+
+
+@pytest.mark.parametrize("name,hyper,strict,cls,expected,error", KWARGS)
+def test_optimizer_kwargs(name, hyper, strict, cls, expected, error):
+    if error:
+        with pytest.raises(T.UsageError, match=error):
+            T.optimizer_kwargs(name, None, hyper, strict)
+        return
+    got_cls, kwargs = T.optimizer_kwargs(name, None, hyper, strict)
+    assert got_cls is cls
+    assert {k: kwargs[k] for k in expected} == expected
+    assert set(kwargs) <= set(T.accepted_hyper(cls))  # nothing the class would refuse
+
+
+def test_every_optimizer_lowers_the_loss(tmp_path):
+    """Each name, with its default lr, trains the MLP: the last epoch's loss is below the first step's."""
+    data = T.Dataset("digits", DIGITS.x_train, DIGITS.y_train, DIGITS.x_test, DIGITS.y_test, 10)
+    cfg = tiny_config(tmp_path, model="mlp", epochs=3)
+    for name in T.OPTIMIZER_NAMES:
+        model = T.build_model("mlp", data.in_shape, 10, seed=0)
+        opt, _ = T.make_optimizer(cfg, model, 5, name=name)
+        history, step_losses, diverged = T.fit(cfg, data, model, opt, None, quiet)
+        assert not diverged, name
+        assert history[-1]["train_loss"] < 0.8 * step_losses[0], name
+
+
+# (schedule, settings, [(step, expected lr as a function of lr0 and steps per epoch S)])
+SCHEDULE_CASES = [
+    ("constant", {}, [(0, lambda a, S: a), (99, lambda a, S: a)]),
+    ("step", {"decay_rate": 0.5, "decay_every": 2}, [(2 * 10 - 1, lambda a, S: a), (2 * 10, lambda a, S: a / 2),
+                                                     (4 * 10, lambda a, S: a / 4)]),
+    ("exp", {"decay_rate": 0.25}, [(10, lambda a, S: a * 0.25), (5, lambda a, S: a * 0.5)]),
+    ("inverse_time", {"decay_rate": 0.5}, [(10, lambda a, S: a * 0.5), (30, lambda a, S: a * 0.25)]),
+    ("cosine", {"final_lr": 1e-4}, [(0, lambda a, S: a), (30, lambda a, S: (a + 1e-4) / 2),
+                                    (60, lambda a, S: 1e-4)]),
+    ("warmup_cosine", {"warmup_steps": 10}, [(0, lambda a, S: 0.0), (5, lambda a, S: a / 2), (10, lambda a, S: a),
+                                             (60, lambda a, S: 0.0)]),
+]
+
+
+@pytest.mark.parametrize("name,settings,points", SCHEDULE_CASES, ids=[c[0] for c in SCHEDULE_CASES])
+def test_schedules_follow_their_definitions(name, settings, points):
+    cfg = T.Config(schedule=name, epochs=6, **settings)  # 6 epochs of S = 10 steps: 60 steps
+    lr = T.make_schedule(cfg, 0.1, steps_per_epoch=10)
+    for t, expected in points:
+        value = lr(t) if callable(lr) else lr
+        assert value == pytest.approx(expected(0.1, 10), rel=1e-12, abs=1e-15), (name, t)
+
+
+def test_schedule_errors_name_the_flag():
+    with pytest.raises(T.UsageError, match="--schedule warmup_cosine: total_steps"):
+        T.make_schedule(T.Config(schedule="warmup_cosine", warmup_steps=100, epochs=1), 0.1, 10)
+    with pytest.raises(T.UsageError, match="--schedule must be one of"):
+        T.make_schedule(T.Config(schedule="linear"), 0.1, 10)
+
+
+@pytest.mark.parametrize("optimizer,hyper,groups", [("adam", {}, 1), ("adam", {"weight_decay": 1e-4}, 2),
+                                                     ("adamw", {}, 2), ("sgd", {"l1": 1e-5}, 2), ("lamb", {}, 2),
+                                                     ("lamb", {"weight_decay": 0.0}, 2), ("lars", {}, 2)])
+def test_penalties_skip_biases_and_batchnorm(tmp_path, optimizer, hyper, groups):
+    model = T.build_model("conv", (1, 8, 8), 10)
+    opt, _ = T.make_optimizer(tiny_config(tmp_path, optimizer=optimizer, hyper=hyper), model, 5)
+    assert len(opt.param_groups) == groups
+    if groups == 2:
+        weights, others = opt.param_groups
+        assert all(p.ndim >= 2 for p in weights["params"]) and all(p.ndim == 1 for p in others["params"])
+        assert len(weights["params"]) + len(others["params"]) == len(model.buffer)
+        assert all(others[k] == v for k, v in T.EXEMPT.items() if k in others)
+        assert any(weights[k] != v for k, v in T.EXEMPT.items() if k in weights)
+
+
+def test_epoch_order_and_dropout_are_functions_of_seed_and_epoch():
+    perm = lambda s, e: T.epoch_order_rng(s, e).permutation(100)  # noqa: E731
+    assert np.array_equal(perm(1, 2), perm(1, 2))
+    assert not np.array_equal(perm(1, 2), perm(1, 3)) and not np.array_equal(perm(1, 2), perm(2, 2))
+    seeds = {T.epoch_dropout_seed(s, e) for s in range(3) for e in range(3)}
+    assert len(seeds) == 9 and T.epoch_dropout_seed(1, 2) == T.epoch_dropout_seed(1, 2)
+
+
+def test_train_epoch_progress_losses_and_accuracy():
+    """The bar counts every example and shows loss and accuracy; the per-step losses are
+    those of the batches; the accuracy is the share of right answers in training mode."""
+    from tqdm import tqdm
+    x, y = DIGITS.x_train, DIGITS.y_train
+    model = T.build_model("mlp", DIGITS.in_shape, 10, seed=0)
+    twin = T.build_model("mlp", DIGITS.in_shape, 10, seed=0)
+    opt, twin_opt = fastopt.Adam(model.buffer, lr=1e-3), fastopt.Adam(twin.buffer, lr=1e-3)
+    bar = tqdm(total=len(x), file=io.StringIO(), disable=False)
+    losses, acc = T.train_epoch(model, opt, None, x, y, 50, seed=5, epoch=1, bar=bar)
+    assert bar.n == len(x) and "loss=" in str(bar.postfix) and "acc=" in str(bar.postfix)
+    assert losses.shape == (math.ceil(len(x) / 50),)
+    # the same epoch by hand: same order, same dropout, same updates
+    twin.train()
+    twin.reseed(T.epoch_dropout_seed(5, 1))
+    expected, right = [], 0
+    for xb, yb in fastopt.data.batches(x, y, 50, rng=T.epoch_order_rng(5, 1)):
+        logits = twin(xb)
+        loss, d = nn.softmax_cross_entropy(logits, yb)
+        twin.backward(d, need_dx=False)
+        twin_opt.step()
+        expected.append(float(loss))
+        right += int((logits.argmax(1) == yb).sum())
+    np.testing.assert_array_equal(losses, expected)
+    assert acc == right / len(x)
+    assert np.array_equal(model.buffer.arena, twin.buffer.arena)
+
+
+def test_evaluate_matches_a_direct_count():
+    model = T.build_model("conv", DIGITS.in_shape, 10, seed=1)
+    loss, acc = T.evaluate(model, DIGITS.x_test, DIGITS.y_test, batch_size=64)
+    logits = model(DIGITS.x_test)
+    assert acc == np.mean(logits.argmax(1) == DIGITS.y_test)
+    assert loss == pytest.approx(float(nn.softmax_cross_entropy(logits, DIGITS.y_test)[0]), rel=1e-5)
+
+
+def test_load_dataset_standardizes_with_training_statistics():
+    raw = fastopt.data.load_digits(seed=T.DIGITS_SPLIT_SEED)
+    data = T.load_dataset()
+    assert len(data.x_train) == len(raw[0]) and data.n_classes == 10
+    assert abs(float(data.x_train.mean())) < 1e-5 and float(data.x_train.std()) == pytest.approx(1, rel=1e-4)
+    np.testing.assert_allclose(data.x_test * raw[0].std() + raw[0].mean(), raw[2], atol=1e-5)
+
+
+def _idx(array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("form", ["idx", "idx.gz", "npz"])
+def test_mnist_files_train_end_to_end(tmp_path, form):
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (n, 28, 28)) for n in (24, 8)]
+    labels = [rng.integers(0, 10, n) for n in (24, 8)]
+    if form == "npz":
+        path = tmp_path / "mnist.npz"
+        np.savez(path, x_train=arrays[0].astype(np.uint8), y_train=labels[0], x_test=arrays[1].astype(np.uint8),
+                 y_test=labels[1])
+    else:
+        path = tmp_path / "mnist"
+        path.mkdir()
+        names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"]
+        for name, a in zip(names, [arrays[0], labels[0], arrays[1], labels[1]]):
+            blob = _idx(a)
+            (path / (name + (".gz" if form.endswith("gz") else ""))).write_bytes(
+                gzip.compress(blob) if form.endswith("gz") else blob)
+    metrics = T.train(tiny_config(tmp_path, data=str(path), limit=None, epochs=1, batch_size=8), log=quiet)
+    assert metrics["data"].startswith("mnist:") and len(metrics["epochs"]) == 1
+    assert "Linear(1568, 64" in metrics["model"]["layers"]  # 32 channels x 7 x 7 after two poolings
+
+
+def test_missing_and_malformed_data_raise_data_errors(tmp_path):
+    with pytest.raises(fastopt.data.DataError, match="no such file"):
+        T.load_dataset(str(tmp_path / "absent"))
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(fastopt.data.DataError, match="bad.npz"):
+        T.load_dataset(str(tmp_path / "bad.npz"))
+
+
+def test_resume_refuses_another_run_and_a_torn_pair(tmp_path):
+    T.train(tiny_config(tmp_path, model="mlp", epochs=1, checkpoint=True), log=quiet)
+    with pytest.raises(T.UsageError, match="another run: lr=None there, 0.5 here"):
+        T.train(tiny_config(tmp_path, model="mlp", lr=0.5, resume=True), log=quiet)
+    # a schedule laid out over the run: the epochs may not change either
+    T.train(tiny_config(tmp_path, model="mlp", epochs=1, schedule="cosine", checkpoint=True,
+                        out=str(tmp_path / "cos")), log=quiet)
+    with pytest.raises(T.UsageError, match="epochs=1 there, 2 here"):
+        T.train(tiny_config(tmp_path, model="mlp", schedule="cosine", resume=True, out=str(tmp_path / "cos")),
+                log=quiet)
+    with pytest.raises(T.UsageError, match="no checkpoint in"):
+        T.train(tiny_config(tmp_path, model="mlp", resume=True, out=str(tmp_path / "elsewhere")), log=quiet)
+    # the state file of epoch 1 beside the optimizer file of epoch 2: an interrupted save
+    run = tmp_path / "run"
+    state = (run / T.CHECKPOINT_STATE).read_bytes()
+    T.train(tiny_config(tmp_path, model="mlp", epochs=2, resume=True), log=quiet)
+    (run / T.CHECKPOINT_STATE).write_bytes(state)
+    with pytest.raises(T.UsageError, match="torn"):
+        T.train(tiny_config(tmp_path, model="mlp", epochs=3, resume=True), log=quiet)
+
+
+def test_divergence_stops_the_run_and_is_reported(tmp_path):
+    lines = []
+    metrics = T.train(tiny_config(tmp_path, model="mlp", optimizer="sgd", lr=1e12, epochs=5), log=lines.append)
+    assert metrics["summary"]["diverged"] and len(metrics["epochs"]) < 5
+    assert any("diverged" in line for line in lines)
+    text = (tmp_path / "run" / "metrics.json").read_text()
+    assert "NaN" not in text and json.loads(text)["summary"]["diverged"] is True
+
+
+def test_clipping_moves_the_weights_less(tmp_path):
+    if "max_grad_norm" not in T._base_options():
+        pytest.skip("this fastopt's optimizers take no max_grad_norm")
+    moved = {}
+    for clip in (None, 1e-3):
+        cfg = tiny_config(tmp_path, model="mlp", optimizer="sgd", epochs=1, max_grad_norm=clip)
+        model = T.build_model("mlp", DIGITS.in_shape, 10, seed=0)
+        start = model.buffer.arena.copy()
+        opt, _ = T.make_optimizer(cfg, model, 4)
+        T.fit(cfg, DIGITS, model, opt, None, quiet)
+        moved[clip] = float(np.linalg.norm(model.buffer.arena - start))
+    steps = math.ceil(len(DIGITS.x_train) / 32)
+    assert moved[1e-3] <= T.DEFAULT_LR["sgd"] * 1e-3 * steps * (1 + 1e-5) < moved[None]
+
+
+def test_ema_is_evaluated_and_resumed(tmp_path):
+    if T.ema_class() is None:
+        pytest.skip("this fastopt has no EMA")
+    a = T.train(tiny_config(tmp_path, model="mlp", ema=0.9, checkpoint=True, out=str(tmp_path / "a")), log=quiet)
+    T.train(tiny_config(tmp_path, model="mlp", ema=0.9, epochs=1, checkpoint=True, out=str(tmp_path / "b")),
+            log=quiet)
+    b = T.train(tiny_config(tmp_path, model="mlp", ema=0.9, resume=True, out=str(tmp_path / "b")), log=quiet)
+    plain = T.train(tiny_config(tmp_path, model="mlp", out=str(tmp_path / "c")), log=quiet)
+    pick = lambda m: [(r["train_loss"], r["test_loss"]) for r in m["epochs"]]  # noqa: E731
+    assert pick(a) == pick(b)
+    # same training, other weights evaluated
+    assert [r["train_loss"] for r in plain["epochs"]] == [r["train_loss"] for r in a["epochs"]]
+    assert [r["test_loss"] for r in plain["epochs"]] != [r["test_loss"] for r in a["epochs"]]
+
+
+def test_kernel_threads_are_set_inside_and_restored():
+    import numba
+    before = numba.get_num_threads()
+    with T.kernel_threads(1):
+        assert numba.get_num_threads() == 1
+    with T.kernel_threads(10 ** 6):  # more than the pool has: the whole pool
+        assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+    assert numba.get_num_threads() == before
+
+
+def test_smooth_is_a_trailing_mean():
+    values = np.array([4.0, 2.0, 6.0, 0.0, 8.0])
+    expected = [4.0, 3.0, 4.0, 8 / 3, 14 / 3]
+    np.testing.assert_allclose(T.smooth(values, 3), expected)
+    np.testing.assert_array_equal(T.smooth(values, 1), values)
+
+
+def test_json_safe_writes_no_nan():
+    out = T._json_safe({"a": [np.float32(1.5), float("nan"), np.inf], "b": np.int64(3), "c": np.bool_(True)})
+    assert json.loads(json.dumps(out, allow_nan=False)) == {"a": [1.5, None, None], "b": 3, "c": True}
+
+
+def test_plot_accuracy_draws_0_and_100_percent(tmp_path):
+    from matplotlib.image import imread
+    a = imread(T.plot_accuracy(tmp_path / "a.png", {"x": [(0, 0.0), (1, 0.9), (2, 1.0)]}, "t", 100))
+    b = imread(T.plot_accuracy(tmp_path / "b.png", {"x": [(0, 0.1), (1, 0.5), (2, 0.99)]}, "t", 100))
+    assert a.shape[0] >= 400 and a.shape[1] >= 600 and a[..., :3].std() > 0.05
+    assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+@pytest.mark.skipif(cupy is None, reason="CuPy is not installed")
+def test_cuda_run_matches_cpu_closely(tmp_path):
+    cpu = T.train(tiny_config(tmp_path, device="cpu", out=str(tmp_path / "cpu")), log=quiet)
+    gpu = T.train(tiny_config(tmp_path, device="cuda", out=str(tmp_path / "gpu")), log=quiet)
+    assert gpu["device"] == "cuda"
+    np.testing.assert_allclose(gpu["step_loss"], cpu["step_loss"], rtol=1e-2, atol=1e-3)
