@@ -30,7 +30,7 @@ def pytest_terminal_summary(terminalreporter):
     w("")
     w(f"fastopt benchmark summary (median of rounds; numba threads={numba.get_num_threads()}, "
       f"threading layer={layer})")
-    peers = ["numpy", "torch_foreach", "torch_fused", "torch", "serial", "groups", "lists"]
+    peers = ["numpy", "torch_foreach", "torch_fused", "torch", "serial", "guarded", "groups", "lists", "separate"]
     head = f"{'rule':<10}{'n':>7}{'fastopt ms':>12}{'GB/s':>8}{'% roof':>8}" + "".join(f"{'x ' + p:>16}" for p in peers)
     w(head)
     for (group, size), r in sorted(RESULTS.items(), key=lambda kv: (kv[0][0], kv[0][1])):
@@ -42,5 +42,6 @@ def pytest_terminal_summary(terminalreporter):
         w(f"{group:<10}{size:>7.0e}{t * 1e3:12.4f}{nbytes / t / 1e9:8.1f}{roof}{cols}")
     w("x peer = peer time / fastopt time (above 1: fastopt is faster); % roof = roof time / fastopt time; "
       "x serial (adam-thr rows) = serial / parallel CPU kernel time; "
-      "model rows: fastopt = Adam on a ParamBuffer (1 launch/step), x groups = AdamW in 2 param groups "
+      "model rows: fastopt = Adam on a ParamBuffer (1 launch/step, nonfinite='propagate' as torch), "
+      "x guarded = the default nonfinite='skip' (one more read of g), x groups = AdamW in 2 param groups "
       "(2 launches), x lists = Adam on separate arrays (1 call over typed lists)")

@@ -24,6 +24,7 @@ MODELS = {
     "model-tiny": [(16, 32), (32,), (32, 16), (16,), (16, 8), (8,)],
 }
 ROUNDS = {"model-200": 10, "model-tiny": 2000}
+UNGUARDED = dict(nonfinite="propagate")  # what torch does: no check pass
 
 
 def _arrays(shapes, seed):
@@ -31,13 +32,13 @@ def _arrays(shapes, seed):
     return [rng.standard_normal(s).astype(np.float32) for s in shapes]
 
 
-@pytest.mark.parametrize("impl", ["fastopt", "groups", "lists", "roof", "torch_fused", "torch_foreach"])
+@pytest.mark.parametrize("impl", ["fastopt", "guarded", "groups", "lists", "roof", "torch_fused", "torch_foreach"])
 @pytest.mark.parametrize("model", list(MODELS))
 def test_adam_step(record, model, impl):
     shapes = MODELS[model]
     n = sum(int(np.prod(s)) for s in shapes)
     nbytes = 4 * n * 7  # read p, g, m, v; write p, m, v
-    if impl in ("fastopt", "groups", "roof"):
+    if impl in ("fastopt", "guarded", "groups", "roof"):
         buf = fastopt.ParamBuffer(_arrays(shapes, 0))
         for g, a in zip(buf.grads, _arrays(shapes, 1)):
             g[...] = a
@@ -49,12 +50,14 @@ def test_adam_step(record, model, impl):
             def run():
                 kernel(buf.arena, buf.grad_arena, m, v, None, (one, one))
         else:
-            if impl == "fastopt":
-                opt = fastopt.Adam(buf, lr=1e-3)
+            if impl in ("fastopt", "guarded"):
+                # "fastopt" has torch's semantics; "guarded" is the default, with the inf/NaN check pass
+                opt = fastopt.Adam(buf, lr=1e-3, **({} if impl == "guarded" else UNGUARDED))
             else:  # no weight decay on vectors (biases, norms), as users configure it
                 matrices = [p for p in buf.params if p.ndim > 1]
                 vectors = [p for p in buf.params if p.ndim == 1]
-                opt = fastopt.AdamW([{"params": matrices}, {"params": vectors, "weight_decay": 0.0}], lr=1e-3)
+                opt = fastopt.AdamW([{"params": matrices}, {"params": vectors, "weight_decay": 0.0}], lr=1e-3,
+                                    **UNGUARDED)
             run = opt.step
             run()
             launches = opt.launches
@@ -62,7 +65,7 @@ def test_adam_step(record, model, impl):
             assert opt.launches - launches == len(opt.param_groups)  # one launch per group per step
     elif impl == "lists":
         params, grads = _arrays(shapes, 0), _arrays(shapes, 1)
-        opt = fastopt.Adam(params, lr=1e-3)
+        opt = fastopt.Adam(params, lr=1e-3, **UNGUARDED)
 
         def run():
             opt.step(grads)

@@ -43,6 +43,9 @@ class NormPlan:
 
     def norm(self, norm_type=2.0):
         """``(total norm, all finite)``."""
+        if self.cpu and norm_type == 2.0 and self.chunks.shape[0]:  # the per-step guard: one compiled call
+            total, check = self.kernel(self.typed, self.chunks, _reduce.SQUARES, 2.0, self.totals, self.checks)
+            return _reduce.finish(total, check, _reduce.SQUARES, 2.0)
         totals, checks, mode = self.partials(norm_type)
         return _reduce.combine(totals, checks, mode, float(norm_type))
 

@@ -69,10 +69,22 @@ def _chunk(x, mode, p):
 
 def _make_cpu(parallel):
     def reduce_chunks(arrays, chunks, mode, p, totals, checks):
+        """Fills the per-chunk slots, and returns their combination in chunk order."""
         for k in prange(chunks.shape[0]):
             t, lo, hi = chunks[k, 0], chunks[k, 1], chunks[k, 2]
             totals[k], checks[k] = _chunk(arrays[t][lo:hi], mode, p)
+        return _combine(totals, checks, mode)
     return njit(parallel=parallel, **_CPU_OPTIONS)(reduce_chunks)
+
+
+@njit(**_CPU_OPTIONS)
+def _combine(totals, checks, mode):
+    # in chunk order, inside the compiled call: no NumPy round trip for a small model
+    total, check = 0.0, 0.0
+    for k in range(totals.size):
+        check += checks[k]
+        total = max(total, totals[k]) if mode == MAX else total + totals[k]
+    return total, check
 
 
 _CPU = {}
@@ -104,12 +116,17 @@ def mode_of(norm_type):
 
 def combine(totals, checks, mode, norm_type):
     """The norm from the chunk partials (added in chunk order), and whether all were finite."""
-    finite = bool(np.isfinite(np.sum(checks))) if checks.size else True
-    if mode == MAX:
-        total = float(np.max(totals)) if totals.size else 0.0
-        return total, finite
-    s = float(np.sum(totals))
-    return (math.sqrt(s) if mode == SQUARES else s ** (1.0 / norm_type)), finite
+    total, check = _combine(np.asarray(totals, np.float64), np.asarray(checks, np.float64), mode)
+    return finish(total, check, mode, norm_type)
+
+
+def finish(total, check, mode, norm_type):
+    """``(norm, all finite)`` from the combined sum (or max) and check."""
+    if mode == SQUARES:
+        total = math.sqrt(total)
+    elif mode == POWER:
+        total = total ** (1.0 / norm_type)
+    return total, check == check  # the check is NaN exactly when some element was inf or NaN
 
 
 def segment_sums(totals, chunks, n_tensors, mode):
