@@ -22,6 +22,7 @@ import time
 import numpy as np
 import pytest
 
+from fastopt.fullbatch import SoftmaxRegression, one_blas_thread
 from fastopt.functional import adam_, sgd_
 from fastopt.lbfgs import LBFGS
 from fastopt.newton import Newton
@@ -37,47 +38,14 @@ SUMMARY = {}  # method -> row of the table
 SUMMARY_INFO = {}
 
 
-def one_blas_thread():
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(1)
-
-
 def digits_problem():
-    """fun(w) -> (f, g) and hessian(w) -> (n, n) for w = W.ravel(), W (65, 10)."""
+    """fun(w) -> (f, g) and hessian(w) -> (n, n) for w = W.ravel(), W (65, 10): the objective of
+    fastopt.fullbatch (the one ``fastopt compare --model logreg`` minimizes, there on a
+    standardized training split)."""
     from sklearn.datasets import load_digits
     X, y = load_digits(return_X_y=True)
-    X = np.hstack([X / 16.0, np.ones((len(X), 1))])
-    N, D = X.shape
-    K = 10
-    Y = np.eye(K)[y]
-
-    def log_probs(w):
-        Z = X @ w.reshape(D, K)
-        Z = Z - Z.max(1, keepdims=True)
-        return Z - np.log(np.exp(Z).sum(1, keepdims=True))
-
-    def probs(w):
-        return np.exp(log_probs(w))
-
-    def fun(w):
-        log_p = log_probs(w)
-        f = -np.sum(Y * log_p) / N + 0.5 * L2 * (w @ w)
-        return f, (X.T @ (np.exp(log_p) - Y)).ravel() / N + L2 * w
-
-    def hessian(w):
-        # H[(d,k),(e,l)] = 1/N sum_i x_id x_ie (p_ik [k=l] - p_ik p_il) + L2 [(d,k)=(e,l)]
-        P = probs(w)
-        per_class = (X.T[None] * P.T[:, None, :]) @ X            # (K, D, D): sum_i p_ik x_i x_i^T
-        H = np.einsum("kde,kl->dkel", per_class, np.eye(K)).reshape(D * K, D * K)
-        Z = (X[:, :, None] * P[:, None, :]).reshape(N, D * K)    # rows x_i (x) p_i
-        H -= Z.T @ Z
-        H /= N
-        H[np.diag_indices_from(H)] += L2
-        return H
-    return fun, hessian, D * K
+    objective = SoftmaxRegression(X / 16.0, y, 10, L2)
+    return objective.loss_grad, objective.hessian, objective.n
 
 
 class Reached(Exception):

@@ -19,6 +19,7 @@ examples:
   fastopt train --epochs 30 --checkpoint --out runs/long   # saves model + optimizer after every epoch
   fastopt train --epochs 30 --resume --out runs/long       # after an interruption: continues bit for bit
   fastopt compare --optimizers sgd,momentum,nesterov,adagrad,rmsprop,adam --out runs/cmp
+  fastopt compare --optimizers lbfgs,newton,adam,momentum --model logreg --out runs/second   # full batch
   fastopt valley --out runs/valley                 # the lecture notes' narrow-valley picture
   fastopt bench -n 10000000                        # one fused Adam step on 1e7 params, timed and checked
 """
@@ -114,18 +115,20 @@ HYPER_FLAGS = {
 
 
 def _add_training_args(p, compare):
+    from .fullbatch import DEFAULT_ITERATIONS, DEFAULT_L2, FULL_BATCH_LR, MODEL, SECOND_ORDER
     from .train import DEFAULT_LR, MODELS, OPTIMIZER_NAMES, SCHEDULES, Config
 
     d = Config()
+    names = OPTIMIZER_NAMES + SECOND_ORDER
     g = p.add_argument_group("optimizer")
     if compare:
-        g.add_argument("--optimizers", type=_name_list(OPTIMIZER_NAMES, "optimizer"),
+        g.add_argument("--optimizers", type=_name_list(names, "optimizer"),
                        default="sgd,momentum,nesterov,adagrad,rmsprop,adam",
-                       help=f"comma-separated, from {', '.join(OPTIMIZER_NAMES)} (default: %(default)s)")
+                       help=f"comma-separated, from {', '.join(names)} (default: %(default)s)")
         lr_help = "learning rate for EVERY optimizer (default: each its own, see below)"
     else:
-        g.add_argument("--optimizer", "-o", choices=OPTIMIZER_NAMES, default=d.optimizer, metavar="NAME",
-                       help=f"one of {', '.join(OPTIMIZER_NAMES)} (default: %(default)s); momentum = sgd "
+        g.add_argument("--optimizer", "-o", choices=names, default=d.optimizer, metavar="NAME",
+                       help=f"one of {', '.join(names)} (default: %(default)s); momentum = sgd "
                             "with momentum 0.9, nesterov = the same with Nesterov's correction; lars starts from "
                             "momentum 0.9 and weight decay 5e-4. Biases and BatchNorm get neither weight decay, "
                             "L1 nor a layer-wise trust ratio")
@@ -159,8 +162,9 @@ def _add_training_args(p, compare):
                    help="cosine, warmup_cosine: lr at the last step (default: %(default)s)")
 
     r = p.add_argument_group("run")
-    r.add_argument("--model", "-m", choices=MODELS, default=d.model,
-                   help="mlp: one hidden layer; conv: two conv+BatchNorm blocks (default: %(default)s)")
+    r.add_argument("--model", "-m", choices=MODELS + (MODEL,), default=None,
+                   help=f"mlp: one hidden layer; conv: two conv+BatchNorm blocks; {MODEL}: softmax regression, "
+                        f"full batch (see below) (default: {d.model}, or {MODEL} when lbfgs or newton is named)")
     r.add_argument("--batch-size", "-b", type=positive_int, default=d.batch_size, metavar="N",
                    help="examples per step (default: %(default)s)")
     r.add_argument("--epochs", "-e", type=positive_int, default=d.epochs, metavar="N",
@@ -169,7 +173,8 @@ def _add_training_args(p, compare):
                    help="initial weights, batch order and dropout (default: %(default)s)")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
                    help="auto: cuda when CuPy sees a GPU, else cpu (default: %(default)s)")
-    r.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype, help="(default: %(default)s)")
+    r.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                   help=f"(default: {d.dtype}; float64 for --model {MODEL}, whose targets are relative 1e-6)")
     r.add_argument("--kernel-threads", type=positive_int, default=d.kernel_threads, metavar="N",
                    help="CPU threads of fastopt's optimizer kernels while training (default: %(default)s: "
                         "NumPy's BLAS already uses every core, and two thread pools on the same cores slowed "
@@ -190,6 +195,20 @@ def _add_training_args(p, compare):
                             "without --decay-every); keeps checkpointing")
     r.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (it is also off when stderr is not a terminal)")
+
+    f = p.add_argument_group(f"full batch (--model {MODEL})", """\
+f(W) = mean cross-entropy of softmax(x W) + L2/2 |W|^2, x the flattened standardized image
+and a 1 (bias). Every optimizer starts from W = 0 and sees the whole training split each
+iteration; loss.png plots f - f* per iteration, loss_calls.png per closure call, f* from
+scipy's L-BFGS-B. --epochs, --batch-size and --seed do not apply.""")
+    f.add_argument("--l2", type=positive_float, default=None,
+                   help=f"L2 strength, bias included (default: {DEFAULT_L2:g})")
+    f.add_argument("--iterations", type=positive_int, default=None, metavar="N",
+                   help=f"iterations per optimizer (default: {DEFAULT_ITERATIONS}): a first-order method makes "
+                        "one update from one gradient, lbfgs one two-loop direction and strong-Wolfe line search, "
+                        "newton one damped Newton step with the exact Hessian; full-batch lr defaults: "
+                        + ", ".join(f"{k} {v:g}" for k, v in FULL_BATCH_LR.items()) + ", lbfgs 1 (its initial "
+                        "step), the others as above")
 
 
 def build_parser():
@@ -232,9 +251,15 @@ def build_parser():
 
 # -- commands ----------------------------------------------------------------------------------
 def _config(args):
+    from .fullbatch import MODEL, SECOND_ORDER
     from .train import HYPER_FLAG_NAMES, Config
     hyper = {k: getattr(args, k) for k in HYPER_FLAG_NAMES if getattr(args, k, None) is not None}
     fields = {k: getattr(args, k) for k in Config.__dataclass_fields__ if k != "hyper" and hasattr(args, k)}
+    if fields["model"] is None:  # not given: the full-batch model when a second-order method is named
+        named = getattr(args, "optimizers", None) or [args.optimizer]
+        fields["model"] = MODEL if set(named) & set(SECOND_ORDER) else Config.model
+    if fields["dtype"] is None:
+        fields["dtype"] = "float64" if fields["model"] == MODEL else Config.dtype
     return Config(**fields, hyper=hyper)
 
 
@@ -246,11 +271,12 @@ def cmd_train(args):
 
 def cmd_compare(args):
     from .plots import format_table
-    from .train import COMPARE_HEADERS, compare
+    from .train import compare
     metrics = compare(_config(args), args.optimizers)
     print()
-    print(format_table(metrics["table"]["rows"], COMPARE_HEADERS))
-    print(f"\nwrote {args.out}/loss.png, accuracy.png, metrics.json, metrics.csv")
+    print(format_table(metrics["table"]["rows"], metrics["table"]["headers"]))
+    files = metrics.get("files", ["loss.png", "accuracy.png", "metrics.json", "metrics.csv"])
+    print(f"\nwrote {args.out}/{files[0]}, {', '.join(files[1:])}")
     return 0
 
 

@@ -92,6 +92,8 @@ class Config:
     kernel_threads: int = 1       # Numba threads of the optimizer's CPU kernels while training (see fit)
     data: str = None              # None: scikit-learn's digits; else MNIST IDX folder or .npz
     limit: int = None             # use at most this many training and test examples
+    l2: float = None              # model "logreg" (fastopt.fullbatch): L2 strength; None = DEFAULT_L2
+    iterations: int = None        # model "logreg": full-batch iterations; None = DEFAULT_ITERATIONS
     out: str = "runs/train"
     checkpoint: bool = False
     resume: bool = False
@@ -676,7 +678,14 @@ def describe(model):
 
 def train(cfg, log=print):
     """``fastopt train``: one run; writes metrics.json, metrics.csv, loss.png and accuracy.png in
-    ``cfg.out`` (and checkpoints each epoch with ``cfg.checkpoint``). Returns the metrics dict."""
+    ``cfg.out`` (and checkpoints each epoch with ``cfg.checkpoint``). Returns the metrics dict.
+    Model "logreg": the full-batch run of :mod:`fastopt.fullbatch` (lbfgs and newton need it)."""
+    from .fullbatch import full_batch, uses_full_batch
+    if uses_full_batch(cfg, [cfg.optimizer], strict=True):
+        from .plots import format_table
+        metrics = full_batch(cfg, [cfg.optimizer], log, command="train")
+        log(format_table(metrics["table"]["rows"], metrics["table"]["headers"]))
+        return metrics
     device, about = resolve_device(cfg.device)
     log(f"device: {about}")
     dtype = np.dtype(cfg.dtype)
@@ -733,7 +742,11 @@ def compare(cfg, optimizers, log=print):
     """``fastopt compare``: the same model from the same initial weights (``cfg.seed``) and the
     same batches, once per optimizer (each with its DEFAULT_LR unless ``cfg.lr``). Writes
     loss.png, accuracy.png, metrics.json, metrics.csv in ``cfg.out``; returns the metrics
-    dict, whose ``table`` rows go with COMPARE_HEADERS."""
+    dict, whose ``table`` rows go with COMPARE_HEADERS. Model "logreg": the full-batch comparison
+    of :mod:`fastopt.fullbatch`, with its own headers (lbfgs and newton need it)."""
+    from .fullbatch import full_batch, uses_full_batch
+    if uses_full_batch(cfg, optimizers, strict=False):
+        return full_batch(cfg, optimizers, log)
     device, about = resolve_device(cfg.device)
     log(f"device: {about}")
     dtype = np.dtype(cfg.dtype)
