@@ -35,6 +35,7 @@ from . import nn, schedules
 from .checkpoint import atomic_write
 from .data import DataError, array_module, batches, load_digits, load_mnist
 from .optimizers import OPTIMIZERS
+from .plots import plot_accuracy, plot_curves, smooth
 from .preprocessing import Standardize
 
 MODELS = ("mlp", "conv")
@@ -520,51 +521,8 @@ def write_metrics(out, metrics, rows, fields):
     atomic_write(Path(out) / "metrics.csv", write_csv)
 
 
-def smooth(values, window):
-    """Trailing moving average (the first points average what there is so far)."""
-    values = np.asarray(values, dtype=np.float64)
-    window = max(1, min(int(window), len(values)))
-    c = np.cumsum(np.insert(values, 0, 0.0))
-    i = np.arange(1, len(values) + 1)
-    return (c[i] - c[np.maximum(i - window, 0)]) / np.minimum(i, window)
-
-
-ACCURACY_TICKS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
-
-
-def plot_accuracy(out_path, curves, title, n_examples, ylabel="accuracy"):
-    """Accuracy per epoch (``{name: [(epoch, accuracy), ...]}``) on a logit axis, which gives
-    90 -> 99% as much room as 50 -> 90%: the last percent, where the runs differ, stays
-    readable next to the first epochs. 0% and 100% (which the axis cannot show) are drawn at
-    half an example (``0.5 / n_examples``) from them."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
-
-    edge = 0.5 / n_examples
-    fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
-    ax = fig.subplots()
-    for name, points in curves.items():
-        x, y = np.asarray(points, dtype=np.float64).reshape(-1, 2).T
-        ax.plot(x, np.clip(y, edge, 1 - edge), lw=1.5, marker="o", ms=3, label=str(name))
-    ax.set_yscale("logit")
-    # the edges are labelled 0% and 100%; ticks too close to them would overprint those labels
-    ticks = [edge] + [t for t in ACCURACY_TICKS if 2 * edge < t < 1 - 2 * edge] + [1 - edge]
-    names = {edge: "0%", 1 - edge: "100%"}
-    ax.yaxis.set_major_locator(FixedLocator(ticks))
-    ax.yaxis.set_minor_locator(NullLocator())
-    ax.yaxis.set_major_formatter(FuncFormatter(
-        lambda v, _: names.get(v) or f"{100 * v:.2f}".rstrip("0").rstrip(".") + "%"))
-    ax.set(title=title, xlabel="epoch", ylabel=f"{ylabel} (logit scale)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    out_path = Path(out_path)
-    fig.savefig(out_path)
-    return out_path
-
-
 def plot_run(out, history, step_losses, steps_per_epoch, n_test, title):
     """``loss.png`` (per-step loss and its moving average, log scale) and ``accuracy.png``."""
-    from .plots import plot_curves
     window = max(1, steps_per_epoch // 4)
     loss = plot_curves(Path(out) / "loss.png",
                        {"per step": step_losses, f"moving average ({window} steps)": smooth(step_losses, window)},
@@ -777,7 +735,6 @@ def compare(cfg, optimizers, log=print):
                "optimizers": list(optimizers), "runs": runs, "table": {"headers": COMPARE_HEADERS, "rows": table}}
     write_metrics(out, metrics, rows, COMPARE_FIELDS)
     window = max(1, steps_per_epoch // 2)
-    from .plots import plot_curves
     plot_curves(out / "loss.png", {n: smooth(r["step_loss"], window) for n, r in runs.items()},
                 f"{cfg.model} on {data.name}: training loss (moving average over {window} steps)",
                 "cross-entropy (log scale)", xlabel="step", logy=True)
