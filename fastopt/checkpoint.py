@@ -77,8 +77,7 @@ def load(path, optimizer, params=None):
         for k, v in saved.items():
             if k in g and k != "params" and k not in opt.fixed and not (k == "lr" and (callable(g["lr"]) or v is None)):
                 g[k] = tuple(v) if isinstance(v, list) else v
-    if opt.arenas is None:
-        opt._allocate()
+    opt._allocate()  # the loaded options may need other states
     same_layout = meta["offsets"] == [int(o) for o in opt._offsets]
     for name, arena in opt.arenas.items():
         saved = arrays.get(f"state.{name}")

@@ -148,13 +148,16 @@ class Optimizer:
         return layout([a.shape for a in self._params], self._params[0].dtype)
 
     def _allocate(self):
+        """State arenas for what the groups' options need (existing ones are kept), and the
+        launch plans (rebuilt, step counts kept: a loaded state dict may change options)."""
         needed = {s for g in self.param_groups for s in self._states_needed(g)}
         offsets, size = self._layout()
         dtype = self._params[0].dtype
         self._offsets = offsets
-        self.arenas = {}
+        steps = self._steps()
+        self.arenas = self.arenas or {}
         for name in self.rule.STATES:
-            if name in needed:
+            if name in needed and name not in self.arenas:
                 arena = _zeros(self._params[0], size, dtype)
                 # a state with a non-zero start (Adagrad's accumulator) is filled per group
                 for g in self.param_groups:
@@ -164,6 +167,8 @@ class Optimizer:
                             arena[o:o + a.size] = value
                 self.arenas[name] = arena
         self._plans = [self._plan(g) for g in self.param_groups]
+        for plan, t in zip(self._plans, steps):
+            plan.step = t
         if self._buffer is not None:
             align = ALIGN // self._buffer.dtype.itemsize
             runs = _runs([o for o, a in zip(offsets, self._params) if a.size],
@@ -354,8 +359,7 @@ class Optimizer:
             steps.append(group_steps.pop())
         for g, new in zip(self.param_groups, new_groups):
             g.update({k: v for k, v in new.items() if k != "params"})
-        if self._plans is None:
-            self._allocate()
+        self._allocate()
         for (i, name), value in arrays.items():
             if name in self.arenas:
                 o, a = self._offsets[i], self._params[i]

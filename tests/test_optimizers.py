@@ -293,3 +293,18 @@ def test_bad_l1(kw, match):
         fastopt.SGD([np.zeros(3)], lr=0.1, **kw)
     with pytest.raises(ValueError, match=match):
         fastopt.functional.adam_(np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3), step=1, **kw)
+
+
+def test_state_dict_that_turns_an_option_on_gets_its_state():
+    """Loading amsgrad=True into an optimizer that stepped without it allocates max_exp_avg_sq."""
+    init, grads = _data(8, steps=4)
+    a, pa, ba = _build("adam", dict(amsgrad=True), "buffer", init)
+    b, pb, bb = _build("adam", dict(amsgrad=False), "buffer", init)
+    _run(a, pa, ba, grads[:2])
+    _run(b, pb, bb, grads[:1])
+    b.load_state_dict(a.state_dict())
+    bb.arena[...] = ba.arena
+    _run(a, pa, ba, grads[2:])
+    _run(b, pb, bb, grads[2:])
+    np.testing.assert_array_equal(ba.arena, bb.arena)
+    assert "max_exp_avg_sq" in b.arenas and b.steps == 4
