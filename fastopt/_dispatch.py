@@ -37,7 +37,7 @@ class _Array:
             cai = obj.__cuda_array_interface__
             self.device = "cuda"
             self.dtype, self.shape = np.dtype(cai["typestr"]), tuple(cai["shape"])
-            c_strides = tuple(np.empty(self.shape, self.dtype, order="C").strides) if self.shape else ()
+            c_strides = _c_strides(self.shape, self.dtype.itemsize)
             strides = cai.get("strides")
             self.contiguous = strides is None or tuple(strides) == c_strides or _size(self.shape) <= 1
             self.writeable = not cai["data"][1]
@@ -64,6 +64,14 @@ class _Array:
         return ptr, ptr + _size(self.shape) * self.dtype.itemsize
 
 
+def _c_strides(shape, itemsize):
+    strides, step = [], itemsize
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d
+    return tuple(reversed(strides))
+
+
 def _size(shape):
     n = 1
     for d in shape:
@@ -78,11 +86,16 @@ def _is_simulated_device_array(obj):
 
 def as_kernel_array(a):
     """A PyTorch CUDA tensor as a Numba device array over the same memory (its ``size`` is a
-    method, its ``reshape`` a copy-or-view); every other array as it is."""
-    if type(a).__module__.startswith("torch") and hasattr(a, "__cuda_array_interface__"):
+    method, its ``reshape`` a copy-or-view, and a tensor that requires grad raises on
+    ``__cuda_array_interface__``); every other array as it is."""
+    if is_torch(a) and getattr(a, "is_cuda", False):
         from numba import cuda
         return cuda.as_cuda_array(a.detach(), sync=False)
     return a
+
+
+def is_torch(a):
+    return type(a).__module__.startswith("torch")
 
 
 def check_arrays(param, grad, states):

@@ -14,6 +14,7 @@ call: a flat loop over an arena, or a loop over typed lists of tensors with a ch
 one launch per contiguous run of a ParamBuffer, or one per tensor for separate arrays.
 """
 import inspect
+import math
 
 import numpy as np
 
@@ -94,10 +95,10 @@ class Optimizer:
                 if a is b or _dispatch._overlap(checked, _dispatch._Array("", b)):
                     raise ValueError(f"{name} appears more than once among the params (it shares memory "
                                      f"with params[{j}])")
+        self._buffer, self._segments = _resolve_buffer(self._params + arrays)  # raises before any change
         group["params"] = arrays
         self._params += arrays
         self.param_groups.append(group)
-        self._resolve_buffer()
 
     def _check_hyper(self, group, where):
         lr = group["lr"]
@@ -106,15 +107,6 @@ class Optimizer:
             self.rule.check(**{**group, "lr": value})
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-
-    def _resolve_buffer(self):
-        owners = [find_segment(a) if a.size else () for a in self._params]  # () : empty, fits anywhere
-        found = [o for o in owners if o]
-        if len({id(o[0]) for o in found}) > 1 or (found and None in owners):
-            raise ValueError("params mix views of a ParamBuffer with other arrays (or views of several "
-                             "buffers): pass the views of one ParamBuffer, or separate arrays only")
-        self._buffer = found[0][0] if found else None
-        self._segments = [o[1] if o else None for o in owners]
 
     # -- learning rate ------------------------------------------------------------------
     @property
@@ -158,14 +150,7 @@ class Optimizer:
         self.arenas = self.arenas or {}
         for name in self.rule.STATES:
             if name in needed and name not in self.arenas:
-                arena = _zeros(self._params[0], size, dtype)
-                # a state with a non-zero start (Adagrad's accumulator) is filled per group
-                for g in self.param_groups:
-                    value = g.get(self.initial.get(name), 0)
-                    if value:
-                        for a, o in zip(g["params"], self._offsets_of(g)):
-                            arena[o:o + a.size] = value
-                self.arenas[name] = arena
+                self.arenas[name] = self._start_value(name, _zeros(self._params[0], size, dtype))
         self._plans = [self._plan(g) for g in self.param_groups]
         for plan, t in zip(self._plans, steps):
             plan.step = t
@@ -175,8 +160,19 @@ class Optimizer:
                          [a.size for a in self._params if a.size], align)
             self._norm_plan = NormPlan([self._buffer.grad_arena[lo:hi] for lo, hi in runs])
 
+    def _start_value(self, name, arena):
+        """Fill ``arena`` (already zero) with the state's start: Adagrad's accumulator starts
+        at its group's ``initial_accumulator_value``, every other state at zero."""
+        for g in self.param_groups:
+            value = g.get(self.initial.get(name), 0)
+            if value:
+                for a, o in zip(g["params"], self._offsets_of(g)):
+                    arena[o:o + a.size] = value
+        return arena
+
     def _offsets_of(self, group):
-        first = sum(len(g["params"]) for g in self.param_groups[:self.param_groups.index(group)])
+        k = next(k for k, g in enumerate(self.param_groups) if g is group)  # == would compare arrays
+        first = sum(len(g["params"]) for g in self.param_groups[:k])
         return self._offsets[first:first + len(group["params"])]
 
     def state_views(self, i):
@@ -243,18 +239,20 @@ class Optimizer:
                 return
             if self.max_grad_norm is not None:
                 scale = clip_coefficient(total, self.max_grad_norm)  # applied inside the update kernel
-        self.last_step_skipped = False
         dtype = self._params[0].dtype
-        for plan in self._plans:
+        work = []  # every group's scalars first: a bad schedule value must not leave groups half-stepped
+        for k, plan in enumerate(self._plans):
             group = plan.group
-            t = plan.step + 1
             lr = _lr_at(group["lr"], plan.step)
-            if not lr >= 0:
-                raise ValueError(f"the learning rate schedule gave {lr} at step {plan.step}")
-            scalars = _dispatch.cast_scalars(
-                self.rule.scalars(step=t, lr=lr, **{k: group[k] for k in self._scalar_keys}), dtype, scale)
+            if not 0 <= lr < math.inf:
+                raise ValueError(f"param group {k}: the learning rate is {lr} at step {plan.step}")
+            work.append(_dispatch.cast_scalars(
+                self.rule.scalars(step=plan.step + 1, lr=lr, **{k: group[k] for k in self._scalar_keys}), dtype,
+                scale))
+        self.last_step_skipped = False
+        for plan, scalars in zip(self._plans, work):
             self.launches += plan.run(scalars, grads)
-            plan.step = t
+            plan.step += 1
 
     def _check_grads(self, grads):
         if grads is None:
@@ -360,6 +358,8 @@ class Optimizer:
         for g, new in zip(self.param_groups, new_groups):
             g.update({k: v for k, v in new.items() if k != "params"})
         self._allocate()
+        for name, arena in self.arenas.items():  # a param with no entry starts afresh
+            self._start_value(name, _zero(arena))
         for (i, name), value in arrays.items():
             if name in self.arenas:
                 o, a = self._offsets[i], self._params[i]
@@ -450,6 +450,17 @@ class _GradLists:
         return self._typed[id(group)]
 
 
+def _resolve_buffer(params):
+    """``(buffer, segment index of each param)`` when the params are views of one live
+    ParamBuffer, ``(None, ...)`` when none is; a mix is an error."""
+    owners = [find_segment(a) if a.size else () for a in params]  # () : empty, fits anywhere
+    found = [o for o in owners if o]
+    if len({id(o[0]) for o in found}) > 1 or (found and None in owners):
+        raise ValueError("params mix views of a ParamBuffer with other arrays (or views of several "
+                         "buffers): pass the views of one ParamBuffer, or separate arrays only")
+    return (found[0][0] if found else None), [o[1] if o else None for o in owners]
+
+
 def _runs(offsets, sizes, align):
     """Merge segments that follow each other in the arena (the padding between them is
     zeros, which every rule keeps at zero) into ``(start, stop)`` runs."""
@@ -467,7 +478,9 @@ def _lr_at(lr, t):
 
 
 def _is_array(x):
-    return isinstance(x, np.ndarray) or hasattr(x, "__cuda_array_interface__") or hasattr(x, "copy_to_host")
+    if isinstance(x, np.ndarray) or _dispatch.is_torch(x):  # a torch tensor that requires grad raises on
+        return hasattr(x, "shape")                           # __cuda_array_interface__: do not ask it
+    return hasattr(x, "__cuda_array_interface__") or hasattr(x, "copy_to_host")
 
 
 def _zeros(like, n, dtype):
@@ -479,6 +492,14 @@ def _zeros(like, n, dtype):
         return arena
     from numba import cuda  # torch CUDA tensors, Numba device arrays (and the simulator's)
     return cuda.to_device(np.zeros(n, dtype))
+
+
+def _zero(arena):
+    if hasattr(arena, "fill"):  # NumPy, CuPy
+        arena.fill(0)
+    else:                       # Numba device arrays
+        arena.copy_to_device(np.zeros(arena.shape, arena.dtype))
+    return arena
 
 
 def _to_host(a):

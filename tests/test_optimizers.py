@@ -1,5 +1,7 @@
 """Whole-model optimizers against the rules' NumPy references, in every form params take:
 a ParamBuffer (one flat pass), a ParamBuffer split into param groups, separate arrays."""
+import math
+
 import numpy as np
 import pytest
 
@@ -308,3 +310,44 @@ def test_state_dict_that_turns_an_option_on_gets_its_state():
     _run(b, pb, bb, grads[2:])
     np.testing.assert_array_equal(ba.arena, bb.arena)
     assert "max_exp_avg_sq" in b.arenas and b.steps == 4
+
+
+def test_loading_a_fresh_state_dict_resets_the_state():
+    init, grads = _data(9, steps=3)
+    stepped, ps, bs = _build("adam", {}, "buffer", init)
+    _run(stepped, ps, bs, grads[:2])
+    fresh, pf, bf = _build("adam", {}, "buffer", [p.copy() for p in ps])
+    stepped.load_state_dict(fresh.state_dict())
+    _run(stepped, ps, bs, grads[2:])
+    _run(fresh, pf, bf, grads[2:])
+    np.testing.assert_array_equal(bs.arena, bf.arena)
+    assert stepped.steps == fresh.steps == 1
+
+
+def test_groups_with_equal_hyperparameters_keep_their_own_state():
+    a, b = np.array([1.0]), np.array([1.0])
+    opt = fastopt.SGD([{"params": [a]}, {"params": [b]}], lr=0.1, momentum=0.9)
+    for _ in range(3):
+        opt.step([np.array([1.0]), np.array([-1.0])])
+    np.testing.assert_allclose(a, 2.0 - b)  # mirror images: no shared momentum
+
+
+def test_a_bad_schedule_in_one_group_leaves_every_group_untouched():
+    a, b = np.ones(3), np.ones(3)
+    opt = fastopt.SGD([{"params": [a]}, {"params": [b], "lr": lambda t: 0.1 if t == 0 else math.inf}], lr=0.1)
+    opt.step([np.ones(3), np.ones(3)])
+    before = a.copy(), b.copy()
+    with pytest.raises(ValueError, match="param group 1"):
+        opt.step([np.ones(3), np.ones(3)])
+    np.testing.assert_array_equal(a, before[0])
+    np.testing.assert_array_equal(b, before[1])
+    assert [p.step for p in opt._plans] == [1, 1]
+
+
+def test_a_rejected_param_group_changes_nothing():
+    buf = fastopt.ParamBuffer([np.ones(3)])
+    opt = fastopt.SGD(buf, lr=0.1)
+    with pytest.raises(ValueError, match="mix"):
+        opt.add_param_group({"params": [np.ones(2)]})
+    assert len(opt.param_groups) == 1 and len(opt._params) == 1
+    opt.step()
