@@ -12,7 +12,8 @@ import tempfile
 import numpy as np
 
 from .buffer import ParamBuffer
-from .optimizer import _copy_in, _to_host
+from . import _dispatch
+from .optimizer import _copy_in, _to_host, _zero
 
 FORMAT = "fastopt-checkpoint-1"
 
@@ -29,6 +30,7 @@ def save(path, optimizer, params=None):
         "steps": opt._steps(), "groups": [_group_meta(g) for g in opt.param_groups],
     }
     arrays = {f"state.{name}": _to_host(arena) for name, arena in opt.arenas.items()}
+    params = _as_kernel_arrays(params)
     if params is not None:
         meta["params"] = _params_meta(params)
         if isinstance(params, ParamBuffer):
@@ -70,20 +72,28 @@ def load(path, optimizer, params=None):
     meta = json.loads(str(arrays.pop("meta")))
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} has format {meta.get('format')!r}; this fastopt reads {FORMAT!r}")
+    params = _as_kernel_arrays(params)
     problems = _differences(meta, opt, params, arrays)
     if problems:
         raise ValueError(f"{path} does not match: " + "; ".join(problems))
-    for g, saved in zip(opt.param_groups, meta["groups"]):
-        for k, v in saved.items():
-            if k in g and k != "params" and k not in opt.fixed and not (k == "lr" and (callable(g["lr"]) or v is None)):
-                g[k] = tuple(v) if isinstance(v, list) else v
+    merged = []
+    for k, (g, saved) in enumerate(zip(opt.param_groups, meta["groups"])):
+        new = dict(g)
+        for key, v in saved.items():
+            if key in g and key != "params" and key not in opt.fixed and not (
+                    key == "lr" and (callable(g["lr"]) or v is None)):
+                new[key] = tuple(v) if isinstance(v, list) else v
+        opt._check_hyper(new, f"{path}: param group {k}")
+        merged.append(new)
+    for g, new in zip(opt.param_groups, merged):
+        g.update(new)
     opt._allocate()  # the loaded options may need other states
     same_layout = meta["offsets"] == [int(o) for o in opt._offsets]
     for name, arena in opt.arenas.items():
         saved = arrays.get(f"state.{name}")
-        if saved is None:
-            continue  # a state the saved run's options did not use
-        if same_layout and saved.size == arena.size:
+        if saved is None:  # a state the saved run's options did not use: it starts afresh
+            opt._start_value(name, _zero(arena))
+        elif same_layout and saved.size == arena.size:
             _copy_in(arena, 0, saved)
         else:
             for o_saved, o, a in zip(meta["offsets"], opt._offsets, opt._params):
@@ -96,6 +106,12 @@ def load(path, optimizer, params=None):
         else:
             for i, a in enumerate(params):
                 _copy_in(a.reshape(a.size), 0, arrays[f"params.{i}"].reshape(-1))
+
+
+def _as_kernel_arrays(params):
+    if params is None or isinstance(params, ParamBuffer):
+        return params
+    return [_dispatch.as_kernel_array(a) for a in params]
 
 
 def _group_meta(group):
@@ -135,6 +151,15 @@ def _differences(meta, opt, params, arrays):
     saved_counts = [g["params"] for g in meta["groups"]]
     if counts != saved_counts:
         problems.append(f"params per group are {counts} here but {saved_counts} in the checkpoint")
+    end = max([o + int(np.prod(sh)) for o, sh in zip(meta["offsets"], meta["shapes"])] + [0])
+    for key, a in arrays.items():
+        if key.startswith("state.") and (a.dtype.name != meta["dtype"] or a.ndim != 1 or a.size < end):
+            problems.append(f"{key} is {a.dtype.name}{list(a.shape)}, not a {meta['dtype']} arena of "
+                            f">= {end} elements")
+    steps = meta.get("steps")
+    if not (isinstance(steps, list) and len(steps) == len(meta["groups"])
+            and all(isinstance(t, int) and t >= 0 for t in steps)):
+        problems.append(f"the step counts {steps!r} are not one non-negative integer per group")
     if params is not None:
         saved = meta.get("params")
         if saved is None:
@@ -144,6 +169,10 @@ def _differences(meta, opt, params, arrays):
             for key in ("kind", "shapes", "dtype", "size"):
                 if here.get(key) != saved.get(key):
                     problems.append(f"params {key} is {here.get(key)} here but {saved.get(key)} in the checkpoint")
+            sizes = ({"params.arena": params.arena.size} if isinstance(params, ParamBuffer)
+                     else {f"params.{i}": int(np.prod(a.shape)) for i, a in enumerate(params)})
+            problems += [f"{key} is missing or holds {arrays[key].size if key in arrays else 0} values, not {n}"
+                         for key, n in sizes.items() if key not in arrays or arrays[key].size != n]
     return problems
 
 

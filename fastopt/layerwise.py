@@ -25,7 +25,7 @@ from . import _dispatch
 from .buffer import ALIGN
 from .clip import NormPlan
 from .kernels import lamb, lars
-from .optimizer import Optimizer, _runs
+from .optimizer import Optimizer, _is_array, _runs
 
 CHUNK = 1 << 15       # elements per piece on the CPU: enough work per thread, few partial sums
 CUDA_CHUNK = 1 << 12  # per block on CUDA: 32 per thread; a 1e7-param model gives ~2.5k blocks
@@ -166,7 +166,7 @@ def check_lists(params, grads, states):
     ``states[name][i]`` (None: unused) share device, dtype and shape, are contiguous,
     writeable (except grads) and do not overlap. Errors name the argument."""
     def as_list(x):
-        return [x] if _is_array(x) else list(x)
+        return [_dispatch.as_kernel_array(a) for a in ([x] if _is_array(x) else list(x))]
     lists = {"params": as_list(params), "grads": as_list(grads)}
     lists.update({k: None if v is None else as_list(v) for k, v in states.items()})
     n = len(lists["params"])
@@ -200,10 +200,6 @@ def check_lists(params, grads, states):
                     raise ValueError(f"{b.name} and {a.name} share memory")
             checked.append(a)
     return lists["params"], lists["grads"], {k: lists[k] for k in states}
-
-
-def _is_array(x):
-    return isinstance(x, np.ndarray) or hasattr(x, "__cuda_array_interface__") or hasattr(x, "copy_to_host")
 
 
 class _GroupPlan:

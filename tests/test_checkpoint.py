@@ -195,3 +195,35 @@ def test_torch_state_dict_crosses_over(rule, direction):
         np.testing.assert_allclose(a, p.detach().numpy(), rtol=1e-9, atol=1e-12)
     # torch's SGD keeps no step count: fastopt can only tell "stepped" (1) from "fresh" (0)
     assert fopt.steps == (1 + 3 if (rule, direction) == ("sgd", "torch_to_fastopt") else 6)
+
+
+def _tampered(tmp_path, edit):
+    """A valid checkpoint whose meta or arrays ``edit`` changes; the loader must refuse it."""
+    import json
+    opt, buf = _model("adam", {}, np.float32)
+    _step(opt, buf, _grads(7, 1, np.float32)[0])
+    path = tmp_path / "ckpt.npz"
+    fastopt.save(path, opt, buf)
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays["meta"]))
+    edit(meta, arrays)
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m, a: m["groups"][0].__setitem__("lr", -1.0), "learning rate"),
+    (lambda m, a: a.__setitem__("state.exp_avg", a["state.exp_avg"][:10]), "state.exp_avg"),
+    (lambda m, a: m.__setitem__("steps", [1]), "step counts"),
+    (lambda m, a: a.pop("params.arena"), "params.arena is missing"),
+], ids=["hyper", "short-arena", "steps", "no-params"])
+def test_load_refuses_a_tampered_checkpoint_before_writing(tmp_path, edit, match):
+    path = _tampered(tmp_path, edit)
+    opt, buf = _model("adam", {}, np.float32)
+    before = buf.arena.copy()
+    with pytest.raises(ValueError, match=match):
+        fastopt.load(path, opt, buf)
+    np.testing.assert_array_equal(buf.arena, before)
+    assert opt.steps == 0 and opt.param_groups[0]["lr"] == 1e-3
