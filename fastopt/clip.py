@@ -16,7 +16,8 @@ from .kernels._loops import Kernels
 
 class NormPlan:
     """A reusable reduction over fixed arrays (flattened views): the chunk table, the
-    typed list (CPU) and the output slots are built once."""
+    typed list (CPU) or the per-tensor row tables (CUDA), and the output slots are built
+    once, so a per-step guard allocates nothing."""
 
     def __init__(self, arrays):
         self.arrays = [a.reshape(a.size) if hasattr(a, "reshape") else a for a in arrays]
@@ -29,54 +30,61 @@ class NormPlan:
             self.typed = List(self.arrays) if self.arrays else None
             self.totals, self.checks = np.zeros(n), np.zeros(n)
             self.kernel = _reduce.cpu(parallel=sum(self.sizes) >= _dispatch.PARALLEL_THRESHOLD)
+        elif n:
+            self._cuda = _CudaReduction(self.arrays, self.chunks)
 
-    def partials(self, norm_type=2.0):
-        """Per-chunk (totals, checks) as float64 host arrays, and the mode."""
+    def _run(self, norm_type):
+        """(combined total, combined check, per-chunk totals, per-chunk checks, mode)."""
         mode = _reduce.mode_of(norm_type)
+        p = float(norm_type) if mode == _reduce.POWER else 2.0
         if not self.chunks.shape[0]:
-            return np.zeros(0), np.zeros(0), mode
+            return 0.0, 0.0, np.zeros(0), np.zeros(0), mode
         if self.cpu:
-            self.kernel(self.typed, self.chunks, mode, float(norm_type) if mode == _reduce.POWER else 2.0,
-                        self.totals, self.checks)
-            return self.totals, self.checks, mode
-        return (*_cuda_partials(self.arrays, self.chunks, mode, norm_type), mode)
+            total, check = self.kernel(self.typed, self.chunks, mode, p, self.totals, self.checks)
+            return total, check, self.totals, self.checks, mode
+        totals, checks = self._cuda.partials(mode, p)
+        return (*_reduce.combine(totals, checks, mode), totals, checks, mode)
 
     def norm(self, norm_type=2.0):
-        """``(total norm, all finite)``."""
-        if self.cpu and norm_type == 2.0 and self.chunks.shape[0]:  # the per-step guard: one compiled call
-            total, check = self.kernel(self.typed, self.chunks, _reduce.SQUARES, 2.0, self.totals, self.checks)
-            return _reduce.finish(total, check, _reduce.SQUARES, 2.0)
-        totals, checks, mode = self.partials(norm_type)
-        return _reduce.combine(totals, checks, mode, float(norm_type))
+        """``(total norm, all finite)``: one pass, one compiled call on the CPU."""
+        total, check, _, _, mode = self._run(norm_type)
+        return _reduce.finish(total, check, mode, float(norm_type))
 
     def segment_norms(self, norm_type=2.0):
         """The norm of each array, and whether all were finite."""
-        totals, checks, mode = self.partials(norm_type)
+        _, check, totals, _, mode = self._run(norm_type)
         sums = _reduce.segment_sums(totals, self.chunks, len(self.arrays), mode)
-        finite = bool(np.isfinite(np.sum(checks)))
+        finite = check == check
         if mode == _reduce.SQUARES:
             return np.sqrt(sums), finite
         return (sums if mode == _reduce.MAX else sums ** (1.0 / float(norm_type))), finite
 
 
-def _cuda_partials(arrays, chunks, mode, norm_type):
-    from numba import config, cuda
-    dtype = np.dtype(_dispatch._Array("grads[0]", arrays[0]).dtype)
-    kernel = _reduce.cuda_kernel(dtype)
-    totals = cuda.device_array(chunks.shape[0], dtype)
-    checks = cuda.device_array(chunks.shape[0], dtype)
-    p, zero = dtype.type(norm_type if mode == _reduce.POWER else 2.0), dtype.type(0)
-    for t, a in enumerate(arrays):
-        rows = np.nonzero(chunks[:, 0] == t)[0]
-        if not rows.size:
-            continue
-        x = a if config.ENABLE_CUDASIM else cuda.as_cuda_array(a, sync=False)
-        starts = cuda.to_device(np.ascontiguousarray(chunks[rows, 1]))
-        stops = cuda.to_device(np.ascontiguousarray(chunks[rows, 2]))
-        lo, hi = int(rows[0]), int(rows[-1]) + 1  # a tensor's chunks are consecutive rows
-        blocks = min(rows.size, 1024)
-        kernel[blocks, _reduce.THREADS](x, starts, stops, mode, p, zero, totals[lo:hi], checks[lo:hi])
-    return totals.copy_to_host().astype(np.float64), checks.copy_to_host().astype(np.float64)
+class _CudaReduction:
+    """The CUDA side of a NormPlan: per tensor, its chunks' (start, stop) rows on the device
+    and its slots in the device outputs; one block-reduction launch per tensor."""
+
+    def __init__(self, arrays, chunks):
+        from numba import config, cuda
+        self.dtype = np.dtype(_dispatch._Array("grads[0]", arrays[0]).dtype)
+        self.kernel = _reduce.cuda_kernel(self.dtype)
+        self.totals = cuda.device_array(chunks.shape[0], self.dtype)
+        self.checks = cuda.device_array(chunks.shape[0], self.dtype)
+        self.launches = []
+        for t, a in enumerate(arrays):
+            rows = np.nonzero(chunks[:, 0] == t)[0]
+            if rows.size:
+                lo, hi = int(rows[0]), int(rows[-1]) + 1  # a tensor's chunks are consecutive rows
+                x = a if config.ENABLE_CUDASIM else cuda.as_cuda_array(a, sync=False)
+                self.launches.append((x, cuda.to_device(np.ascontiguousarray(chunks[lo:hi, 1])),
+                                      cuda.to_device(np.ascontiguousarray(chunks[lo:hi, 2])), lo, hi))
+
+    def partials(self, mode, p):
+        p, zero = self.dtype.type(p), self.dtype.type(0)
+        for x, starts, stops, lo, hi in self.launches:
+            self.kernel[min(hi - lo, 1024), _reduce.THREADS](x, starts, stops, mode, p, zero,
+                                                            self.totals[lo:hi], self.checks[lo:hi])
+        return self.totals.copy_to_host().astype(np.float64), self.checks.copy_to_host().astype(np.float64)
 
 
 def _grad_arrays(grads, name="grads"):

@@ -73,12 +73,12 @@ def _make_cpu(parallel):
         for k in prange(chunks.shape[0]):
             t, lo, hi = chunks[k, 0], chunks[k, 1], chunks[k, 2]
             totals[k], checks[k] = _chunk(arrays[t][lo:hi], mode, p)
-        return _combine(totals, checks, mode)
+        return combine(totals, checks, mode)
     return njit(parallel=parallel, **_CPU_OPTIONS)(reduce_chunks)
 
 
 @njit(**_CPU_OPTIONS)
-def _combine(totals, checks, mode):
+def combine(totals, checks, mode):
     # in chunk order, inside the compiled call: no NumPy round trip for a small model
     total, check = 0.0, 0.0
     for k in range(totals.size):
@@ -112,12 +112,6 @@ def mode_of(norm_type):
     if not norm_type > 0:
         raise ValueError(f"norm_type must be > 0 (or inf), got {norm_type}")
     return POWER
-
-
-def combine(totals, checks, mode, norm_type):
-    """The norm from the chunk partials (added in chunk order), and whether all were finite."""
-    total, check = _combine(np.asarray(totals, np.float64), np.asarray(checks, np.float64), mode)
-    return finish(total, check, mode, norm_type)
 
 
 def finish(total, check, mode, norm_type):
