@@ -70,6 +70,8 @@ class _CudaReduction:
         self.kernel = _reduce.cuda_kernel(self.dtype)
         self.totals = cuda.device_array(chunks.shape[0], self.dtype)
         self.checks = cuda.device_array(chunks.shape[0], self.dtype)
+        # on the stream the arrays' producer names (CUDA array interface v3), as the updates are
+        self.stream = 0 if config.ENABLE_CUDASIM else _dispatch._stream_of(arrays[0], cuda)
         self.launches = []
         for t, a in enumerate(arrays):
             rows = np.nonzero(chunks[:, 0] == t)[0]
@@ -82,9 +84,13 @@ class _CudaReduction:
     def partials(self, mode, p):
         p, zero = self.dtype.type(p), self.dtype.type(0)
         for x, starts, stops, lo, hi in self.launches:
-            self.kernel[min(hi - lo, 1024), _reduce.THREADS](x, starts, stops, mode, p, zero,
-                                                            self.totals[lo:hi], self.checks[lo:hi])
-        return self.totals.copy_to_host().astype(np.float64), self.checks.copy_to_host().astype(np.float64)
+            self.kernel[min(hi - lo, 1024), _reduce.THREADS, self.stream](x, starts, stops, mode, p, zero,
+                                                                         self.totals[lo:hi], self.checks[lo:hi])
+        totals = self.totals.copy_to_host(stream=self.stream)
+        checks = self.checks.copy_to_host(stream=self.stream)
+        if hasattr(self.stream, "synchronize"):  # not the simulator's 0
+            self.stream.synchronize()
+        return totals.astype(np.float64), checks.astype(np.float64)
 
 
 def _grad_arrays(grads, name="grads"):

@@ -21,6 +21,7 @@ import numpy as np
 from . import _dispatch
 from .buffer import ALIGN, ParamBuffer, _aligned_empty, find_segment, layout
 from .clip import NormPlan, clip_coefficient
+from .kernels._reduce import chunk_table
 
 CHUNK = 1 << 15  # elements per work item of the list kernel: big tensors are shared by threads
 NONFINITE = ("skip", "raise", "propagate")
@@ -386,8 +387,7 @@ class _Plan:
         from numba.typed import List
         self.lists = [List(params), None if grads is None else List(grads)]
         self.lists += [None if s is None else List(v) for s, v in zip(slots, state_views or [()] * 3)]
-        rows = [(t, lo, min(lo + CHUNK, a.size)) for t, a in enumerate(params) for lo in range(0, a.size, CHUNK)]
-        self.chunks = np.array(rows or np.zeros((0, 3)), np.int64).reshape(-1, 3)
+        self.chunks = chunk_table([a.size for a in params], CHUNK)
         self.kernel = self.kernels.cpu_multi(self.parallel)
 
     def run(self, scalars, grads):
