@@ -8,6 +8,7 @@ import math
 import sys
 import time
 
+from .checkpoint import atomic_write
 from .data import DataError
 
 EXAMPLES = """\
@@ -291,8 +292,8 @@ def cmd_valley(args):
     print(format_table(rows, TABLE_HEADERS))
     records = [dict(zip(("problem", "optimizer", "final_loss", "distance_to_minimum"), r)) for r in rows]
     from .train import _json_safe
-    (Path(args.out) / "metrics.json").write_text(json.dumps(_json_safe({"command": "valley", "rows": records}),
-                                                            indent=1))
+    text = json.dumps(_json_safe({"command": "valley", "rows": records}), indent=1)
+    atomic_write(Path(args.out) / "metrics.json", lambda f: f.write(text.encode()))
     print(f"\nwrote {path} and metrics.json in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -15,8 +15,11 @@ Bad files raise :class:`DataError` (a ValueError) with one line naming the file.
 """
 import gzip
 import os
+import zipfile
 
 import numpy as np
+
+from .nn._array import array_module
 
 # IDX type code -> big-endian dtype of the data (http://yann.lecun.com/exdb/mnist/)
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -101,10 +104,23 @@ def _images(x, source, dtype, flatten):
 
 
 def _labels(y, source, count):
+    """Class labels as int64; a class index must be an integer >= 0 (a negative one would
+    index the logits from the end, and text or floats are no class index)."""
     if y.ndim != 1 or len(y) != count:
         raise DataError(f"{source}: label/image count mismatch "
                         f"({len(y) if y.ndim else 0} labels of shape {y.shape} for {count} images)")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{source}: labels must be integer class indices, got dtype {y.dtype}")
+    if y.size and y.min() < 0:
+        raise DataError(f"{source}: labels must be >= 0, got {y.min()}")
     return y.astype(np.int64)
+
+
+def _npz_array(npz, key, path):
+    try:
+        return npz[key]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # ValueError: an object (pickled) array
+        raise DataError(f"{path}[{key}]: unreadable array ({e})") from None
 
 
 def _mnist_file(directory, name):
@@ -147,8 +163,8 @@ def load_mnist(path, dtype=np.float32, flatten=False):
         out = []
         for split in ("train", "test"):
             source = f"{path}[x_{split}]"
-            x = _images(npz[f"x_{split}"], source, dtype, flatten)
-            out += [x, _labels(npz[f"y_{split}"], f"{path}[y_{split}]", len(x))]
+            x = _images(_npz_array(npz, f"x_{split}", path), source, dtype, flatten)
+            out += [x, _labels(_npz_array(npz, f"y_{split}", path), f"{path}[y_{split}]", len(x))]
     return tuple(out)
 
 
@@ -181,15 +197,6 @@ def load_digits(test_fraction=0.2, seed=0, dtype=np.float32, flatten=False):
     y = digits.target.astype(np.int64)
     train, test = stratified_split(y, test_fraction, np.random.default_rng(seed))
     return x[train], y[train], x[test], y[test]
-
-
-def array_module(x):
-    """CuPy for CuPy arrays, NumPy otherwise (also when CuPy is not installed)."""
-    try:
-        import cupy
-    except ImportError:
-        return np
-    return cupy.get_array_module(x)
 
 
 def batches(x, y, batch_size, rng=None, drop_last=False):

@@ -147,20 +147,28 @@ def check_layer(layer, x, *, seed=0, eps=1e-6, rtol=1e-5, atol=1e-7, params=True
     (seeded), so dL/dout = r and every output element matters. Checks dL/dx and, with
     ``params``, dL/d(every parameter in ``layer.params``), which ``backward`` wrote into
     ``layer.grads``. ``layer.reseed(seed)`` runs before every forward, so a Dropout mask is
-    the same in each evaluation. Returns the :class:`GradcheckReport` (or raises).
+    the same in each evaluation. Returns the :class:`GradcheckReport` (or raises). The
+    layer's buffers (BatchNorm's running statistics, which each training-mode forward
+    updates) are put back as they were.
     """
     xp = array_module(x)
     x = xp.array(x, dtype=x.dtype, copy=True)  # perturbed in place below; keep the caller's
-    layer.reseed(seed)
-    out = layer.forward(x)
-    r = xp.asarray(np.random.default_rng(seed).standard_normal(out.shape), dtype=out.dtype)
-    dx = layer.backward(r)
-    named = list(layer.params.items()) if params else []
-    analytic = [dx] + [layer.grads[name].copy() for name, _ in named]
-
-    def projected(*_):
+    saved = {name: b.copy() for name, b in layer.buffers().items()}
+    try:
         layer.reseed(seed)
-        return (layer.forward(x) * r).sum()
+        out = layer.forward(x)
+        r = xp.asarray(np.random.default_rng(seed).standard_normal(out.shape), dtype=out.dtype)
+        dx = layer.backward(r)
+        named = list(layer.params.items()) if params else []
+        analytic = [dx] + [layer.grads[name].copy() for name, _ in named]
 
-    return gradcheck(projected, [x] + [p for _, p in named], analytic, eps=eps, rtol=rtol, atol=atol,
-                     names=["x"] + [name for name, _ in named], raise_on_fail=raise_on_fail)
+        def projected(*_):
+            layer.reseed(seed)
+            return (layer.forward(x) * r).sum()
+
+        return gradcheck(projected, [x] + [p for _, p in named], analytic, eps=eps, rtol=rtol, atol=atol,
+                         names=["x"] + [name for name, _ in named], raise_on_fail=raise_on_fail)
+    finally:
+        live = layer.buffers()
+        for name, b in saved.items():
+            live[name][...] = b

@@ -25,18 +25,9 @@ from numba import njit, prange
 
 from ._dispatch import PARALLEL_THRESHOLD
 from .buffer import ParamBuffer
-
-try:
-    import cupy
-except ImportError:  # CPU-only install
-    cupy = None
+from .nn._array import array_module, cupy  # cupy: None on a CPU-only install
 
 _CUPY_AXPY = None
-
-
-def array_module(x):
-    """numpy or cupy, whichever ``x`` belongs to."""
-    return cupy.get_array_module(x) if cupy is not None else np
 
 
 @njit(cache=True, nogil=True)

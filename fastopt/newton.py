@@ -23,7 +23,8 @@ import math
 
 import numpy as np
 
-from .lbfgs import FlatParams, _nonneg, _positive_int, array_module
+from .lbfgs import FlatParams, _nonneg, _positive_int
+from .nn._array import array_module
 
 CURVATURES = ("hessian", "gauss_newton")
 
@@ -67,12 +68,9 @@ def gauss_newton_matrix(J, loss_hessian=1.0):
 
 def _triangular_solver(xp):
     if xp is np:
-        try:
-            from scipy.linalg import solve_triangular
-            return solve_triangular
-        except ImportError:
-            return lambda a, b, trans=0, lower=False: np.linalg.solve(a.T if trans else a, b)
-    from cupyx.scipy.linalg import solve_triangular
+        from scipy.linalg import solve_triangular
+    else:
+        from cupyx.scipy.linalg import solve_triangular
     return solve_triangular
 
 
@@ -175,11 +173,13 @@ class Newton:
         if float(xp.abs(g).max()) <= self.tolerance_grad:
             return loss
         C = self.curvature_matrix(x.copy())
-        eye = xp.eye(params.n, dtype=C.dtype)
+        diagonal = xp.arange(params.n)
         self.n_iter += 1
         self.last_step_accepted = False
         for _ in range(self.max_tries):
-            d = cholesky_solve(C + self.damping * eye, -g)
+            A = C.copy()
+            A[diagonal, diagonal] += self.damping
+            d = cholesky_solve(A, -g)
             if d is None:  # not positive definite: more damping, if allowed
                 if not self.adapt:
                     raise np.linalg.LinAlgError(

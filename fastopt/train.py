@@ -9,7 +9,8 @@ and are fetched once per epoch; the progress bar fetches them only when it redra
 Reproducibility: the initial weights are a function of ``seed``; the order of the batches
 in epoch ``e`` and the Dropout masks are functions of ``(seed, e)``. So a run resumed from
 the checkpoint of epoch ``e`` (optimizer state and step, parameters, BatchNorm statistics)
-replays epochs ``e+1, ...`` bit for bit.
+replays epochs ``e+1, ...`` bit for bit, on the device it was saved on. A resume on the other
+device is allowed and continues the run, but not bit for bit (other kernels, other rounding).
 
     cfg = Config(model="mlp", optimizer="sgd", lr=0.1, hyper={"momentum": 0.9}, epochs=20)
     metrics = train(cfg)      # writes cfg.out/metrics.json, metrics.csv, loss.png, accuracy.png
@@ -33,7 +34,8 @@ import fastopt
 
 from . import nn, schedules
 from .checkpoint import atomic_write
-from .data import DataError, array_module, batches, load_digits, load_mnist
+from .data import DataError, batches, load_digits, load_mnist
+from .nn._array import array_module, to_numpy
 from .optimizers import OPTIMIZERS
 from .plots import plot_accuracy, plot_curves, smooth
 from .preprocessing import Standardize
@@ -60,7 +62,8 @@ EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr
                 "examples_per_s")
 CLOCK_FIELDS = ("seconds", "train_seconds", "examples_per_s")  # all that differs between two runs of one config
 CHECKPOINT, CHECKPOINT_STATE = "checkpoint.npz", "checkpoint_state.npz"
-# config fields a resumed run may change (everything else must match the checkpoint's run)
+# config fields a resumed run may change (everything else must match the checkpoint's run);
+# a changed device continues the run, but not bit for bit
 RESUMABLE_CHANGES = ("epochs", "out", "progress", "checkpoint", "resume", "device", "kernel_threads")
 
 
@@ -163,7 +166,7 @@ def load_dataset(path=None, limit=None, dtype=np.float32):
     if len(xtr) == 0 or len(xte) == 0:
         raise DataError(f"{path or 'digits'}: the train or test split is empty")
     scaler = Standardize(axis=(0, 2, 3)).fit(xtr)
-    xtr, xte = scaler.transform(xtr).astype(dtype), scaler.transform(xte).astype(dtype)
+    xtr, xte = scaler.transform(xtr).astype(dtype, copy=False), scaler.transform(xte).astype(dtype, copy=False)
     n_classes = int(max(ytr.max(), yte.max())) + 1
     return Dataset(name, np.ascontiguousarray(xtr), ytr, np.ascontiguousarray(xte), yte, n_classes)
 
@@ -283,27 +286,6 @@ def param_groups(model, penalties, accepted):
     return [{"params": weights}] + ([{"params": others, **exempt}] if others else [])
 
 
-def _base_options():
-    """The keyword options every optimizer takes from ``fastopt.Optimizer`` (max_grad_norm, nonfinite)."""
-    return set(inspect.signature(fastopt.Optimizer.__init__).parameters) - {"self", "params", "defaults"}
-
-
-def ema_class():
-    """``fastopt.EMA``, or None in a fastopt without weight averaging."""
-    cls = getattr(fastopt, "EMA", None)
-    if cls is None:
-        try:
-            from .averaging import EMA as cls
-        except ImportError:
-            return None
-    return cls
-
-
-def averaged(ema):
-    """Context manager: the EMA weights in the params for its body, the live ones back after."""
-    return ema.average_parameters() if hasattr(ema, "average_parameters") else ema.swap()
-
-
 def make_optimizer(cfg, model, steps_per_epoch, name=None, strict=True):
     """``(optimizer, ema)`` for ``model`` (``ema`` None unless ``cfg.ema``)."""
     name = name or cfg.optimizer
@@ -311,28 +293,14 @@ def make_optimizer(cfg, model, steps_per_epoch, name=None, strict=True):
     kwargs["lr"] = make_schedule(cfg, kwargs["lr"], steps_per_epoch)
     defaults = accepted_hyper(cls)
     penalties = {k: kwargs.get(k, defaults[k]) for k in REGULARIZERS if k in defaults}
-    options = _base_options()
-    if cfg.max_grad_norm is not None:
-        if "max_grad_norm" not in options:
-            raise UsageError("--max-grad-norm: this fastopt's optimizers do not take max_grad_norm yet")
-        kwargs["max_grad_norm"] = cfg.max_grad_norm
-    if "nonfinite" in options:
-        kwargs["nonfinite"] = cfg.nonfinite
-    elif cfg.nonfinite != "propagate":
-        raise UsageError("--nonfinite: this fastopt's optimizers have no non-finite guard yet")
+    kwargs.update(max_grad_norm=cfg.max_grad_norm, nonfinite=cfg.nonfinite)
     try:
         opt = cls(param_groups(model, penalties, defaults), **kwargs)
     except ValueError as e:
         raise UsageError(f"--optimizer {name}: {e}") from None
-    ema = None
-    if cfg.ema is not None:
-        ema_cls = ema_class()
-        if ema_cls is None:
-            raise UsageError("--ema: this fastopt has no fastopt.EMA (weight averaging) yet")
-        # warm-up (decay min(DECAY, (1 + k) / (10 + k)) at update k): without it the first weights,
-        # which are random, keep a weight of DECAY^k in the average for thousands of steps
-        warmup = {"warmup": True} if "warmup" in inspect.signature(ema_cls).parameters else {}
-        ema = ema_cls(model.buffer, cfg.ema, **warmup)
+    # warm-up (decay min(DECAY, (1 + k) / (10 + k)) at update k): without it the first weights,
+    # which are random, keep a weight of DECAY^k in the average for thousands of steps
+    ema = fastopt.EMA(model.buffer, cfg.ema, warmup=True) if cfg.ema is not None else None
     return opt, ema
 
 
@@ -350,7 +318,7 @@ def _host(*scalars):
     """Device scalars as Python floats, in one transfer."""
     xp = array_module(scalars[0])
     values = xp.stack([xp.asarray(s, dtype=xp.float64) for s in scalars])
-    return [float(v) for v in (values.get() if xp is not np else values)]
+    return [float(v) for v in to_numpy(values)]
 
 
 def evaluate(model, x, y, batch_size=1000):
@@ -361,7 +329,7 @@ def evaluate(model, x, y, batch_size=1000):
     for start in range(0, len(x), batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
         logits = model(xb)
-        loss, _ = nn.softmax_cross_entropy(logits, yb)
+        loss, _ = nn.softmax_cross_entropy(logits, yb, check_labels=False)  # checked at load
         loss_sum += loss * len(yb)
         correct += (logits.argmax(axis=1) == yb).sum()
     loss_sum, correct = _host(loss_sum, correct)
@@ -383,7 +351,7 @@ def train_epoch(model, opt, ema, x, y, batch_size, seed, epoch, bar=None, redraw
     seen = 0
     for i, (xb, yb) in enumerate(batches(x, y, batch_size, rng=epoch_order_rng(seed, epoch))):
         logits = model(xb)
-        loss, dlogits = nn.softmax_cross_entropy(logits, yb)
+        loss, dlogits = nn.softmax_cross_entropy(logits, yb, check_labels=False)  # checked at load
         model.backward(dlogits, need_dx=False)
         opt.step()
         if ema is not None:
@@ -397,7 +365,7 @@ def train_epoch(model, opt, ema, x, y, batch_size, seed, epoch, bar=None, redraw
                 loss_now, right = _host(loss, correct)
                 bar.set_postfix(loss=f"{loss_now:.4f}", acc=f"{right / seen:.1%}", refresh=False)
     (right,) = _host(correct)
-    return (losses.get() if xp is not np else losses).astype(np.float64), right / len(x)
+    return to_numpy(losses).astype(np.float64), right / len(x)
 
 
 def _progress(total, desc, enabled):
@@ -437,7 +405,7 @@ def _fit(cfg, data, model, opt, ema, log, start_epoch, history, step_losses, on_
     history, step_losses = list(history or []), list(step_losses or [])
     n = len(data.x_train)
     for epoch in range(start_epoch, cfg.epochs):
-        lr, skipped_before = opt.lr, getattr(opt, "skipped_steps", 0)
+        lr, skipped_before = opt.lr, opt.skipped_steps
         t0 = time.perf_counter()
         # a diverging run overflows: it is reported below, once, instead of by NumPy's warnings
         with _progress(n, f"{label}epoch {epoch + 1}/{cfg.epochs}", cfg.progress) as bar, \
@@ -447,7 +415,7 @@ def _fit(cfg, data, model, opt, ema, log, start_epoch, history, step_losses, on_
         train_seconds = time.perf_counter() - t0
         with np.errstate(over="ignore", invalid="ignore"):
             if ema is not None:
-                with averaged(ema):
+                with ema.average_parameters():
                     test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
             else:
                 test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
@@ -455,8 +423,7 @@ def _fit(cfg, data, model, opt, ema, log, start_epoch, history, step_losses, on_
         record = dict(epoch=epoch + 1, train_loss=float(np.average(losses, weights=sizes)), train_acc=train_acc,
                       test_loss=test_loss, test_acc=test_acc, lr=lr, seconds=time.perf_counter() - t0,
                       train_seconds=train_seconds, examples_per_s=n / train_seconds)
-        if hasattr(opt, "skipped_steps"):  # --nonfinite skip: steps left out for an inf or NaN gradient
-            record["skipped_steps"] = opt.skipped_steps - skipped_before
+        record["skipped_steps"] = opt.skipped_steps - skipped_before  # --nonfinite skip: inf/NaN gradients
         history.append(record)
         step_losses.extend(losses.tolist())
         log(epoch_line(record, cfg.epochs, label))
@@ -548,19 +515,21 @@ def save_checkpoint(out, cfg, model, opt, ema, history, step_losses):
     The second records the optimizer's step count, so a pair torn by a crash between the two
     writes is detected on resume."""
     fastopt.save(Path(out) / CHECKPOINT, opt, model.buffer)
-    arrays = {f"buffer/{k}": _to_numpy(v) for k, v in model.buffers().items()}
+    arrays = {f"buffer/{k}": to_numpy(v) for k, v in model.buffers().items()}
     arrays["step_losses"] = np.asarray(step_losses, dtype=np.float64)
     ema_meta = None
     if ema is not None:
         ema_meta, ema_arrays = _flatten(ema.state_dict(), "ema")
         arrays.update(ema_arrays)
-    meta = dict(epoch=len(history), opt_steps=opt.steps, config=_fingerprint(cfg), history=history, ema=ema_meta)
+    meta = dict(epoch=len(history), opt_steps=opt.steps, config=_fingerprint(cfg), history=history, ema=ema_meta,
+                device=model.device)
     arrays["meta"] = np.array(json.dumps(_json_safe(meta)))
     atomic_write(Path(out) / CHECKPOINT_STATE, lambda f: np.savez(f, **arrays))
 
 
-def load_checkpoint(out, cfg, model, opt, ema):
-    """Restore a run from ``out``; returns ``(history, step_losses)``."""
+def load_checkpoint(out, cfg, model, opt, ema, log=print):
+    """Restore a run from ``out``; returns ``(history, step_losses)``. ``log`` gets a note when
+    the checkpoint was saved on another device (the run goes on, not bit for bit)."""
     out = Path(out)
     paths = [out / CHECKPOINT, out / CHECKPOINT_STATE]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -585,20 +554,25 @@ def load_checkpoint(out, cfg, model, opt, ema):
     if opt.steps != meta["opt_steps"]:
         raise UsageError(f"--resume: {paths[0].name} is at step {opt.steps} but {paths[1].name} at step "
                          f"{meta['opt_steps']} (torn by an interrupted save?); start afresh without --resume")
-    model.load_state_dict({k[len("buffer/"):]: v for k, v in arrays.items() if k.startswith("buffer/")},
-                          strict=False)
-    if ema is not None:
-        if meta.get("ema") is None or not hasattr(ema, "load_state_dict"):
-            raise UsageError("--resume --ema: the checkpoint holds no EMA state this fastopt can load")
-        ema.load_state_dict(_unflatten(meta["ema"], arrays, "ema"))
+    buffers = {k[len("buffer/"):]: v for k, v in arrays.items() if k.startswith("buffer/")}
+    if set(buffers) != set(model.buffers()):
+        raise UsageError(f"--resume: {paths[1]} holds BatchNorm statistics {sorted(buffers) or 'none'}, "
+                         f"the model has {sorted(model.buffers()) or 'none'}")
+    if ema is not None and meta.get("ema") is None:
+        raise UsageError("--resume --ema: the checkpoint holds no EMA state (saved without --ema)")
+    try:
+        model.load_state_dict(buffers, strict=False)  # the parameters came with the optimizer above
+        if ema is not None:
+            ema.load_state_dict(_unflatten(meta["ema"], arrays, "ema"))
+    except (ValueError, TypeError, KeyError) as e:  # a shape or dtype that does not fit
+        raise UsageError(f"--resume: {paths[1]}: {type(e).__name__}: {e}") from None
+    if meta.get("device", model.device) != model.device:
+        log(f"note: the checkpoint was saved on {meta['device']}, this run is on {model.device}: "
+            "it continues, but not bit for bit")
     history = meta["history"]
     for r in history:  # JSON wrote non-finite numbers as null
         r.update({k: float("nan") for k, v in r.items() if v is None})
     return history, arrays["step_losses"].tolist()
-
-
-def _to_numpy(x):
-    return x if isinstance(x, np.ndarray) else x.get() if hasattr(x, "get") else np.asarray(x)
 
 
 def _flatten(tree, prefix):
@@ -611,7 +585,7 @@ def _flatten(tree, prefix):
         if isinstance(x, (list, tuple)):
             return {"list": [walk(v, f"{key}/{i}") for i, v in enumerate(x)]}
         if hasattr(x, "shape") and hasattr(x, "dtype"):
-            arrays[key] = _to_numpy(x)
+            arrays[key] = to_numpy(x)
             return {"array": key}
         return {"value": x}
     return walk(tree, prefix), arrays
@@ -658,7 +632,7 @@ def train(cfg, log=print):
     out = Path(cfg.out)
     history, step_losses = [], []
     if cfg.resume:
-        history, step_losses = load_checkpoint(out, cfg, model, opt, ema)
+        history, step_losses = load_checkpoint(out, cfg, model, opt, ema, log)
         log(f"resumed from {out / CHECKPOINT} after epoch {len(history)} (step {opt.steps})")
     out.mkdir(parents=True, exist_ok=True)  # once every setting has been checked
     data = data.to(device)

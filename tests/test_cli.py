@@ -141,6 +141,9 @@ BAD = [
     (["train", "--ema", "1"], "argument --ema: must be in (0, 1)"),
     (["train", "--data", "{tmp}/no-such-mnist"], "no-such-mnist: no such file or directory"),
     (["train", "--data", "{tmp}/bad.npz"], "bad.npz: not a readable .npz file"),
+    (["train", "--data", "{tmp}/negative.npz"], "negative.npz[y_train]: labels must be >= 0, got -1"),
+    (["train", "--data", "{tmp}/text.npz"], "text.npz[y_train]: labels must be integer class indices"),
+    (["train", "--data", "{tmp}/object.npz"], "object.npz[y_train]: unreadable array"),
     (["train", "--momentum", "0.9"], "--momentum does not apply to adam"),
     (["train", "--optimizer", "sgd", "--nesterov"], "Nesterov momentum requires a momentum"),
     (["train", "--schedule", "warmup_cosine", "--warmup-steps", "100000"], "--schedule warmup_cosine"),
@@ -153,10 +156,18 @@ BAD = [
 ]
 
 
+# --data files whose training labels are no class indices
+BAD_LABELS = {"negative": np.array([0, 1, -1, 2]), "text": np.array(list("0123")),
+              "object": np.arange(4).astype(object)}
+
+
 @pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_arguments_give_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)  # the default --out is relative: keep it out of the checkout
     (tmp_path / "bad.npz").write_bytes(b"this is not a zip archive")
+    for name, labels in BAD_LABELS.items():
+        images = np.zeros((4, 8, 8), np.uint8)
+        np.savez(tmp_path / f"{name}.npz", x_train=images, y_train=labels, x_test=images, y_test=np.arange(4))
     argv = [a.format(tmp=tmp_path) for a in argv] + (["--no-progress"] if argv[0] == "train" else [])
     code, out, err = run(argv, capsys)
     assert code == 2

@@ -153,6 +153,10 @@ BAD_MNIST = [
     (_npz(x_test=np.zeros((5, 784), np.uint8)), r"images must have shape \(N, H, W\)"),
     (_npz(x_test=np.full((5, 28, 28), 255.0)), r"float images must lie in \[0, 1\]"),
     (lambda tmp_path, arrays: write(tmp_path / "m.npz", b"not a zip"), "not a readable .npz"),
+    (_npz(y_train=np.array([0, 1, -1, 2, 3, 4])), r"m.npz\[y_train\]: labels must be >= 0, got -1"),
+    (_npz(y_test=np.array(list("01234"))), r"\[y_test\]: labels must be integer class indices, got dtype <U1"),
+    (_npz(y_test=np.arange(5.0)), "labels must be integer class indices, got dtype float64"),
+    (_npz(y_test=np.arange(5).astype(object)), r"m.npz\[y_test\]: unreadable array \(Object arrays"),
 ]
 
 

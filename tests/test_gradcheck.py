@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from fastopt.gradcheck import GradcheckReport, check_layer, gradcheck
-from fastopt.nn import Linear, ReLU, Sequential, Tanh
+from fastopt.nn import BatchNorm1d, Linear, ReLU, Sequential, Tanh
 
 RNG = np.random.default_rng(7)
 A = RNG.standard_normal((5, 5))
@@ -153,9 +153,15 @@ def test_check_layer_catches_a_broken_backward(name, make, shape, culprit):
     assert report.per_input[culprit] > 1e-3
 
 
-def test_check_layer_leaves_input_and_params_unchanged():
-    model = Sequential(Linear(3, 4), Tanh(), dtype=np.float64, seed=0)
-    x = np.random.default_rng(0).standard_normal((2, 3))
+@pytest.mark.parametrize("layers", [(Linear(3, 4), Tanh()), (Linear(3, 4), BatchNorm1d(4), Tanh())],
+                         ids=["linear-tanh", "linear-batchnorm-tanh"])
+def test_check_layer_leaves_input_params_and_running_statistics_unchanged(layers):
+    model = Sequential(*layers, dtype=np.float64, seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 3))
     x0, arena0 = x.copy(), model.buffer.arena.copy()
+    buffers0 = {name: b.copy() for name, b in model.buffers().items()}
     assert check_layer(model, x).passed
     assert np.array_equal(x, x0) and np.array_equal(model.buffer.arena, arena0)
+    assert model.buffers().keys() == buffers0.keys()
+    for name, b in model.buffers().items():
+        assert np.array_equal(b, buffers0[name]), name

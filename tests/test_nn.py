@@ -132,8 +132,10 @@ SHAPES = [
     (Conv2d(3, 8, 3, padding=1), (2, 3, 28, 28), (2, 8, 28, 28)),
     (Conv2d(3, 8, 5, stride=2), (2, 3, 28, 28), (2, 8, 12, 12)),
     (Conv2d(1, 4, (3, 1), stride=(2, 1), padding=(1, 0)), (1, 1, 7, 5), (1, 4, 4, 5)),
+    (Conv2d(3, 8, 3, padding=1.0), (2, 3, 8, 8), (2, 8, 8, 8)),  # an integral float is an int
     (MaxPool2d(2), (2, 8, 28, 28), (2, 8, 14, 14)),
     (MaxPool2d(3, stride=2, padding=1), (2, 4, 7, 7), (2, 4, 4, 4)),
+    (AvgPool2d(3, stride=2, padding=(1.0, 1)), (2, 4, 7, 7), (2, 4, 4, 4)),
     (AvgPool2d(2), (2, 8, 7, 7), (2, 8, 3, 3)),
     (Flatten(), (2, 8, 7, 7), (2, 392)),
     (BatchNorm2d(8), (2, 8, 7, 7), (2, 8, 7, 7)),
@@ -278,6 +280,32 @@ def test_state_dict_round_trip_keeps_views():
         other.load_state_dict({k: v for k, v in state.items() if k != "1.running_var"})
 
 
+class _DeviceArray:
+    """Stands in for a CuPy array where CuPy is absent: np.asarray refuses it, .get() copies it to the host."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed")
+
+    def get(self):
+        return self.a.copy()
+
+
+DEVICE_ARRAYS = [_DeviceArray] + ([cupy.asarray] if cupy is not None else [])
+
+
+@pytest.mark.parametrize("to_device", DEVICE_ARRAYS, ids=lambda f: getattr(f, "__name__", "cupy"))
+def test_cpu_model_loads_a_state_of_device_arrays(to_device):
+    layers = lambda: [Linear(3, 4), BatchNorm1d(4), Linear(4, 2)]  # noqa: E731
+    source, target = (Sequential(*layers(), dtype=np.float64, seed=s) for s in (0, 1))
+    source(_randn((5, 3)))  # running statistics that differ from the initial ones
+    target.load_state_dict({k: to_device(v) for k, v in source.state_dict().items()})
+    for k, v in source.state_dict().items():
+        np.testing.assert_array_equal(target.state_dict()[k], v, err_msg=k)
+
+
 def test_dropout_train_and_eval():
     model = Sequential(Dropout(0.25), dtype=np.float64, seed=0)
     x = np.ones((200, 50))
@@ -385,6 +413,9 @@ BAD = [
     ("padding", lambda: Conv2d(1, 2, 3, padding=-1)),
     ("stride", lambda: MaxPool2d(2, stride=0)),
     ("padding", lambda: MaxPool2d(2, padding=2)),
+    ("padding must be a non-negative integer", lambda: Conv2d(1, 2, 3, padding=1.5)),
+    ("padding must be a non-negative integer", lambda: Conv2d(1, 2, 3, padding="1")),
+    ("padding must be a non-negative integer", lambda: AvgPool2d(3, padding=0.5)),
     ("p must be", lambda: Dropout(1.0)),
     ("momentum", lambda: BatchNorm2d(3, momentum=2)),
     ("init must be", lambda: Linear(2, 2, init="glorot")),

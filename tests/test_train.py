@@ -1,6 +1,7 @@
 """fastopt.train: model builders, optimizer and schedule construction from settings, weight
 decay groups, the epoch loop (progress, per-step losses, accuracy), MNIST files, EMA and
-clipping when this fastopt has them, checkpoints (refusals), and the outputs' helpers."""
+clipping, checkpoints (refusals, another device), and the outputs' helpers."""
+import dataclasses
 import gzip
 import io
 import json
@@ -249,6 +250,59 @@ def test_resume_refuses_another_run_and_a_torn_pair(tmp_path):
         T.train(tiny_config(tmp_path, model="mlp", epochs=3, resume=True), log=quiet)
 
 
+def _drop_first_buffer(arrays):
+    del arrays[next(k for k in arrays if k.startswith("buffer/"))]
+
+
+def _reshape_first_buffer(arrays):
+    key = next(k for k in arrays if k.startswith("buffer/"))
+    arrays[key] = arrays[key][:-1]
+
+
+def _meta(**changes):
+    def change(arrays):
+        arrays["meta"] = np.array(json.dumps({**json.loads(str(arrays["meta"])), **changes}))
+    return change
+
+
+# (how to spoil a conv + EMA run's state file, the UsageError's words)
+BAD_STATE = [
+    (_drop_first_buffer, "holds BatchNorm statistics"),
+    (_reshape_first_buffer, "ValueError: state"),
+    (lambda a: a.update({"ema/average/0": a["ema/average/0"][:1]}), r"ValueError: state_dict\['average'\]\[0\]"),
+    (lambda a: a.update({"ema/average/0": a["ema/average/0"].astype(np.float64)}), "TypeError: state_dict"),
+    (_meta(ema=None), "holds no EMA state"),
+]
+
+
+@pytest.mark.parametrize("spoil,message", BAD_STATE, ids=[m[:20] for _, m in BAD_STATE])
+def test_resume_refuses_a_state_file_that_does_not_fit(tmp_path, spoil, message):
+    cfg = tiny_config(tmp_path, model="conv", ema=0.9, epochs=1, checkpoint=True)
+    T.train(cfg, log=quiet)
+    path = tmp_path / "run" / T.CHECKPOINT_STATE
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    spoil(arrays)
+    np.savez(path, **arrays)
+    with pytest.raises(T.UsageError, match=message) as e:
+        T.train(dataclasses.replace(cfg, epochs=2, checkpoint=False, resume=True), log=quiet)
+    assert "\n" not in str(e.value)
+
+
+def test_resume_on_another_device_continues_with_a_note(tmp_path):
+    cfg = tiny_config(tmp_path, model="mlp", epochs=1, checkpoint=True)
+    T.train(cfg, log=quiet)
+    path = tmp_path / "run" / T.CHECKPOINT_STATE
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    _meta(device="elsewhere")(arrays)
+    np.savez(path, **arrays)
+    lines = []
+    metrics = T.train(dataclasses.replace(cfg, epochs=2, resume=True), log=lines.append)
+    assert len(metrics["epochs"]) == 2
+    assert any(line.startswith("note: the checkpoint was saved on elsewhere") for line in lines)
+
+
 def test_divergence_stops_the_run_and_is_reported(tmp_path):
     lines = []
     metrics = T.train(tiny_config(tmp_path, model="mlp", optimizer="sgd", lr=1e12, epochs=5), log=lines.append)
@@ -259,8 +313,6 @@ def test_divergence_stops_the_run_and_is_reported(tmp_path):
 
 
 def test_clipping_moves_the_weights_less(tmp_path):
-    if "max_grad_norm" not in T._base_options():
-        pytest.skip("this fastopt's optimizers take no max_grad_norm")
     moved = {}
     for clip in (None, 1e-3):
         cfg = tiny_config(tmp_path, model="mlp", optimizer="sgd", epochs=1, max_grad_norm=clip)
@@ -274,8 +326,6 @@ def test_clipping_moves_the_weights_less(tmp_path):
 
 
 def test_ema_is_evaluated_and_resumed(tmp_path):
-    if T.ema_class() is None:
-        pytest.skip("this fastopt has no EMA")
     a = T.train(tiny_config(tmp_path, model="mlp", ema=0.9, checkpoint=True, out=str(tmp_path / "a")), log=quiet)
     T.train(tiny_config(tmp_path, model="mlp", ema=0.9, epochs=1, checkpoint=True, out=str(tmp_path / "b")),
             log=quiet)

@@ -24,6 +24,15 @@ def _pair(name, value):
     return pair
 
 
+def _padding(value):
+    """``padding`` as a pair of non-negative ints (a float is taken only when it is integral)."""
+    pair = _pair("padding", value)
+    numbers = (int, float, np.integer, np.floating)
+    if any(isinstance(p, bool) or not isinstance(p, numbers) or not (p >= 0 and float(p).is_integer()) for p in pair):
+        raise ValueError(f"padding must be a non-negative integer or a pair of them, got {value!r}")
+    return tuple(int(p) for p in pair)
+
+
 def _out_size(size, k, s, name):
     if size < k:
         raise ValueError(f"{name} {size} (padded) is smaller than the kernel {k}")
@@ -65,9 +74,7 @@ class Conv2d(WeightLayer):
         super().__init__((_positive_int("out_channels", out_channels), _positive_int("in_channels", in_channels),
                           kh, kw), bias, init)
         self.stride = tuple(_positive_int("stride", s) for s in _pair("stride", stride))
-        self.padding = _pair("padding", padding)
-        if any(int(p) != p or p < 0 for p in self.padding):
-            raise ValueError(f"padding must be a non-negative integer, got {padding!r}")
+        self.padding = _padding(padding)
 
     def forward(self, x):
         xp = array_module(x)
@@ -123,8 +130,8 @@ class _Pool2d(Layer):
         self.kernel = tuple(_positive_int("kernel_size", k) for k in _pair("kernel_size", kernel_size))
         stride = self.kernel if stride is None else _pair("stride", stride)
         self.stride = tuple(_positive_int("stride", s) for s in stride)
-        self.padding = _pair("padding", padding)
-        if any(int(p) != p or p < 0 or 2 * p > k for p, k in zip(self.padding, self.kernel)):
+        self.padding = _padding(padding)
+        if any(2 * p > k for p, k in zip(self.padding, self.kernel)):
             raise ValueError(f"padding must be an integer in [0, kernel_size / 2], got {padding!r}")
 
     def _offsets(self, x, pad_value):

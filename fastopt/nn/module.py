@@ -181,7 +181,10 @@ class Sequential(Layer):
         if strict and (missing or unexpected):
             raise KeyError(f"state does not match the model: missing {missing}, unexpected {unexpected}")
         for name in set(targets) & set(state):
-            value = self._xp.asarray(state[name], dtype=self.dtype)
+            value = state[name]
+            if self._xp is np:  # np.asarray refuses CuPy arrays: fetch them to the host first
+                value = to_numpy(value)
+            value = self._xp.asarray(value, dtype=self.dtype)
             if value.shape != targets[name].shape:
                 raise ValueError(f"state[{name!r}] has shape {value.shape}, the model has {targets[name].shape}")
             targets[name][...] = value
