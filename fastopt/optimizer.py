@@ -242,11 +242,11 @@ class Optimizer:
                 scale = clip_coefficient(total, self.max_grad_norm)  # applied inside the update kernel
         dtype = self._params[0].dtype
         work = []  # every group's scalars first: a bad schedule value must not leave groups half-stepped
-        for k, plan in enumerate(self._plans):
+        for i, plan in enumerate(self._plans):
             group = plan.group
             lr = _lr_at(group["lr"], plan.step)
             if not 0 <= lr < math.inf:
-                raise ValueError(f"param group {k}: the learning rate is {lr} at step {plan.step}")
+                raise ValueError(f"param group {i}: the learning rate is {lr} at step {plan.step}")
             work.append(_dispatch.cast_scalars(
                 self.rule.scalars(step=plan.step + 1, lr=lr, **{k: group[k] for k in self._scalar_keys}), dtype,
                 scale))
