@@ -92,10 +92,7 @@ class Optimizer:
                                  f"{ref.dtype} on {ref.device}: one optimizer holds one device and dtype")
             if not checked.contiguous or not checked.writeable:
                 raise ValueError(f"{name} must be C-contiguous and writeable: it is updated in place")
-            for j, b in enumerate(self._params + arrays[:i]):
-                if a is b or _dispatch._overlap(checked, _dispatch._Array("", b)):
-                    raise ValueError(f"{name} appears more than once among the params (it shares memory "
-                                     f"with params[{j}])")
+        _check_disjoint(self._params + arrays)
         self._buffer, self._segments = _resolve_buffer(self._params + arrays)  # raises before any change
         group["params"] = arrays
         self._params += arrays
@@ -448,6 +445,28 @@ class _GradLists:
             from numba.typed import List
             self._typed[id(group)] = List([g.reshape(-1) for g in self._by_group[id(group)]])
         return self._typed[id(group)]
+
+
+def _check_disjoint(params):
+    """No param may appear twice or share memory with another: sorted by address, each
+    array must start after every earlier one ends (n log n: a model may hold thousands)."""
+    seen, spans = {}, []
+    for i, a in enumerate(params):
+        if id(a) in seen:
+            raise ValueError(f"params[{i}] appears more than once among the params (it is params[{seen[id(a)]}])")
+        seen[id(a)] = i
+        span = _dispatch._Array(f"params[{i}]", a).span()
+        if span is not None and span[0] < span[1]:
+            spans.append((span[0], span[1], i))
+    spans.sort()
+    end, last = 0, None
+    for start, stop, i in spans:
+        if last is not None and start < end:
+            first, second = sorted((i, last))
+            raise ValueError(f"params[{second}] appears more than once among the params (it shares memory "
+                             f"with params[{first}])")
+        if stop > end:
+            end, last = stop, i
 
 
 def _resolve_buffer(params):
