@@ -26,7 +26,7 @@ import numpy as np
 from . import _dispatch
 from .buffer import ParamBuffer, _numel, layout
 from .kernels import ema, polyak
-from .optimizer import _Plan, _copy_in, _is_array, _to_host, _zeros
+from .optimizer import _Plan, _copy_in, _is_array, _to_host, _zeros, check_disjoint
 
 
 class _Averager:
@@ -266,9 +266,7 @@ def _check_params(params):
             raise ValueError(f"params[{i}] is not C-contiguous; the average is read and swapped in place")
         if not c.writeable:
             raise ValueError(f"params[{i}] is read-only; swap() and copy_to() write into the params")
-        for j, b in enumerate(checked[:i]):
-            if c.obj is b.obj or _dispatch._overlap(c, b):
-                raise ValueError(f"params[{i}] shares memory with params[{j}]: each param must be its own buffer")
+    check_disjoint(arrays)
     return arrays
 
 

@@ -92,7 +92,7 @@ class Optimizer:
                                  f"{ref.dtype} on {ref.device}: one optimizer holds one device and dtype")
             if not checked.contiguous or not checked.writeable:
                 raise ValueError(f"{name} must be C-contiguous and writeable: it is updated in place")
-        _check_disjoint(self._params + arrays)
+        check_disjoint(self._params + arrays)
         self._buffer, self._segments = _resolve_buffer(self._params + arrays)  # raises before any change
         group["params"] = arrays
         self._params += arrays
@@ -447,7 +447,7 @@ class _GradLists:
         return self._typed[id(group)]
 
 
-def _check_disjoint(params):
+def check_disjoint(params):
     """No param may appear twice or share memory with another: sorted by address, each
     array must start after every earlier one ends (n log n: a model may hold thousands)."""
     seen, spans = {}, []
@@ -463,8 +463,8 @@ def _check_disjoint(params):
     for start, stop, i in spans:
         if last is not None and start < end:
             first, second = sorted((i, last))
-            raise ValueError(f"params[{second}] appears more than once among the params (it shares memory "
-                             f"with params[{first}])")
+            raise ValueError(f"params[{second}] shares memory with params[{first}]: each param must be its "
+                             "own buffer")
         if stop > end:
             end, last = stop, i
 
