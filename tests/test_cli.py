@@ -2,6 +2,7 @@
 accuracy beats chance, the PNGs are real pictures, the metrics parse), a resumed run equal
 bit for bit to an uninterrupted one, complete --help, and bad arguments: one line, exit 2."""
 import csv
+import gzip
 import json
 import subprocess
 import sys
@@ -144,6 +145,9 @@ BAD = [
     (["train", "--data", "{tmp}/negative.npz"], "negative.npz[y_train]: labels must be >= 0, got -1"),
     (["train", "--data", "{tmp}/text.npz"], "text.npz[y_train]: labels must be integer class indices"),
     (["train", "--data", "{tmp}/object.npz"], "object.npz[y_train]: unreadable array"),
+    (["train", "--data", "{tmp}/notes.txt"], "notes.txt: not a readable .npz file: it is a text file (--data takes"),
+    (["train", "--data", "{tmp}/t10k-labels-idx1-ubyte.gz"],
+     "t10k-labels-idx1-ubyte.gz: not a readable .npz file: it is gzip data (a single .gz file?"),
     (["train", "--momentum", "0.9"], "--momentum does not apply to adam"),
     (["train", "--optimizer", "sgd", "--nesterov"], "Nesterov momentum requires a momentum"),
     (["train", "--schedule", "warmup_cosine", "--warmup-steps", "100000"], "--schedule warmup_cosine"),
@@ -165,6 +169,8 @@ BAD_LABELS = {"negative": np.array([0, 1, -1, 2]), "text": np.array(list("0123")
 def test_bad_arguments_give_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)  # the default --out is relative: keep it out of the checkout
     (tmp_path / "bad.npz").write_bytes(b"this is not a zip archive")
+    (tmp_path / "notes.txt").write_text("x_train, y_train\n")
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 1, 7])))
     for name, labels in BAD_LABELS.items():
         images = np.zeros((4, 8, 8), np.uint8)
         np.savez(tmp_path / f"{name}.npz", x_train=images, y_train=labels, x_test=images, y_test=np.arange(4))

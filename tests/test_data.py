@@ -80,6 +80,95 @@ def test_read_idx_rejects_bad_files(tmp_path, content, magic, message, gz):
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
+def test_read_idx_refuses_dimensions_that_overflow(tmp_path):
+    header = bytes([0, 0, 0x08, 3]) + (2 ** 32 - 1).to_bytes(4, "big") * 3
+    path = write(tmp_path / "huge-idx3-ubyte", header + bytes(100))
+    with pytest.raises(D.DataError, match=r"dimensions \(4294967295, 4294967295, 4294967295\) overflow int64"):
+        D.read_idx(path, D.IMAGES_MAGIC)
+    # fits int64 but no data set: refused before any read of that size
+    path = write(tmp_path / "big-idx3-ubyte", bytes([0, 0, 0x0E, 2]) + (2 ** 20).to_bytes(4, "big") * 2)
+    with pytest.raises(D.DataError, match="more than the 68,719,476,736 bytes fastopt accepts per array"):
+        D.read_idx(path)
+
+
+def _peak_bytes(fn):
+    """(what ``fn()`` raised, the peak of Python and NumPy allocations while it ran)."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        with pytest.raises(D.DataError) as e:
+            fn()
+        return str(e.value), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_gzip_bomb_is_refused_without_decompressing_it(tmp_path):
+    """A small .gz whose stream holds far more than its header declares: read up to the declared
+    size and a bounded look beyond, never the whole stream (it used to be decompressed first)."""
+    path = tmp_path / "bomb-idx1-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(LABELS)
+        for _ in range(64):
+            f.write(bytes(1 << 20))  # 64 MiB of zeros: a 64 KiB file
+    assert path.stat().st_size < 1 << 17
+    message, peak = _peak_bytes(lambda: D.read_idx(path))
+    assert "more than 1,048,576 bytes of trailing garbage" in message
+    assert peak < 8 << 20, peak
+
+
+def test_an_npz_header_that_overstates_its_data_allocates_nothing(tmp_path):
+    """An .npy member declaring (100000, 28, 28) uint8 (78 MB) over 784 bytes of data: refused
+    from the header and the member's real size, before the array is allocated."""
+    import io
+    import zipfile
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": (100000, 28, 28)})
+    member.write(bytes(784))
+    arrays = dict(zip(D.NPZ_KEYS, fake_mnist(np.random.default_rng(4))))
+    path = tmp_path / "m.npz"
+    np.savez(path, **arrays)
+    with zipfile.ZipFile(path, "w") as z:  # rewrite with the forged x_train
+        for key, a in arrays.items():
+            if key == "x_train":
+                z.writestr("x_train.npy", member.getvalue())
+            else:
+                buf = io.BytesIO()
+                np.save(buf, a)
+                z.writestr(f"{key}.npy", buf.getvalue())
+    message, peak = _peak_bytes(lambda: D.load_mnist(path))
+    assert "m.npz[x_train]: the header declares shape (100000, 28, 28) of uint8, 78,400,000 bytes, " \
+           "but the member holds 784 bytes of data" in message
+    assert peak < 8 << 20, peak
+
+
+def test_only_the_four_npz_keys_are_read(tmp_path):
+    arrays = dict(zip(D.NPZ_KEYS, fake_mnist(np.random.default_rng(5))))
+    np.savez(tmp_path / "m.npz", **arrays, extra=np.arange(3).astype(object))  # would need pickle
+    got = D.load_mnist(tmp_path / "m.npz", dtype=np.float64)
+    np.testing.assert_array_equal(got[1], arrays["y_train"])
+
+
+@pytest.mark.parametrize("content,what", [
+    (b"0,1,2\n3,4,5\n", "not a readable .npz file: it is a text file"),
+    (gzip.compress(LABELS), "not a readable .npz file: it is gzip data (a single .gz file?"),
+    (LABELS, "not a readable .npz file: it is an IDX file"),
+    (b"", "not a readable .npz file: it is empty"),
+    (b"\x00\xff\xfe\x01garbage", "not a readable .npz file: it starts with the bytes 00 ff fe 01"),
+], ids=["text", "gzip", "idx", "empty", "binary"])
+def test_a_file_that_is_no_npz_is_named_for_what_it_is(tmp_path, content, what):
+    path = write(tmp_path / "data.bin", content)
+    with pytest.raises(D.DataError, match="--data takes a folder") as e:
+        D.load_mnist(path)
+    assert what in str(e.value) and "pickle" not in str(e.value)
+
+
+def test_a_npy_file_is_named_for_what_it_is(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2, 28, 28), np.uint8))
+    with pytest.raises(D.DataError, match=r"x.npy: not a readable .npz file: it is a .npy file"):
+        D.load_mnist(tmp_path / "x.npy")
+
+
 def test_read_idx_rejects_missing_file_and_broken_gzip(tmp_path):
     with pytest.raises(D.DataError, match="no such file"):
         D.read_idx(tmp_path / "absent")
@@ -157,7 +246,30 @@ BAD_MNIST = [
     (_npz(y_test=np.array(list("01234"))), r"\[y_test\]: labels must be integer class indices, got dtype <U1"),
     (_npz(y_test=np.arange(5.0)), "labels must be integer class indices, got dtype float64"),
     (_npz(y_test=np.arange(5).astype(object)), r"m.npz\[y_test\]: unreadable array \(Object arrays"),
+    (_npz(x_train=np.zeros((6, 28, 0), np.uint8)), r"m.npz\[x_train\]: images of 28x0 pixels"),
+    (_npz(x_test=np.full((5, 28, 28), "7")), r"m.npz\[x_test\]: images must be numbers.*got dtype <U1"),
+    (_npz(x_test=np.zeros((5, 20, 20), np.uint8)),
+     r"m.npz\[x_train\] has 28x28 images but .*m.npz\[x_test\] has 20x20"),
+    (_npz(y_train=np.array([0, 1, 2, 10 ** 12, 3, 4])), r"m.npz\[y_train\]: labels must be < 65,536 .*got 1000000000000"),
+    (_npz(y_test=np.array([0, 1, 2, 2 ** 63, 3], np.uint64)), r"labels must be < 65,536 .*got 9223372036854775808"),
+    (lambda tmp_path, arrays: _idx_dir_with(tmp_path, arrays, 0, np.zeros((6, 28, 0), np.uint8)),
+     r"train-images-idx3-ubyte: images of 28x0 pixels"),
+    (lambda tmp_path, arrays: _idx_dir_with(tmp_path, arrays, 2, np.zeros((5, 20, 20), np.uint8)),
+     r"train-images-idx3-ubyte has 28x28 images but .*t10k-images-idx3-ubyte has 20x20"),
+    (lambda tmp_path, arrays: _idx_dir_with(tmp_path, arrays, 1, np.array([1, 2, 3, 4, 5, 10 ** 6], np.int32)),
+     r"train-labels-idx1-ubyte: wrong magic number 0x00000c01"),
 ]
+
+
+def _idx_dir_with(tmp_path, arrays, index, replacement):
+    """An IDX folder whose ``index``-th file (x_train, y_train, x_test, y_test) holds ``replacement``."""
+    arrays = list(arrays)
+    code = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C}[replacement.dtype]
+    d = write_mnist_dir(tmp_path, arrays, gz=False)
+    name = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte")[index]
+    write(d / name, idx_bytes(replacement, code))
+    return d
 
 
 @pytest.mark.parametrize("spoil,message", BAD_MNIST, ids=[m[:30] for _, m in BAD_MNIST])
