@@ -204,9 +204,12 @@ def _same_image_size(x_train, x_test, train_source, test_source):
     """One model sees both splits: their images must have one size (found now, not after an epoch)."""
     a, b = x_train.shape[1:], x_test.shape[1:]
     if a != b:
-        size = lambda s: "x".join(map(str, s[-2:])) if len(s) >= 2 else str(s)  # noqa: E731
-        raise DataError(f"{train_source} has {size(a)} images but {test_source} has {size(b)}; "
+        raise DataError(f"{train_source} has {_size(a)} images but {test_source} has {_size(b)}; "
                         "the training and test images must have one size")
+
+
+def _size(shape):
+    return "x".join(map(str, shape[-2:]))
 
 
 def load_mnist(path, dtype=np.float32, flatten=False):
@@ -221,7 +224,7 @@ def load_mnist(path, dtype=np.float32, flatten=False):
     path, dtype = os.fspath(path), np.dtype(dtype)
     if os.path.isdir(path):
         out, sources = [], []
-        for split, (images, labels) in MNIST_FILES.items():
+        for images, labels in MNIST_FILES.values():
             x_path, y_path = _mnist_file(path, images), _mnist_file(path, labels)
             x = _images(read_idx(x_path, IMAGES_MAGIC), x_path, dtype, False)
             out += [x, _labels(read_idx(y_path, LABELS_MAGIC), y_path, len(x))]
@@ -275,7 +278,7 @@ def open_npz(path, hint):
 
 def npz_members(archive):
     """Array name -> zip member name (numpy.savez stores array ``a`` as ``a.npy``)."""
-    return {name[:-4] if name.endswith(".npy") else name: name for name in archive.namelist()}
+    return {name.removesuffix(".npy"): name for name in archive.namelist()}
 
 
 # .npy format version -> its header reader (3.0 is 2.0 with UTF-8 field names)
