@@ -44,20 +44,99 @@ def save(path, optimizer, params=None):
 
 def atomic_write(path, write):
     """Call ``write(file)`` on a temporary file in ``path``'s folder, fsync it and rename it
-    over ``path``: a crash leaves the old file or the new one, never half of one."""
+    over ``path``: a crash leaves the old file or the new one, never half of one.
+
+    The file gets the mode every other tool gives a new file, 0o666 less the umask (mkstemp
+    alone makes it 0o600). Temporary files that earlier saves to ``path`` left behind (killed
+    mid-write) are removed first; a save still running in another process keeps its own,
+    which it holds locked while it writes."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    prefix = os.path.basename(path) + "."
+    _remove_stale_temps(folder, prefix)
+    fd, tmp = _locked_temp(folder, prefix)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # closed, and so unlocked, only after the rename
+            os.chmod(tmp, 0o666 & ~_umask())
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:  # the rename had happened
+            pass
         raise
     _fsync_dir(folder)
+
+
+TEMP_SUFFIX = ".tmp"
+TEMP_NAME = r"[a-z0-9_]{8}"  # what tempfile.mkstemp puts between the prefix and the suffix
+
+
+def _locked_temp(folder, prefix):
+    """``(fd, path)`` of a new temporary file, locked (flock) so that another process's
+    :func:`_remove_stale_temps` leaves it alone while this one writes it."""
+    while True:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=folder)
+        if _lock(fd, wait=True) is None or os.fstat(fd).st_nlink:
+            return fd, tmp
+        os.close(fd)  # removed as stale between its creation and the lock: make another
+
+
+def _remove_stale_temps(folder, prefix):
+    """Delete ``<prefix><8 characters>.tmp`` files in ``folder`` that no live process holds."""
+    import re
+    pattern = re.compile(re.escape(prefix) + TEMP_NAME + re.escape(TEMP_SUFFIX))
+    try:
+        names = [n for n in os.listdir(folder) if pattern.fullmatch(n)]
+    except OSError:
+        return  # a folder we cannot list: mkstemp will say what is wrong with it
+    for name in names:
+        try:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+        except OSError:
+            continue  # renamed into place or removed meanwhile
+        try:
+            if _lock(fd, wait=False) is not False:
+                os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass  # removed meanwhile, or (Windows) still open: it stays
+        finally:
+            os.close(fd)
+
+
+def _lock(fd, wait):
+    """An exclusive flock on ``fd``: True taken, False held by another process (a live save;
+    only without ``wait``), None where there are no such locks (Windows, where an open file
+    cannot be removed anyway)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None  # a file system without locks
+    return True
+
+
+def _umask():
+    """The process's umask. Linux reports it in /proc; elsewhere it is read by setting it and
+    back, which another thread creating a file at that instant could notice."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load(path, optimizer, params=None):

@@ -6,6 +6,11 @@ import gzip
 import io
 import json
 import math
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +18,7 @@ import pytest
 import fastopt
 from fastopt import nn
 from fastopt import train as T
+from fastopt.checkpoint import atomic_write
 
 try:
     import cupy
@@ -374,3 +380,80 @@ def test_cuda_run_matches_cpu_closely(tmp_path):
     gpu = T.train(tiny_config(tmp_path, device="cuda", out=str(tmp_path / "gpu")), log=quiet)
     assert gpu["device"] == "cuda"
     np.testing.assert_allclose(gpu["step_loss"], cpu["step_loss"], rtol=1e-2, atol=1e-3)
+
+
+# -- atomic writes (fastopt.checkpoint.atomic_write: checkpoints, metrics) ------------------------
+def _temps(folder):
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.endswith(".tmp"))
+
+
+def test_atomic_write_removes_the_orphans_of_earlier_saves_to_that_path_only(tmp_path):
+    orphans = ["metrics.json.abcd_123.tmp", "metrics.json.zz9xk0qa.tmp"]
+    others = ["metrics.json.keep.tmp", "metrics.csv.abcd_123.tmp", "metrics.json.abcd_123.tmp.bak",
+              "xmetrics.json.abcd_123.tmp", "metrics.json.ABCD_123.tmp"]
+    for name in orphans + others:
+        (tmp_path / name).write_text("left by a killed save")
+    atomic_write(tmp_path / "metrics.json", lambda f: f.write(b"new"))
+    assert (tmp_path / "metrics.json").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others + ["metrics.json"])
+
+
+def test_a_failed_save_leaves_the_old_file_and_no_temporary_file(tmp_path):
+    (tmp_path / "m.json").write_bytes(b"old")
+
+    def fail(f):
+        f.write(b"half")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(tmp_path / "m.json", fail)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"] and (tmp_path / "m.json").read_bytes() == b"old"
+
+
+SLOW_SAVE = """
+import sys, time
+from fastopt.checkpoint import atomic_write
+
+def write(f):
+    f.write(b"half of a checkpoint")
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(120)
+
+atomic_write(sys.argv[1], write)
+"""
+
+
+def test_saves_killed_mid_write_leave_nothing_after_the_next_save(tmp_path):
+    """Two child processes stop in the middle of a save. While they live, a save to the same
+    path keeps their temporary files (they hold them locked); once they are killed (SIGKILL:
+    no cleanup), the next save removes them."""
+    target = tmp_path / "checkpoint.npz"
+    target.write_bytes(b"old")
+    children = [subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(target)], stdout=subprocess.PIPE, text=True)
+                for _ in range(2)]
+    try:
+        assert [c.stdout.readline() for c in children] == ["writing\n"] * 2
+        atomic_write(target, lambda f: f.write(b"meanwhile"))
+        assert len(_temps(tmp_path)) == 2, _temps(tmp_path)
+    finally:
+        for c in children:
+            c.kill()
+            c.wait()
+            c.stdout.close()
+    assert len(_temps(tmp_path)) == 2 and target.read_bytes() == b"meanwhile"
+    atomic_write(target, lambda f: f.write(b"new"))
+    assert _temps(tmp_path) == [] and target.read_bytes() == b"new"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=oct)
+def test_outputs_follow_the_umask(tmp_path, umask):
+    """Checkpoints and metrics get 0o666 less the umask, as every other tool's files (mkstemp
+    alone made them 0o600 whatever the umask)."""
+    before = os.umask(umask)
+    try:
+        T.train(tiny_config(tmp_path, model="mlp", epochs=1, checkpoint=True), log=quiet)
+    finally:
+        os.umask(before)
+    run = tmp_path / "run"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in run.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask) and T.CHECKPOINT in modes and "metrics.json" in modes
