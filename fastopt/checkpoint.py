@@ -8,6 +8,7 @@ writes anything. The arenas are stored whole, so a resumed run is bit-for-bit th
 import json
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -21,7 +22,14 @@ FORMAT = "fastopt-checkpoint-1"
 def save(path, optimizer, params=None):
     """Write ``optimizer`` (and ``params``: a ParamBuffer, or a list of arrays) to ``path``."""
     path = os.fspath(path)
-    opt = optimizer
+    with optimizer._lock:  # a consistent snapshot: no step runs while the arrays are copied
+        arrays = _snapshot(optimizer, _as_kernel_arrays(params))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    return path
+
+
+def _snapshot(opt, params):
+    """Host copies of everything a checkpoint holds, and its metadata."""
     if opt.arenas is None:
         opt._allocate()  # a checkpoint before the first step: zero state, as a fresh run has
     meta = {
@@ -30,7 +38,6 @@ def save(path, optimizer, params=None):
         "steps": opt._steps(), "groups": [_group_meta(g) for g in opt.param_groups],
     }
     arrays = {f"state.{name}": _to_host(arena) for name, arena in opt.arenas.items()}
-    params = _as_kernel_arrays(params)
     if params is not None:
         meta["params"] = _params_meta(params)
         if isinstance(params, ParamBuffer):
@@ -38,8 +45,7 @@ def save(path, optimizer, params=None):
         else:
             arrays.update({f"params.{i}": _to_host(a) for i, a in enumerate(params)})
     arrays["meta"] = np.array(json.dumps(meta))
-    atomic_write(path, lambda f: np.savez(f, **arrays))
-    return path
+    return arrays
 
 
 def atomic_write(path, write):
@@ -140,21 +146,165 @@ def _umask():
 
 
 def load(path, optimizer, params=None):
-    """Restore ``optimizer`` (and ``params``) from ``path``; raises ValueError naming every
-    mismatch (rule, dtype, number of params, shapes, groups) before anything is written."""
+    """Restore ``optimizer`` (and ``params``) from ``path``. All or nothing: the file's
+    metadata, every array's header (shape, dtype, read before its data) and every
+    hyper-parameter are checked against the live optimizer first, and a ValueError naming
+    the file and every difference is raised before anything is written. Only the arrays
+    this optimizer needs are read; an unknown entry is an error."""
     path = os.fspath(path)
     opt = optimizer
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
-    if "meta" not in arrays:
-        raise ValueError(f"{path} is not a fastopt checkpoint (no meta entry)")
-    meta = json.loads(str(arrays.pop("meta")))
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} has format {meta.get('format')!r}; this fastopt reads {FORMAT!r}")
     params = _as_kernel_arrays(params)
-    problems = _differences(meta, opt, params, arrays)
+    with _NpzReader(path) as f:
+        meta = _read_meta(path, f)
+        unknown = sorted(set(f.names) - _expected_entries(meta, opt) - {"meta"})
+        headers = {k: f.header(k) for k in f.names if k not in unknown and k != "meta"}
+        problems = _differences(meta, opt, params, headers)
+        if not problems:
+            problems += [f"{k} is not an entry of a {meta['optimizer']} checkpoint" for k in unknown]
+            merged = _merged_groups(path, meta, opt)  # raises on a bad hyper-parameter
+            needed = {s for g in merged for s in opt._states_needed(g)}
+            problems += [f"state.{s} is missing (the saved options need it)" for s in sorted(needed)
+                         if f"state.{s}" not in headers]
+        if problems:
+            raise ValueError(f"{path} does not match: " + "; ".join(problems))
+        wanted = [k for k in headers if k.startswith("state.") or params is not None]
+        arrays = {k: f.read(k) for k in wanted}
+    with opt._lock:
+        for g, new in zip(opt.param_groups, merged):
+            dict.update(g, new)
+        opt._edited[0] = False
+        opt._started = [set() for _ in opt.param_groups]
+        opt._allocate()  # the loaded options may need other states
+        same_layout = meta["offsets"] == [int(o) for o in opt._offsets]
+        for name, arena in opt.arenas.items():
+            saved = arrays.get(f"state.{name}")
+            if saved is None:  # needed by no saved group (checked above): it starts afresh
+                opt._start_value(name, _zero(arena))
+            elif same_layout and saved.size == arena.size:
+                _copy_in(arena, 0, saved)
+            else:
+                for o_saved, o, a in zip(meta["offsets"], opt._offsets, opt._params):
+                    _copy_in(arena, o, saved[o_saved:o_saved + a.size])
+        for k, (plan, t) in enumerate(zip(opt._plans, meta["steps"])):
+            plan.step = t
+            if not t:
+                opt._started[k] = set()
+        if params is not None:
+            if isinstance(params, ParamBuffer):
+                _copy_in(params.arena, 0, arrays["params.arena"])
+            else:
+                for i, a in enumerate(params):
+                    _copy_in(a.reshape(a.size), 0, arrays[f"params.{i}"].reshape(-1))
+
+
+class _NpzReader:
+    """An ``.npz`` read entry by entry: each ``.npy`` header (shape, dtype) is parsed before
+    any data, so a lying or hostile file costs no more memory than what was checked."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            self.zip = zipfile.ZipFile(path)
+        except FileNotFoundError:
+            raise
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+            raise ValueError(f"{path} is not a fastopt checkpoint: not a readable .npz (zip) file ({e})") from None
+        self.members = {n[:-4]: n for n in self.zip.namelist() if n.endswith(".npy")}
+        self.names = list(self.members)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.zip.close()
+
+    def header(self, name):
+        """``(shape, dtype)`` of entry ``name``, from its header alone."""
+        try:
+            with self.zip.open(self.members[name]) as fp:
+                version = np.lib.format.read_magic(fp)
+                read = {(1, 0): np.lib.format.read_array_header_1_0,
+                        (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read is None:
+                    raise ValueError(f"unsupported .npy version {version}")
+                shape, fortran, dtype = read(fp)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise ValueError(f"{self.path}: entry {name!r} is not a readable array ({e})") from None
+        if dtype.hasobject:
+            raise ValueError(f"{self.path}: entry {name!r} holds Python objects, which a checkpoint never does")
+        return tuple(shape), dtype
+
+    def read(self, name):
+        try:
+            with self.zip.open(self.members[name]) as fp:
+                return np.lib.format.read_array(fp, allow_pickle=False)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise ValueError(f"{self.path}: entry {name!r} is not a readable array ({e})") from None
+
+
+META_LIMIT = 1 << 24  # characters: the metadata of a model of a million tensors fits
+
+
+def _read_meta(path, f):
+    """The checkpoint's metadata, its structure checked."""
+    if "meta" not in f.members:
+        raise ValueError(f"{path} is not a fastopt checkpoint (no meta entry)")
+    shape, dtype = f.header("meta")
+    if shape != () or dtype.kind != "U" or dtype.itemsize > 4 * META_LIMIT:
+        raise ValueError(f"{path} is not a fastopt checkpoint (its meta entry is a {dtype}{list(shape)} array)")
+    try:
+        meta = json.loads(str(f.read("meta")))
+    except ValueError as e:
+        raise ValueError(f"{path} is not a fastopt checkpoint (its meta entry is not JSON: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path} has format {found!r}; this fastopt reads {FORMAT!r}")
+
+    def ints(x, n=None):
+        return isinstance(x, list) and (n is None or len(x) == n) and all(
+            type(v) is int and v >= 0 for v in x)
+    problems = []
+    if not isinstance(meta.get("optimizer"), str) or not isinstance(meta.get("dtype"), str):
+        problems.append("'optimizer' and 'dtype' must be strings")
+    shapes = meta.get("shapes")
+    if not (isinstance(shapes, list) and all(ints(s) for s in shapes)):
+        problems.append(f"'shapes' must be lists of non-negative integers, got {shapes!r}")
+        shapes = None
+    groups = meta.get("groups")
+    if not (isinstance(groups, list) and groups and all(isinstance(g, dict) and type(g.get("params")) is int
+                                                        and g["params"] >= 0 for g in groups)):
+        problems.append("'groups' must be a list of param groups, each with a count of params")
+        groups = None
+    if groups is not None and not ints(meta.get("steps"), len(groups)):
+        problems.append(f"the step counts {meta.get('steps')!r} are not one non-negative integer per group")
+    if shapes is not None and not ints(meta.get("offsets"), len(shapes)):
+        problems.append(f"the offsets {meta.get('offsets')!r} are not one non-negative integer per param")
+    elif shapes is not None:
+        spans = sorted((o, o + _numel(sh)) for o, sh in zip(meta["offsets"], shapes) if _numel(sh))
+        if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+            problems.append("the offsets place two params' state in the same elements")
+    saved = meta.get("params")
+    if saved is not None and not (isinstance(saved, dict) and saved.get("kind") in ("buffer", "list")
+                                  and isinstance(saved.get("shapes"), list) and all(ints(x) for x in saved["shapes"])
+                                  and isinstance(saved.get("dtype"), str)
+                                  and (saved["kind"] == "list" or type(saved.get("size")) is int)):
+        problems.append(f"'params' is not a description of saved params: {saved!r}")
     if problems:
-        raise ValueError(f"{path} does not match: " + "; ".join(problems))
+        raise ValueError(f"{path} has broken metadata: " + "; ".join(problems))
+    return meta
+
+
+def _expected_entries(meta, opt):
+    """Every entry a checkpoint of this rule may hold."""
+    names = {f"state.{s}" for s in opt.rule.STATES}
+    saved = meta.get("params")
+    if saved is not None:
+        names |= {"params.arena"} if saved["kind"] == "buffer" else {f"params.{i}" for i in range(len(saved["shapes"]))}
+    return names
+
+
+def _merged_groups(path, meta, opt):
+    """The live groups with the saved hyper-parameters, each checked as the constructor does."""
     merged = []
     for k, (g, saved) in enumerate(zip(opt.param_groups, meta["groups"])):
         new = dict(g)
@@ -164,27 +314,14 @@ def load(path, optimizer, params=None):
                 new[key] = tuple(v) if isinstance(v, list) else v
         opt._check_hyper(new, f"{path}: param group {k}")
         merged.append(new)
-    for g, new in zip(opt.param_groups, merged):
-        g.update(new)
-    opt._allocate()  # the loaded options may need other states
-    same_layout = meta["offsets"] == [int(o) for o in opt._offsets]
-    for name, arena in opt.arenas.items():
-        saved = arrays.get(f"state.{name}")
-        if saved is None:  # a state the saved run's options did not use: it starts afresh
-            opt._start_value(name, _zero(arena))
-        elif same_layout and saved.size == arena.size:
-            _copy_in(arena, 0, saved)
-        else:
-            for o_saved, o, a in zip(meta["offsets"], opt._offsets, opt._params):
-                _copy_in(arena, o, saved[o_saved:o_saved + a.size])
-    for plan, t in zip(opt._plans, meta["steps"]):
-        plan.step = t
-    if params is not None:
-        if isinstance(params, ParamBuffer):
-            _copy_in(params.arena, 0, arrays["params.arena"])
-        else:
-            for i, a in enumerate(params):
-                _copy_in(a.reshape(a.size), 0, arrays[f"params.{i}"].reshape(-1))
+    return merged
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _as_kernel_arrays(params):
@@ -212,7 +349,8 @@ def _params_meta(params):
     return {"kind": "list", "shapes": [list(a.shape) for a in params], "dtype": params[0].dtype.name}
 
 
-def _differences(meta, opt, params, arrays):
+def _differences(meta, opt, params, headers):
+    """Every way the checkpoint (metadata and array headers) does not fit ``opt`` and ``params``."""
     problems = []
     name = type(opt).__name__
     if meta["optimizer"] != name:
@@ -230,15 +368,10 @@ def _differences(meta, opt, params, arrays):
     saved_counts = [g["params"] for g in meta["groups"]]
     if counts != saved_counts:
         problems.append(f"params per group are {counts} here but {saved_counts} in the checkpoint")
-    end = max([o + int(np.prod(sh)) for o, sh in zip(meta["offsets"], meta["shapes"])] + [0])
-    for key, a in arrays.items():
-        if key.startswith("state.") and (a.dtype.name != meta["dtype"] or a.ndim != 1 or a.size < end):
-            problems.append(f"{key} is {a.dtype.name}{list(a.shape)}, not a {meta['dtype']} arena of "
-                            f">= {end} elements")
-    steps = meta.get("steps")
-    if not (isinstance(steps, list) and len(steps) == len(meta["groups"])
-            and all(isinstance(t, int) and t >= 0 for t in steps)):
-        problems.append(f"the step counts {steps!r} are not one non-negative integer per group")
+    end = max([o + _numel(sh) for o, sh in zip(meta["offsets"], meta["shapes"])] + [0])
+    for key, (shape, dt) in headers.items():
+        if key.startswith("state.") and (dt != np.dtype(dtype) or len(shape) != 1 or shape[0] < end):
+            problems.append(f"{key} is {dt}{list(shape)}, not a {dtype} arena of >= {end} elements")
     if params is not None:
         saved = meta.get("params")
         if saved is None:
@@ -248,10 +381,14 @@ def _differences(meta, opt, params, arrays):
             for key in ("kind", "shapes", "dtype", "size"):
                 if here.get(key) != saved.get(key):
                     problems.append(f"params {key} is {here.get(key)} here but {saved.get(key)} in the checkpoint")
-            sizes = ({"params.arena": params.arena.size} if isinstance(params, ParamBuffer)
-                     else {f"params.{i}": int(np.prod(a.shape)) for i, a in enumerate(params)})
-            problems += [f"{key} is missing or holds {arrays[key].size if key in arrays else 0} values, not {n}"
-                         for key, n in sizes.items() if key not in arrays or arrays[key].size != n]
+            want = ({"params.arena": (params.arena.size,)} if isinstance(params, ParamBuffer)
+                    else {f"params.{i}": tuple(a.shape) for i, a in enumerate(params)})
+            for key, shape in want.items():
+                if key not in headers:
+                    problems.append(f"{key} is missing")
+                elif headers[key] != (shape, np.dtype(here["dtype"])):
+                    got_shape, got_dtype = headers[key]
+                    problems.append(f"{key} is {got_dtype}{list(got_shape)}, not {here['dtype']}{list(shape)}")
     return problems
 
 

@@ -178,9 +178,9 @@ def check_lists(params, grads, states):
     ref = _dispatch._Array("params[0]", lists["params"][0])
     if ref.dtype not in _dispatch.SUPPORTED_DTYPES:
         raise TypeError(f"params[0] has dtype {ref.dtype}; fastopt supports float32 and float64")
+    written, read = [], []
     for i in range(n):
         shape = _dispatch._Array(f"params[{i}]", lists["params"][i]).shape
-        checked = []
         for name, arrays in lists.items():
             if arrays is None:
                 continue
@@ -195,10 +195,8 @@ def check_lists(params, grads, states):
                 raise ValueError(f"{a.name} is not C-contiguous")
             if name != "grads" and not a.writeable:
                 raise ValueError(f"{a.name} is read-only; it is updated in place")
-            for b in checked:
-                if _dispatch._overlap(a, b):
-                    raise ValueError(f"{b.name} and {a.name} share memory")
-            checked.append(a)
+            (read if name == "grads" else written).append(a)
+    _dispatch.check_no_overlap(written, read)
     return lists["params"], lists["grads"], {k: lists[k] for k in states}
 
 
@@ -208,6 +206,7 @@ class _GroupPlan:
     def __init__(self, optimizer, group, layers):
         self.optimizer, self.group, self.layers = optimizer, group, layers
         self.step = 0
+        self.restart = False  # see fastopt.optimizer._Plan
         self.ratios = None  # the trust ratios of the last step, one per tensor
         self.norms = None   # LARS: (the gradients it was built for, their NormPlan)
 
@@ -278,6 +277,7 @@ class LARS(_Layerwise):
     give biases and norm weights a group with ``weight_decay=0`` to keep them out.
     ``trust_ratios`` holds each param's ratio of the last step."""
     rule = lars
+    start_from_grad = ("momentum_buffer",)  # as timm's: momentum turned on mid-run starts from d
 
     def __init__(self, params, lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
                  trust_coeff=1e-3, eps=1e-8, trust_clip=False, always_adapt=False, **options):

@@ -13,8 +13,12 @@ call: a flat loop over an arena, or a loop over typed lists of tensors with a ch
 (so a model of many small tensors costs one call, not one per tensor). On CUDA a group is
 one launch per contiguous run of a ParamBuffer, or one per tensor for separate arrays.
 """
+import functools
 import inspect
 import math
+import numbers
+import threading
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -35,9 +39,14 @@ class Optimizer:
     torch_names = {}  # fastopt state name -> torch.optim's, where they differ
     initial = {}      # state name -> group key holding its initial value (else zero)
     fixed = {}        # hyper-parameters the class fixes (AdamW: decoupled_weight_decay=True)
+    derived = ()      # torch state entries fastopt recomputes rather than keeps (NAdam's mu_product)
+    # States a rule starts from the gradient on their first update (SGD's momentum buffer, as
+    # torch): an option that turns one on after the first step is honoured, the group's next
+    # step seeing step=1; any other state turned on late is an error, as it is in torch.
+    start_from_grad = ()
 
     def __init__(self, params, defaults, *, max_grad_norm=None, nonfinite="skip"):
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+        if max_grad_norm is not None and not (_is_real(max_grad_norm) and 0 < max_grad_norm < math.inf):
             raise ValueError(f"max_grad_norm must be None or a positive number, got {max_grad_norm!r}")
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {', '.join(map(repr, NONFINITE))}, got {nonfinite!r}")
@@ -55,6 +64,11 @@ class Optimizer:
         self._plans = None
         self._grad_cache = (None, None)
         self.launches = 0     # kernel launches so far (tests read it: one per group per step)
+        self._started = []    # per group: the states its updates have started (they hold values)
+        self._edited = [False]  # set by a param group's __setitem__: re-check before the next step
+        # step, state_dict, load_state_dict, save and load run one at a time: a checkpoint is
+        # a consistent snapshot and two threads never interleave an update (RLock: a hook may re-enter)
+        self._lock = threading.RLock()
         if isinstance(params, ParamBuffer):
             params = [{"params": params}]
         params = list(params) if not _is_array(params) else [params]
@@ -71,7 +85,7 @@ class Optimizer:
             raise RuntimeError("add param groups before the first step: state arenas are laid out then")
         if not isinstance(param_group, dict) or "params" not in param_group:
             raise TypeError("a param group must be a dict with a 'params' entry")
-        group = dict(self.defaults, **param_group, **self.fixed)
+        group = _Group(self._edited, self.defaults, **param_group, **self.fixed)
         arrays = group["params"]
         if isinstance(arrays, ParamBuffer):
             arrays = arrays.params
@@ -94,11 +108,18 @@ class Optimizer:
                 raise ValueError(f"{name} must be C-contiguous and writeable: it is updated in place")
         check_disjoint(self._params + arrays)
         self._buffer, self._segments = _resolve_buffer(self._params + arrays)  # raises before any change
-        group["params"] = arrays
+        dict.__setitem__(group, "params", arrays)
         self._params += arrays
         self.param_groups.append(group)
+        self._started.append(set())
 
     def _check_hyper(self, group, where):
+        """Every hyper-parameter of ``group``: its type (that of the class's default) and
+        its value (the rule's checks, with torch's messages), prefixed by ``where``."""
+        for key, default in _hyper_defaults(type(self)).items():
+            problem = _type_problem(key, group.get(key), default)
+            if problem:
+                raise TypeError(f"{where}: {problem}")
         lr = group["lr"]
         value = lr(0) if callable(lr) else lr
         try:
@@ -150,13 +171,13 @@ class Optimizer:
             if name in needed and name not in self.arenas:
                 self.arenas[name] = self._start_value(name, _zeros(self._params[0], size, dtype))
         self._plans = [self._plan(g) for g in self.param_groups]
-        for plan, t in zip(self._plans, steps):
+        for k, (plan, t) in enumerate(zip(self._plans, steps)):
             plan.step = t
+            self._started[k].update(self._states_needed(self.param_groups[k]))
         if self._buffer is not None:
-            align = ALIGN // self._buffer.dtype.itemsize
-            runs = _runs([o for o, a in zip(offsets, self._params) if a.size],
-                         [a.size for a in self._params if a.size], align)
-            self._norm_plan = NormPlan([self._buffer.grad_arena[lo:hi] for lo, hi in runs])
+            # the params' own spans: the alignment padding between them never counts
+            self._norm_plan = NormPlan([self._buffer.grad_arena[o:o + a.size]
+                                        for o, a in zip(offsets, self._params) if a.size])
 
     def _start_value(self, name, arena):
         """Fill ``arena`` (already zero) with the state's start: Adagrad's accumulator starts
@@ -216,13 +237,22 @@ class Optimizer:
     def step(self, grads=None):
         """One update of every param group: one fused launch per group with a ParamBuffer;
         with separate arrays, ``grads`` lists their gradients in the order of the params."""
+        with self._lock:
+            self._step(grads)
+
+    def _step(self, grads):
         if self._buffer is not None and grads is not None:
             raise ValueError("grads must be None: this optimizer reads gradients from its ParamBuffer's "
                              "grad arena (write them into buffer.grads)")
         if self._buffer is None:
             grads = self._check_grads(grads)
         if self._plans is None:
+            for k, group in enumerate(self.param_groups):
+                self._check_hyper(group, f"param group {k}")
+            self._edited[0] = False
             self._allocate()
+        elif self._edited[0]:
+            self._apply_edits()
         scale = 1.0
         if self.max_grad_norm is not None or self.nonfinite != "propagate":
             # one reduction pass: the global norm, and whether any gradient is inf or NaN
@@ -244,13 +274,36 @@ class Optimizer:
             lr = _lr_at(group["lr"], plan.step)
             if not 0 <= lr < math.inf:
                 raise ValueError(f"param group {i}: the learning rate is {lr} at step {plan.step}")
+            step = 1 if plan.restart else plan.step + 1
             work.append(_dispatch.cast_scalars(
-                self.rule.scalars(step=plan.step + 1, lr=lr, **{k: group[k] for k in self._scalar_keys}), dtype,
-                scale))
+                self.rule.scalars(step=step, lr=lr, **{k: group[k] for k in self._scalar_keys}), dtype, scale))
         self.last_step_skipped = False
         for plan, scalars in zip(self._plans, work):
             self.launches += plan.run(scalars, grads)
             plan.step += 1
+            plan.restart = False
+
+    def _apply_edits(self):
+        """After ``param_groups`` were edited: re-check every group as the constructor does,
+        and start the state an option turned on needs (or refuse), before any launch."""
+        for k, group in enumerate(self.param_groups):
+            self._check_hyper(group, f"param group {k}")
+        late = []
+        for k, (group, plan) in enumerate(zip(self.param_groups, self._plans)):
+            new = [s for s in self._states_needed(group) if s not in self._started[k]]
+            if new and plan.step:
+                refused = [s for s in new if s not in self.start_from_grad]
+                if refused:
+                    raise ValueError(
+                        f"param group {k}: its options now need state {', '.join(map(repr, refused))}, "
+                        f"which its {plan.step} earlier steps did not keep (torch.optim raises here too): "
+                        "set the option before the first step, or load a state dict that holds it")
+                late.append(k)
+        self._edited[0] = False
+        if any(s not in self._started[k] for k, g in enumerate(self.param_groups) for s in self._states_needed(g)):
+            self._allocate()
+            for k in late:
+                self._plans[k].restart = True
 
     def _check_grads(self, grads):
         if grads is None:
@@ -263,8 +316,11 @@ class Optimizer:
         originals, grads = grads, [_dispatch.as_kernel_array(g) for g in grads]
         if len(grads) != len(self._params):
             raise ValueError(f"grads has {len(grads)} arrays for {len(self._params)} params")
+        written, read = [], []
         for i, (p, g) in enumerate(zip(self._params, grads)):
             a, b = _dispatch._Array(f"params[{i}]", p), _dispatch._Array(f"grads[{i}]", g)
+            written.append(a)
+            read.append(b)
             if b.device != a.device:
                 raise ValueError(f"grads[{i}] is on {b.device} but params[{i}] is on {a.device}")
             if b.dtype != a.dtype:
@@ -273,8 +329,9 @@ class Optimizer:
                 raise ValueError(f"grads[{i}] has shape {b.shape} but params[{i}] has shape {a.shape}")
             if not b.contiguous:
                 raise ValueError(f"grads[{i}] is not C-contiguous")
-            if _dispatch._overlap(a, b):
-                raise ValueError(f"grads[{i}] shares memory with params[{i}]")
+        if self.arenas is not None:
+            written += [_dispatch._Array(f"state {n!r}", arena) for n, arena in self.arenas.items()]
+        _dispatch.check_no_overlap(written, read)  # a grad may not be any param's (nor state's) memory
         checked = _GradLists(grads, self.param_groups)
         self._grad_cache = (originals, checked)
         return checked
@@ -286,6 +343,10 @@ class Optimizer:
         Arrays are host copies (NumPy), or ``torch`` tensors under torch.optim's state names
         with ``torch=True``, ready for ``torch_optimizer.load_state_dict``.
         """
+        with self._lock:
+            return self._state_dict(torch)
+
+    def _state_dict(self, torch):
         state, groups, i = {}, [], 0
         for g, t, lr in zip(self.param_groups, self._steps(), self.lrs):
             idx = list(range(i, i + len(g["params"])))
@@ -311,13 +372,51 @@ class Optimizer:
 
     def load_state_dict(self, state_dict):
         """Load a state dict of this rule: fastopt's own, or ``torch.optim``'s (tensors and
-        torch's state names are converted). Everything is checked before anything is written."""
+        torch's state names are converted). All or nothing: the whole dict is checked (the
+        rule, every hyper-parameter, step count and state array) before anything is written."""
+        with self._lock:
+            groups, steps, arrays = self._read_state_dict(state_dict)
+            for g, new in zip(self.param_groups, groups):
+                dict.update(g, {k: v for k, v in new.items() if k != "params"})
+            self._edited[0] = False
+            self._started = [set() for _ in self.param_groups]  # what was loaded is started below
+            self._allocate()
+            for name, arena in self.arenas.items():  # a param with no entry starts afresh
+                self._start_value(name, _zero(arena))
+            for (i, name), value in arrays.items():
+                if name in self.arenas:
+                    _copy_in(self.arenas[name], self._offsets[i], value)
+            for k, (plan, t) in enumerate(zip(self._plans, steps)):
+                plan.step = t
+                if not t:
+                    self._started[k] = set()
+
+    def _read_state_dict(self, state_dict):
+        """``(merged groups, step per group, {(param, state): array in the params' dtype})``,
+        or a ValueError / TypeError naming the first problem; writes nothing."""
+        name = type(self).__name__
+        if not isinstance(state_dict, Mapping) or not {"param_groups", "state"} <= set(state_dict):
+            raise ValueError(f"a state dict is a mapping with 'state' and 'param_groups', got {type(state_dict).__name__}")
         groups, state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(groups, (list, tuple)) or not isinstance(state, Mapping):
+            raise ValueError("the state dict's 'param_groups' must be a list and its 'state' a mapping")
         if len(groups) != len(self.param_groups):
             raise ValueError(f"the state dict has {len(groups)} param groups, this optimizer {len(self.param_groups)}")
         renamed = {t: f for f, t in self.torch_names.items()}
-        new_groups, steps, arrays = [], [], {}
+        known = set(self.rule.STATES) | set(self.torch_names.values()) | set(self.derived) | {"step"}
+        identity = _identity_keys(type(self))
+        new_groups, steps, arrays, listed = [], [], {}, set()
         for k, (saved, mine) in enumerate(zip(groups, self.param_groups)):
+            where = f"param group {k} of the state dict"
+            if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
+                raise ValueError(f"{where} must be a mapping with a 'params' list")
+            missing = [key for key in identity if key not in saved]
+            if missing:
+                raise ValueError(f"{where} has no {', '.join(map(repr, missing))}: it is not a state dict of {name}")
+            for key, value in self.fixed.items():
+                if key in saved and _from_torch_value(saved[key]) != value:
+                    raise ValueError(f"{where} has {key}={saved[key]!r}: it is not a state dict of {name}, "
+                                     f"which has {key}={value!r}")
             if len(saved["params"]) != len(mine["params"]):
                 raise ValueError(f"param group {k} has {len(saved['params'])} params in the state dict, "
                                  f"{len(mine['params'])} here")
@@ -328,42 +427,47 @@ class Optimizer:
                     if key == "lr" and callable(mine["lr"]) and not callable(value):
                         continue  # a schedule is code: it stays, and the step count sets its value
                     g[key] = tuple(value) if isinstance(value, list) else value
-            self._check_hyper(g, f"param group {k} of the state dict")
+            self._check_hyper(g, where)
             new_groups.append(g)
+            needed = self._states_needed(g)
             first = sum(len(x["params"]) for x in self.param_groups[:k])
             group_steps = set()
             for j, saved_index in enumerate(saved["params"]):
+                i, p = first + j, self._params[first + j]
+                listed.add(str(saved_index))
                 entry = state.get(saved_index, state.get(str(saved_index)))
-                p = self._params[first + j]
-                if entry is None:
+                entry = {} if entry is None else entry
+                if not isinstance(entry, Mapping):
+                    raise ValueError(f"the state of param {i} must be a mapping, got {type(entry).__name__}")
+                entry = {n: v for n, v in entry.items() if v is not None}  # old torch keeps None buffers
+                unknown = sorted(set(entry) - known)
+                if unknown:
+                    raise ValueError(f"the state of param {i} holds {', '.join(map(repr, unknown))}, which "
+                                     f"{name} does not keep (it keeps {', '.join(map(repr, self.rule.STATES))}): "
+                                     "the state dict is of another rule")
+                if not entry:
                     group_steps.add(0)
                     continue
                 # torch's SGD keeps no step count: a momentum buffer means at least one step
-                group_steps.add(int(_from_torch_value(entry["step"])) if "step" in entry else int(bool(entry)))
-                for name, value in entry.items():
-                    name = renamed.get(name, name)
-                    if name not in self.rule.STATES:
-                        continue  # e.g. NAdam's mu_product: recomputed from the step
-                    value = np.asarray(_from_torch_value(value))
-                    if value.shape != tuple(p.shape):
-                        raise ValueError(f"state {name!r} of param {first + j} has shape {value.shape}, "
-                                         f"the param {tuple(p.shape)}")
-                    arrays[(first + j, name)] = value
+                t = _step_count(entry["step"], f"the step of param {i}") if "step" in entry else 1
+                group_steps.add(t)
+                have = {renamed.get(n, n) for n in entry}
+                lacking = [s for s in needed if s not in have]
+                if t and lacking:
+                    raise ValueError(f"the state of param {i} has no {', '.join(map(repr, lacking))}, which "
+                                     f"{name} with these options keeps: the state dict is incomplete")
+                for n, value in entry.items():
+                    n = renamed.get(n, n)
+                    if n in self.rule.STATES:
+                        arrays[(i, n)] = _state_array(value, p, f"state {n!r} of param {i}")
             if len(group_steps) > 1:
                 raise ValueError(f"param group {k}: params at different steps {sorted(group_steps)}; "
                                  "fastopt steps a group as one")
             steps.append(group_steps.pop())
-        for g, new in zip(self.param_groups, new_groups):
-            g.update({k: v for k, v in new.items() if k != "params"})
-        self._allocate()
-        for name, arena in self.arenas.items():  # a param with no entry starts afresh
-            self._start_value(name, _zero(arena))
-        for (i, name), value in arrays.items():
-            if name in self.arenas:
-                o, a = self._offsets[i], self._params[i]
-                _copy_in(self.arenas[name], o, value.reshape(-1).astype(a.dtype, copy=False))
-        for plan, t in zip(self._plans, steps):
-            plan.step = t
+        stray = sorted(str(key) for key in state if str(key) not in listed)
+        if stray:
+            raise ValueError(f"the state dict has state for params {', '.join(stray)}, which no param group lists")
+        return new_groups, steps, arrays
 
     def __repr__(self):
         where = f"ParamBuffer of {len(self._params)} tensors" if self._buffer is not None else \
@@ -377,6 +481,7 @@ class _Plan:
     def __init__(self, kernels, group, numel):
         self.kernels, self.group, self.numel = kernels, group, numel
         self.step = 0
+        self.restart = False  # the next update starts a state from the gradient (scalars see step 1)
         self.flat = self.lists = self.tensors = self.entry = None
         self.parallel = numel >= _dispatch.PARALLEL_THRESHOLD
 
@@ -448,25 +553,14 @@ class _GradLists:
 
 
 def check_disjoint(params):
-    """No param may appear twice or share memory with another: sorted by address, each
-    array must start after every earlier one ends (n log n: a model may hold thousands)."""
-    seen, spans = {}, []
+    """No param may appear twice or share memory with another (n log n: a model may hold
+    thousands)."""
+    seen = {}
     for i, a in enumerate(params):
         if id(a) in seen:
             raise ValueError(f"params[{i}] appears more than once among the params (it is params[{seen[id(a)]}])")
         seen[id(a)] = i
-        span = _dispatch._Array(f"params[{i}]", a).span()
-        if span is not None and span[0] < span[1]:
-            spans.append((span[0], span[1], i))
-    spans.sort()
-    end, last = 0, None
-    for start, stop, i in spans:
-        if last is not None and start < end:
-            first, second = sorted((i, last))
-            raise ValueError(f"params[{second}] shares memory with params[{first}]: each param must be its "
-                             "own buffer")
-        if stop > end:
-            end, last = stop, i
+    _dispatch.check_no_overlap([_dispatch._Array(f"params[{i}]", a) for i, a in enumerate(params)])
 
 
 def _resolve_buffer(params):
@@ -550,3 +644,94 @@ def _from_torch_value(x):
         x = x.detach().cpu()
         return x.item() if x.ndim == 0 else x.numpy()
     return x
+
+
+class _Group(dict):
+    """A param group: a dict, as torch's. Editing any hyper-parameter but ``lr`` (which each
+    step reads and checks anyway) flags the optimizer to re-check every group, and to start
+    or refuse the state a new option needs, before its next step."""
+
+    def __init__(self, edited, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._edited = edited
+
+    def _flag(self):
+        edited = getattr(self, "_edited", None)  # unpickling sets items before attributes
+        if edited is not None:
+            edited[0] = True
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        if key != "lr":
+            self._flag()
+
+    def _flagging(name):
+        def method(self, *args, **kwargs):
+            out = getattr(dict, name)(self, *args, **kwargs)
+            self._flag()
+            return out
+        method.__name__ = name
+        return method
+
+    __delitem__, __ior__, update, setdefault, pop, popitem, clear = map(
+        _flagging, ("__delitem__", "__ior__", "update", "setdefault", "pop", "popitem", "clear"))
+    del _flagging
+
+
+@functools.lru_cache(maxsize=None)
+def _hyper_defaults(cls):
+    """Hyper-parameter -> the class's default, from its constructor's signature."""
+    return {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty and p.kind != p.VAR_KEYWORD}
+
+
+@functools.lru_cache(maxsize=None)
+def _identity_keys(cls):
+    """The hyper-parameters every state dict of this rule carries (the constructor's
+    positional ones: torch.optim's, for the rules torch has)."""
+    return tuple(n for n, p in inspect.signature(cls.__init__).parameters.items()
+                 if p.kind == p.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty)
+
+
+def _is_real(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def _type_problem(key, value, default):
+    """Why ``value`` cannot stand where the class defaults to ``default`` (None if it can)."""
+    if default is None or (key == "lr" and callable(value)):
+        return None
+    if isinstance(default, bool):
+        ok = isinstance(value, (bool, np.bool_))
+        want = "True or False"
+    elif isinstance(default, numbers.Real):
+        ok, want = _is_real(value), "a real number"
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (tuple, list)) and len(value) == len(default) and all(map(_is_real, value))
+        want = f"a pair of real numbers" if len(default) == 2 else f"{len(default)} real numbers"
+    elif isinstance(default, str):
+        ok, want = isinstance(value, str), "a string"
+    else:
+        return None
+    return None if ok else f"{key} must be {want}, got {value!r}"
+
+
+def _step_count(value, where):
+    """A state dict's step count as an int: a non-negative integral number (a float or a
+    0-d tensor, as torch keeps it), or a ValueError naming ``where``."""
+    value = _from_torch_value(value)
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if not _is_real(value) or not math.isfinite(value) or value < 0 or value != int(value):
+        raise ValueError(f"{where} is {value!r}: a step count is a non-negative whole number")
+    return int(value)
+
+
+def _state_array(value, param, where):
+    """A state array from a state dict, checked and converted to the param's dtype (flat)."""
+    value = np.asarray(_from_torch_value(value))
+    if value.dtype.kind not in "fiu":
+        raise ValueError(f"{where} has dtype {value.dtype}: a state array holds real numbers")
+    if value.shape != tuple(param.shape):
+        raise ValueError(f"{where} has shape {value.shape}, the param {tuple(param.shape)}")
+    return value.reshape(-1).astype(param.dtype)

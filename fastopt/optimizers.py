@@ -21,6 +21,7 @@ class SGD(Optimizer):
     ``l1`` adds an L1 penalty: a subgradient term, or a proximal soft threshold
     (``l1_mode="proximal"``) that sets small weights to exactly zero."""
     rule = sgd
+    start_from_grad = ("momentum_buffer",)  # momentum turned on mid-run starts as torch's: from g
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
                  maximize=False, l1=0.0, l1_mode="subgradient", **options):
@@ -108,6 +109,7 @@ class Adamax(Optimizer):
 class NAdam(Optimizer):
     """NAdam with PyTorch's momentum-decay schedule (``torch.optim.NAdam``); see ``kernels/nadam.py``."""
     rule = nadam
+    derived = ("mu_product",)  # torch keeps the momentum schedule's product; fastopt derives it from the step
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
                  decoupled_weight_decay=False, *, maximize=False, **options):
