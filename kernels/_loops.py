@@ -21,9 +21,17 @@ import hashlib
 import inspect
 
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.extending import overload, register_jitable
 
 _CPU_OPTIONS = dict(error_model="numpy", nogil=True)  # "numpy": no ZeroDivision check, so loops vectorize
+
+
+@register_jitable  # callable from a rule's math in both the CPU and the CUDA kernels
+def nan_max(a, b):
+    """``max(a, b)``, NaN when either is NaN, as ``torch.maximum``: Python's ``max(a, nan)``
+    is ``a``, which would hide a NaN gradient in a running maximum for ever. A compare and
+    a select in the arrays' dtype: no float64, and the loops still vectorize."""
+    return a if a > b or a != a else b
 
 
 def _make_apply(math):

@@ -1,7 +1,7 @@
 """Adadelta (Zeiler, 2012), as ``torch.optim.Adadelta``.
 
     g      = -grad if maximize else grad
-    g     += weight_decay * p
+    g     += weight_decay * p                      (only when weight_decay != 0, as torch)
     sq     = rho * sq + (1 - rho) * g**2
     delta  = sqrt(acc + eps) / sqrt(sq + eps) * g
     acc    = rho * acc + (1 - rho) * delta**2
@@ -16,10 +16,11 @@ from ._loops import Kernels
 
 
 def adadelta_math(p, g, square_avg, acc_delta, _2, c):
-    lr, rho, one_minus_rho, eps, weight_decay, maximize = c
+    lr, rho, one_minus_rho, eps, weight_decay, maximize, coupled = c
     if maximize:
         g = -g
-    g = g + weight_decay * p
+    if coupled:  # torch skips a zero decay: 0 * p is NaN for an inf or NaN p
+        g = g + weight_decay * p
     square_avg = rho * square_avg + one_minus_rho * g * g
     delta = math.sqrt(acc_delta + eps) / math.sqrt(square_avg + eps) * g
     acc_delta = rho * acc_delta + one_minus_rho * delta * delta
@@ -38,7 +39,7 @@ def check(*, lr, rho, eps, weight_decay, **_):
 
 
 def scalars(*, step, lr, rho, eps, weight_decay, maximize):
-    return (lr, rho, 1 - rho, eps, weight_decay), (bool(maximize),)
+    return (lr, rho, 1 - rho, eps, weight_decay), (bool(maximize), weight_decay != 0)
 
 
 def adadelta_(param, grad, square_avg, acc_delta, *, step, lr=1.0, rho=0.9, eps=1e-6,
@@ -56,7 +57,8 @@ def adadelta_reference(param, grad, square_avg, acc_delta, *, step, lr=1.0, rho=
                        weight_decay=0.0, maximize=False):
     """Textbook Adadelta in NumPy (float64), the check for :func:`adadelta_`."""
     g = -grad if maximize else grad
-    g = g + weight_decay * param
+    if weight_decay != 0:
+        g = g + weight_decay * param
     square_avg[:] = rho * square_avg + (1 - rho) * g ** 2
     delta = np.sqrt(acc_delta + eps) / np.sqrt(square_avg + eps) * g
     acc_delta[:] = rho * acc_delta + (1 - rho) * delta ** 2

@@ -1,7 +1,7 @@
 """Adagrad (Duchi et al., 2011), as ``torch.optim.Adagrad``.
 
     g    = -grad if maximize else grad
-    g   += weight_decay * p
+    g   += weight_decay * p                        (only when weight_decay != 0, as torch)
     lr_t = lr / (1 + (t - 1) * lr_decay)
     sum += g**2
     p   -= lr_t * g / (sqrt(sum) + eps)
@@ -15,10 +15,11 @@ from ._loops import Kernels
 
 
 def adagrad_math(p, g, state_sum, _1, _2, c):
-    clr, weight_decay, eps, maximize = c
+    clr, weight_decay, eps, maximize, coupled = c
     if maximize:
         g = -g
-    g = g + weight_decay * p
+    if coupled:  # torch skips a zero decay: 0 * p is NaN for an inf or NaN p
+        g = g + weight_decay * p
     state_sum = state_sum + g * g
     return p - clr * g / (math.sqrt(state_sum) + eps), state_sum, _1, _2
 
@@ -35,7 +36,7 @@ def check(*, lr, lr_decay, weight_decay, eps, **_):
 
 
 def scalars(*, step, lr, lr_decay, weight_decay, eps, maximize):
-    return (lr / (1 + (step - 1) * lr_decay), weight_decay, eps), (bool(maximize),)
+    return (lr / (1 + (step - 1) * lr_decay), weight_decay, eps), (bool(maximize), weight_decay != 0)
 
 
 def adagrad_(param, grad, state_sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
@@ -52,6 +53,7 @@ def adagrad_reference(param, grad, state_sum, *, step, lr=1e-2, lr_decay=0.0, we
                       eps=1e-10, maximize=False):
     """Textbook Adagrad in NumPy (float64), the check for :func:`adagrad_`."""
     g = -grad if maximize else grad
-    g = g + weight_decay * param
+    if weight_decay != 0:
+        g = g + weight_decay * param
     state_sum += g ** 2
     param -= lr / (1 + (step - 1) * lr_decay) * g / (np.sqrt(state_sum) + eps)

@@ -6,6 +6,9 @@
     m      = beta1 * m + (1 - beta1) * g
     v      = beta2 * v + (1 - beta2) * g**2
     v_max  = max(v_max, v)                         (amsgrad; v_max replaces v below)
+
+Either decay is skipped when ``weight_decay == 0``, as torch does (``0 * p`` is NaN for an
+inf or NaN parameter), and ``max`` is NaN when either side is, as ``torch.maximum``.
     p     -= lr / (1 - beta1**t) * m / (sqrt(v / (1 - beta2**t)) + eps)
 
 ``bias_correction=False`` drops both ``1 - beta**t`` factors: the lecture notes' "Adam
@@ -19,22 +22,24 @@ import math
 import numpy as np
 
 from . import _args
-from ._loops import Kernels
+from ._loops import Kernels, nan_max
 
 
 def adam_math(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, c):
     (beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_sqrt_bc2, eps,
-     l2, decay, l1, zero, amsgrad, maximize, l1_subgradient, proximal) = c
+     l2, decay, l1, zero, amsgrad, maximize, coupled, decoupled, l1_subgradient, proximal) = c
     if maximize:
         g = -g
-    g = g + l2 * p
+    if coupled:  # torch skips a zero decay: 0 * p is NaN for an inf or NaN p
+        g = g + l2 * p
     if l1_subgradient:
         g = g + (l1 if p > zero else -l1 if p < zero else zero)
-    p = p * decay
+    if decoupled:
+        p = p * decay
     exp_avg = beta1 * exp_avg + one_minus_beta1 * g
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
     if amsgrad:
-        max_exp_avg_sq = max(max_exp_avg_sq, exp_avg_sq)
+        max_exp_avg_sq = nan_max(max_exp_avg_sq, exp_avg_sq)
         denom = math.sqrt(max_exp_avg_sq) * inv_sqrt_bc2 + eps
     else:
         denom = math.sqrt(exp_avg_sq) * inv_sqrt_bc2 + eps
@@ -63,8 +68,11 @@ def scalars(*, step, lr, betas, eps, weight_decay, amsgrad, maximize, bias_corre
     bc1 = 1 - beta1 ** step if bias_correction else 1.0
     bc2 = 1 - beta2 ** step if bias_correction else 1.0
     l2, decay = (0.0, 1 - lr * weight_decay) if decoupled_weight_decay else (weight_decay, 1.0)
+    decays = weight_decay != 0
     return ((beta1, 1 - beta1, beta2, 1 - beta2, lr / bc1, 1 / math.sqrt(bc2), eps, l2, decay, l1, 0.0),
-            (bool(amsgrad), bool(maximize), l1 > 0 and l1_mode == "subgradient", l1 > 0 and l1_mode == "proximal"))
+            (bool(amsgrad), bool(maximize), decays and not decoupled_weight_decay,
+             decays and bool(decoupled_weight_decay), l1 > 0 and l1_mode == "subgradient",
+             l1 > 0 and l1_mode == "proximal"))
 
 
 def _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, **hp):
@@ -101,9 +109,9 @@ def _reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, be
                weight_decay, amsgrad, maximize, bias_correction, decoupled_weight_decay, l1, l1_mode):
     beta1, beta2 = betas
     g = -grad if maximize else grad
-    if decoupled_weight_decay:
+    if weight_decay != 0 and decoupled_weight_decay:
         param *= 1 - lr * weight_decay
-    else:
+    elif weight_decay != 0:
         g = g + weight_decay * param
     if l1_mode == "subgradient":
         g = g + l1 * np.sign(param)

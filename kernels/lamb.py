@@ -4,7 +4,7 @@
     m    = beta1 * m + (1 - beta1) * g
     v    = beta2 * v + (1 - beta2) * g**2
     r    = (m / bc1) / (sqrt(v / bc2) + eps)          bc = 1 - beta**t, or 1 (bias_correction=False)
-    u    = r + weight_decay * p
+    u    = r + weight_decay * p                    (r alone when weight_decay == 0)
     phi  = min(||p||, clamp_value) / ||u||            per tensor; 1 where either norm is 0
     p   -= lr * phi * u
 
@@ -39,7 +39,8 @@ THREADS = 128  # CUDA threads per block (one block per chunk)
 cuda = None    # numba.cuda, bound on first GPU use (optional); a module global so the simulator can swap it
 
 # The kernels' scalar tuple c: (grad_scale, lr, beta1, 1 - beta1, beta2, 1 - beta2,
-# 1 / bc1, 1 / sqrt(bc2), eps, weight_decay), all in the arrays' dtype.
+# 1 / bc1, 1 / sqrt(bc2), eps, weight_decay), all in the arrays' dtype, then the flag
+# weight_decay != 0.
 
 
 def lamb_moments(g, m, v, c):
@@ -49,7 +50,9 @@ def lamb_moments(g, m, v, c):
 
 def lamb_direction(p, m, v, c):
     """u = m_hat / (sqrt(v_hat) + eps) + weight_decay * p, from the new m, v."""
-    return m * c[6] / (math.sqrt(v) * c[7] + c[8]) + c[9] * p
+    r = m * c[6] / (math.sqrt(v) * c[7] + c[8])
+    # no term for a zero decay (torch_optimizer.Lamb skips it): 0 * p is NaN for an inf p
+    return r + c[9] * p if c[10] else r
 
 
 # -- CPU --------------------------------------------------------------------------------
@@ -234,7 +237,8 @@ def scalars(*, step, lr, betas, eps, weight_decay, bias_correction=True):
     beta1, beta2 = betas
     bc1 = 1 - beta1 ** step if bias_correction else 1.0
     bc2 = 1 - beta2 ** step if bias_correction else 1.0
-    return (lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 / bc1, 1 / math.sqrt(bc2), eps, weight_decay), ()
+    return (lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 / bc1, 1 / math.sqrt(bc2), eps, weight_decay), \
+        (weight_decay != 0,)
 
 
 def trust_ratios(param_norms, update_norms, clamp_value=None):
@@ -274,7 +278,9 @@ def lamb_reference(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, betas
         v[...] = beta2 * v + (1 - beta2) * g ** 2
         m_hat = m / (1 - beta1 ** step) if bias_correction else m
         v_hat = v / (1 - beta2 ** step) if bias_correction else v
-        u = m_hat / (np.sqrt(v_hat) + eps) + weight_decay * p
+        u = m_hat / (np.sqrt(v_hat) + eps)
+        if weight_decay != 0:
+            u = u + weight_decay * p
         w_norm, u_norm = np.linalg.norm(p), np.linalg.norm(u)
         if clamp_value is not None:
             w_norm = min(w_norm, clamp_value)

@@ -37,12 +37,13 @@ THREADS = 128
 cuda = None  # numba.cuda, bound on first GPU use (optional); a module global so the simulator can swap it
 
 # The kernels' scalar tuple c: (grad_scale, lr, weight_decay, momentum, 1 - dampening,
-# use_momentum, first_step, nesterov), the floats in the arrays' dtype.
+# use_momentum, first_step, nesterov, weight_decay != 0), the floats in the arrays' dtype.
 
 
 def lars_math(p, g, buf, ratio, c):
     """The new (p, buf); ``g`` is already scaled by c[0], ``ratio`` is the tensor's."""
-    d = (g + c[2] * p) * ratio
+    # no term for a zero decay (timm skips it): 0 * p is NaN for an inf or NaN p
+    d = (g + c[2] * p if c[8] else g) * ratio
     if c[5]:
         if c[6]:
             buf = d
@@ -167,7 +168,7 @@ def check(*, lr, momentum, dampening, weight_decay, nesterov, trust_coeff, eps, 
 
 def scalars(*, step, lr, momentum, dampening, weight_decay, nesterov):
     return ((lr, weight_decay, momentum, 1 - dampening),
-            (momentum != 0, step == 1, bool(nesterov)))
+            (momentum != 0, step == 1, bool(nesterov), weight_decay != 0))
 
 
 def adapts(weight_decay, always_adapt):
@@ -228,7 +229,7 @@ def lars_reference(params, grads, momentum_buffers=None, *, step, lr=1.0, moment
                 ratio = trust_coeff * w_norm / (g_norm + weight_decay * w_norm + eps)
             if trust_clip:
                 ratio = min(ratio / lr, 1.0)
-        d = ratio * (g + weight_decay * p)
+        d = ratio * (g + weight_decay * p if weight_decay != 0 else g)
         if momentum != 0:
             buf = momentum_buffers[i]
             buf[...] = d if step == 1 else momentum * buf + (1 - dampening) * d

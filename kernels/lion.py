@@ -1,7 +1,7 @@
 """Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms").
 
     g    = -grad if maximize else grad
-    p   *= 1 - lr * weight_decay
+    p   *= 1 - lr * weight_decay                   (only when weight_decay != 0)
     p   -= lr * sign(beta1 * m + (1 - beta1) * g)
     m    = beta2 * m + (1 - beta2) * g
 """
@@ -12,13 +12,15 @@ from ._loops import Kernels
 
 
 def lion_math(p, g, exp_avg, _1, _2, c):
-    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, zero, maximize = c
+    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, zero, maximize, decoupled = c
     if maximize:
         g = -g
     direction = beta1 * exp_avg + one_minus_beta1 * g
     # `zero` comes from the host in the arrays' dtype: a literal 0 would compare in float64
     step = lr if direction > zero else (-lr if direction < zero else zero)
-    return p * decay - step, beta2 * exp_avg + one_minus_beta2 * g, _1, _2
+    if decoupled:  # as the other rules: no decay term at all when the decay is 0
+        p = p * decay
+    return p - step, beta2 * exp_avg + one_minus_beta2 * g, _1, _2
 
 
 KERNELS = Kernels("lion", lion_math)
@@ -33,7 +35,7 @@ def check(*, lr, betas, weight_decay, **_):
 
 def scalars(*, step, lr, betas, weight_decay, maximize):
     beta1, beta2 = betas
-    return (lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, 0.0), (bool(maximize),)
+    return (lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, 0.0), (bool(maximize), weight_decay != 0)
 
 
 def lion_(param, grad, exp_avg, *, step, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
@@ -51,6 +53,7 @@ def lion_reference(param, grad, exp_avg, *, step, lr=1e-4, betas=(0.9, 0.99), we
     beta1, beta2 = betas
     g = -grad if maximize else grad
     update = np.sign(beta1 * exp_avg + (1 - beta1) * g)
-    param *= 1 - lr * weight_decay
+    if weight_decay != 0:
+        param *= 1 - lr * weight_decay
     param -= lr * update
     exp_avg[:] = beta2 * exp_avg + (1 - beta2) * g

@@ -1,7 +1,8 @@
 """NAdam (Dozat, 2016), as ``torch.optim.NAdam`` (momentum decay schedule included).
 
     g      = -grad if maximize else grad
-    g     += weight_decay * p                      (or p *= 1 - lr*weight_decay, decoupled)
+    g     += weight_decay * p                      (or p *= 1 - lr*weight_decay, decoupled;
+                                                    neither when weight_decay == 0, as torch)
     mu_t   = beta1 * (1 - 0.5 * 0.96**(t * momentum_decay));  M_t = mu_1 * ... * mu_t
     m      = beta1 * m + (1 - beta1) * g
     v      = beta2 * v + (1 - beta2) * g**2
@@ -20,11 +21,13 @@ from ._loops import Kernels
 
 def nadam_math(p, g, exp_avg, exp_avg_sq, _2, c):
     (beta1, one_minus_beta1, beta2, one_minus_beta2, inv_sqrt_bc2, eps, grad_coef, avg_coef,
-     l2, decay, maximize) = c
+     l2, decay, maximize, coupled, decoupled) = c
     if maximize:
         g = -g
-    g = g + l2 * p
-    p = p * decay
+    if coupled:  # torch skips a zero decay: 0 * p is NaN for an inf or NaN p
+        g = g + l2 * p
+    if decoupled:
+        p = p * decay
     exp_avg = beta1 * exp_avg + one_minus_beta1 * g
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
     denom = math.sqrt(exp_avg_sq) * inv_sqrt_bc2 + eps
@@ -68,7 +71,8 @@ def scalars(*, step, lr, betas, eps, weight_decay, momentum_decay, decoupled_wei
     l2, decay = (0.0, 1 - lr * weight_decay) if decoupled_weight_decay else (weight_decay, 1.0)
     return ((beta1, 1 - beta1, beta2, 1 - beta2, 1 / math.sqrt(1 - beta2 ** step), eps,
              lr * (1 - mu_t) / (1 - prod), lr * mu_next / (1 - prod * mu_next),
-             l2, decay), (bool(maximize),))
+             l2, decay), (bool(maximize), weight_decay != 0 and not decoupled_weight_decay,
+                          weight_decay != 0 and bool(decoupled_weight_decay)))
 
 
 def nadam_(param, grad, exp_avg, exp_avg_sq, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
@@ -87,9 +91,9 @@ def nadam_reference(param, grad, exp_avg, exp_avg_sq, *, step, lr=2e-3, betas=(0
     """Textbook NAdam in NumPy (float64), the check for :func:`nadam_`."""
     beta1, beta2 = betas
     g = -grad if maximize else grad
-    if decoupled_weight_decay:
+    if weight_decay != 0 and decoupled_weight_decay:
         param *= 1 - lr * weight_decay
-    else:
+    elif weight_decay != 0:
         g = g + weight_decay * param
     mus = [beta1 * (1 - 0.5 * 0.96 ** (k * momentum_decay)) for k in range(1, step + 2)]
     prod = float(np.prod(mus[:step]))

@@ -1,7 +1,8 @@
 """RAdam (Liu et al., 2020), as ``torch.optim.RAdam``.
 
     g      = -grad if maximize else grad
-    g     += weight_decay * p                      (or p *= 1 - lr*weight_decay, decoupled)
+    g     += weight_decay * p                      (or p *= 1 - lr*weight_decay, decoupled;
+                                                    neither when weight_decay == 0, as torch)
     m      = beta1 * m + (1 - beta1) * g
     v      = beta2 * v + (1 - beta2) * g**2
     rho_inf = 2 / (1 - beta2) - 1;   rho_t = rho_inf - 2 t beta2**t / (1 - beta2**t)
@@ -20,11 +21,13 @@ from ._loops import Kernels
 
 
 def radam_math(p, g, exp_avg, exp_avg_sq, _2, c):
-    beta1, one_minus_beta1, beta2, one_minus_beta2, coef, eps, l2, decay, rectify, maximize = c
+    beta1, one_minus_beta1, beta2, one_minus_beta2, coef, eps, l2, decay, rectify, maximize, coupled, decoupled = c
     if maximize:
         g = -g
-    g = g + l2 * p
-    p = p * decay
+    if coupled:  # torch skips a zero decay: 0 * p is NaN for an inf or NaN p
+        g = g + l2 * p
+    if decoupled:
+        p = p * decay
     exp_avg = beta1 * exp_avg + one_minus_beta1 * g
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
     if rectify:
@@ -60,7 +63,9 @@ def scalars(*, step, lr, betas, eps, weight_decay, decoupled_weight_decay, maxim
     rectify, r = rectification(step, beta2)
     coef = lr / (1 - beta1 ** step) * (r * math.sqrt(1 - beta2 ** step) if rectify else 1.0)
     l2, decay = (0.0, 1 - lr * weight_decay) if decoupled_weight_decay else (weight_decay, 1.0)
-    return (beta1, 1 - beta1, beta2, 1 - beta2, coef, eps, l2, decay), (rectify, bool(maximize))
+    return ((beta1, 1 - beta1, beta2, 1 - beta2, coef, eps, l2, decay),
+            (rectify, bool(maximize), weight_decay != 0 and not decoupled_weight_decay,
+             weight_decay != 0 and bool(decoupled_weight_decay)))
 
 
 def radam_(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
@@ -79,9 +84,9 @@ def radam_reference(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0
     """Textbook RAdam in NumPy (float64), the check for :func:`radam_`."""
     beta1, beta2 = betas
     g = -grad if maximize else grad
-    if decoupled_weight_decay:
+    if weight_decay != 0 and decoupled_weight_decay:
         param *= 1 - lr * weight_decay
-    else:
+    elif weight_decay != 0:
         g = g + weight_decay * param
     exp_avg[:] = beta1 * exp_avg + (1 - beta1) * g
     exp_avg_sq[:] = beta2 * exp_avg_sq + (1 - beta2) * g ** 2

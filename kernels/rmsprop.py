@@ -1,7 +1,7 @@
 """RMSprop (Hinton, 2012), plain, centered and with momentum, as ``torch.optim.RMSprop``.
 
     g     = -grad if maximize else grad
-    g    += weight_decay * p
+    g    += weight_decay * p                       (only when weight_decay != 0, as torch)
     sq    = alpha * sq + (1 - alpha) * g**2
     ga    = alpha * ga + (1 - alpha) * g             (centered)
     avg   = sqrt(sq - ga**2) if centered else sqrt(sq)
@@ -17,10 +17,11 @@ from ._loops import Kernels
 
 
 def rmsprop_math(p, g, square_avg, momentum_buffer, grad_avg, c):
-    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, use_momentum, centered, maximize = c
+    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, use_momentum, centered, maximize, coupled = c
     if maximize:
         g = -g
-    g = g + weight_decay * p
+    if coupled:  # torch skips a zero decay: 0 * p is NaN for an inf or NaN p
+        g = g + weight_decay * p
     square_avg = alpha * square_avg + one_minus_alpha * g * g
     if centered:
         grad_avg = alpha * grad_avg + one_minus_alpha * g
@@ -49,7 +50,7 @@ def check(*, lr, alpha, eps, weight_decay, momentum, **_):
 
 def scalars(*, step, lr, alpha, eps, weight_decay, momentum, centered, maximize):
     return ((lr, alpha, 1 - alpha, eps, weight_decay, momentum),
-            (momentum > 0, bool(centered), bool(maximize)))
+            (momentum > 0, bool(centered), bool(maximize), weight_decay != 0))
 
 
 def rmsprop_(param, grad, square_avg, momentum_buffer=None, grad_avg=None, *, step, lr=1e-2,
@@ -79,7 +80,8 @@ def rmsprop_reference(param, grad, square_avg, momentum_buffer=None, grad_avg=No
                       maximize=False):
     """Textbook RMSprop in NumPy (float64), the check for :func:`rmsprop_`."""
     g = -grad if maximize else grad
-    g = g + weight_decay * param
+    if weight_decay != 0:
+        g = g + weight_decay * param
     square_avg[:] = alpha * square_avg + (1 - alpha) * g ** 2
     if centered:
         grad_avg[:] = alpha * grad_avg + (1 - alpha) * g

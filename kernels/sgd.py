@@ -1,7 +1,7 @@
 """SGD with momentum, dampening and Nesterov, as ``torch.optim.SGD``.
 
     g    = -grad if maximize else grad
-    g   += weight_decay * p
+    g   += weight_decay * p                        (only when weight_decay != 0, as torch)
     b    = g                                        (first step: the buffer starts as g)
     b    = momentum * b + (1 - dampening) * g       (later steps)
     d    = g + momentum * b if nesterov else b      (d = g when momentum == 0)
@@ -21,10 +21,11 @@ from ._loops import Kernels
 
 def sgd_math(p, g, momentum_buffer, _1, _2, c):
     (lr, weight_decay, momentum, one_minus_dampening, l1, threshold, zero,
-     use_momentum, first, nesterov, maximize, l1_subgradient, proximal) = c
+     use_momentum, first, nesterov, maximize, coupled, l1_subgradient, proximal) = c
     if maximize:
         g = -g
-    g = g + weight_decay * p
+    if coupled:  # torch skips a zero decay: 0 * p is NaN for an inf or NaN p
+        g = g + weight_decay * p
     if l1_subgradient:
         g = g + (l1 if p > zero else -l1 if p < zero else zero)
     if use_momentum:
@@ -59,7 +60,8 @@ def check(*, lr, momentum, dampening, weight_decay, nesterov, l1=0.0, l1_mode="s
 
 def scalars(*, step, lr, momentum, dampening, weight_decay, nesterov, maximize, l1=0.0, l1_mode="subgradient"):
     return ((lr, weight_decay, momentum, 1 - dampening, l1, lr * l1, 0.0),
-            (momentum != 0, step == 1, bool(nesterov), bool(maximize), l1 > 0 and l1_mode == "subgradient",
+            (momentum != 0, step == 1, bool(nesterov), bool(maximize), weight_decay != 0,
+             l1 > 0 and l1_mode == "subgradient",
              l1 > 0 and l1_mode == "proximal"))
 
 
@@ -83,7 +85,8 @@ def sgd_reference(param, grad, momentum_buffer=None, *, step, lr, momentum=0.0, 
                   weight_decay=0.0, nesterov=False, maximize=False, l1=0.0, l1_mode="subgradient"):
     """Textbook SGD with momentum in NumPy (float64), the check for :func:`sgd_`."""
     g = -grad if maximize else grad
-    g = g + weight_decay * param
+    if weight_decay != 0:
+        g = g + weight_decay * param
     if l1_mode == "subgradient":
         g = g + l1 * np.sign(param)
     if momentum != 0:

@@ -60,3 +60,71 @@ def test_matches_torch(rule, draw):
         else:
             assert not a.any(), f"{name} was written though torch keeps no such state here"
     assert not np.allclose(param, p0)
+
+
+# -- torch's semantics at the edges ------------------------------------------------------
+
+# (rule, hyper-parameters): decays torch skips (`if weight_decay != 0`), coupled and decoupled
+SKIPPED_DECAY = [
+    ("sgd", dict(lr=0.05)), ("sgd", dict(lr=0.05, momentum=0.9, dampening=0.3)),
+    ("adagrad", {}), ("rmsprop", {}), ("rmsprop", dict(momentum=0.9, centered=True)),
+    ("adam", {}), ("adam", dict(amsgrad=True)), ("adam", dict(eps=0.0)),
+    ("adamw", {}), ("adamw", dict(weight_decay=0.0, amsgrad=True)),
+    ("adadelta", {}), ("adamax", {}),
+    ("nadam", {}), ("nadam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
+    ("radam", {}), ("radam", dict(weight_decay=0.1, decoupled_weight_decay=True)),
+]
+
+
+def _run_both(rule, hp, p0, grads):
+    """fastopt's functional rule and torch.optim (foreach=False, float64) on the same
+    steps; returns (fastopt's param and states by torch name, torch's param and state)."""
+    _, fn, _ = RULES[rule]
+    cls, names = TORCH[rule]
+    param, state = p0.copy(), states(rule, p0.size)
+    tparam = torch.tensor(p0)
+    opt = cls([tparam], foreach=False, **hp)
+    for step, g in enumerate(grads, start=1):
+        fn(param, g, *state, step=step, **hp)
+        tparam.grad = torch.tensor(g)
+        opt.step()
+    ours = {names[n]: a for n, a in zip(RULES[rule][0].STATES, state)}
+    theirs = {k: v.numpy() for k, v in opt.state[tparam].items() if k in ours}
+    return param, ours, tparam.numpy(), theirs
+
+
+@pytest.mark.parametrize("rule,hp", SKIPPED_DECAY, ids=[f"{r}-{'-'.join(map(str, h.values())) or 'defaults'}"
+                                                         for r, h in SKIPPED_DECAY])
+def test_nonfinite_params_keep_finite_states_as_in_torch(rule, hp):
+    """0 * inf is NaN: a kernel that computes the decay term when the decay is 0 (or
+    decoupled) turns the moments of an inf or NaN parameter into NaN where torch's stay
+    finite. Parameters start inf, -inf and NaN (as an inf gradient under
+    nonfinite="propagate" leaves them); one coordinate always gets a zero gradient, which
+    with eps=0 makes its parameter NaN at the first step."""
+    p0 = np.array([np.inf, -np.inf, np.nan, 1.5, -0.5, 0.25, 2.0])
+    grads = gradients(5, p0.size, seed=3)
+    for g in grads:
+        g[5] = 0.0
+    param, ours, tparam, theirs = _run_both(rule, hp, p0, grads)
+    # 1e-9: torch's NAdam keeps mu_product in float32 (the default dtype) over 5 steps
+    np.testing.assert_allclose(param, tparam, rtol=1e-9, atol=0, equal_nan=True)
+    assert set(theirs) <= set(ours)
+    for name, value in theirs.items():
+        np.testing.assert_allclose(ours[name], value, rtol=1e-9, atol=0, equal_nan=True, err_msg=name)
+        assert np.array_equal(np.isnan(ours[name]), np.isnan(value)), name
+
+
+@pytest.mark.parametrize("rule,hp,name", [
+    ("adam", dict(amsgrad=True), "max_exp_avg_sq"),
+    ("adamw", dict(amsgrad=True), "max_exp_avg_sq"),
+    ("adamax", {}, "exp_inf"),
+])
+def test_a_nan_gradient_reaches_the_running_maximum_as_in_torch(rule, hp, name):
+    """torch.maximum propagates NaN; Python's max(a, nan) returns a and would hide it."""
+    p0 = np.random.default_rng(1).standard_normal(6)
+    grads = gradients(4, p0.size, seed=4)
+    grads[1][2] = np.nan
+    param, ours, tparam, theirs = _run_both(rule, hp, p0, grads)
+    assert np.isnan(theirs[name][2]) and np.isnan(ours[name][2])
+    np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-12, atol=0, equal_nan=True)
+    np.testing.assert_allclose(param, tparam, rtol=1e-12, atol=0, equal_nan=True)
