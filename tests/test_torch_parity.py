@@ -128,3 +128,38 @@ def test_a_nan_gradient_reaches_the_running_maximum_as_in_torch(rule, hp, name):
     assert np.isnan(theirs[name][2]) and np.isnan(ours[name][2])
     np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-12, atol=0, equal_nan=True)
     np.testing.assert_allclose(param, tparam, rtol=1e-12, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("default", [torch.float32, torch.float64], ids=["default-f32", "default-f64"])
+def test_nadam_exports_mu_product_in_the_dtype_torch_keeps(default):
+    """torch keeps NAdam's mu_product in its scalar dtype (float64 when that is the default
+    dtype, else float32); exported in another dtype, a run continued in torch drifts."""
+    import fastopt
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        p0 = np.random.default_rng(5).standard_normal(64)
+        grads = gradients(6, p0.size, seed=5)
+        param = p0.copy()
+        ours = fastopt.NAdam([param], lr=0.01, nonfinite="propagate")
+        uninterrupted = torch.tensor(p0)
+        topt = torch.optim.NAdam([uninterrupted], lr=0.01, foreach=False)
+        for g in grads[:3]:
+            ours.step([g])
+            uninterrupted.grad = torch.tensor(g)
+            topt.step()
+        exported = ours.state_dict(torch=True)["state"][0]["mu_product"]
+        kept = topt.state[uninterrupted]["mu_product"]
+        assert exported.dtype == kept.dtype == default
+        assert float(exported) == pytest.approx(float(kept), rel=1e-15 if default == torch.float64 else 1e-7)
+        if default == torch.float64:  # continue in torch from fastopt's export
+            resumed = torch.tensor(param)
+            other = torch.optim.NAdam([resumed], lr=0.01, foreach=False)
+            other.load_state_dict(ours.state_dict(torch=True))
+            for g in grads[3:]:
+                for p, o in ((uninterrupted, topt), (resumed, other)):
+                    p.grad = torch.tensor(g)
+                    o.step()
+            np.testing.assert_allclose(resumed.numpy(), uninterrupted.numpy(), rtol=1e-13, atol=0)
+    finally:
+        torch.set_default_dtype(saved)
