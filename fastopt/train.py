@@ -24,7 +24,6 @@ import math
 import os
 import sys
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +60,8 @@ SCHEDULES = ("constant", "step", "exp", "inverse_time", "cosine", "warmup_cosine
 EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "train_seconds",
                 "examples_per_s")
 CLOCK_FIELDS = ("seconds", "train_seconds", "examples_per_s")  # all that differs between two runs of one config
-CHECKPOINT, CHECKPOINT_STATE = "checkpoint.npz", "checkpoint_state.npz"
+CHECKPOINT = "checkpoint.npz"  # model, optimizer, EMA and progress: one file, one atomic rename
+CHECKPOINT_FORMAT = "fastopt-train-checkpoint-2"
 # config fields a resumed run may change (everything else must match the checkpoint's run);
 # a changed device continues the run, but not bit for bit
 RESUMABLE_CHANGES = ("epochs", "out", "progress", "checkpoint", "resume", "device", "kernel_threads")
@@ -239,9 +239,16 @@ def optimizer_kwargs(name, lr, hyper, strict=True):
         elif strict:
             takes = ", ".join(HYPER_FLAG_NAMES[k] for k in accepted if k in HYPER_FLAG_NAMES)
             raise UsageError(f"{HYPER_FLAG_NAMES.get(key, key)} does not apply to {name} (it takes {takes})")
-    # an optimizer newer than the DEFAULT_LR table starts from its class's own default
-    kwargs["lr"] = lr if lr is not None else DEFAULT_LR.get(name, accepted.get("lr"))
+    kwargs["lr"] = effective_lr(name, lr)
     return cls, kwargs
+
+
+def effective_lr(name, lr):
+    """``lr``, or when it is None the default of optimizer ``name``: its DEFAULT_LR, or for an
+    optimizer newer than that table its class's own default."""
+    if lr is not None:
+        return lr
+    return DEFAULT_LR.get(name, accepted_hyper(optimizer_class(name)[0]).get("lr"))
 
 
 def make_schedule(cfg, lr, steps_per_epoch):
@@ -506,66 +513,56 @@ def _fingerprint(cfg):
     """The settings a resumed run must share with the checkpoint's: all but RESUMABLE_CHANGES,
     and the epochs too when the schedule is laid out over the whole run."""
     spans_run = cfg.schedule in ("cosine", "warmup_cosine") or (cfg.schedule == "step" and not cfg.decay_every)
-    return {k: v for k, v in cfg.as_dict().items() if k not in RESUMABLE_CHANGES or (k == "epochs" and spans_run)}
+    settings = {k: v for k, v in cfg.as_dict().items() if k not in RESUMABLE_CHANGES or (k == "epochs" and spans_run)}
+    settings["lr"] = effective_lr(cfg.optimizer, cfg.lr)  # --lr 0.003 and no --lr are one run for adam
+    return settings
 
 
 def save_checkpoint(out, cfg, model, opt, ema, history, step_losses):
-    """Two atomic files: ``checkpoint.npz`` (fastopt.save: optimizer state, step and parameter
-    arena) and ``checkpoint_state.npz`` (BatchNorm statistics, EMA state, progress, config).
-    The second records the optimizer's step count, so a pair torn by a crash between the two
-    writes is detected on resume."""
-    fastopt.save(Path(out) / CHECKPOINT, opt, model.buffer)
-    arrays = {f"buffer/{k}": to_numpy(v) for k, v in model.buffers().items()}
-    arrays["step_losses"] = np.asarray(step_losses, dtype=np.float64)
-    ema_meta = None
+    """One file, ``checkpoint.npz``, written atomically: the model's parameters and BatchNorm
+    statistics (``model/...``), the optimizer's state dict (``optimizer/...``), the EMA's
+    (``ema/...``), the per-step losses, and in ``meta`` the progress, the run's settings and
+    the list of arrays. One rename publishes all of it: no interruption can leave parts of
+    two epochs side by side."""
+    arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
+    opt_tree, opt_arrays = _flatten(_without_schedules(opt.state_dict()), "optimizer")
+    arrays.update(opt_arrays)
+    ema_tree = None
     if ema is not None:
-        ema_meta, ema_arrays = _flatten(ema.state_dict(), "ema")
+        ema_tree, ema_arrays = _flatten(ema.state_dict(), "ema")
         arrays.update(ema_arrays)
-    meta = dict(epoch=len(history), opt_steps=opt.steps, config=_fingerprint(cfg), history=history, ema=ema_meta,
-                device=model.device)
+    arrays["step_losses"] = np.asarray(step_losses, dtype=np.float64)
+    meta = dict(format=CHECKPOINT_FORMAT, epoch=len(history), config=_fingerprint(cfg), history=history,
+                device=model.device, optimizer=opt_tree, ema=ema_tree, arrays=sorted(arrays))
     arrays["meta"] = np.array(json.dumps(_json_safe(meta)))
-    atomic_write(Path(out) / CHECKPOINT_STATE, lambda f: np.savez(f, **arrays))
+    atomic_write(Path(out) / CHECKPOINT, lambda f: np.savez(f, **arrays))
+
+
+def _without_schedules(state_dict):
+    """A schedule is code, not data: stored as None, and the step count restores its value."""
+    groups = [{k: (None if callable(v) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
+    return {**state_dict, "param_groups": groups}
 
 
 def load_checkpoint(out, cfg, model, opt, ema, log=print):
-    """Restore a run from ``out``; returns ``(history, step_losses)``. ``log`` gets a note when
+    """Restore a run from ``out``; returns ``(history, step_losses)``. Every fault (a missing,
+    unreadable, damaged or foreign file, another run's settings, state that does not fit)
+    is a one-line UsageError naming the file, raised before training starts: the checkpoint
+    is never overwritten by a run that could not resume from it. ``log`` gets a note when
     the checkpoint was saved on another device (the run goes on, not bit for bit)."""
     out = Path(out)
-    paths = [out / CHECKPOINT, out / CHECKPOINT_STATE]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise UsageError(f"--resume: no checkpoint in {out} ({', '.join(missing)} missing; "
-                         "run with --checkpoint first)")
-    try:
-        with np.load(paths[1], allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-        meta = json.loads(str(arrays.pop("meta")))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise UsageError(f"--resume: {paths[1]} is unreadable ({type(e).__name__}: {e})") from None
+    path = out / CHECKPOINT
+    if not path.is_file():
+        raise UsageError(f"--resume: no checkpoint in {out} ({path} missing; run with --checkpoint first)")
+    arrays, meta = _read_checkpoint(path)
     saved, here = meta["config"], _fingerprint(cfg)
     differ = [f"{k}={saved.get(k)!r} there, {here.get(k)!r} here" for k in sorted(set(saved) | set(here))
               if saved.get(k) != here.get(k)]
     if differ:
-        raise UsageError(f"--resume: the checkpoint in {out} is from another run: " + "; ".join(differ))
-    try:
-        fastopt.load(paths[0], opt, model.buffer)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise UsageError(f"--resume: {paths[0]}: {type(e).__name__}: {e}") from None
-    if opt.steps != meta["opt_steps"]:
-        raise UsageError(f"--resume: {paths[0].name} is at step {opt.steps} but {paths[1].name} at step "
-                         f"{meta['opt_steps']} (torn by an interrupted save?); start afresh without --resume")
-    buffers = {k[len("buffer/"):]: v for k, v in arrays.items() if k.startswith("buffer/")}
-    if set(buffers) != set(model.buffers()):
-        raise UsageError(f"--resume: {paths[1]} holds BatchNorm statistics {sorted(buffers) or 'none'}, "
-                         f"the model has {sorted(model.buffers()) or 'none'}")
+        raise UsageError(f"--resume: {path} is from another run: " + "; ".join(differ))
     if ema is not None and meta.get("ema") is None:
-        raise UsageError("--resume --ema: the checkpoint holds no EMA state (saved without --ema)")
-    try:
-        model.load_state_dict(buffers, strict=False)  # the parameters came with the optimizer above
-        if ema is not None:
-            ema.load_state_dict(_unflatten(meta["ema"], arrays, "ema"))
-    except (ValueError, TypeError, KeyError) as e:  # a shape or dtype that does not fit
-        raise UsageError(f"--resume: {paths[1]}: {type(e).__name__}: {e}") from None
+        raise UsageError(f"--resume --ema: {path} holds no EMA state (saved without --ema)")
+    _restore(path, arrays, meta, model, opt, ema)
     if meta.get("device", model.device) != model.device:
         log(f"note: the checkpoint was saved on {meta['device']}, this run is on {model.device}: "
             "it continues, but not bit for bit")
@@ -573,6 +570,76 @@ def load_checkpoint(out, cfg, model, opt, ema, log=print):
     for r in history:  # JSON wrote non-finite numbers as null
         r.update({k: float("nan") for k, v in r.items() if v is None})
     return history, arrays["step_losses"].tolist()
+
+
+# meta entries of a checkpoint and their types: anything else is a damaged or foreign file
+CHECKPOINT_META = {"format": str, "epoch": int, "config": dict, "history": list, "device": str,
+                   "optimizer": dict, "ema": (dict, type(None)), "arrays": list}
+
+
+def _read_checkpoint(path):
+    """``(arrays, meta)`` of the checkpoint at ``path``, each array's header checked against
+    its real size before it is read, the list of arrays checked against the file's."""
+    from .data import npz_array, npz_members, open_npz
+    try:
+        with open_npz(path, "expected a checkpoint written by fastopt train --checkpoint") as archive:
+            arrays = {k: npz_array(archive, m, f"{path}[{k}]") for k, m in npz_members(archive).items()}
+    except DataError as e:
+        raise UsageError(f"--resume: {e}") from None
+    meta = _checkpoint_meta(path, arrays.pop("meta", None))
+    missing, unknown = sorted(set(meta["arrays"]) - set(arrays)), sorted(set(arrays) - set(meta["arrays"]))
+    if missing or unknown:
+        raise UsageError(f"--resume: {path} is damaged: " + "; ".join(
+            [f"missing array(s) {', '.join(missing)}"] * bool(missing) + [f"unknown array(s) {', '.join(unknown)}"]
+            * bool(unknown)))
+    return arrays, meta
+
+
+def _checkpoint_meta(path, entry):
+    """The checkpoint's ``meta`` entry, parsed and its structure checked."""
+    def refuse(why):
+        return UsageError(f"--resume: {path} is not a checkpoint of fastopt train ({why}); start afresh "
+                          "without --resume, or point --out at the run's folder")
+    if entry is None:
+        raise refuse("no meta entry")
+    if entry.shape != () or entry.dtype.kind != "U":
+        raise refuse(f"its meta entry is a {entry.dtype} array of shape {entry.shape}, not text")
+    try:
+        meta = json.loads(str(entry))
+    except ValueError as e:
+        raise refuse(f"its meta entry is not JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise refuse("its meta entry is not a JSON object")
+    if str(meta.get("format")).startswith("fastopt-checkpoint-"):
+        raise refuse("it holds an optimizer alone, as fastopt.save writes it: the first of the two files an "
+                     "older fastopt train wrote, which cannot be resumed")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise refuse(f"format {meta.get('format')!r}, this fastopt reads {CHECKPOINT_FORMAT!r}")
+    wrong = [k for k, kind in CHECKPOINT_META.items() if not isinstance(meta.get(k), kind)]
+    if wrong:
+        raise refuse(f"its meta entry lacks or garbles {', '.join(wrong)}")
+    return meta
+
+
+def _restore(path, arrays, meta, model, opt, ema):
+    """Load the optimizer, the model and the EMA from a read checkpoint. Each checks all it is
+    given before it writes anything; whatever does not fit is a UsageError naming ``path``."""
+    state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
+    expected = set(model.state_dict())
+    if set(state) != expected:
+        missing, unknown = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise UsageError(f"--resume: {path} holds another model's arrays (missing {', '.join(missing) or 'none'}; "
+                         f"unknown {', '.join(unknown) or 'none'})")
+    try:
+        part = "the optimizer state"
+        opt.load_state_dict(_unflatten(meta["optimizer"], arrays, "optimizer"))
+        part = "the model"
+        model.load_state_dict(state)
+        if ema is not None:
+            part = "the EMA state"
+            ema.load_state_dict(_unflatten(meta["ema"], arrays, "ema"))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # a shape, dtype or entry that does not fit
+        raise UsageError(f"--resume: {path}: {part} does not fit: {type(e).__name__}: {e}") from None
 
 
 def _flatten(tree, prefix):
@@ -662,7 +729,7 @@ def train(cfg, log=print):
     log(f"test accuracy {summary['final_test_acc']:.2%} (best {summary['best_test_acc']:.2%} at epoch "
         f"{summary['best_epoch']}); final train loss {summary['final_train_loss']:.4f}")
     log(f"wrote {out / 'metrics.json'}, metrics.csv, {plots[0].name}, {plots[1].name}"
-        + (f", {CHECKPOINT}, {CHECKPOINT_STATE}" if cfg.checkpoint or cfg.resume else ""))
+        + (f", {CHECKPOINT}" if cfg.checkpoint or cfg.resume else ""))
     return metrics
 
 

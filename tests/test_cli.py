@@ -98,17 +98,50 @@ def test_resume_is_bit_exact(tmp_path, capsys, model, schedule):
     code, out, err = run(["train", *common, "--epochs", 2, "--resume", "--out", tmp_path / "b"], capsys)
     assert code == 0, err
     assert "resumed from" in out and out.count("epoch 2/2") == 1 and "epoch 1/2" not in out
-    for name in (T.CHECKPOINT, T.CHECKPOINT_STATE):
-        with np.load(tmp_path / "a" / name) as a, np.load(tmp_path / "b" / name) as b:
-            assert a.files == b.files
-            for key in a.files:
-                if key != "meta":  # meta holds the clock readings
-                    assert np.array_equal(a[key], b[key]), (name, key)
-    with np.load(tmp_path / "a" / T.CHECKPOINT_STATE) as a:
-        assert any(k.startswith("buffer/") for k in a.files) == (model == "conv")
+    name = T.CHECKPOINT  # model, optimizer and progress: one file
+    with np.load(tmp_path / "a" / name) as a, np.load(tmp_path / "b" / name) as b:
+        assert a.files == b.files
+        for key in a.files:
+            if key != "meta":  # meta holds the clock readings
+                assert np.array_equal(a[key], b[key]), (name, key)
+    with np.load(tmp_path / "a" / name) as a:
+        assert any(k.startswith("model/") and "running_" in k for k in a.files) == (model == "conv")
+        assert any(k.startswith("optimizer/state/") for k in a.files)
     ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "ab")
     strip = lambda m: [{k: v for k, v in r.items() if k not in T.CLOCK_FIELDS} for r in m["epochs"]]  # noqa: E731
     assert strip(ma) == strip(mb) and ma["step_loss"] == mb["step_loss"]
+
+
+def _without_a_state_array(path):
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    del arrays[next(k for k in arrays if k.startswith("optimizer/state/"))]
+    np.savez(path, **arrays)
+
+
+# (how to break a checkpoint, the words of the one error line after "<path>")
+BROKEN_CHECKPOINTS = [
+    (lambda p: p.write_bytes(b""), ": not a readable .npz file: it is empty"),
+    (lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)), ": not a readable .npz file: it starts with the bytes"),
+    (lambda p: np.save(p.with_suffix(".npy"), np.zeros(3)) or p.with_suffix(".npy").replace(p),
+     ": not a readable .npz file: it is a .npy file"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-100]), ": not a readable .npz file (a broken zip archive"),
+    (_without_a_state_array, " is damaged: missing array(s) optimizer/state/"),
+]
+
+
+@pytest.mark.parametrize("spoil,message", BROKEN_CHECKPOINTS, ids=["empty", "random", "npy", "cut", "no-state"])
+def test_resume_from_a_broken_checkpoint_is_one_line_and_keeps_the_file(tmp_path, capsys, spoil, message):
+    common = ["--model", "mlp", "--checkpoint", "--out", tmp_path, *TINY]
+    assert run(["train", *common, "--epochs", 1], capsys)[0] == 0
+    path = tmp_path / T.CHECKPOINT
+    spoil(path)
+    broken = path.read_bytes()
+    code, out, err = run(["train", *common, "--epochs", 2, "--resume"], capsys)
+    assert code == 2 and "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fastopt: error: --resume: {path}{message}"), err
+    assert path.read_bytes() == broken  # not overwritten
 
 
 def test_help_is_complete(capsys):

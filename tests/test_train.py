@@ -235,10 +235,13 @@ def test_missing_and_malformed_data_raise_data_errors(tmp_path):
         T.load_dataset(str(tmp_path / "bad.npz"))
 
 
-def test_resume_refuses_another_run_and_a_torn_pair(tmp_path):
+def test_resume_refuses_another_run(tmp_path):
     T.train(tiny_config(tmp_path, model="mlp", epochs=1, checkpoint=True), log=quiet)
-    with pytest.raises(T.UsageError, match="another run: lr=None there, 0.5 here"):
+    # the lr it ran with, not "None" for "the default"
+    with pytest.raises(T.UsageError, match="another run: lr=0.003 there, 0.5 here"):
         T.train(tiny_config(tmp_path, model="mlp", lr=0.5, resume=True), log=quiet)
+    # the default given explicitly is the same run
+    T.train(tiny_config(tmp_path, model="mlp", lr=T.DEFAULT_LR["adam"], epochs=2, resume=True), log=quiet)
     # a schedule laid out over the run: the epochs may not change either
     T.train(tiny_config(tmp_path, model="mlp", epochs=1, schedule="cosine", checkpoint=True,
                         out=str(tmp_path / "cos")), log=quiet)
@@ -247,21 +250,24 @@ def test_resume_refuses_another_run_and_a_torn_pair(tmp_path):
                 log=quiet)
     with pytest.raises(T.UsageError, match="no checkpoint in"):
         T.train(tiny_config(tmp_path, model="mlp", resume=True, out=str(tmp_path / "elsewhere")), log=quiet)
-    # the state file of epoch 1 beside the optimizer file of epoch 2: an interrupted save
-    run = tmp_path / "run"
-    state = (run / T.CHECKPOINT_STATE).read_bytes()
-    T.train(tiny_config(tmp_path, model="mlp", epochs=2, resume=True), log=quiet)
-    (run / T.CHECKPOINT_STATE).write_bytes(state)
-    with pytest.raises(T.UsageError, match="torn"):
-        T.train(tiny_config(tmp_path, model="mlp", epochs=3, resume=True), log=quiet)
+
+
+def test_a_checkpoint_is_one_file(tmp_path):
+    """Model, optimizer, EMA and progress in one .npz, published by one rename: no pair of files
+    that an interruption between two writes could leave from two different epochs."""
+    T.train(tiny_config(tmp_path, model="conv", ema=0.9, epochs=1, checkpoint=True), log=quiet)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name) == [T.CHECKPOINT]
+    with np.load(tmp_path / "run" / T.CHECKPOINT) as f:
+        groups = {k.split("/")[0] for k in f.files}
+    assert groups == {"model", "optimizer", "ema", "step_losses", "meta"}
 
 
 def _drop_first_buffer(arrays):
-    del arrays[next(k for k in arrays if k.startswith("buffer/"))]
+    del arrays[next(k for k in arrays if "running_" in k)]
 
 
 def _reshape_first_buffer(arrays):
-    key = next(k for k in arrays if k.startswith("buffer/"))
+    key = next(k for k in arrays if "running_" in k)
     arrays[key] = arrays[key][:-1]
 
 
@@ -271,13 +277,36 @@ def _meta(**changes):
     return change
 
 
-# (how to spoil a conv + EMA run's state file, the UsageError's words)
+def _listed(spoil):
+    """``spoil``, then the checkpoint's list of arrays made to agree (a consistent, wrong file)."""
+    def change(arrays):
+        spoil(arrays)
+        _meta(arrays=sorted(k for k in arrays if k != "meta"))(arrays)
+    return change
+
+
+def _drop_state(arrays, param, name):
+    """Remove one state array of the optimizer and its mention in the checkpoint's metadata."""
+    del arrays[f"optimizer/state/{param}/{name}"]
+    meta = json.loads(str(arrays["meta"]))
+    del meta["optimizer"]["dict"]["state"]["dict"][param]["dict"][name]
+    arrays["meta"] = np.array(json.dumps(meta))
+
+
+# (how to spoil a conv + EMA run's checkpoint, the UsageError's words)
 BAD_STATE = [
-    (_drop_first_buffer, "holds BatchNorm statistics"),
-    (_reshape_first_buffer, "ValueError: state"),
+    (_drop_first_buffer, r"is damaged: missing array\(s\) model/1.running_mean"),
+    (_listed(_drop_first_buffer), r"holds another model's arrays \(missing 1.running_mean; unknown none\)"),
+    (_reshape_first_buffer, "the model does not fit: ValueError: state"),
     (lambda a: a.update({"ema/average/0": a["ema/average/0"][:1]}), r"ValueError: state_dict\['average'\]\[0\]"),
     (lambda a: a.update({"ema/average/0": a["ema/average/0"].astype(np.float64)}), "TypeError: state_dict"),
     (_meta(ema=None), "holds no EMA state"),
+    (lambda a: a.pop("optimizer/state/0/exp_avg"), r"is damaged: missing array\(s\) optimizer/state/0/exp_avg$"),
+    (_listed(lambda a: _drop_state(a, "0", "exp_avg")), "the optimizer state does not fit: ValueError: .*exp_avg"),
+    (lambda a: a.update(extra=np.zeros(3)), r"is damaged: unknown array\(s\) extra"),
+    (lambda a: a.pop("meta"), r"is not a checkpoint of fastopt train \(no meta entry\)"),
+    (_meta(format="fastopt-checkpoint-1"), "it holds an optimizer alone, as fastopt.save writes it"),
+    (_meta(history=None), "its meta entry lacks or garbles history"),
 ]
 
 
@@ -285,20 +314,22 @@ BAD_STATE = [
 def test_resume_refuses_a_state_file_that_does_not_fit(tmp_path, spoil, message):
     cfg = tiny_config(tmp_path, model="conv", ema=0.9, epochs=1, checkpoint=True)
     T.train(cfg, log=quiet)
-    path = tmp_path / "run" / T.CHECKPOINT_STATE
+    path = tmp_path / "run" / T.CHECKPOINT
     with np.load(path) as f:
         arrays = {k: f[k] for k in f.files}
     spoil(arrays)
     np.savez(path, **arrays)
+    spoiled = path.read_bytes()
     with pytest.raises(T.UsageError, match=message) as e:
         T.train(dataclasses.replace(cfg, epochs=2, checkpoint=False, resume=True), log=quiet)
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+    assert path.read_bytes() == spoiled  # never overwritten by a run that could not resume
 
 
 def test_resume_on_another_device_continues_with_a_note(tmp_path):
     cfg = tiny_config(tmp_path, model="mlp", epochs=1, checkpoint=True)
     T.train(cfg, log=quiet)
-    path = tmp_path / "run" / T.CHECKPOINT_STATE
+    path = tmp_path / "run" / T.CHECKPOINT
     with np.load(path) as f:
         arrays = {k: f[k] for k in f.files}
     _meta(device="elsewhere")(arrays)
