@@ -1,5 +1,6 @@
 """ParamBuffer: a model's parameters as views into one contiguous arena, and a twin
 arena for their gradients, so that an optimizer updates the whole model in one pass."""
+import operator
 import weakref
 
 import numpy as np
@@ -29,6 +30,21 @@ def layout(shapes, dtype):
         offsets.append(end)
         end += -(-_numel(s) // step) * step  # round each segment up to whole cache lines
     return offsets, end
+
+
+def _shape(shape, i):
+    """``shape`` as a tuple of non-negative ints; a negative or fractional size is an error."""
+    dims = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    out = []
+    for d in dims:
+        try:
+            d = operator.index(d)  # 3.5 is refused, not truncated to 3
+        except TypeError:
+            raise TypeError(f"shapes[{i}] = {shape!r}: sizes must be integers") from None
+        if d < 0:
+            raise ValueError(f"shapes[{i}] = {shape!r}: sizes must be >= 0")
+        out.append(d)
+    return tuple(out)
 
 
 def _numel(shape):
@@ -90,7 +106,7 @@ class ParamBuffer:
                 if a.dtype != dtype:
                     raise TypeError(f"arrays[{i}] has dtype {a.dtype} but arrays[0] has dtype {dtype}")
             shapes = [tuple(a.shape) for a in arrays]
-        shapes = [tuple(int(d) for d in s) for s in shapes]
+        shapes = [_shape(s, i) for i, s in enumerate(shapes)]
         self.dtype = np.dtype(dtype)
         if self.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"dtype {self.dtype} is not supported; fastopt supports float32 and float64")

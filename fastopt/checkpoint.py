@@ -14,7 +14,7 @@ import numpy as np
 
 from .buffer import ParamBuffer
 from . import _dispatch
-from .optimizer import _copy_in, _to_host, _zero
+from .optimizer import _as_value_error, _copy_in, _to_host, _zero
 
 FORMAT = "fastopt-checkpoint-1"
 
@@ -232,6 +232,11 @@ class _NpzReader:
             raise ValueError(f"{self.path}: entry {name!r} is not a readable array ({e})") from None
         if dtype.hasobject:
             raise ValueError(f"{self.path}: entry {name!r} holds Python objects, which a checkpoint never does")
+        info = self.zip.getinfo(self.members[name])
+        # the data a header declares must be in the member, and the member's size must be one
+        # deflate could give (ratio <= 1032): a lying header allocates nothing
+        if _numel(shape) * dtype.itemsize > info.file_size or info.file_size > 1100 * info.compress_size + 4096:
+            raise ValueError(f"{self.path}: entry {name!r} declares {dtype}{list(shape)}, more data than it holds")
         return tuple(shape), dtype
 
     def read(self, name):
@@ -312,7 +317,7 @@ def _merged_groups(path, meta, opt):
             if key in g and key != "params" and key not in opt.fixed and not (
                     key == "lr" and (callable(g["lr"]) or v is None)):
                 new[key] = tuple(v) if isinstance(v, list) else v
-        opt._check_hyper(new, f"{path}: param group {k}")
+        _as_value_error(opt._check_hyper, new, f"{path}: param group {k}")
         merged.append(new)
     return merged
 

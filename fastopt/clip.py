@@ -5,6 +5,7 @@ the one-pass norm + non-finite check the optimizers run before a guarded or clip
     coef  = min(1, max_norm / (total + 1e-6));  g *= coef
 """
 import math
+import numbers
 
 import numpy as np
 
@@ -93,7 +94,7 @@ class _CudaReduction:
         return totals.astype(np.float64), checks.astype(np.float64)
 
 
-def _grad_arrays(grads, name="grads"):
+def _grad_arrays(grads, name="grads", writeable=False):
     if isinstance(grads, ParamBuffer):
         return [grads.grad_arena]
     grads = [grads] if hasattr(grads, "shape") else list(grads)
@@ -104,6 +105,8 @@ def _grad_arrays(grads, name="grads"):
             raise TypeError(f"{name}[{i}] has dtype {a.dtype}; fastopt supports float32 and float64")
         if not a.contiguous:
             raise ValueError(f"{name}[{i}] is not C-contiguous")
+        if writeable and not a.writeable:
+            raise ValueError(f"{name}[{i}] is read-only; clipping scales it in place")
         if a.device != _dispatch._Array(f"{name}[0]", grads[0]).device:
             raise ValueError(f"{name}[{i}] is on {a.device} but {name}[0] is not: all on one device")
     return grads
@@ -123,9 +126,9 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
     optimizer built with ``max_grad_norm=`` does the same without this separate scaling
     pass: the factor is applied inside its update kernel.
     """
-    if not (isinstance(max_norm, (int, float)) and max_norm > 0):
+    if not (isinstance(max_norm, numbers.Real) and not isinstance(max_norm, (bool, np.bool_)) and max_norm > 0):
         raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
-    arrays = _grad_arrays(grads)
+    arrays = _grad_arrays(grads, writeable=True)  # every array checked before the first is scaled
     total, finite = NormPlan(arrays).norm(norm_type)
     if not finite and error_if_nonfinite:
         raise FloatingPointError(f"the total norm of order {norm_type} of the gradients is non-finite, "

@@ -427,7 +427,7 @@ class Optimizer:
                     if key == "lr" and callable(mine["lr"]) and not callable(value):
                         continue  # a schedule is code: it stays, and the step count sets its value
                     g[key] = tuple(value) if isinstance(value, list) else value
-            self._check_hyper(g, where)
+            _as_value_error(self._check_hyper, g, where)
             new_groups.append(g)
             needed = self._states_needed(g)
             first = sum(len(x["params"]) for x in self.param_groups[:k])
@@ -439,7 +439,7 @@ class Optimizer:
                 entry = {} if entry is None else entry
                 if not isinstance(entry, Mapping):
                     raise ValueError(f"the state of param {i} must be a mapping, got {type(entry).__name__}")
-                entry = {n: v for n, v in entry.items() if v is not None}  # old torch keeps None buffers
+                entry = {n: v for n, v in entry.items() if v is not None or n == "step"}  # old torch: None buffers
                 unknown = sorted(set(entry) - known)
                 if unknown:
                     raise ValueError(f"the state of param {i} holds {', '.join(map(repr, unknown))}, which "
@@ -691,6 +691,14 @@ def _identity_keys(cls):
     positional ones: torch.optim's, for the rules torch has)."""
     return tuple(n for n, p in inspect.signature(cls.__init__).parameters.items()
                  if p.kind == p.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty)
+
+
+def _as_value_error(check, *args):
+    """Run ``check``; a load reports a wrongly typed value as every other mismatch: ValueError."""
+    try:
+        check(*args)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
 
 
 def _is_real(x):

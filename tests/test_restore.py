@@ -1,0 +1,527 @@
+"""Restoring or editing state is all or nothing (issue 17): state dicts of another rule or
+with missing, mistyped or malformed entries, broken or hostile checkpoint files, param-group
+edits between steps, threads, aliasing and the arena's padding. Every case checks that a
+refused call left parameters, state, step counts and groups exactly as they were."""
+import json
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt.kernels import adam as adam_rule
+
+SHAPES = [(5, 3), (3,), (2, 2)]
+
+
+def _arrays(seed=0, dtype=np.float64, shapes=SHAPES):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+def _stepped(cls=fastopt.Adam, steps=2, groups=None, **hp):
+    """An optimizer over a ParamBuffer after ``steps`` steps with seeded gradients."""
+    buf = fastopt.ParamBuffer(_arrays())
+    params = buf if groups is None else [{"params": buf.params[a:b]} for a, b in groups]
+    opt = cls(params, **hp)
+    for t in range(steps):
+        for view, g in zip(buf.grads, _arrays(100 + t)):
+            view[...] = g
+        opt.step()
+    return opt, buf
+
+
+def _snapshot(opt, buf):
+    """Everything a refused restore must leave alone."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    arenas = {k: v.copy() for k, v in (opt.arenas or {}).items()}
+    return buf.arena.copy(), arenas, opt._steps(), groups
+
+
+def _assert_unchanged(before, opt, buf):
+    arena, arenas, steps, groups = before
+    now_arena, now_arenas, now_steps, now_groups = _snapshot(opt, buf)
+    np.testing.assert_array_equal(now_arena, arena)
+    assert now_arenas.keys() == arenas.keys()
+    for k in arenas:
+        np.testing.assert_array_equal(now_arenas[k], arenas[k])
+    assert now_steps == steps and now_groups == groups
+
+
+# -- 1. load_state_dict -------------------------------------------------------------------
+
+def _torch_state(cls_name, **hp):
+    torch = pytest.importorskip("torch")
+    ps = [torch.nn.Parameter(torch.tensor(a)) for a in _arrays()]
+    opt = getattr(torch.optim, cls_name)(ps, **hp)
+    for t in range(2):
+        for p, g in zip(ps, _arrays(100 + t)):
+            p.grad = torch.tensor(g)
+        opt.step()
+    return opt.state_dict()
+
+
+@pytest.mark.parametrize("target, source", [
+    ("Adam", lambda: _torch_state("SGD", lr=0.1, momentum=0.9)),
+    ("SGD", lambda: _torch_state("Adam")),
+    ("Adagrad", lambda: _torch_state("RMSprop")),
+    ("RMSprop", lambda: _torch_state("Adagrad")),
+    ("SGD", lambda: _stepped(fastopt.Adam)[0].state_dict()),
+    ("Adam", lambda: _stepped(fastopt.SGD, lr=0.1, momentum=0.9)[0].state_dict()),
+    ("RMSprop", lambda: _stepped(fastopt.Adagrad)[0].state_dict()),
+    ("Adagrad", lambda: _stepped(fastopt.RMSprop)[0].state_dict()),
+    ("AdamW", lambda: _stepped(fastopt.Adam)[0].state_dict()),
+], ids=["torch-sgd>adam", "torch-adam>sgd", "torch-rmsprop>adagrad", "torch-adagrad>rmsprop",
+        "adam>sgd", "sgd>adam", "adagrad>rmsprop", "rmsprop>adagrad", "adam>adamw"])
+def test_state_dict_of_another_rule_is_refused(target, source):
+    sd = source()
+    opt, buf = _stepped(getattr(fastopt, target), **({"momentum": 0.9, "lr": 0.1} if target == "SGD" else {}))
+    before = _snapshot(opt, buf)
+    with pytest.raises(ValueError, match=f"not a state dict of {target}|does not keep"):
+        opt.load_state_dict(sd)
+    _assert_unchanged(before, opt, buf)
+
+
+@pytest.mark.parametrize("torch_layout", [False, True])
+def test_missing_state_entry_is_named(torch_layout):
+    opt, buf = _stepped()
+    sd = opt.state_dict(torch=torch_layout) if not torch_layout else _torch_state("Adam")
+    del sd["state"][1]["exp_avg_sq"]
+    before = _snapshot(opt, buf)
+    with pytest.raises(ValueError, match=r"param 1 has no 'exp_avg_sq'"):
+        opt.load_state_dict(sd)
+    _assert_unchanged(before, opt, buf)
+
+
+@pytest.mark.parametrize("step", [3.7, "3", True, -2, -2.0, float("nan"), float("inf"), None])
+def test_bad_step_count_is_refused(step):
+    opt, buf = _stepped()
+    sd = opt.state_dict()
+    for entry in sd["state"].values():
+        entry["step"] = step
+    before = _snapshot(opt, buf)
+    with pytest.raises(ValueError, match="step"):
+        opt.load_state_dict(sd)
+    _assert_unchanged(before, opt, buf)
+
+
+def test_torch_tensor_step_counts_load():
+    torch = pytest.importorskip("torch")
+    opt, buf = _stepped(steps=3)
+    sd = opt.state_dict()
+    for entry in sd["state"].values():
+        entry["step"] = torch.tensor(3.0)
+    opt.load_state_dict(sd)
+    assert opt.steps == 3
+
+
+@pytest.mark.parametrize("bad", [np.array(["a", "b", "c"]), np.zeros(3, complex), np.zeros(4)],
+                         ids=["strings", "complex", "shape"])
+def test_bad_array_in_a_later_entry_writes_nothing(bad):
+    opt, buf = _stepped(groups=[(0, 1), (1, 3)])
+    sd = opt.state_dict()
+    sd["param_groups"][0]["lr"] = 0.5  # would be written first if the check came late
+    sd["state"][1]["exp_avg"] = bad
+    before = _snapshot(opt, buf)
+    with pytest.raises(ValueError, match="param 1"):
+        opt.load_state_dict(sd)
+    _assert_unchanged(before, opt, buf)
+
+
+def test_mistyped_hyper_parameter_in_state_dict_is_refused():
+    opt, buf = _stepped()
+    sd = opt.state_dict()
+    sd["param_groups"][0]["amsgrad"] = "no"
+    before = _snapshot(opt, buf)
+    with pytest.raises(ValueError, match="amsgrad must be True or False"):
+        opt.load_state_dict(sd)
+    _assert_unchanged(before, opt, buf)
+
+
+def test_state_for_unlisted_params_is_refused():
+    opt, buf = _stepped()
+    sd = opt.state_dict()
+    sd["state"][7] = dict(sd["state"][0])
+    with pytest.raises(ValueError, match="no param group lists"):
+        opt.load_state_dict(sd)
+
+
+# -- 2. fastopt.load -----------------------------------------------------------------------
+
+def _checkpoint(tmp_path, **edits):
+    """A saved Adam checkpoint whose entries are replaced by ``edits`` (None removes one)."""
+    opt, buf = _stepped(groups=[(0, 2), (2, 3)])
+    path = tmp_path / "ckpt.npz"
+    fastopt.save(path, opt, buf)
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays["meta"]))
+    for key, value in edits.items():
+        if key.startswith("meta."):
+            meta[key[5:]] = value
+        elif value is None:
+            del arrays[key]
+        else:
+            arrays[key] = value
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+    return path
+
+
+def _fresh():
+    return _stepped(steps=1, groups=[(0, 2), (2, 3)], lr=0.25)
+
+
+@pytest.mark.parametrize("edits, match", [
+    ({"params.arena": np.array(["x"] * 64)}, "params.arena is <U1"),
+    ({"params.arena": np.zeros(64, complex)}, "params.arena is complex128"),
+    ({"params.arena": np.zeros(64, np.float32)}, "params.arena is float32"),
+    ({"state.exp_avg_sq": None}, "state.exp_avg_sq is missing"),
+    ({"state.exp_avg": np.zeros(64, np.float32)}, "state.exp_avg is float32"),
+    ({"meta.offsets": [0, 0, 0]}, "offsets place two params"),
+    ({"meta.offsets": [0, 16]}, "offsets"),
+    ({"meta.offsets": [0, -16, 32]}, "offsets"),
+    ({"meta.offsets": [0, 16, 10**6]}, "arena of >= "),
+    ({"meta.steps": [2, True]}, "step counts"),
+    ({"meta.steps": [2, 2.5]}, "step counts"),
+    ({"meta.groups": [{"params": 2, "lr": 1e-3, "amsgrad": "no"}, {"params": 1}]}, "amsgrad must be True or False"),
+    ({"meta.groups": [{"params": 1}, {"params": 2}]}, r"params per group are \[2, 1\] here but \[1, 2\]"),
+    ({"meta.groups": [{"params": 2}, {"params": 1, "lr": -1.0}]}, "param group 1"),
+    ({"state.bogus": np.zeros(3)}, "state.bogus is not an entry"),
+    ({"extra": np.zeros(3)}, "extra is not an entry"),
+], ids=["arena-str", "arena-complex", "arena-f32", "no-state", "state-f32", "offsets-zero", "offsets-short",
+        "offsets-negative", "offsets-beyond", "step-bool", "step-float", "hyper-str", "groups-2-1-vs-1-2",
+        "later-group-bad", "unknown-state", "unknown-entry"])
+def test_bad_checkpoint_writes_nothing(tmp_path, edits, match):
+    path = _checkpoint(tmp_path, **edits)
+    opt, buf = _fresh()
+    before = _snapshot(opt, buf)
+    with pytest.raises(ValueError, match=match):
+        fastopt.load(path, opt, buf)
+    _assert_unchanged(before, opt, buf)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "not a readable .npz"),
+    (np.random.default_rng(0).bytes(4096), "not a readable .npz"),
+    (None, "not a readable .npz"),  # a .npy file
+], ids=["empty", "random", "npy"])
+def test_unreadable_checkpoint_file_is_named(tmp_path, content, match):
+    path = tmp_path / "ckpt.npz"
+    if content is None:
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(3))
+    else:
+        path.write_bytes(content)
+    opt, buf = _fresh()
+    with pytest.raises(ValueError, match=f"{path}.*{match}"):
+        fastopt.load(path, opt, buf)
+
+
+@pytest.mark.parametrize("declared", [(10 ** 12,), (64,)], ids=["huge", "short-data"])
+def test_checkpoint_headers_are_read_before_data(tmp_path, declared):
+    """An entry whose header declares more than the member holds is refused from the header
+    alone (10**12 float64 would be 7 TiB)."""
+    path = _checkpoint(tmp_path)
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist() if n != "state.exp_avg_sq.npy"}
+    header = np.lib.format.header_data_from_array_1_0(np.zeros(1))
+    header["shape"] = declared
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in members.items():
+            z.writestr(n, data)
+        with z.open("state.exp_avg_sq.npy", "w") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            f.write(b"\0" * 64)
+    opt, buf = _fresh()
+    before = _snapshot(opt, buf)
+    with pytest.raises(ValueError, match="state.exp_avg_sq.*more data than it holds"):
+        fastopt.load(path, opt, buf)
+    _assert_unchanged(before, opt, buf)
+
+
+def test_resume_from_checkpoint_still_exact(tmp_path):
+    path = _checkpoint(tmp_path)
+    opt, buf = _fresh()
+    fastopt.load(path, opt, buf)
+    whole, wbuf = _stepped(groups=[(0, 2), (2, 3)])
+    np.testing.assert_array_equal(buf.arena, wbuf.arena)
+    assert opt._steps() == whole._steps()
+
+
+# -- 3. edits of param_groups between steps ------------------------------------------------
+
+def _step_with(opt, buf, seed=7):
+    for view, g in zip(buf.grads, _arrays(seed)):
+        view[...] = g
+    opt.step()
+
+
+@pytest.mark.parametrize("cls, key, value, error, match", [
+    (fastopt.Adam, "betas", (2.0, 0.999), ValueError, "beta"),
+    (fastopt.Adam, "eps", -1.0, ValueError, "epsilon"),
+    (fastopt.Adam, "weight_decay", -5.0, ValueError, "weight_decay"),
+    (fastopt.Adam, "amsgrad", "yes", TypeError, "amsgrad must be True or False"),
+    (fastopt.Adam, "amsgrad", True, ValueError, "max_exp_avg_sq"),
+    (fastopt.RMSprop, "centered", True, ValueError, "grad_avg"),
+    (fastopt.RMSprop, "momentum", 0.9, ValueError, "momentum_buffer"),
+], ids=["betas", "eps", "decay", "amsgrad-str", "amsgrad-late", "centered-late", "rmsprop-momentum-late"])
+def test_group_edit_is_checked_before_the_next_step(cls, key, value, error, match):
+    opt, buf = _stepped(cls)
+    opt.param_groups[0][key] = value
+    before = _snapshot(opt, buf)
+    with pytest.raises(error, match=f"param group 0.*{match}|{match}"):
+        _step_with(opt, buf)
+    _assert_unchanged(before, opt, buf)
+
+
+def test_option_set_before_the_first_step_allocates_its_state():
+    buf = fastopt.ParamBuffer(_arrays())
+    opt = fastopt.RMSprop(buf)
+    opt.param_groups[0]["centered"] = True
+    _step_with(opt, buf)
+    assert "grad_avg" in opt.arenas
+
+
+@pytest.mark.parametrize("cls", [fastopt.SGD, fastopt.LARS])
+def test_sgd_momentum_turned_on_mid_run_starts_from_the_gradient(cls):
+    """torch.optim.SGD (timm's Lars too) creates the buffer from the gradient when momentum
+    first applies: the same as a fresh optimizer with momentum stepping from there."""
+    late, buf = _stepped(cls, lr=0.1, momentum=0.0, steps=2)
+    late.param_groups[0]["momentum"] = 0.9
+    fresh = cls(fastopt.ParamBuffer([a.copy() for a in buf.params]), lr=0.1, momentum=0.9)
+    for t in range(3):
+        _step_with(late, buf, seed=200 + t)
+        fbuf = fresh._buffer
+        _step_with(fresh, fbuf, seed=200 + t)
+    np.testing.assert_array_equal(buf.arena, fbuf.arena)
+    assert late.steps == 5
+
+
+def test_sgd_momentum_turned_on_mid_run_matches_torch():
+    torch = pytest.importorskip("torch")
+    opt, buf = _stepped(fastopt.SGD, lr=0.1, momentum=0.0, steps=0)
+    ps = [torch.nn.Parameter(torch.tensor(a.copy())) for a in buf.params]
+    ref = torch.optim.SGD(ps, lr=0.1, momentum=0.0, foreach=False)
+    for t in range(5):
+        if t == 2:
+            opt.param_groups[0]["momentum"] = 0.9
+            ref.param_groups[0]["momentum"] = 0.9
+        _step_with(opt, buf, seed=300 + t)
+        for p, g in zip(ps, _arrays(300 + t)):
+            p.grad = torch.tensor(g)
+        ref.step()
+    for a, p in zip(buf.params, ps):
+        np.testing.assert_allclose(a, p.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_lr_edit_does_not_trigger_a_recheck():
+    opt, buf = _stepped()
+    opt.param_groups[0]["lr"] = 0.01
+    assert not opt._edited[0]
+    opt.param_groups[0]["eps"] = 1e-6
+    assert opt._edited[0]
+    _step_with(opt, buf)
+    assert not opt._edited[0]
+
+
+# -- 4. concurrent use -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["buffer", "arrays"])
+def test_threads_stepping_one_optimizer(form):
+    """Four threads, 50 steps each, from the very first step (the plans are built then):
+    every step counted, and the result that of 200 steps in one thread, bit for bit."""
+    import sys
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show up
+    shapes = [(300, 100), (100,), (7, 9)] * 4
+    grads = _arrays(5, shapes=shapes)
+
+    def model():
+        init = _arrays(shapes=shapes)
+        if form == "arrays":
+            return fastopt.Adam(init, lr=1e-2, max_grad_norm=1.0), init, grads
+        buf = fastopt.ParamBuffer(init)
+        for view, g in zip(buf.grads, grads):
+            view[...] = g
+        return fastopt.Adam(buf, lr=1e-2, max_grad_norm=1.0), buf.params, None
+
+    opt, params, g = model()
+    errors = []
+
+    def work():
+        try:
+            for _ in range(50):
+                opt.step(g)
+        except Exception as e:  # pragma: no cover - what the test looks for
+            errors.append(e)
+    try:
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors and opt.steps == 200
+    ref, ref_params, g = model()
+    for _ in range(200):
+        ref.step(g)
+    for a, b in zip(params, ref_params):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_save_while_another_thread_steps_is_a_consistent_snapshot(tmp_path):
+    """Each checkpoint taken while another thread steps loads to a state of the sequential
+    trajectory: the params and moments of one and the same step."""
+    import sys
+    shapes = [(300, 100), (100,), (7, 9)] * 2
+    grads = _arrays(5, shapes=shapes)
+
+    def model():
+        buf = fastopt.ParamBuffer(_arrays(shapes=shapes))
+        for view, g in zip(buf.grads, grads):
+            view[...] = g
+        return fastopt.Adam(buf, lr=1e-2), buf
+
+    ref, ref_buf = model()
+    trajectory = {0: (ref_buf.arena.copy(), None)}
+    for t in range(1, 201):
+        ref.step()
+        trajectory[t] = (ref_buf.arena.copy(), ref.arenas["exp_avg"].copy())
+    opt, buf = model()
+    opt.step()
+    done = threading.Event()
+
+    def work():
+        for _ in range(199):
+            opt.step()
+        done.set()
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        thread = threading.Thread(target=work)
+        thread.start()
+        paths = []
+        while not done.is_set() and len(paths) < 30:
+            paths.append(fastopt.save(tmp_path / f"c{len(paths)}.npz", opt, buf))
+        thread.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert paths
+    for path in paths:
+        check, check_buf = model()
+        fastopt.load(path, check, check_buf)
+        params, exp_avg = trajectory[check.steps]
+        np.testing.assert_array_equal(check_buf.arena, params)
+        np.testing.assert_array_equal(check.arenas["exp_avg"], exp_avg)
+
+
+# -- 6. aliasing and padding -----------------------------------------------------------------
+
+def test_frombuffer_alias_is_refused():
+    p, g = np.ones(8), np.ones(8)
+    m = np.zeros(8)
+    alias = np.frombuffer(m.data, dtype=m.dtype)  # another base object over the same memory
+    alias.flags.writeable = True if alias.flags.writeable else alias.flags.writeable
+    with pytest.raises(ValueError, match="exp_avg and exp_avg_sq share memory"):
+        fastopt.functional.adam_(p, g, m, alias, step=1)
+    assert (p == 1).all() and (m == 0).all()
+
+
+def test_grads_swapped_with_params_is_refused():
+    params = _arrays(shapes=[(4,), (4,), (4,)])
+    opt = fastopt.SGD(params, lr=0.1)
+    before = [a.copy() for a in params]
+    with pytest.raises(ValueError, match=r"params\[1\] and grads\[0\] share memory|"
+                                         r"params\[0\] and grads\[1\] share memory"):
+        opt.step([params[1], params[0], params[2]])
+    with pytest.raises(ValueError, match=r"params\[0\] and grads\[0\] share memory"):
+        opt.step([params[0], params[1].copy(), params[2].copy()])
+    for a, b in zip(params, before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_layerwise_aliases_are_refused():
+    from fastopt.kernels import lamb
+    p, g = np.ones(4), np.ones(4)
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] share memory"):
+        lamb.lamb_([p, p], [g, g], [np.zeros(4), np.zeros(4)], [np.zeros(4), np.zeros(4)], step=1)
+    s = np.zeros(4)
+    with pytest.raises(ValueError, match="share memory"):
+        lamb.lamb_([np.ones(4), np.ones(4)], [g, g], [s, s], [np.zeros(4), np.zeros(4)], step=1)
+    assert (p == 1).all() and (s == 0).all()
+
+
+def test_arena_padding_never_counts_toward_the_norm_or_the_guard():
+    buf = fastopt.ParamBuffer(_arrays())  # 15, 3 and 4 elements: each padded to 8 (float64)
+    assert buf.grad_arena.size > buf.numel
+    opt = fastopt.Adam(buf, max_grad_norm=1e9)
+    buf.grad_arena.fill(1.0)
+    opt.step()
+    assert opt.last_grad_norm == pytest.approx(np.sqrt(buf.numel))
+    buf.grad_arena.fill(0.0)
+    padding = np.ones(buf.grad_arena.size, bool)
+    for o, a in zip(buf.offsets, buf.params):
+        padding[o:o + a.size] = False
+    buf.grad_arena[padding] = np.nan
+    opt.step()
+    assert not opt.last_step_skipped and opt.steps == 2
+
+
+def test_clip_checks_every_grad_before_scaling_any():
+    first, second = np.full(4, 10.0), np.full(4, 10.0)
+    second.flags.writeable = False
+    with pytest.raises(ValueError, match=r"grads\[1\] is read-only"):
+        fastopt.clip_grad_norm_([first, second], 1.0)
+    assert (first == 10.0).all()
+
+
+def test_numpy_scalars_are_numbers():
+    grads = [np.full(4, 10.0)]
+    assert fastopt.clip_grad_norm_(grads, np.float32(1.0)) == pytest.approx(20.0)
+    opt = fastopt.Adam([np.ones(4)], max_grad_norm=np.float32(1.0), lr=np.float64(0.1))
+    opt.step([np.ones(4)])
+    assert opt.steps == 1
+
+
+@pytest.mark.parametrize("shape, error", [((-1, 4), ValueError), ((3.5,), TypeError), (("3",), TypeError)])
+def test_param_buffer_refuses_bad_shapes(shape, error):
+    with pytest.raises(error, match=r"shapes\[0\]"):
+        fastopt.ParamBuffer(shapes=[shape])
+
+
+# -- 8. cases the suite did not cover --------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_guard_catches_every_nonfinite_value(bad, nonfinite):
+    opt, buf = _stepped(nonfinite=nonfinite)
+    buf.grads[1][2] = bad
+    before = _snapshot(opt, buf)
+    if nonfinite == "raise":
+        with pytest.raises(FloatingPointError):
+            opt.step()
+    else:
+        opt.step()
+        assert opt.last_step_skipped and opt.skipped_steps == 1
+    _assert_unchanged(before, opt, buf)
+
+
+def test_hyper_parameter_types_checked_at_construction():
+    with pytest.raises(TypeError, match="amsgrad must be True or False"):
+        fastopt.Adam([np.ones(3)], amsgrad="no")
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        fastopt.Adam([np.ones(3)], eps="1e-8")
+
+
+def test_adam_rule_checks_are_the_constructors():
+    """The re-check after an edit uses the rule's own messages."""
+    with pytest.raises(ValueError) as direct:
+        adam_rule.check(lr=1e-3, betas=(2.0, 0.999), eps=1e-8, weight_decay=0.0)
+    opt, buf = _stepped()
+    opt.param_groups[0]["betas"] = (2.0, 0.999)
+    with pytest.raises(ValueError) as edited:
+        _step_with(opt, buf)
+    assert str(direct.value) in str(edited.value)
