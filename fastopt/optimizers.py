@@ -16,10 +16,24 @@ from .kernels import adadelta, adagrad, adam, adamax, lion, nadam, radam, rmspro
 from .optimizer import Optimizer
 
 
+def _pair(betas):
+    """``betas`` as a tuple (a state dict may hold a list); a non-iterable such as 0.9 is
+    passed on as it is, for the group check to refuse by name."""
+    try:
+        return tuple(betas)
+    except TypeError:
+        return betas
+
+
 class SGD(Optimizer):
     """SGD with momentum, dampening and Nesterov (``torch.optim.SGD``); see ``kernels/sgd.py``.
     ``l1`` adds an L1 penalty: a subgradient term, or a proximal soft threshold
-    (``l1_mode="proximal"``) that sets small weights to exactly zero."""
+    (``l1_mode="proximal"``) that sets small weights to exactly zero.
+
+    Unlike torch's, its state dict keeps a ``step`` per param (the updates done): a
+    schedule's lr and the first step's momentum buffer depend on it, so a state dict without
+    it would resume the schedule from its start. ``torch.optim.SGD`` loads the extra key and
+    keeps it; from a torch state dict (no count) fastopt knows only "stepped or not"."""
     rule = sgd
     start_from_grad = ("momentum_buffer",)  # momentum turned on mid-run starts as torch's: from g
 
@@ -69,7 +83,7 @@ class Adam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, *,
                  maximize=False, decoupled_weight_decay=False, bias_correction=True, l1=0.0, l1_mode="subgradient",
                  **options):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        super().__init__(params, dict(lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, maximize=maximize,
                                       decoupled_weight_decay=decoupled_weight_decay,
                                       bias_correction=bias_correction, l1=l1, l1_mode=l1_mode), **options)
@@ -102,7 +116,7 @@ class Adamax(Optimizer):
     rule = adamax
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, maximize=False, **options):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        super().__init__(params, dict(lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay,
                                       maximize=maximize), **options)
 
 
@@ -113,7 +127,7 @@ class NAdam(Optimizer):
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
                  decoupled_weight_decay=False, *, maximize=False, **options):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        super().__init__(params, dict(lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay,
                                       momentum_decay=momentum_decay,
                                       decoupled_weight_decay=decoupled_weight_decay, maximize=maximize), **options)
 
@@ -134,7 +148,7 @@ class RAdam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  decoupled_weight_decay=False, *, maximize=False, **options):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        super().__init__(params, dict(lr=lr, betas=_pair(betas), eps=eps, weight_decay=weight_decay,
                                       decoupled_weight_decay=decoupled_weight_decay, maximize=maximize), **options)
 
 
@@ -143,7 +157,7 @@ class Lion(Optimizer):
     rule = lion
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False, **options):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, maximize=maximize),
+        super().__init__(params, dict(lr=lr, betas=_pair(betas), weight_decay=weight_decay, maximize=maximize),
                          **options)
 
 

@@ -26,7 +26,11 @@ def eps(value):
 
 
 def betas(value):
-    if len(value) != 2:
+    try:
+        pair = len(value) == 2
+    except TypeError:  # betas=0.9: say so, not "object of type 'float' has no len()"
+        pair = False
+    if not pair:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {value!r}")
     for i, b in enumerate(value):
         if not _in(b, 0.0, 1.0, False):

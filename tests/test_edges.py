@@ -37,3 +37,26 @@ def test_zero_decay_leaves_an_inf_param_inf_and_its_tensor_finite(rule, kwargs, 
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
     if rule == "lars":  # the buffer is pure gradient at a zero decay
         np.testing.assert_allclose(state[0][0], grads[0] * (1 + 0.9 + 0.81), rtol=1e-15)
+
+
+def _betas_cases():
+    import fastopt
+    import fastopt.functional as F
+    p, g = np.zeros(3), np.ones(3)
+    cases = []
+    for name in ("adam", "adamw", "adamax", "nadam", "radam", "lion"):
+        fn = getattr(F, f"{name}_")
+        states = [np.zeros(3) for _ in fastopt.kernels.RULES[name][0].STATES]
+        cases.append(pytest.param(lambda fn=fn, states=states, b=None: fn(p, g, *states, step=1, betas=b),
+                                  id=f"{name}_"))
+        cls = fastopt.OPTIMIZERS[name]
+        cases.append(pytest.param(lambda cls=cls, b=None: cls([np.zeros(3)], betas=b), id=cls.__name__))
+    return cases
+
+
+@pytest.mark.parametrize("betas", [0.9, None, (0.9,), (0.9, 0.99, 0.5)], ids=["scalar", "None", "one", "three"])
+@pytest.mark.parametrize("make", _betas_cases())
+def test_betas_that_are_no_pair_raise_an_error_naming_betas(make, betas):
+    """torch answers ``betas=0.9`` with "'float' object is not subscriptable"; fastopt names the argument."""
+    with pytest.raises((TypeError, ValueError), match=r"^(param group 0: )?betas must be a pair"):
+        make(b=betas)

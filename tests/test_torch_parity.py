@@ -163,3 +163,46 @@ def test_nadam_exports_mu_product_in_the_dtype_torch_keeps(default):
             np.testing.assert_allclose(resumed.numpy(), uninterrupted.numpy(), rtol=1e-13, atol=0)
     finally:
         torch.set_default_dtype(saved)
+
+
+def test_sgd_state_dict_keeps_a_step_count_that_torch_carries_along():
+    """fastopt's SGD state keeps ``step`` (torch's keeps none): a schedule's lr and the
+    first step's buffer depend on it. The decision is documented, and the key is needed:
+    a state dict without it resumes at the wrong lr. torch.optim.SGD loads it and keeps
+    it, so a round trip through torch still carries the count."""
+    import fastopt
+    from fastopt import schedules
+    assert "``step``" in fastopt.SGD.__doc__
+    grads = gradients(6, 16, seed=7)
+    p0 = np.random.default_rng(7).standard_normal(16)
+
+    def make(param):
+        return fastopt.SGD([param], lr=schedules.step_decay(0.1, 0.5, 2), momentum=0.9, nonfinite="propagate")
+
+    straight = p0.copy()
+    opt = make(straight)
+    for g in grads:
+        opt.step([g])
+    resumed = p0.copy()
+    first = make(resumed)
+    for g in grads[:3]:
+        first.step([g])
+    saved = first.state_dict()
+    assert saved["state"][0]["step"] == 3
+    for entry, expected in ((saved, straight), ({**saved, "state": {0: {"momentum_buffer":
+                             saved["state"][0]["momentum_buffer"]}}}, None)):
+        param = resumed.copy()
+        second = make(param)
+        second.load_state_dict(entry)
+        for g in grads[3:]:
+            second.step([g])
+        if expected is not None:
+            np.testing.assert_array_equal(param, expected)
+        else:  # without the count, "stepped" is all that is known: the schedule restarts
+            assert second.steps != opt.steps and not np.allclose(param, straight, rtol=1e-6)
+    tparam = torch.tensor(resumed)
+    topt = torch.optim.SGD([tparam], lr=0.1, momentum=0.9, foreach=False)
+    topt.load_state_dict(first.state_dict(torch=True))
+    tparam.grad = torch.tensor(grads[3])
+    topt.step()
+    assert float(topt.state_dict()["state"][0]["step"]) == 3
