@@ -18,6 +18,7 @@ import inspect
 import math
 import numbers
 import threading
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -251,6 +252,9 @@ class Optimizer:
                 self._check_hyper(group, f"param group {k}")
             self._edited[0] = False
             self._allocate()
+            if self._buffer is not None and _all_zero(self._buffer.grad_arena):
+                warnings.warn("the first step found every gradient zero: did the backward pass write into "
+                              "the ParamBuffer's grads (buf.grads / buf.grad_arena)?", RuntimeWarning, stacklevel=3)
         elif self._edited[0]:
             self._apply_edits()
         scale = 1.0
@@ -605,6 +609,11 @@ def _zeros(like, n, dtype):
         return arena
     from numba import cuda  # torch CUDA tensors, Numba device arrays (and the simulator's)
     return cuda.to_device(np.zeros(n, dtype))
+
+
+def _all_zero(arena):
+    """Whether every element is zero (NumPy, CuPy; False where it cannot be asked cheaply)."""
+    return bool(not arena.any()) if hasattr(arena, "any") else False
 
 
 def _zero(arena):

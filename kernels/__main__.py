@@ -12,6 +12,9 @@ def main(argv=None):
                      help="compute capability such as 80 or 90 (repeatable; default 80 and 90)")
     args = parser.parse_args(argv)
 
+    import importlib.util
+    if importlib.util.find_spec("numba_cuda") is None:  # numba's own deprecated numba.cuda cannot do this
+        parser.error('the PTX check needs numba-cuda and its NVVM/NVRTC wheels: pip install -e ".[cuda-tools]"')
     from numba import config
     if config.ENABLE_CUDASIM:
         parser.error("PTX cannot be compiled under NUMBA_ENABLE_CUDASIM=1; unset it")

@@ -371,7 +371,7 @@ def test_cuda_lists_match_cpu(cls, hp):
 @pytest.mark.parametrize("module, hp", [(ema, dict(step=1, decay=0.999, warmup=True)), (polyak, dict(step=1))],
                          ids=["ema", "polyak"])
 def test_ptx_has_no_f64_in_float32(module, hp, dtype, cc):
-    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip install -e .[test])")
+    pytest.importorskip("numba_cuda", reason='numba-cuda is not installed (pip install -e ".[cuda-tools]")')
     from fastopt.kernels._ptx import compile_kernel, f64_count
     scalars = _dispatch.cast_scalars(module.scalars(**hp), np.dtype(dtype))
     ptx = compile_kernel(module.KERNELS, (), scalars, dtype, cc)

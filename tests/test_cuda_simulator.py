@@ -9,7 +9,7 @@ import pytest
 
 from conftest import CUDA
 
-pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip install -e .[test])")
+pytest.importorskip("numba_cuda", reason='numba-cuda is not installed (pip install -e ".[cuda-tools]")')
 
 
 @pytest.mark.skipif(CUDA, reason="CUDA tests already run in this process (GPU or simulator)")

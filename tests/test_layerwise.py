@@ -475,7 +475,7 @@ def test_cuda_tensors_sharing_one_arena(monkeypatch):
 @pytest.mark.skipif(SIMULATOR, reason="compile_ptx does not exist under the simulator")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_ptx_has_no_f64_in_float32_kernels(dtype):
-    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+    pytest.importorskip("numba_cuda", reason='numba-cuda is not installed (pip install -e ".[cuda-tools]")')
     from fastopt.kernels._ptx import f64_count
     for cc in ((8, 0), (9, 0)):
         ptxs = [*lamb.ptx(dtype, cc), lars.ptx(dtype, cc, momentum=True), lars.ptx(dtype, cc, momentum=False)]

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import SIMULATOR
 
-pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip install -e .[test])")
+pytest.importorskip("numba_cuda", reason='numba-cuda is not installed (pip install -e ".[cuda-tools]")')
 pytestmark = pytest.mark.skipif(SIMULATOR, reason="compile_ptx does not exist under the simulator")
 
 

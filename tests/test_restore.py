@@ -525,3 +525,10 @@ def test_adam_rule_checks_are_the_constructors():
     with pytest.raises(ValueError) as edited:
         _step_with(opt, buf)
     assert str(direct.value) in str(edited.value)
+
+
+def test_first_step_with_no_gradient_warns():
+    buf = fastopt.ParamBuffer(_arrays())
+    opt = fastopt.Adam(buf)
+    with pytest.warns(RuntimeWarning, match="every gradient zero"):
+        opt.step()
