@@ -24,7 +24,7 @@ def _l1(rng, i, mode):
 DRAWS = {
     "sgd": lambda rng, i: {} if i == 0 else dict(
         momentum=[0.0, float(rng.uniform(0.5, 0.99)), float(rng.uniform(0.5, 0.99))][i % 3],
-        dampening=float(rng.uniform(0, 0.5)) if i % 3 == 2 and i % 2 else 0.0,
+        dampening=float(rng.uniform(0, 0.5)) if i % 3 == 2 else 0.0,
         nesterov=(i % 3 == 1), weight_decay=_wd(rng, i), maximize=(i % 4 == 3),
         **_l1(rng, i, "proximal")),
     "adagrad": lambda rng, i: {} if i == 0 else dict(
@@ -41,7 +41,7 @@ DRAWS = {
     "adamw": lambda rng, i: {} if i == 0 else dict(
         lr=float(10 ** rng.uniform(-4, -2)), betas=_betas(rng), eps=float(10 ** rng.uniform(-8, -5)),
         weight_decay=float(rng.uniform(0, 0.2)), amsgrad=(i % 2 == 0), maximize=(i == 3),
-        **_l1(rng, i, "subgradient")),
+        bias_correction=(i != 3), **_l1(rng, i, "subgradient")),
     "adadelta": lambda rng, i: {} if i == 0 else dict(
         lr=float(rng.uniform(0.1, 1.0)), rho=float(rng.uniform(0.8, 0.99)),
         eps=float(10 ** rng.uniform(-7, -5)), weight_decay=_wd(rng, i), maximize=(i == 2)),

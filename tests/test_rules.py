@@ -1,4 +1,6 @@
 """Every rule x backend x dtype x hyper-parameter set, against its float64 NumPy reference."""
+import inspect
+
 import numpy as np
 import pytest
 
@@ -58,3 +60,16 @@ def test_matches_reference(rule, draw, dtype, backend):
         else:
             np.testing.assert_allclose(got, ref_param, **tol, err_msg=f"{rule} param n={n} {hp}")
         assert not np.allclose(got, p0), "the parameters did not move"
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_the_table_moves_every_option_off_its_default(rule):
+    """An option the table never draws is never tested (SGD's dampening was not drawn: a
+    wrong first-step buffer passed every test). Rules sharing one kernel (Adam, AdamW)
+    pool their draws: the options reach the same compiled math."""
+    module, fn, _ = RULES[rule]
+    draws = [hparams(r, i) for r, (m, _, _) in RULES.items() if m is module for i in range(N_DRAWS)]
+    options = {k: p.default for k, p in inspect.signature(fn).parameters.items()
+               if p.kind is p.KEYWORD_ONLY and k != "step"}
+    never = [k for k, default in options.items() if all(hp.get(k, default) == default for hp in draws)]
+    assert not never, f"{rule}: no draw in tests/cases.py sets {never}"
