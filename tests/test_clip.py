@@ -219,3 +219,37 @@ def test_cuda_clip_and_skip():
     bad[0][0] = np.nan
     opt.step([to_backend(g, "cuda") for g in bad])
     assert opt.last_step_skipped and all((to_host(p) == 1).all() for p in params)
+
+
+def _norms64(grads, p):
+    return [_norm64([g], p) if g.size else 0.0 for g in grads]
+
+
+@pytest.mark.parametrize("chunk", [None, 16], ids=["one-chunk", "many-chunks"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("norm_type", NORMS)
+def test_segment_norms_match_float64_numpy_for_every_p(norm_type, dtype, chunk, monkeypatch):
+    """Per-tensor norms (LARS's trust ratios) for p = 2, inf, 1, 3, 0.5; with small chunks
+    each tensor's partials are combined across chunks (summed, or the max for p = inf)."""
+    if chunk:
+        monkeypatch.setattr(_reduce, "CHUNK", chunk)
+    grads = _grads(5, dtype)
+    plan = NormPlan(grads)
+    assert chunk is None or plan.chunks.shape[0] > len(grads) + 10
+    norms, finite = plan.segment_norms(norm_type)
+    assert finite and norms.shape == (len(grads),)
+    np.testing.assert_allclose(norms, _norms64(grads, norm_type), rtol=1e-12, atol=0)
+    total, _ = plan.norm(norm_type)
+    assert total == pytest.approx(_norm64(grads, norm_type), rel=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("norm_type", NORMS)
+def test_cuda_norms_match_float64_numpy_for_every_p(norm_type):
+    grads = _grads(52, np.float32, shapes=[(37,), (5, 3), (1,), (300,)])
+    plan = NormPlan([to_backend(g, "cuda") for g in grads])
+    total, finite = plan.norm(norm_type)
+    assert finite and total == pytest.approx(_norm64(grads, norm_type), rel=1e-5)
+    norms, finite = plan.segment_norms(norm_type)
+    assert finite
+    np.testing.assert_allclose(norms, _norms64(grads, norm_type), rtol=1e-5, atol=0)
