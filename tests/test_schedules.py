@@ -48,3 +48,21 @@ def test_warmup_is_continuous_at_the_boundary():
 def test_bad_arguments_name_the_argument(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+# join at and around each boundary, the values written out by hand: at t == boundary the
+# next schedule starts, at its own t = 0
+JOIN_AT_BOUNDARIES = [
+    (S.join([S.constant(1.0), S.constant(0.5), S.step_decay(0.25, 0.1, 2)], [5, 8]),
+     {0: 1.0, 4: 1.0, 5: 0.5, 6: 0.5, 7: 0.5, 8: 0.25, 9: 0.25, 10: 0.025}),
+    (S.join([S.linear_warmup(1.0, 4), S.linear_warmup(2.0, 10)], [4]),
+     {3: 0.75, 4: 0.0, 5: 0.2, 14: 2.0}),
+    (S.join([S.constant(3.0), S.constant(4.0)], [1]), {0: 3.0, 1: 4.0, 2: 4.0}),
+    (S.warmup_cosine(0.1, 10, 110), {9: 0.09, 10: 0.1, 110: 0.0}),
+]
+
+
+@pytest.mark.parametrize("schedule,values", JOIN_AT_BOUNDARIES, ids=[repr(c[0])[:40] for c in JOIN_AT_BOUNDARIES])
+def test_join_at_its_boundaries(schedule, values):
+    for t, expected in values.items():
+        assert schedule(t) == pytest.approx(expected, rel=1e-12, abs=1e-15), t
