@@ -68,3 +68,25 @@ def test_one_fused_call_updates_every_view():
     for o, p in zip(buf.offsets, buf.params):
         pad[o:o + p.size] = False
     assert pad.any() and not buf.arena[pad].any()  # padding stayed zero
+
+
+# shapes of _model(): 15, 5, 21, 1 and 33 elements; each segment rounded up to whole
+# 64-byte lines of its dtype: 16 float32 or 8 float64 elements a line
+@pytest.mark.parametrize("dtype,offsets,size", [
+    (np.float32, [0, 16, 32, 64, 80], 128),
+    (np.float64, [0, 16, 24, 48, 56], 96),
+], ids=["f32", "f64"])
+def test_offsets_and_arena_size_are_whole_lines_of_the_dtype(dtype, offsets, size):
+    """A float32-only alignment doubles a float64 arena and splits the flat pass: exact
+    offsets, exact sizes, and one launch for the whole model."""
+    import fastopt
+    buf = ParamBuffer(_model(dtype))
+    assert buf.offsets == offsets
+    assert buf.arena.size == buf.grad_arena.size == size
+    assert buf.arena.nbytes == size * np.dtype(dtype).itemsize
+    for g in buf.grads:
+        g[...] = 1
+    opt = fastopt.Adam(buf, nonfinite="propagate")
+    opt.step()
+    assert opt.launches == 1
+    assert [a.size for a in opt.arenas.values()] == [size, size]
