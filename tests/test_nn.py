@@ -448,3 +448,44 @@ def test_cuda_model_matches_cpu_model():
         _, d = softmax_cross_entropy(model(xs), ys)
         model.backward(d)
     np.testing.assert_allclose(_host(gpu.buffer.grad_arena), cpu.buffer.grad_arena, rtol=1e-9, atol=1e-12)
+
+
+def _maxpool_direct(x, kernel, stride, padding, dout):
+    """Max pooling window by window over the real elements only (the padding can never
+    win: PyTorch pads with -inf), and its gradient to each window's first maximum."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    n, c, h, w = x.shape
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    y, dx = np.empty((n, c, ho, wo)), np.zeros_like(x)
+    for b in range(n):
+        for ch in range(c):
+            for i in range(ho):
+                for j in range(wo):
+                    cells = [(r, q) for r in range(i * sh - ph, i * sh - ph + kh)
+                             for q in range(j * sw - pw, j * sw - pw + kw) if 0 <= r < h and 0 <= q < w]
+                    r, q = max(cells, key=lambda rq: (x[b, ch][rq], -cells.index(rq)))
+                    y[b, ch, i, j] = x[b, ch, r, q]
+                    dx[b, ch, r, q] += dout[b, ch, i, j]
+    return y, dx
+
+
+# (kernel, stride, padding): every window at a border reaches into the padding
+POOLS_WITH_PADDING = [((2, 2), (2, 2), (1, 1)), ((3, 3), (2, 2), (1, 1)), ((3, 3), (1, 1), (1, 1)),
+                      ((3, 2), (2, 1), (1, 1)), ((4, 4), (3, 3), (2, 2))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel,stride,padding", POOLS_WITH_PADDING)
+def test_maxpool_with_padding_on_negative_inputs(kernel, stride, padding, device):
+    """All inputs negative: padding with 0 instead of -inf would win every border window.
+    A gradcheck cannot see that (the wrong forward is differentiable too), so forward and
+    d(input) are compared with a direct computation."""
+    x = -np.random.default_rng(11).uniform(0.5, 2.0, (2, 3, 7, 6))
+    pool = MaxPool2d(kernel, stride=stride, padding=padding)
+    y = pool.forward(_on(device, x))
+    dout = np.random.default_rng(12).standard_normal(y.shape)
+    y_direct, dx_direct = _maxpool_direct(x, kernel, stride, padding, dout)
+    np.testing.assert_array_equal(_host(y), y_direct)
+    assert (y_direct < 0).all()
+    # overlapping windows add in another order: a few ulps
+    np.testing.assert_allclose(_host(pool.backward(_on(device, dout))), dx_direct, rtol=1e-13, atol=1e-16)
