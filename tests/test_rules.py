@@ -73,3 +73,39 @@ def test_the_table_moves_every_option_off_its_default(rule):
                if p.kind is p.KEYWORD_ONLY and k != "step"}
     never = [k for k, default in options.items() if all(hp.get(k, default) == default for hp in draws)]
     assert not never, f"{rule}: no draw in tests/cases.py sets {never}"
+
+
+# Lion by hand, from the paper's formula (Chen et al. 2023, Algorithm 2):
+#   c = b1*m + (1-b1)*g;  p -= lr*(sign(c) + wd*p);  m = b2*m + (1-b2)*g
+# lr=0.1, b1=0.9, b2=0.99: the second coordinate's momentum outweighs its gradient; the
+# fourth's c has the sign opposite to b2*m + (1-b2)*g's, the last's the sign opposite to
+# that of the c computed from the already updated m (the two usual misreadings); the fifth
+# has c = 0 (sign 0: only the decay moves it).
+LION_P = [1.0, -2.0, 0.5, 3.0, 0.4, 1.5]
+LION_M = [0.2, -0.1, 0.0, 0.05, 0.0, -0.1]
+LION_G = [1.0, 0.5, -0.2, -1.0, 0.0, 0.85]
+LION_BY_HAND = [  # (hyper-parameters, p after, m after)
+    (dict(weight_decay=0.5),  # c = [0.28, -0.04, -0.02, -0.055, 0, -0.005]; p *= 1 - 0.05
+     [0.85, -1.8, 0.575, 2.95, 0.38, 1.525], [0.208, -0.094, -0.002, 0.0395, 0.0, -0.0905]),
+    (dict(maximize=True),     # g -> -g: c = [0.08, -0.14, 0.02, 0.145, 0, -0.175]
+     [0.9, -1.9, 0.4, 2.9, 0.4, 1.6], [0.188, -0.104, 0.002, 0.0595, 0.0, -0.1075]),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("hp,p_after,m_after", LION_BY_HAND, ids=["decay", "maximize"])
+def test_lion_matches_a_step_computed_by_hand(hp, p_after, m_after, dtype, backend):
+    """A check of Lion independent of lion_reference (a misreading shared by the kernel and
+    the reference would pass test_matches_reference)."""
+    _, fn, reference = RULES["lion"]
+    kw = dict(step=1, lr=0.1, betas=(0.9, 0.99), **hp)
+    tol = dict(rtol=1e-12, atol=1e-15) if dtype == np.float64 else dict(rtol=1e-6, atol=1e-7)
+    p, m = to_backend(np.array(LION_P, dtype), backend), to_backend(np.array(LION_M, dtype), backend)
+    fn(p, to_backend(np.array(LION_G, dtype), backend), m, **kw)
+    np.testing.assert_allclose(to_host(p), p_after, **tol)
+    np.testing.assert_allclose(to_host(m), m_after, **tol)
+    ref_p, ref_m = np.array(LION_P), np.array(LION_M)
+    reference(ref_p, np.array(LION_G), ref_m, **kw)
+    np.testing.assert_allclose(ref_p, p_after, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(ref_m, m_after, rtol=1e-12, atol=1e-15)
