@@ -34,11 +34,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 # -- value checks: each names the bad value (argparse adds the flag) --------------------------
+def _integer(text):
+    """An integer, also written like 1e6 or 1_000_000 (as the help texts write counts)."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)  # a ValueError here: no number at all
+        if not value.is_integer():
+            raise ValueError(f"{text!r} is not a whole number") from None
+        return int(value)
+
+
 def _number(kind, test, what):
     def parse(text):
         try:
-            value = kind(text)
-        except ValueError:
+            value = _integer(text) if kind is int else kind(text)
+        except (ValueError, OverflowError):  # OverflowError: int(float("1e999"))
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
                                              f"got {text!r}") from None
         if not (math.isfinite(value) and test(value)):
@@ -176,10 +187,10 @@ def _add_training_args(p, compare):
                    help="auto: cuda when CuPy sees a GPU, else cpu (default: %(default)s)")
     r.add_argument("--dtype", choices=("float32", "float64"), default=None,
                    help=f"(default: {d.dtype}; float64 for --model {MODEL}, whose targets are relative 1e-6)")
-    r.add_argument("--kernel-threads", type=positive_int, default=d.kernel_threads, metavar="N",
-                   help="CPU threads of fastopt's optimizer kernels while training (default: %(default)s: "
-                        "NumPy's BLAS already uses every core, and two thread pools on the same cores slowed "
-                        "epochs 10-20x in our measurements)")
+    r.add_argument("--threads", "--kernel-threads", dest="threads", type=positive_int, default=d.threads,
+                   metavar="N", help="CPU threads of NumPy's BLAS and of fastopt's kernels while training, both "
+                                     "(default: %(default)s: these small products gain little from a second "
+                                     "thread, and pools that spin on shared cores slowed epochs 10-20x)")
     r.add_argument("--data", default=None, metavar="PATH",
                    help="MNIST: a folder with the four IDX files (raw or .gz) or an .npz with x_train, y_train, "
                         "x_test, y_test (default: scikit-learn's bundled 8x8 digits, fixed 80/20 split)")
@@ -244,7 +255,8 @@ def build_parser():
     b = sub.add_parser("bench", help="time one fused Adam step on many parameters, checked against NumPy",
                        description="One fused Adam step on N float32 parameters, timed, on the GPU when CuPy sees "
                                    "one, else on the CPU, checked against the float64 NumPy reference.")
-    b.add_argument("-n", type=positive_int, default=10_000_000, help="number of parameters (default: 1e7)")
+    b.add_argument("-n", type=positive_int, default=10_000_000, help="number of parameters, e.g. 1e6 or 1000000 "
+                                                                      "(default: 1e7)")
     b.add_argument("--steps", type=positive_int, default=20, help="timed steps (default: %(default)s)")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
     return p

@@ -41,7 +41,7 @@ from .newton import Newton, softmax_hessian
 from .nn import softmax_cross_entropy
 from .nn._array import array_module, to_numpy
 from .train import (HYPER_FLAG_NAMES, UsageError, kernel_threads, load_dataset, make_optimizer, optimizer_kwargs,
-                    resolve_device, write_metrics)
+                    replacing, resolve_device, write_metrics)
 
 MODEL = "logreg"
 SECOND_ORDER = ("lbfgs", "newton")  # full batch only
@@ -277,9 +277,10 @@ def full_batch(cfg, optimizers, log=print, command="compare"):
         return run_iterations(step, closure, n_iter), buffer.params[0], lr
 
     out, runs = Path(cfg.out), {}
-    with kernel_threads(cfg.kernel_threads), one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):
+    with kernel_threads(cfg.threads), one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):
         for name in optimizers:  # one untimed iteration each: checks the settings, compiles the kernels
             run(name, 1)
+        replacing(out, log)
         out.mkdir(parents=True, exist_ok=True)  # once every setting has been checked
         for name in optimizers:
             trace, w, lr = run(name, iterations)

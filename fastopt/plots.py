@@ -1,6 +1,8 @@
 """Plotting and table helpers for the training scripts.
 
     plot_curves(out_path, curves, title, ylabel)   one line per named curve -> PNG
+    plot_accuracy(out_path, curves, title, n)      accuracy per epoch on a logit axis -> PNG
+    centred_mean(values, window)                   smoothing without lag
     format_table(rows, headers)                    aligned plain-text table
 
 Figures are drawn with Matplotlib's object-oriented API on its Agg canvas: no pyplot, so
@@ -90,6 +92,19 @@ def smooth(values, window):
     return (c[i] - c[np.maximum(i - window, 0)]) / np.minimum(i, window)
 
 
+def centred_mean(values, window):
+    """Mean over a window centred on each point, narrowed symmetrically near the ends (the
+    first and last points are their own mean). A trailing mean lags: on a fast-falling loss
+    it runs above every point; a centred one has no lag and follows a straight stretch exactly."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    half = max(0, int(window) // 2)
+    i = np.arange(n)
+    h = np.minimum(half, np.minimum(i, n - 1 - i))
+    c = np.cumsum(np.insert(values, 0, 0.0))
+    return (c[i + h + 1] - c[i - h]) / (2 * h + 1)
+
+
 ACCURACY_TICKS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
 
 
@@ -97,11 +112,22 @@ def plot_accuracy(out_path, curves, title, n_examples, ylabel="accuracy"):
     """Accuracy per epoch (``{name: [(epoch, accuracy), ...]}``) on a logit axis, which gives
     90 -> 99% as much room as 50 -> 90%: the last percent, where the runs differ, stays
     readable next to the first epochs. 0% and 100% (which the axis cannot show) are drawn at
-    half an example (``0.5 / n_examples``) from them."""
+    half an example from them. ``n_examples``: the number of examples behind the curves, or
+    one per curve (``{name: n}``); the edges sit half an example of the largest set from 0 and
+    1, so no accuracy that set can reach (1 - 1/n at best) is drawn at 100%."""
+    fig = accuracy_figure(curves, title, n_examples, ylabel)
+    out_path = Path(out_path)
+    fig.savefig(out_path)
+    return out_path
+
+
+def accuracy_figure(curves, title, n_examples, ylabel="accuracy"):
+    """The figure of :func:`plot_accuracy` (a Matplotlib Figure, not saved)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    edge = 0.5 / n_examples
+    sizes = n_examples.values() if isinstance(n_examples, dict) else [n_examples]
+    edge = 0.5 / max(sizes)
     fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
     ax = fig.subplots()
     for name, points in curves.items():
@@ -118,6 +144,4 @@ def plot_accuracy(out_path, curves, title, n_examples, ylabel="accuracy"):
     ax.set(title=title, xlabel="epoch", ylabel=f"{ylabel} (logit scale)")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    out_path = Path(out_path)
-    fig.savefig(out_path)
-    return out_path
+    return fig

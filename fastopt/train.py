@@ -36,7 +36,7 @@ from .checkpoint import atomic_write
 from .data import DataError, batches, load_digits, load_mnist
 from .nn._array import array_module, to_numpy
 from .optimizers import OPTIMIZERS
-from .plots import plot_accuracy, plot_curves, smooth
+from .plots import centred_mean, plot_accuracy, plot_curves
 from .preprocessing import Standardize
 
 MODELS = ("mlp", "conv")
@@ -64,7 +64,7 @@ CHECKPOINT = "checkpoint.npz"  # model, optimizer, EMA and progress: one file, o
 CHECKPOINT_FORMAT = "fastopt-train-checkpoint-2"
 # config fields a resumed run may change (everything else must match the checkpoint's run);
 # a changed device continues the run, but not bit for bit
-RESUMABLE_CHANGES = ("epochs", "out", "progress", "checkpoint", "resume", "device", "kernel_threads")
+RESUMABLE_CHANGES = ("epochs", "out", "progress", "checkpoint", "resume", "device", "threads")
 
 
 class UsageError(ValueError):
@@ -93,7 +93,7 @@ class Config:
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
-    kernel_threads: int = 1       # Numba threads of the optimizer's CPU kernels while training (see fit)
+    threads: int = 1              # BLAS and Numba threads while training (see thread_limits)
     data: str = None              # None: scikit-learn's digits; else MNIST IDX folder or .npz
     limit: int = None             # use at most this many training and test examples
     l2: float = None              # model "logreg" (fastopt.fullbatch): L2 strength; None = DEFAULT_L2
@@ -128,7 +128,8 @@ def resolve_device(requested):
             return "cuda", f"cuda ({name}, CuPy {cupy.__version__}{', auto' if requested == 'auto' else ''})"
         why = "CuPy sees no GPU"
     if requested == "cuda":
-        raise UsageError(f"--device cuda: {why} (pip install 'fastopt[cuda]' on a machine with a GPU)")
+        raise UsageError(f"--device cuda: {why} (in the fastopt checkout, on a machine with a GPU: "
+                         'pip install -e ".[cuda]")')
     return "cpu", f"cpu (auto: {why})"
 
 
@@ -399,20 +400,32 @@ def kernel_threads(n):
         numba.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def thread_limits(n):
+    """NumPy's BLAS (through threadpoolctl) and fastopt's Numba kernels both on ``n`` threads
+    inside the block, chosen together: each pool alone would take every core, and pools
+    that spin on the same cores slow each other down many times over."""
+    from threadpoolctl import threadpool_limits
+    with kernel_threads(n), threadpool_limits(limits=max(1, int(n)), user_api="blas"):
+        yield
+
+
 def fit(cfg, data, model, opt, ema, log, start_epoch=0, history=None, step_losses=None, on_epoch=None,
         label=""):
     """Train epochs ``start_epoch .. cfg.epochs - 1``; log one line per epoch; call
     ``on_epoch(history, step_losses)`` after each. Stops early if the loss stops being finite.
     Returns ``(history, step_losses, diverged)``."""
-    with kernel_threads(cfg.kernel_threads):
+    with thread_limits(cfg.threads):
         return _fit(cfg, data, model, opt, ema, log, start_epoch, history, step_losses, on_epoch, label)
 
 
 def _fit(cfg, data, model, opt, ema, log, start_epoch, history, step_losses, on_epoch, label):
     history, step_losses = list(history or []), list(step_losses or [])
     n = len(data.x_train)
+    steps = -(-n // cfg.batch_size)
+    watch = LossWatch(step_losses[0] if step_losses else None)
     for epoch in range(start_epoch, cfg.epochs):
-        lr, skipped_before = opt.lr, opt.skipped_steps
+        lr, skipped_before = epoch_lr(opt, steps), opt.skipped_steps
         t0 = time.perf_counter()
         # a diverging run overflows: it is reported below, once, instead of by NumPy's warnings
         with _progress(n, f"{label}epoch {epoch + 1}/{cfg.epochs}", cfg.progress) as bar, \
@@ -434,12 +447,68 @@ def _fit(cfg, data, model, opt, ema, log, start_epoch, history, step_losses, on_
         history.append(record)
         step_losses.extend(losses.tolist())
         log(epoch_line(record, cfg.epochs, label))
+        warning = watch.check(step_losses, record["epoch"])
+        if warning:
+            log(f"{label}warning: {warning}; the learning rate (peak {peak_lr(opt, cfg.epochs * steps):g}) is "
+                "probably too high")
         if on_epoch is not None:
             on_epoch(history, step_losses)
         if not (np.isfinite(record["train_loss"]) and np.isfinite(test_loss)):
             log(f"{label}the loss is no longer finite (diverged): stopping")
             return history, step_losses, True
     return history, step_losses, False
+
+
+def epoch_lr(opt, steps):
+    """The learning rate of the epoch's first step that moves the weights (a warm-up's very
+    first step has lr 0): the ``lr`` of the epoch's line and record."""
+    lr, t0 = opt.param_groups[0]["lr"], opt.steps
+    if not callable(lr):
+        return lr
+    return next((v for v in map(float, map(lr, range(t0, t0 + steps))) if v), float(lr(t0)))
+
+
+def peak_lr(opt, total_steps):
+    """The largest learning rate of the first group over the run (``opt.lr`` is the next
+    step's, which is 0 before a warm-up)."""
+    lr = opt.param_groups[0]["lr"]
+    return max(map(float, map(lr, range(max(1, total_steps))))) if callable(lr) else lr
+
+
+def describe_optimizer(opt, schedule, total_steps):
+    """The optimizer for the run's header: class, groups and the peak learning rate."""
+    groups = len(opt.param_groups)
+    text = f"{type(opt).__name__} ({groups} param group{'s' * (groups != 1)}), lr {peak_lr(opt, total_steps):g}"
+    return text + (f" at the peak of the {schedule} schedule" if schedule != "constant" else "")
+
+
+class LossWatch:
+    """Says once when the training loss explodes: a step loss EXPLODED times the run's first
+    (about ln K for a fresh model), or not finite. A too-high lr often stays finite and ends at
+    chance accuracy, with nothing else to say why."""
+
+    EXPLODED = 10.0
+
+    def __init__(self, first_loss=None):
+        self.first, self.seen, self.warned = first_loss, 0, False
+
+    def check(self, step_losses, epoch):
+        """The warning for the losses added since the last check (or None)."""
+        new, self.seen = np.asarray(step_losses[self.seen:], dtype=np.float64), len(step_losses)
+        if self.warned or not new.size:
+            return None
+        if self.first is None:
+            self.first = float(new[0])
+        bad = ~np.isfinite(new)
+        if bad.any():
+            self.warned = True
+            return f"the training loss became {new[bad][0]} in epoch {epoch} (diverged)"
+        worst = float(new.max())
+        if np.isfinite(self.first) and worst > self.EXPLODED * max(self.first, 1e-3):
+            self.warned = True
+            return (f"the training loss exploded in epoch {epoch}: {worst:.3g} at worst, "
+                    f"{worst / self.first:.3g} times the first step's {self.first:.3g}")
+        return None
 
 
 def epoch_line(r, epochs, label=""):
@@ -495,17 +564,27 @@ def write_metrics(out, metrics, rows, fields):
     atomic_write(Path(out) / "metrics.csv", write_csv)
 
 
-def plot_run(out, history, step_losses, steps_per_epoch, n_test, title):
-    """``loss.png`` (per-step loss and its moving average, log scale) and ``accuracy.png``."""
-    window = max(1, steps_per_epoch // 4)
+def plot_run(out, history, step_losses, steps_per_epoch, sizes, title, ema=None):
+    """``loss.png`` (per-step loss and its centred mean, log scale) and ``accuracy.png``.
+    ``sizes``: (training examples, test examples); ``ema``: the EMA decay the test set was
+    evaluated with, or None."""
+    window = smoothing_window(steps_per_epoch, 4)
     loss = plot_curves(Path(out) / "loss.png",
-                       {"per step": step_losses, f"moving average ({window} steps)": smooth(step_losses, window)},
+                       {"per step": step_losses,
+                        f"centred mean of {window} steps": centred_mean(step_losses, window)},
                        f"{title}: training loss", "cross-entropy (log scale)", xlabel="step", logy=True)
+    train_name = "train (running, in training mode)"
+    test_name = "test" if ema is None else f"test, with the EMA of the weights (decay {ema:g})"
     acc = plot_accuracy(Path(out) / "accuracy.png",
-                        {"train (running, in training mode)": [(r["epoch"], r["train_acc"]) for r in history],
-                         "test": [(r["epoch"], r["test_acc"]) for r in history]},
-                        f"{title}: accuracy", n_test)
+                        {train_name: [(r["epoch"], r["train_acc"]) for r in history],
+                         test_name: [(r["epoch"], r["test_acc"]) for r in history]},
+                        f"{title}: accuracy", dict(zip((train_name, test_name), sizes)))
     return loss, acc
+
+
+def smoothing_window(steps_per_epoch, per_epoch):
+    """An odd window (a centred mean needs one) of about ``steps_per_epoch / per_epoch`` steps."""
+    return max(1, steps_per_epoch // per_epoch) | 1
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -671,6 +750,28 @@ def _unflatten(skeleton, arrays, prefix):
 
 
 # -- the commands ------------------------------------------------------------------------------
+OUTPUTS = ("metrics.json", "metrics.csv", "loss.png", "accuracy.png", "loss_calls.png", CHECKPOINT)
+
+
+def replacing(out, log, checkpoint=False):
+    """Say so when ``out`` holds an earlier run's outputs: a run writes into its --out folder
+    (runs/<command> unless told), replacing what is there, so that --resume finds the run by
+    its folder (numbered folders would leave --resume to guess). ``checkpoint``: this run
+    writes one; if not, an earlier one stays and is said to."""
+    out = Path(out)
+    found = [name for name in OUTPUTS if (out / name).is_file() and (name != CHECKPOINT or checkpoint)]
+    if found:
+        log(f"note: {out} holds an earlier run's {', '.join(found)}: this run replaces them "
+            "(--out DIR keeps runs apart)")
+    if not checkpoint and (out / CHECKPOINT).is_file():
+        log(f"note: {out / CHECKPOINT} is an earlier run's and stays; --resume would continue that run")
+
+
+def notes(cfg, n_train, log):
+    """Settings that are allowed but rarely meant: said once, before training."""
+    if cfg.batch_size > n_train:
+        log(f"note: --batch-size {cfg.batch_size} is more than the {n_train:,} training examples: every epoch "
+            "is one step on the whole training set")
 def describe(model):
     return f"{len(model.buffer)} tensors, {model.buffer.numel:,} parameters"
 
@@ -694,13 +795,17 @@ def train(cfg, log=print):
     model = build_model(cfg.model, data.in_shape, data.n_classes, dtype, device, cfg.seed)
     steps_per_epoch = -(-len(data.x_train) // cfg.batch_size)
     opt, ema = make_optimizer(cfg, model, steps_per_epoch)
-    log(f"model: {cfg.model}, {describe(model)}; optimizer: {opt!r}"
+    log(f"model: {cfg.model}, {describe(model)}; optimizer: "
+        f"{describe_optimizer(opt, cfg.schedule, cfg.epochs * steps_per_epoch)}"
         + (f"; EMA decay {cfg.ema}" if ema is not None else ""))
+    notes(cfg, len(data.x_train), log)
     out = Path(cfg.out)
     history, step_losses = [], []
     if cfg.resume:
         history, step_losses = load_checkpoint(out, cfg, model, opt, ema, log)
         log(f"resumed from {out / CHECKPOINT} after epoch {len(history)} (step {opt.steps})")
+    if not cfg.resume:
+        replacing(out, log, cfg.checkpoint)
     out.mkdir(parents=True, exist_ok=True)  # once every setting has been checked
     data = data.to(device)
     metrics = {"command": "train", "config": cfg.as_dict(), "device": device, "data": data.name,
@@ -712,24 +817,24 @@ def train(cfg, log=print):
         write_metrics(out, {**metrics, "epochs": hist, "step_loss": losses, "summary": summarize(hist)},
                       hist, EPOCH_FIELDS)
 
-    if len(history) >= cfg.epochs:
-        log(f"the checkpoint has {len(history)} epochs already (--epochs {cfg.epochs}): nothing to train")
-    history, step_losses, diverged = fit(cfg, data, model, opt, ema, log, len(history), history, step_losses,
-                                         on_epoch)
+    done = len(history)
+    if done >= cfg.epochs:
+        log(f"the checkpoint has {done} epochs already (--epochs {cfg.epochs}): nothing to train")
+    history, step_losses, diverged = fit(cfg, data, model, opt, ema, log, done, history, step_losses, on_epoch)
     if not history:
         raise UsageError("--epochs: nothing was trained")
     summary = summarize(history, diverged)
     metrics.update(epochs=history, step_loss=step_losses, summary=summary)
     write_metrics(out, metrics, history, EPOCH_FIELDS)
-    plots = plot_run(out, history, step_losses, steps_per_epoch, len(data.x_test),
-                     f"{cfg.model} + {cfg.optimizer} on {data.name}")
+    plots = plot_run(out, history, step_losses, steps_per_epoch, (len(data.x_train), len(data.x_test)),
+                     f"{cfg.model} + {cfg.optimizer} on {data.name}", cfg.ema)
     log(f"done: {summary['epochs']} epoch{'s' * (summary['epochs'] != 1)}, {summary['seconds']:.1f} s "
         f"({summary['seconds_per_epoch']:.3f} s/epoch, median {summary['median_seconds_per_epoch']:.3f}; "
         f"{summary['examples_per_s']:,.0f} train examples/s on {device})")
     log(f"test accuracy {summary['final_test_acc']:.2%} (best {summary['best_test_acc']:.2%} at epoch "
         f"{summary['best_epoch']}); final train loss {summary['final_train_loss']:.4f}")
     log(f"wrote {out / 'metrics.json'}, metrics.csv, {plots[0].name}, {plots[1].name}"
-        + (f", {CHECKPOINT}" if cfg.checkpoint or cfg.resume else ""))
+        + (f", {CHECKPOINT}" if (cfg.checkpoint or cfg.resume) and len(history) > done else ""))
     return metrics
 
 
@@ -755,14 +860,16 @@ def compare(cfg, optimizers, log=print):
     models = {name: build_model(cfg.model, data.in_shape, data.n_classes, dtype, device, cfg.seed)
               for name in optimizers}
     opts = {name: make_optimizer(cfg, models[name], steps_per_epoch, name=name, strict=False) for name in optimizers}
+    notes(cfg, len(data.x_train), log)
     out = Path(cfg.out)
+    replacing(out, log)
     out.mkdir(parents=True, exist_ok=True)
     data = data.to(device)
     runs, rows, table = {}, [], []
     for name in optimizers:
         model, (opt, ema) = models[name], opts[name]
         init_loss, init_acc = evaluate(model, data.x_test, data.y_test)
-        log(f"{name}: {opt!r}")
+        log(f"{name}: {describe_optimizer(opt, cfg.schedule, cfg.epochs * steps_per_epoch)}")
         history, step_losses, diverged = fit(cfg, data, model, opt, ema, log, label=f"{name}: ")
         summary = summarize(history, diverged)
         _, kwargs = optimizer_kwargs(name, cfg.lr, cfg.hyper, strict=False)
@@ -775,13 +882,13 @@ def compare(cfg, optimizers, log=print):
     metrics = {"command": "compare", "config": cfg.as_dict(), "device": device, "data": data.name,
                "optimizers": list(optimizers), "runs": runs, "table": {"headers": COMPARE_HEADERS, "rows": table}}
     write_metrics(out, metrics, rows, COMPARE_FIELDS)
-    window = max(1, steps_per_epoch // 2)
-    plot_curves(out / "loss.png", {n: smooth(r["step_loss"], window) for n, r in runs.items()},
-                f"{cfg.model} on {data.name}: training loss (moving average over {window} steps)",
+    window = smoothing_window(steps_per_epoch, 2)
+    plot_curves(out / "loss.png", {n: centred_mean(r["step_loss"], window) for n, r in runs.items()},
+                f"{cfg.model} on {data.name}: training loss (centred mean of {window} steps)",
                 "cross-entropy (log scale)", xlabel="step", logy=True)
     plot_accuracy(out / "accuracy.png",
                   {n: [(0, r["initial"]["test_acc"])] + [(e["epoch"], e["test_acc"]) for e in r["epochs"]]
                    for n, r in runs.items()},
                   f"{cfg.model} on {data.name}: test accuracy from the same initial weights", len(data.x_test),
-                  ylabel="test accuracy")
+                  ylabel="test accuracy" if cfg.ema is None else f"test accuracy, EMA of the weights ({cfg.ema:g})")
     return metrics

@@ -88,6 +88,22 @@ def test_bench_checks_against_the_reference(capsys):
     assert "5,000 float32 params" in out and "max |fastopt - float64 NumPy reference|" in out
 
 
+def test_counts_may_be_written_like_the_help_writes_them(capsys):
+    """The help says "default: 1e7": -n 1e3 (and --epochs 1e0) are integers too."""
+    code, out, err = run(["bench", "-n", "1e3", "--steps", 2, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "1,000 float32 params" in out
+    args = build_parser().parse_args(["train", "--epochs", "1e1", "--batch-size", "6.4e1", "--limit", "2_000"])
+    assert (args.epochs, args.batch_size, args.limit) == (10, 64, 2000)
+    assert isinstance(args.epochs, int)
+
+
+def test_threads_flag_and_its_old_name(capsys):
+    for flag in ("--threads", "--kernel-threads"):
+        assert build_parser().parse_args(["train", flag, "2"]).threads == 2
+    assert build_parser().parse_args(["train"]).threads == 1
+
+
 @pytest.mark.parametrize("model,schedule", [("mlp", "constant"), ("conv", "exp")])
 def test_resume_is_bit_exact(tmp_path, capsys, model, schedule):
     """Two epochs in one go == one epoch, stop, --resume to two: parameters, optimizer
@@ -189,6 +205,9 @@ BAD = [
     (["compare", "--optimizers", "sgd,adamm"], "unknown optimizer 'adamm'"),
     (["valley", "--optimizers", "sgd,sgd"], "optimizer listed twice"),
     (["bench", "-n", "0"], "argument -n: must be >= 1"),
+    (["bench", "-n", "2.5"], "argument -n: expected an integer, got '2.5'"),
+    (["bench", "-n", "1e999"], "argument -n: expected an integer, got '1e999'"),
+    (["train", "--threads", "0"], "argument --threads/--kernel-threads: must be >= 1"),
     (["fly"], "invalid choice: 'fly'"),
 ]
 
@@ -224,6 +243,16 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys, monkeypatc
         pytest.skip("a GPU is present")
     code, _, err = run(["train", "--device", "cuda"], capsys)
     assert code == 2 and err.startswith("fastopt: error: --device cuda: ") and len(err.strip().splitlines()) == 1
+    assert 'pip install -e ".[cuda]"' in err
+
+
+def test_the_cuda_hint_names_an_install_that_works(monkeypatch):
+    """fastopt is on no package index: the hint is the editable install of the checkout."""
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
+    with pytest.raises(T.UsageError) as e:
+        T.resolve_device("cuda")
+    assert str(e.value) == ('--device cuda: CuPy is not installed (in the fastopt checkout, on a machine with a '
+                            'GPU: pip install -e ".[cuda]")')
 
 
 def test_python_dash_m_help_and_a_bad_argument_in_a_child_process(tmp_path):

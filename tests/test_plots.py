@@ -1,8 +1,9 @@
-"""plot_curves writes readable PNGs; format_table aligns its columns."""
+"""plot_curves writes readable PNGs; plot_accuracy draws what each curve's set can reach;
+centred_mean smooths without lag; format_table aligns its columns."""
 import numpy as np
 import pytest
 
-from fastopt.plots import format_table, plot_curves
+from fastopt.plots import accuracy_figure, centred_mean, format_table, plot_accuracy, plot_curves, smooth
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -81,3 +82,46 @@ def test_format_table_mixed_column_is_left_aligned_and_floatfmt_applies():
 def test_format_table_rejects_ragged_rows():
     with pytest.raises(ValueError, match=r"rows\[1\] has 1 cells but there are 2 headers"):
         format_table([(1, 2), (3,)], ("a", "b"))
+
+
+def test_accuracy_is_clipped_by_the_largest_set_not_the_test_set():
+    """99.93% of 1,438 training images beside a test set of 359: the train curve is drawn at
+    99.93%, not at the test set's 100% mark (1 - 0.5/359 = 99.86%); a perfect score is drawn at
+    the 100% edge, half an example of the larger set from 1."""
+    fig = accuracy_figure({"train": [(1, 0.9), (2, 0.9993)], "test": [(1, 0.9), (2, 1.0)]}, "t",
+                          {"train": 1438, "test": 359})
+    ax = fig.axes[0]
+    train, test = (line.get_ydata() for line in ax.lines)
+    assert train[-1] == 0.9993 and test[-1] == 1 - 0.5 / 1438
+    labels = {t.get_text() for t in ax.get_yticklabels()}
+    assert "100%" in labels and "0%" in labels
+
+
+def test_plot_accuracy_takes_one_size_or_one_per_curve(tmp_path):
+    from matplotlib.image import imread
+    curves = {"train": [(1, 0.5), (2, 0.99)], "test": [(1, 0.4), (2, 1.0)]}
+    a = imread(plot_accuracy(tmp_path / "a.png", curves, "t", 100))
+    b = imread(plot_accuracy(tmp_path / "b.png", curves, "t", {"train": 100, "test": 20}))
+    assert a.shape == b.shape and np.array_equal(a, b)  # the larger set sets the edges
+
+
+def test_centred_mean_has_no_lag():
+    """On a straight stretch the centred mean is the curve itself, where a trailing mean runs
+    above a falling one by half its window; the ends are their own means."""
+    falling = np.linspace(10.0, 1.0, 50)
+    np.testing.assert_allclose(centred_mean(falling, 9), falling)
+    assert (smooth(falling, 9)[8:] > falling[8:] + 0.7).all()  # the trailing mean's lag
+    values = np.array([4.0, 2.0, 6.0, 0.0, 8.0])
+    np.testing.assert_allclose(centred_mean(values, 3), [4.0, 4.0, 8 / 3, 14 / 3, 8.0])
+    np.testing.assert_allclose(centred_mean(values, 5), [4.0, 4.0, 4.0, 14 / 3, 8.0])
+    np.testing.assert_array_equal(centred_mean(values, 1), values)
+    assert centred_mean([], 5).shape == (0,)
+
+
+def test_centred_mean_follows_an_exponential_fall_on_a_log_axis():
+    """An exponentially falling loss (a straight line on the log axis): the centred mean stays
+    within a few percent of it; the trailing mean of the same window runs far above."""
+    loss = 2.3 * np.exp(-np.arange(200) / 20)
+    ratio_centred = centred_mean(loss, 15) / loss
+    ratio_trailing = smooth(loss, 15) / loss
+    assert ratio_centred.max() < 1.03 and ratio_trailing.max() > 1.4

@@ -375,6 +375,25 @@ def test_ema_is_evaluated_and_resumed(tmp_path):
     assert [r["test_loss"] for r in plain["epochs"]] != [r["test_loss"] for r in a["epochs"]]
 
 
+def test_thread_limits_set_blas_and_numba_together_and_restore_them():
+    import numba
+    from threadpoolctl import threadpool_info
+    blas = lambda: [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]  # noqa: E731
+    before = numba.get_num_threads(), blas()
+    with T.thread_limits(1):
+        assert numba.get_num_threads() == 1 and set(blas()) == {1}
+    assert (numba.get_num_threads(), blas()) == before
+
+
+def test_training_runs_under_its_thread_limit(tmp_path, monkeypatch):
+    seen = []
+    real = T.thread_limits
+    monkeypatch.setattr(T, "thread_limits", lambda n: seen.append(n) or real(n))
+    T.train(tiny_config(tmp_path, model="mlp", epochs=1), log=quiet)
+    T.train(tiny_config(tmp_path, model="mlp", epochs=1, threads=2), log=quiet)
+    assert seen == [1, 2]  # the default: one BLAS and one Numba thread
+
+
 def test_kernel_threads_are_set_inside_and_restored():
     import numba
     before = numba.get_num_threads()
@@ -386,10 +405,11 @@ def test_kernel_threads_are_set_inside_and_restored():
 
 
 def test_smooth_is_a_trailing_mean():
+    from fastopt.plots import smooth  # the loss plots use the centred mean now (no lag)
     values = np.array([4.0, 2.0, 6.0, 0.0, 8.0])
     expected = [4.0, 3.0, 4.0, 8 / 3, 14 / 3]
-    np.testing.assert_allclose(T.smooth(values, 3), expected)
-    np.testing.assert_array_equal(T.smooth(values, 1), values)
+    np.testing.assert_allclose(smooth(values, 3), expected)
+    np.testing.assert_array_equal(smooth(values, 1), values)
 
 
 def test_json_safe_writes_no_nan():
@@ -488,3 +508,70 @@ def test_outputs_follow_the_umask(tmp_path, umask):
     run = tmp_path / "run"
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in run.iterdir()}
     assert modes == dict.fromkeys(modes, 0o666 & ~umask) and T.CHECKPOINT in modes and "metrics.json" in modes
+
+
+# -- what a run says ----------------------------------------------------------------------------
+def test_a_warmup_run_states_its_peak_lr_and_the_first_lr_that_moves(tmp_path):
+    lines = []
+    metrics = T.train(tiny_config(tmp_path, model="mlp", schedule="warmup_cosine", epochs=2, batch_size=8),
+                      log=lines.append)  # 40 steps, 2 of warm-up
+    header = next(line for line in lines if line.startswith("model: "))
+    assert "lr 0.003 at the peak of the warmup_cosine schedule" in header and "lr=0.0" not in header
+    first = metrics["epochs"][0]["lr"]
+    assert 0 < first < 0.003  # the warm-up's first step has lr 0; its second does not
+    epoch_1 = next(line for line in lines if line.startswith("epoch 1/2"))
+    assert epoch_1.endswith(f"lr {first:.3g}") and not epoch_1.endswith("lr 0")
+
+
+def test_plots_label_the_ema_curve_and_smooth_without_lag(tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(T, "plot_accuracy", lambda path, curves, title, n: drawn.update(acc=(curves, n)) or Path(path))
+    monkeypatch.setattr(T, "plot_curves", lambda path, curves, *a, **k: drawn.update(loss=curves) or Path(path))
+    T.train(tiny_config(tmp_path, model="mlp", ema=0.9, batch_size=8), log=quiet)  # 20 steps per epoch
+    curves, sizes = drawn["acc"]
+    assert list(curves) == ["train (running, in training mode)", "test, with the EMA of the weights (decay 0.9)"]
+    assert sizes == dict(zip(curves, (160, 160)))
+    assert list(drawn["loss"]) == ["per step", "centred mean of 5 steps"]
+    per_step, mean = drawn["loss"].values()
+    np.testing.assert_allclose(mean, fastopt.plots.centred_mean(per_step, 5))
+
+
+def test_a_batch_larger_than_the_training_set_is_said(tmp_path):
+    lines = []
+    T.train(tiny_config(tmp_path, model="mlp", batch_size=5000, epochs=1), log=lines.append)
+    assert "note: --batch-size 5000 is more than the 160 training examples: every epoch is one step on the " \
+           "whole training set" in lines
+
+
+def test_a_run_into_an_earlier_runs_folder_says_what_it_replaces(tmp_path):
+    first, second, third = [], [], []
+    T.train(tiny_config(tmp_path, model="mlp", epochs=1, checkpoint=True), log=first.append)
+    T.train(tiny_config(tmp_path, model="mlp", epochs=1), log=second.append)
+    T.train(tiny_config(tmp_path, model="mlp", epochs=1, checkpoint=True), log=third.append)
+    run = tmp_path / "run"
+    assert not any(line.startswith("note: ") for line in first)
+    assert f"note: {run} holds an earlier run's metrics.json, metrics.csv, loss.png, accuracy.png: this run " \
+           "replaces them (--out DIR keeps runs apart)" in second
+    assert f"note: {run / T.CHECKPOINT} is an earlier run's and stays; --resume would continue that run" in second
+    assert any(line.startswith("note: ") and "accuracy.png, checkpoint.npz: this run replaces" in line for line in third)
+
+
+def test_an_exploding_loss_is_warned_about_once(tmp_path):
+    """--lr 100: the loss stays finite, the run ends at chance accuracy; one warning says why."""
+    lines = []
+    T.train(tiny_config(tmp_path, model="mlp", lr=100.0, epochs=3), log=lines.append)
+    warnings = [line for line in lines if line.startswith("warning: ")]
+    assert len(warnings) == 1, lines
+    assert warnings[0].startswith("warning: the training loss exploded in epoch 1: ")
+    assert warnings[0].endswith("the learning rate (peak 100) is probably too high")
+    calm = []
+    T.train(tiny_config(tmp_path, model="mlp", epochs=3), log=calm.append)
+    assert not any("warning" in line for line in calm)
+
+
+def test_a_loss_that_stops_being_finite_is_warned_about(tmp_path):
+    lines = []
+    T.train(tiny_config(tmp_path, model="mlp", optimizer="sgd", lr=1e12, epochs=5), log=lines.append)
+    warnings = [line for line in lines if line.startswith("warning: ")]
+    assert len(warnings) == 1 and ("became nan" in warnings[0] or "became inf" in warnings[0]
+                                   or "exploded" in warnings[0]), lines
