@@ -263,3 +263,29 @@ def test_python_dash_m_help_and_a_bad_argument_in_a_child_process(tmp_path):
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.startswith("fastopt: error: argument --lr: must be > 0, got -1")
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_compare_logreg_says_when_a_method_stopped_moving_and_takes_f_star_from_scipy(tmp_path, capsys):
+    """Newton converges in about 10 iterations and then steps to where it is (no call): its line
+    says so instead of only "after 40 iterations, 11 calls"; f* is SciPy's L-BFGS-B minimum, as
+    the README says, to within rounding."""
+    code, out, err = run(["compare", "--optimizers", "newton,adam", "--model", "logreg", "--iterations", 40,
+                          "--out", tmp_path], capsys)
+    assert code == 0, err
+    newton = next(line for line in out.splitlines() if line.startswith("newton: "))
+    assert "after 40 iterations (the weights last changed in iteration " in newton
+    adam = next(line for line in out.splitlines() if line.startswith("adam: "))
+    assert "after 40 iterations, 41 calls" in adam  # moving to the end: nothing to add
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["fstar_source"].startswith("scipy L-BFGS-B")
+    assert min(metrics["runs"]["newton"]["loss"]) >= metrics["fstar"]  # no gap is negative
+    assert "f* = " in out and "(scipy L-BFGS-B" in out
+
+
+def test_f_star_is_scipys_within_rounding_and_says_when_scipy_stopped_short():
+    from fastopt.fullbatch import choose_fstar
+    assert choose_fstar(0.5, "newton", 0.6) == (0.5, "scipy L-BFGS-B")
+    fstar, source = choose_fstar(0.5, "newton", 0.5 - 1e-16)
+    assert fstar == 0.5 - 1e-16 and source.startswith("scipy L-BFGS-B, within rounding: newton's lowest loss")
+    fstar, source = choose_fstar(0.5, "newton", 0.5 - 1e-9)
+    assert fstar == 0.5 - 1e-9 and source == "newton's lowest loss: scipy L-BFGS-B stopped 1.0e-09 above it"
