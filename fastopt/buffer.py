@@ -86,6 +86,13 @@ class ParamBuffer:
     ``params`` / ``grads`` are lists of views (in order) into ``arena`` / ``grad_arena``;
     ``offsets[i]`` is where view i starts in the arena. Gaps between segments (alignment
     padding) hold zeros in both arenas, which every rule leaves at zero.
+
+    The arrays passed in are copied, not adopted: an optimizer over the buffer updates
+    ``params[i]``, and ``w1`` itself never changes. Use the views as the model's arrays
+    from then on (``w1, b1, w2 = buf.params``), or copy back when the caller's arrays must
+    hold the result (``np.copyto(w1, buf.params[0])``). Gradients go into ``grads[i]``
+    in place (``buf.grads[0][...] = dw1``): rebinding a name to a new array does not
+    reach the arena.
     """
 
     def __init__(self, arrays=None, *, shapes=None, dtype=np.float32, device="cpu", names=None):
