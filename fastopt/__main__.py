@@ -1,4 +1,4 @@
 """``python -m fastopt``: the ``fastopt`` command (train, compare, valley, bench); see ``fastopt --help``."""
-from .cli import main
+from .app.cli import main
 
 raise SystemExit(main())

@@ -10,8 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from fastopt import train as T
-from fastopt.cli import HYPER_FLAGS, build_parser, main
+from fastopt.app import loop as L
+from fastopt.app import outputs as O
+from fastopt.app import prepare as P
+from fastopt.app import recipes as R
+from fastopt.app.cli import build_parser, main
+from fastopt.app.config import UsageError
+from fastopt.app.flags import HYPER_FLAGS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--limit", "200", "--no-progress"]
@@ -62,7 +67,7 @@ def test_compare_end_to_end(tmp_path, capsys):
     # the same initial weights: every run starts from the same test loss
     assert len({r["initial"]["test_loss"] for r in runs.values()}) == 1
     for name, r in runs.items():
-        assert r["hyper"]["lr"] == T.DEFAULT_LR[name]
+        assert r["hyper"]["lr"] == R.DEFAULT_LR[name]
         assert r["epochs"][-1]["train_loss"] < r["step_loss"][0] and r["epochs"][-1]["test_acc"] > 0.3
     for name in ("loss.png", "accuracy.png"):
         assert_png(tmp_path / name)
@@ -114,7 +119,7 @@ def test_resume_is_bit_exact(tmp_path, capsys, model, schedule):
     code, out, err = run(["train", *common, "--epochs", 2, "--resume", "--out", tmp_path / "b"], capsys)
     assert code == 0, err
     assert "resumed from" in out and out.count("epoch 2/2") == 1 and "epoch 1/2" not in out
-    name = T.CHECKPOINT  # model, optimizer and progress: one file
+    name = O.CHECKPOINT  # model, optimizer and progress: one file
     with np.load(tmp_path / "a" / name) as a, np.load(tmp_path / "b" / name) as b:
         assert a.files == b.files
         for key in a.files:
@@ -124,7 +129,7 @@ def test_resume_is_bit_exact(tmp_path, capsys, model, schedule):
         assert any(k.startswith("model/") and "running_" in k for k in a.files) == (model == "conv")
         assert any(k.startswith("optimizer/state/") for k in a.files)
     ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "ab")
-    strip = lambda m: [{k: v for k, v in r.items() if k not in T.CLOCK_FIELDS} for r in m["epochs"]]  # noqa: E731
+    strip = lambda m: [{k: v for k, v in r.items() if k not in L.CLOCK_FIELDS} for r in m["epochs"]]  # noqa: E731
     assert strip(ma) == strip(mb) and ma["step_loss"] == mb["step_loss"]
 
 
@@ -150,7 +155,7 @@ BROKEN_CHECKPOINTS = [
 def test_resume_from_a_broken_checkpoint_is_one_line_and_keeps_the_file(tmp_path, capsys, spoil, message):
     common = ["--model", "mlp", "--checkpoint", "--out", tmp_path, *TINY]
     assert run(["train", *common, "--epochs", 1], capsys)[0] == 0
-    path = tmp_path / T.CHECKPOINT
+    path = tmp_path / O.CHECKPOINT
     spoil(path)
     broken = path.read_bytes()
     code, out, err = run(["train", *common, "--epochs", 2, "--resume"], capsys)
@@ -238,7 +243,7 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, capsys, monkeypatch, a
 
 def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    device, _ = T.resolve_device("auto")
+    device, _ = P.resolve_device("auto")
     if device == "cuda":
         pytest.skip("a GPU is present")
     code, _, err = run(["train", "--device", "cuda"], capsys)
@@ -249,8 +254,8 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys, monkeypatc
 def test_the_cuda_hint_names_an_install_that_works(monkeypatch):
     """fastopt is on no package index: the hint is the editable install of the checkout."""
     monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
-    with pytest.raises(T.UsageError) as e:
-        T.resolve_device("cuda")
+    with pytest.raises(UsageError) as e:
+        P.resolve_device("cuda")
     assert str(e.value) == ('--device cuda: CuPy is not installed (in the fastopt checkout, on a machine with a '
                             'GPU: pip install -e ".[cuda]")')
 
@@ -283,7 +288,7 @@ def test_compare_logreg_says_when_a_method_stopped_moving_and_takes_f_star_from_
 
 
 def test_f_star_is_scipys_within_rounding_and_says_when_scipy_stopped_short():
-    from fastopt.fullbatch import choose_fstar
+    from fastopt.app.fullbatch import choose_fstar
     assert choose_fstar(0.5, "newton", 0.6) == (0.5, "scipy L-BFGS-B")
     fstar, source = choose_fstar(0.5, "newton", 0.5 - 1e-16)
     assert fstar == 0.5 - 1e-16 and source.startswith("scipy L-BFGS-B, within rounding: newton's lowest loss")

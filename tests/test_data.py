@@ -5,7 +5,7 @@ import gzip
 import numpy as np
 import pytest
 
-from fastopt import data as D
+from fastopt.app import data as D
 
 
 def idx_bytes(array, code=0x08):

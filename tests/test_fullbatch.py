@@ -1,4 +1,4 @@
-"""fastopt.fullbatch: the softmax-regression objective (its loss against the definition, its
+"""fastopt.fullbatch and fastopt.app.fullbatch: the softmax-regression objective (its loss against the definition, its
 gradient by gradcheck, its Hessian against differences of the gradient), the per-iteration
 L-BFGS driver against one long L-BFGS run, ``fastopt compare / train --model logreg`` end to
 end, and bad combinations: one line, exit 2, nothing written."""
@@ -8,12 +8,17 @@ import numpy as np
 import pytest
 
 from fastopt import gradcheck
+from fastopt.app.cli import main
+from fastopt.app.config import Config
+from fastopt.app.fullbatch import (
+    FULL_BATCH_LR,
+    LBFGS_SETTINGS,
+    make_stepper,
+    run_iterations,
+)
 from fastopt.buffer import ParamBuffer
-from fastopt.cli import main
-from fastopt.fullbatch import (FULL_BATCH_LR, LBFGS_SETTINGS, Closure, SoftmaxRegression, make_stepper,
-                               run_iterations)
+from fastopt.fullbatch import Closure, SoftmaxRegression
 from fastopt.lbfgs import LBFGS
-from fastopt.train import Config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

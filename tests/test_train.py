@@ -1,4 +1,4 @@
-"""fastopt.train: model builders, optimizer and schedule construction from settings, weight
+"""fastopt.app (train, recipes, prepare, loop, outputs): model builders, optimizer and schedule construction from settings, weight
 decay groups, the epoch loop (progress, per-step losses, accuracy), MNIST files, EMA and
 clipping, checkpoints (refusals, another device), and the outputs' helpers."""
 import dataclasses
@@ -16,8 +16,15 @@ import numpy as np
 import pytest
 
 import fastopt
+import fastopt.plots
 from fastopt import nn
-from fastopt import train as T
+from fastopt.app import data as D
+from fastopt.app import loop as L
+from fastopt.app import outputs as O
+from fastopt.app import prepare as P
+from fastopt.app import recipes as R
+from fastopt.app import train as T
+from fastopt.app.config import Config, UsageError
 from fastopt.checkpoint import atomic_write
 
 try:
@@ -25,11 +32,11 @@ try:
 except ImportError:
     cupy = None
 
-DIGITS = T.load_dataset(limit=160)  # standardized digits, the first 160 train and test images
+DIGITS = P.load_dataset(limit=160)  # standardized digits, the first 160 train and test images
 
 
 def tiny_config(tmp_path, **changes):
-    return T.Config(**{"epochs": 2, "limit": 160, "out": str(tmp_path / "run"), "progress": False, **changes})
+    return Config(**{"epochs": 2, "limit": 160, "out": str(tmp_path / "run"), "progress": False, **changes})
 
 
 def quiet(*_):
@@ -43,7 +50,7 @@ SHAPES = [("mlp", (1, 8, 8), 10), ("mlp", (1, 28, 28), 10), ("mlp", (64,), 3),
 
 @pytest.mark.parametrize("name,shape,classes", SHAPES, ids=[f"{m}-{'x'.join(map(str, s))}" for m, s, _ in SHAPES])
 def test_build_model_forward_and_backward_shapes(name, shape, classes):
-    model = T.build_model(name, shape, classes, np.float64, "cpu", seed=0)
+    model = R.build_model(name, shape, classes, np.float64, "cpu", seed=0)
     x = np.random.default_rng(0).standard_normal((4, *shape))
     logits = model(x)
     assert logits.shape == (4, classes) and np.isfinite(logits).all()
@@ -54,24 +61,24 @@ def test_build_model_forward_and_backward_shapes(name, shape, classes):
 
 
 def test_build_model_same_seed_same_weights_and_bad_input():
-    a, b, c = (T.build_model("conv", (1, 8, 8), 10, seed=s) for s in (3, 3, 4))
+    a, b, c = (R.build_model("conv", (1, 8, 8), 10, seed=s) for s in (3, 3, 4))
     assert np.array_equal(a.buffer.arena, b.buffer.arena)
     assert not np.array_equal(a.buffer.arena, c.buffer.arena)
-    with pytest.raises(T.UsageError, match="--model conv needs images"):
-        T.build_model("conv", (64,), 10)
-    with pytest.raises(T.UsageError, match="--model must be one of"):
-        T.build_model("resnet", (1, 8, 8), 10)
+    with pytest.raises(UsageError, match="--model conv needs images"):
+        R.build_model("conv", (64,), 10)
+    with pytest.raises(UsageError, match="--model must be one of"):
+        R.build_model("resnet", (1, 8, 8), 10)
 
 
 # (name, explicit hyper-parameters, strict, expected class, expected kwargs subset, error)
 KWARGS = [
-    ("momentum", {}, True, fastopt.SGD, {"momentum": 0.9, "lr": T.DEFAULT_LR["momentum"]}, None),
+    ("momentum", {}, True, fastopt.SGD, {"momentum": 0.9, "lr": R.DEFAULT_LR["momentum"]}, None),
     ("lars", {"weight_decay": 1e-3}, True, fastopt.OPTIMIZERS["lars"], {"momentum": 0.9, "weight_decay": 1e-3}, None),
     ("nesterov", {"momentum": 0.5}, True, fastopt.SGD, {"momentum": 0.5, "nesterov": True}, None),
     ("sgd", {"momentum": 0.8, "nesterov": True}, True, fastopt.SGD, {"momentum": 0.8, "nesterov": True}, None),
     ("adam", {"betas": (0.8, 0.99), "eps": 1e-6}, True, fastopt.Adam, {"betas": (0.8, 0.99), "eps": 1e-6}, None),
     ("rmsprop", {"alpha": 0.9, "centered": True}, True, fastopt.RMSprop, {"alpha": 0.9, "centered": True}, None),
-    ("adadelta", {"rho": 0.95}, True, fastopt.Adadelta, {"rho": 0.95, "lr": T.DEFAULT_LR["adadelta"]}, None),
+    ("adadelta", {"rho": 0.95}, True, fastopt.Adadelta, {"rho": 0.95, "lr": R.DEFAULT_LR["adadelta"]}, None),
     ("adam", {"momentum": 0.9}, True, None, None, "--momentum does not apply to adam"),
     ("adam", {"momentum": 0.9, "eps": 1e-7}, False, fastopt.Adam, {"eps": 1e-7}, None),
     ("adamz", {}, True, None, None, "--optimizer must be one of"),
@@ -81,23 +88,23 @@ KWARGS = [
 @pytest.mark.parametrize("name,hyper,strict,cls,expected,error", KWARGS)
 def test_optimizer_kwargs(name, hyper, strict, cls, expected, error):
     if error:
-        with pytest.raises(T.UsageError, match=error):
-            T.optimizer_kwargs(name, None, hyper, strict)
+        with pytest.raises(UsageError, match=error):
+            R.optimizer_kwargs(name, None, hyper, strict)
         return
-    got_cls, kwargs = T.optimizer_kwargs(name, None, hyper, strict)
+    got_cls, kwargs = R.optimizer_kwargs(name, None, hyper, strict)
     assert got_cls is cls
     assert {k: kwargs[k] for k in expected} == expected
-    assert set(kwargs) <= set(T.accepted_hyper(cls))  # nothing the class would refuse
+    assert set(kwargs) <= set(R.accepted_hyper(cls))  # nothing the class would refuse
 
 
 def test_every_optimizer_lowers_the_loss(tmp_path):
     """Each name, with its default lr, trains the MLP: the last epoch's loss is below the first step's."""
-    data = T.Dataset("digits", DIGITS.x_train, DIGITS.y_train, DIGITS.x_test, DIGITS.y_test, 10)
+    data = P.Dataset("digits", DIGITS.x_train, DIGITS.y_train, DIGITS.x_test, DIGITS.y_test, 10)
     cfg = tiny_config(tmp_path, model="mlp", epochs=3)
-    for name in T.OPTIMIZER_NAMES:
-        model = T.build_model("mlp", data.in_shape, 10, seed=0)
-        opt, _ = T.make_optimizer(cfg, model, 5, name=name)
-        history, step_losses, diverged = T.fit(cfg, data, model, opt, None, quiet)
+    for name in R.OPTIMIZER_NAMES:
+        model = R.build_model("mlp", data.in_shape, 10, seed=0)
+        opt, _ = R.make_optimizer(cfg, model, 5, name=name)
+        history, step_losses, diverged = L.fit(cfg, data, model, opt, None, quiet)
         assert not diverged, name
         assert history[-1]["train_loss"] < 0.8 * step_losses[0], name
 
@@ -118,41 +125,41 @@ SCHEDULE_CASES = [
 
 @pytest.mark.parametrize("name,settings,points", SCHEDULE_CASES, ids=[c[0] for c in SCHEDULE_CASES])
 def test_schedules_follow_their_definitions(name, settings, points):
-    cfg = T.Config(schedule=name, epochs=6, **settings)  # 6 epochs of S = 10 steps: 60 steps
-    lr = T.make_schedule(cfg, 0.1, steps_per_epoch=10)
+    cfg = Config(schedule=name, epochs=6, **settings)  # 6 epochs of S = 10 steps: 60 steps
+    lr = R.make_schedule(cfg, 0.1, steps_per_epoch=10)
     for t, expected in points:
         value = lr(t) if callable(lr) else lr
         assert value == pytest.approx(expected(0.1, 10), rel=1e-12, abs=1e-15), (name, t)
 
 
 def test_schedule_errors_name_the_flag():
-    with pytest.raises(T.UsageError, match="--schedule warmup_cosine: total_steps"):
-        T.make_schedule(T.Config(schedule="warmup_cosine", warmup_steps=100, epochs=1), 0.1, 10)
-    with pytest.raises(T.UsageError, match="--schedule must be one of"):
-        T.make_schedule(T.Config(schedule="linear"), 0.1, 10)
+    with pytest.raises(UsageError, match="--schedule warmup_cosine: total_steps"):
+        R.make_schedule(Config(schedule="warmup_cosine", warmup_steps=100, epochs=1), 0.1, 10)
+    with pytest.raises(UsageError, match="--schedule must be one of"):
+        R.make_schedule(Config(schedule="linear"), 0.1, 10)
 
 
 @pytest.mark.parametrize("optimizer,hyper,groups", [("adam", {}, 1), ("adam", {"weight_decay": 1e-4}, 2),
                                                      ("adamw", {}, 2), ("sgd", {"l1": 1e-5}, 2), ("lamb", {}, 2),
                                                      ("lamb", {"weight_decay": 0.0}, 2), ("lars", {}, 2)])
 def test_penalties_skip_biases_and_batchnorm(tmp_path, optimizer, hyper, groups):
-    model = T.build_model("conv", (1, 8, 8), 10)
-    opt, _ = T.make_optimizer(tiny_config(tmp_path, optimizer=optimizer, hyper=hyper), model, 5)
+    model = R.build_model("conv", (1, 8, 8), 10)
+    opt, _ = R.make_optimizer(tiny_config(tmp_path, optimizer=optimizer, hyper=hyper), model, 5)
     assert len(opt.param_groups) == groups
     if groups == 2:
         weights, others = opt.param_groups
         assert all(p.ndim >= 2 for p in weights["params"]) and all(p.ndim == 1 for p in others["params"])
         assert len(weights["params"]) + len(others["params"]) == len(model.buffer)
-        assert all(others[k] == v for k, v in T.EXEMPT.items() if k in others)
-        assert any(weights[k] != v for k, v in T.EXEMPT.items() if k in weights)
+        assert all(others[k] == v for k, v in R.EXEMPT.items() if k in others)
+        assert any(weights[k] != v for k, v in R.EXEMPT.items() if k in weights)
 
 
 def test_epoch_order_and_dropout_are_functions_of_seed_and_epoch():
-    perm = lambda s, e: T.epoch_order_rng(s, e).permutation(100)  # noqa: E731
+    perm = lambda s, e: L.epoch_order_rng(s, e).permutation(100)  # noqa: E731
     assert np.array_equal(perm(1, 2), perm(1, 2))
     assert not np.array_equal(perm(1, 2), perm(1, 3)) and not np.array_equal(perm(1, 2), perm(2, 2))
-    seeds = {T.epoch_dropout_seed(s, e) for s in range(3) for e in range(3)}
-    assert len(seeds) == 9 and T.epoch_dropout_seed(1, 2) == T.epoch_dropout_seed(1, 2)
+    seeds = {L.epoch_dropout_seed(s, e) for s in range(3) for e in range(3)}
+    assert len(seeds) == 9 and L.epoch_dropout_seed(1, 2) == L.epoch_dropout_seed(1, 2)
 
 
 def test_train_epoch_progress_losses_and_accuracy():
@@ -160,18 +167,18 @@ def test_train_epoch_progress_losses_and_accuracy():
     those of the batches; the accuracy is the share of right answers in training mode."""
     from tqdm import tqdm
     x, y = DIGITS.x_train, DIGITS.y_train
-    model = T.build_model("mlp", DIGITS.in_shape, 10, seed=0)
-    twin = T.build_model("mlp", DIGITS.in_shape, 10, seed=0)
+    model = R.build_model("mlp", DIGITS.in_shape, 10, seed=0)
+    twin = R.build_model("mlp", DIGITS.in_shape, 10, seed=0)
     opt, twin_opt = fastopt.Adam(model.buffer, lr=1e-3), fastopt.Adam(twin.buffer, lr=1e-3)
     bar = tqdm(total=len(x), file=io.StringIO(), disable=False)
-    losses, acc = T.train_epoch(model, opt, None, x, y, 50, seed=5, epoch=1, bar=bar)
+    losses, acc = L.train_epoch(model, opt, None, x, y, 50, seed=5, epoch=1, bar=bar)
     assert bar.n == len(x) and "loss=" in str(bar.postfix) and "acc=" in str(bar.postfix)
     assert losses.shape == (math.ceil(len(x) / 50),)
     # the same epoch by hand: same order, same dropout, same updates
     twin.train()
-    twin.reseed(T.epoch_dropout_seed(5, 1))
+    twin.reseed(L.epoch_dropout_seed(5, 1))
     expected, right = [], 0
-    for xb, yb in fastopt.data.batches(x, y, 50, rng=T.epoch_order_rng(5, 1)):
+    for xb, yb in D.batches(x, y, 50, rng=L.epoch_order_rng(5, 1)):
         logits = twin(xb)
         loss, d = nn.softmax_cross_entropy(logits, yb)
         twin.backward(d, need_dx=False)
@@ -184,16 +191,16 @@ def test_train_epoch_progress_losses_and_accuracy():
 
 
 def test_evaluate_matches_a_direct_count():
-    model = T.build_model("conv", DIGITS.in_shape, 10, seed=1)
-    loss, acc = T.evaluate(model, DIGITS.x_test, DIGITS.y_test, batch_size=64)
+    model = R.build_model("conv", DIGITS.in_shape, 10, seed=1)
+    loss, acc = L.evaluate(model, DIGITS.x_test, DIGITS.y_test, batch_size=64)
     logits = model(DIGITS.x_test)
     assert acc == np.mean(logits.argmax(1) == DIGITS.y_test)
     assert loss == pytest.approx(float(nn.softmax_cross_entropy(logits, DIGITS.y_test)[0]), rel=1e-5)
 
 
 def test_load_dataset_standardizes_with_training_statistics():
-    raw = fastopt.data.load_digits(seed=T.DIGITS_SPLIT_SEED)
-    data = T.load_dataset()
+    raw = D.load_digits(seed=P.DIGITS_SPLIT_SEED)
+    data = P.load_dataset()
     assert len(data.x_train) == len(raw[0]) and data.n_classes == 10
     assert abs(float(data.x_train.mean())) < 1e-5 and float(data.x_train.std()) == pytest.approx(1, rel=1e-4)
     np.testing.assert_allclose(data.x_test * raw[0].std() + raw[0].mean(), raw[2], atol=1e-5)
@@ -228,27 +235,27 @@ def test_mnist_files_train_end_to_end(tmp_path, form):
 
 
 def test_missing_and_malformed_data_raise_data_errors(tmp_path):
-    with pytest.raises(fastopt.data.DataError, match="no such file"):
-        T.load_dataset(str(tmp_path / "absent"))
+    with pytest.raises(D.DataError, match="no such file"):
+        P.load_dataset(str(tmp_path / "absent"))
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(fastopt.data.DataError, match="bad.npz"):
-        T.load_dataset(str(tmp_path / "bad.npz"))
+    with pytest.raises(D.DataError, match="bad.npz"):
+        P.load_dataset(str(tmp_path / "bad.npz"))
 
 
 def test_resume_refuses_another_run(tmp_path):
     T.train(tiny_config(tmp_path, model="mlp", epochs=1, checkpoint=True), log=quiet)
     # the lr it ran with, not "None" for "the default"
-    with pytest.raises(T.UsageError, match="another run: lr=0.003 there, 0.5 here"):
+    with pytest.raises(UsageError, match="another run: lr=0.003 there, 0.5 here"):
         T.train(tiny_config(tmp_path, model="mlp", lr=0.5, resume=True), log=quiet)
     # the default given explicitly is the same run
-    T.train(tiny_config(tmp_path, model="mlp", lr=T.DEFAULT_LR["adam"], epochs=2, resume=True), log=quiet)
+    T.train(tiny_config(tmp_path, model="mlp", lr=R.DEFAULT_LR["adam"], epochs=2, resume=True), log=quiet)
     # a schedule laid out over the run: the epochs may not change either
     T.train(tiny_config(tmp_path, model="mlp", epochs=1, schedule="cosine", checkpoint=True,
                         out=str(tmp_path / "cos")), log=quiet)
-    with pytest.raises(T.UsageError, match="epochs=1 there, 2 here"):
+    with pytest.raises(UsageError, match="epochs=1 there, 2 here"):
         T.train(tiny_config(tmp_path, model="mlp", schedule="cosine", resume=True, out=str(tmp_path / "cos")),
                 log=quiet)
-    with pytest.raises(T.UsageError, match="no checkpoint in"):
+    with pytest.raises(UsageError, match="no checkpoint in"):
         T.train(tiny_config(tmp_path, model="mlp", resume=True, out=str(tmp_path / "elsewhere")), log=quiet)
 
 
@@ -256,8 +263,8 @@ def test_a_checkpoint_is_one_file(tmp_path):
     """Model, optimizer, EMA and progress in one .npz, published by one rename: no pair of files
     that an interruption between two writes could leave from two different epochs."""
     T.train(tiny_config(tmp_path, model="conv", ema=0.9, epochs=1, checkpoint=True), log=quiet)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name) == [T.CHECKPOINT]
-    with np.load(tmp_path / "run" / T.CHECKPOINT) as f:
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "checkpoint" in p.name) == [O.CHECKPOINT]
+    with np.load(tmp_path / "run" / O.CHECKPOINT) as f:
         groups = {k.split("/")[0] for k in f.files}
     assert groups == {"model", "optimizer", "ema", "step_losses", "meta"}
 
@@ -314,13 +321,13 @@ BAD_STATE = [
 def test_resume_refuses_a_state_file_that_does_not_fit(tmp_path, spoil, message):
     cfg = tiny_config(tmp_path, model="conv", ema=0.9, epochs=1, checkpoint=True)
     T.train(cfg, log=quiet)
-    path = tmp_path / "run" / T.CHECKPOINT
+    path = tmp_path / "run" / O.CHECKPOINT
     with np.load(path) as f:
         arrays = {k: f[k] for k in f.files}
     spoil(arrays)
     np.savez(path, **arrays)
     spoiled = path.read_bytes()
-    with pytest.raises(T.UsageError, match=message) as e:
+    with pytest.raises(UsageError, match=message) as e:
         T.train(dataclasses.replace(cfg, epochs=2, checkpoint=False, resume=True), log=quiet)
     assert "\n" not in str(e.value) and str(path) in str(e.value)
     assert path.read_bytes() == spoiled  # never overwritten by a run that could not resume
@@ -329,7 +336,7 @@ def test_resume_refuses_a_state_file_that_does_not_fit(tmp_path, spoil, message)
 def test_resume_on_another_device_continues_with_a_note(tmp_path):
     cfg = tiny_config(tmp_path, model="mlp", epochs=1, checkpoint=True)
     T.train(cfg, log=quiet)
-    path = tmp_path / "run" / T.CHECKPOINT
+    path = tmp_path / "run" / O.CHECKPOINT
     with np.load(path) as f:
         arrays = {k: f[k] for k in f.files}
     _meta(device="elsewhere")(arrays)
@@ -353,13 +360,13 @@ def test_clipping_moves_the_weights_less(tmp_path):
     moved = {}
     for clip in (None, 1e-3):
         cfg = tiny_config(tmp_path, model="mlp", optimizer="sgd", epochs=1, max_grad_norm=clip)
-        model = T.build_model("mlp", DIGITS.in_shape, 10, seed=0)
+        model = R.build_model("mlp", DIGITS.in_shape, 10, seed=0)
         start = model.buffer.arena.copy()
-        opt, _ = T.make_optimizer(cfg, model, 4)
-        T.fit(cfg, DIGITS, model, opt, None, quiet)
+        opt, _ = R.make_optimizer(cfg, model, 4)
+        L.fit(cfg, DIGITS, model, opt, None, quiet)
         moved[clip] = float(np.linalg.norm(model.buffer.arena - start))
     steps = math.ceil(len(DIGITS.x_train) / 32)
-    assert moved[1e-3] <= T.DEFAULT_LR["sgd"] * 1e-3 * steps * (1 + 1e-5) < moved[None]
+    assert moved[1e-3] <= R.DEFAULT_LR["sgd"] * 1e-3 * steps * (1 + 1e-5) < moved[None]
 
 
 def test_ema_is_evaluated_and_resumed(tmp_path):
@@ -380,7 +387,7 @@ def test_thread_limits_set_blas_and_numba_together_and_restore_them():
     from threadpoolctl import threadpool_info
     blas = lambda: [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]  # noqa: E731
     before = numba.get_num_threads(), blas()
-    with T.thread_limits(1):
+    with P.thread_limits(1):
         assert numba.get_num_threads() == 1 and set(blas()) == {1}
     assert (numba.get_num_threads(), blas()) == before
 
@@ -397,9 +404,9 @@ def test_training_runs_under_its_thread_limit(tmp_path, monkeypatch):
 def test_kernel_threads_are_set_inside_and_restored():
     import numba
     before = numba.get_num_threads()
-    with T.kernel_threads(1):
+    with P.kernel_threads(1):
         assert numba.get_num_threads() == 1
-    with T.kernel_threads(10 ** 6):  # more than the pool has: the whole pool
+    with P.kernel_threads(10 ** 6):  # more than the pool has: the whole pool
         assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
     assert numba.get_num_threads() == before
 
@@ -413,14 +420,14 @@ def test_smooth_is_a_trailing_mean():
 
 
 def test_json_safe_writes_no_nan():
-    out = T._json_safe({"a": [np.float32(1.5), float("nan"), np.inf], "b": np.int64(3), "c": np.bool_(True)})
+    out = O.json_safe({"a": [np.float32(1.5), float("nan"), np.inf], "b": np.int64(3), "c": np.bool_(True)})
     assert json.loads(json.dumps(out, allow_nan=False)) == {"a": [1.5, None, None], "b": 3, "c": True}
 
 
 def test_plot_accuracy_draws_0_and_100_percent(tmp_path):
     from matplotlib.image import imread
-    a = imread(T.plot_accuracy(tmp_path / "a.png", {"x": [(0, 0.0), (1, 0.9), (2, 1.0)]}, "t", 100))
-    b = imread(T.plot_accuracy(tmp_path / "b.png", {"x": [(0, 0.1), (1, 0.5), (2, 0.99)]}, "t", 100))
+    a = imread(fastopt.plots.plot_accuracy(tmp_path / "a.png", {"x": [(0, 0.0), (1, 0.9), (2, 1.0)]}, "t", 100))
+    b = imread(fastopt.plots.plot_accuracy(tmp_path / "b.png", {"x": [(0, 0.1), (1, 0.5), (2, 0.99)]}, "t", 100))
     assert a.shape[0] >= 400 and a.shape[1] >= 600 and a[..., :3].std() > 0.05
     assert a.shape == b.shape and not np.array_equal(a, b)
 
@@ -507,7 +514,7 @@ def test_outputs_follow_the_umask(tmp_path, umask):
         os.umask(before)
     run = tmp_path / "run"
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in run.iterdir()}
-    assert modes == dict.fromkeys(modes, 0o666 & ~umask) and T.CHECKPOINT in modes and "metrics.json" in modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask) and O.CHECKPOINT in modes and "metrics.json" in modes
 
 
 # -- what a run says ----------------------------------------------------------------------------
@@ -525,8 +532,8 @@ def test_a_warmup_run_states_its_peak_lr_and_the_first_lr_that_moves(tmp_path):
 
 def test_plots_label_the_ema_curve_and_smooth_without_lag(tmp_path, monkeypatch):
     drawn = {}
-    monkeypatch.setattr(T, "plot_accuracy", lambda path, curves, title, n: drawn.update(acc=(curves, n)) or Path(path))
-    monkeypatch.setattr(T, "plot_curves", lambda path, curves, *a, **k: drawn.update(loss=curves) or Path(path))
+    monkeypatch.setattr(O, "plot_accuracy", lambda path, curves, title, n: drawn.update(acc=(curves, n)) or Path(path))
+    monkeypatch.setattr(O, "plot_curves", lambda path, curves, *a, **k: drawn.update(loss=curves) or Path(path))
     T.train(tiny_config(tmp_path, model="mlp", ema=0.9, batch_size=8), log=quiet)  # 20 steps per epoch
     curves, sizes = drawn["acc"]
     assert list(curves) == ["train (running, in training mode)", "test, with the EMA of the weights (decay 0.9)"]
@@ -552,7 +559,7 @@ def test_a_run_into_an_earlier_runs_folder_says_what_it_replaces(tmp_path):
     assert not any(line.startswith("note: ") for line in first)
     assert f"note: {run} holds an earlier run's metrics.json, metrics.csv, loss.png, accuracy.png: this run " \
            "replaces them (--out DIR keeps runs apart)" in second
-    assert f"note: {run / T.CHECKPOINT} is an earlier run's and stays; --resume would continue that run" in second
+    assert f"note: {run / O.CHECKPOINT} is an earlier run's and stays; --resume would continue that run" in second
     assert any(line.startswith("note: ") and "accuracy.png, checkpoint.npz: this run replaces" in line for line in third)
 
 

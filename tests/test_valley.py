@@ -3,7 +3,7 @@ theory says it must happen, divergence past SGD's stability limit, and the pictu
 import numpy as np
 import pytest
 
-from fastopt import valley as V
+from fastopt.app import valley as V
 
 
 def numeric_grad(problem, p, h=1e-6):

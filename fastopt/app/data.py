@@ -1,4 +1,4 @@
-"""Data sets for the training scripts, and a minibatch iterator.
+"""Data sets for the training application, and a minibatch iterator.
 
 Every loader returns ``(x_train, y_train, x_test, y_test)``: images as (N, 1, H, W) in
 ``dtype`` with pixels scaled to [0, 1], labels as int64. ``flatten=True`` gives the images
@@ -22,7 +22,7 @@ import zlib
 
 import numpy as np
 
-from .nn._array import array_module
+from ..nn._array import array_module
 
 # IDX type code -> big-endian dtype of the data (http://yann.lecun.com/exdb/mnist/)
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

@@ -20,8 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from . import functional as F
-from .kernels import RULES
+from .. import functional as F
+from ..kernels import RULES
 
 # optimizer name -> (rule in fastopt.kernels.RULES, hyper-parameters that define the name)
 OPTIMIZERS = {
@@ -143,7 +143,7 @@ def trajectory(problem, optimizer, steps=None, **hyper):
     hp = hyper_parameters(problem, optimizer, **hyper)
     p = np.array(problem.start, dtype=np.float64)
     # every rule's state starts at zero; unused ones (e.g. amsgrad's) are ignored by the rule
-    states = [np.zeros(2) for _ in RULES[rule][0].STATES]
+    states = [np.zeros(2) for _ in RULES[rule][0].states]
     path = np.full((steps + 1, 2), np.nan)
     losses = np.full(steps + 1, np.nan)
     path[0], losses[0] = p, problem.value(p)
