@@ -1,22 +1,25 @@
 """The ``fastopt`` command: each subcommand end to end on a tiny budget (the loss falls, the
 accuracy beats chance, the PNGs are real pictures, the metrics parse), a resumed run equal
 bit for bit to an uninterrupted one, complete --help, and bad arguments: one line, exit 2."""
+import argparse
 import csv
 import gzip
 import json
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from fastopt.app import flags as F
 from fastopt.app import loop as L
 from fastopt.app import outputs as O
 from fastopt.app import prepare as P
 from fastopt.app import recipes as R
 from fastopt.app.cli import build_parser, main
 from fastopt.app.config import UsageError
-from fastopt.app.flags import HYPER_FLAGS
+from fastopt.app.flags import HYPER_FLAGS, config_from_args
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--limit", "200", "--no-progress"]
@@ -163,6 +166,97 @@ def test_resume_from_a_broken_checkpoint_is_one_line_and_keeps_the_file(tmp_path
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"fastopt: error: --resume: {path}{message}"), err
     assert path.read_bytes() == broken  # not overwritten
+
+
+def test_the_optimizer_flags_are_the_rules_options_with_each_optimizers_default(capsys):
+    """One flag per option any optimizer's rule declares (lr has --lr; training never maximizes),
+    its help naming the optimizers that take it and each one's default, presets included."""
+    import fastopt
+    declared = {n for cls in fastopt.OPTIMIZERS.values() for n in cls.rule.hyper} - set(R.NOT_FLAGS)
+    assert set(HYPER_FLAGS.values()) == declared
+    code, out, _ = run(["train", "--help"], capsys)
+    text = " ".join(out.split())  # argparse wraps the help
+    assert code == 0 and all(flag in out for flag in HYPER_FLAGS)
+    assert "--betas B1,B2 decay rates of the first and second moment (adam, adamw, adamax, nadam, radam, lion, " \
+           "lamb; default 0.9,0.999, 0.9,0.99 for lion)" in text
+    assert "(every optimizer; default 0, 0.01 for adamw and lamb, 0.0005 for lars)" in text
+    assert "--no-bias-correction turn off the bias correction" in text and "--maximize" not in text
+    args = build_parser().parse_args(["train", "--momentum", "0.5", "--betas", "0.8,0.99", "--no-bias-correction",
+                                      "--nesterov", "--l1-mode", "proximal", "--clamp-value", "10"])
+    assert config_from_args(args).hyper == {"momentum": 0.5, "betas": (0.8, 0.99), "bias_correction": False,
+                                            "nesterov": True, "l1_mode": "proximal", "clamp_value": 10.0}
+    assert config_from_args(build_parser().parse_args(["train"])).hyper == {}
+
+
+def test_an_option_a_rule_gains_is_a_flag(monkeypatch):
+    """Adding an option to a rule's declaration adds its flag, typed by its default and checked
+    by the rule's own check, without a change to the application."""
+    import fastopt
+    rule = fastopt.OPTIMIZERS["adam"].rule
+    Hyper = type(rule.hyper["lr"])
+
+    def positive(values):
+        if min(values) <= 0:
+            raise ValueError(f"Invalid gamma value: {values}")
+    monkeypatch.setitem(rule.hyper, "gamma", Hyper("gamma", (0.5, 0.25, 0.125), positive, doc="a new option"))
+    monkeypatch.setitem(rule.hyper, "frozen_bias", Hyper("frozen_bias", True))
+    monkeypatch.setitem(rule.hyper, "depth", Hyper("depth", 3))
+    flags = {f.names[0]: f for f in F.hyper_flags(R.hyper_options())}
+    assert flags["--gamma"].help == "a new option (adam; default 0.5,0.25,0.125)"
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    for f in flags.values():
+        parser.add_argument(*f.names, default=None, help=f.help, **f.options)
+    args = parser.parse_args(["--gamma", "1,2,3", "--no-frozen-bias", "--depth", "1e1"])
+    assert getattr(args, F.hyper_dest("gamma")) == (1.0, 2.0, 3.0)
+    assert getattr(args, F.hyper_dest("frozen_bias")) is False and getattr(args, F.hyper_dest("depth")) == 10
+    for bad, words in ((["--gamma", "1,2"], "must be three numbers like 0.5,0.25,0.125"),
+                       (["--gamma", "1,-2,3"], "(invalid gamma value: (1.0, -2.0, 3.0))")):
+        with pytest.raises(argparse.ArgumentError, match=re.escape(words)):
+            parser.parse_args(bad)
+
+
+def test_each_flag_is_declared_once_for_every_command_that_takes_it():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for command, p in sub.choices.items():
+        taken = {name for a in p._actions for name in a.option_strings} - {"-h", "--help"}
+        declared = {name for f in F.FLAGS if command in f.commands for name in f.names}
+        declared |= {"--no-" + f.names[0][2:] for f in F.FLAGS  # a switch's pair: --x, --no-x
+                     if command in f.commands and f.options.get("action") is argparse.BooleanOptionalAction}
+        assert taken == declared, command
+    shared = {f.names[0]: f.commands for f in F.FLAGS if len(f.commands) > 1}
+    assert shared["--out"] == ("train", "compare", "valley") and shared["--device"] == ("train", "compare", "bench")
+    with pytest.raises(AssertionError, match="--epochs declared twice"):
+        F._check_table(F.FLAGS + [F.flag("--epochs", help="again")])
+
+
+APP_FLOORS = ("config", "data", "valley", "recipes", "prepare", "loop", "outputs", "fullbatch", "train", "flags",
+              "cli")  # fastopt/app/__init__.py's order: each module imports only those before it
+
+
+def test_the_app_is_the_top_floor_and_has_no_import_cycle():
+    """Nothing in the library imports fastopt.app (``python -m fastopt`` aside), and each app
+    module imports only the app modules listed before it: no cycle (train <-> fullbatch was one)."""
+    import ast
+    from pathlib import Path
+
+    import fastopt
+    root = Path(fastopt.__file__).parent
+    assert sorted(p.stem for p in (root / "app").glob("*.py") if p.stem != "__init__") == sorted(APP_FLOORS)
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        found = [(n.level, n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        found += [(0, a.name) for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        if path.parent.name != "app":
+            app = [m for level, m in found if m.startswith("fastopt.app") or (level == 1 and m.split(".")[0] == "app")]
+            assert not app or path.name == "__main__.py", (path, app)
+            continue
+        if path.stem == "__init__":
+            continue
+        below = APP_FLOORS[:APP_FLOORS.index(path.stem)]
+        for level, module in found:
+            if level == 1:
+                assert module in below, f"app/{path.name} imports .{module}, not below it in APP_FLOORS"
 
 
 def test_help_is_complete(capsys):

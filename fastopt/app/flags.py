@@ -223,10 +223,11 @@ def hyper_type(option):
     return parse
 
 
-def hyper_flags():
-    """One Flag per option in ``recipes.HYPER``; every default None: the optimizer's own."""
+def hyper_flags(options=HYPER):
+    """One Flag per option of ``options`` (``recipes.HYPER``: every rule's); every default
+    None: the optimizer's own."""
     flags = []
-    for option in HYPER.values():
+    for option in options.values():
         names, options = option.flags, dict(dest=hyper_dest(option.name))
         if option.kind != "bool":
             options.update(type=hyper_type(option), metavar=(
