@@ -228,16 +228,16 @@ def hyper_flags(options=HYPER):
     None: the optimizer's own."""
     flags = []
     for option in options.values():
-        names, options = option.flags, dict(dest=hyper_dest(option.name))
+        names, kwargs = option.flags, dict(dest=hyper_dest(option.name))
         if option.kind != "bool":
-            options.update(type=hyper_type(option), metavar=(
+            kwargs.update(type=hyper_type(option), metavar=(
                 ",".join(f"{option.name[0].upper()}{i + 1}" for i in range(option.size)) if option.kind == "tuple"
                 else option.name.split("_")[-1].upper()))
-        elif len(names) == 2:
-            names, options["action"] = names[:1], argparse.BooleanOptionalAction
+        elif len(names) == 2:  # off by default for some optimizers, on for others
+            names, kwargs["action"] = names[:1], argparse.BooleanOptionalAction
         else:
-            options.update(action="store_const", const=not names[0].startswith("--no-"))
-        flags.append(Flag(names, TRAINING, "optimizer", hyper_help(option), None, options))
+            kwargs.update(action="store_const", const=not names[0].startswith("--no-"))
+        flags.append(Flag(names, TRAINING, "optimizer", hyper_help(option), None, kwargs))
     return flags
 
 
