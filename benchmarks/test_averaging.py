@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import _dispatch
+from fastopt.kernels import _dispatch
 from fastopt.averaging import EMA, PolyakAverage
 from test_rules import ROOF
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import _dispatch
+from fastopt.kernels import _dispatch
 from test_models import MODELS, _arrays
 from test_rules import ROOF
 

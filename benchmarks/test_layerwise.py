@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import _dispatch
+from fastopt.kernels import _dispatch
 from fastopt.kernels.lamb import lamb_reference
 from fastopt.kernels.lars import lars_reference
 from fastopt.layerwise import LAMB, LARS

@@ -8,7 +8,7 @@ import pytest
 
 import fastopt
 from test_rules import ROOF
-from fastopt import _dispatch
+from fastopt.kernels import _dispatch
 
 
 def transformer_shapes(layers=16, width=224, vocab=1000):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from fastopt.kernels import RULES
-from fastopt.kernels._loops import Kernels
+from fastopt.kernels._rule import Rule, State
 
 SIZES = [10**3, 10**5, 10**7]
 # every rule with the options a user would typically turn on (sgd: momentum)
@@ -14,11 +14,12 @@ TORCH_NAMES = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam":
                "adadelta": "Adadelta", "adamax": "Adamax", "nadam": "NAdam", "radam": "RAdam"}
 
 
-def roof_math(p, g, s0, s1, s2, c):
+def roof_math(p, g, s0, s1, s2):
     return p + g, s0 + g, s1 + g, s2 + g
 
 
-ROOF = Kernels("roof", roof_math)
+# the same traffic as a rule with up to three states, trivial arithmetic
+ROOF = Rule("roof", roof_math, lambda h, step, lr: {}, states=[State(f"s{k}", lambda h: True) for k in range(3)]).kernels
 
 
 def _rounds(n):
@@ -30,7 +31,7 @@ def _setup(rule, n):
     module = RULES[rule][0]
     p = rng.standard_normal(n).astype(np.float32)
     g = rng.standard_normal(n).astype(np.float32)
-    states = [np.zeros(n, np.float32) for _ in module.STATES]
+    states = [np.zeros(n, np.float32) for _ in module.states]
     hp = HP.get(rule, {})
     # the states this configuration really uses (a step with amsgrad off never touches max_exp_avg_sq)
     used = {"sgd": 1, "rmsprop": 1, "adam": 2, "adamw": 2}.get(rule, len(states))
@@ -51,7 +52,7 @@ def test_step(record, rule, impl, n):
             step[0] += 1
             fn(p, g, *states, step=step[0], **hp)
     elif impl == "roof":
-        from fastopt._dispatch import PARALLEL_THRESHOLD
+        from fastopt.kernels._dispatch import PARALLEL_THRESHOLD
         kernel = ROOF.cpu(parallel=n >= PARALLEL_THRESHOLD)
         args = [p, g, *states[:used]] + [None] * (3 - used)
         one = np.float32(1)

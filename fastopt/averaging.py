@@ -23,7 +23,7 @@ import contextlib
 
 import numpy as np
 
-from . import _dispatch
+from .kernels import _dispatch
 from .buffer import ParamBuffer, _numel, layout
 from .kernels import ema, polyak
 from .optimizer import _Plan, _copy_in, _is_array, _to_host, _zeros, check_disjoint
@@ -64,16 +64,16 @@ class _Averager:
         return list(zip(self._avg_flat, self._live_flat))
 
     def _make_plan(self):
-        kernels = self.rule.KERNELS
+        kernels = self.rule.kernels
         if self._buffer is not None:
             plan = _Plan(kernels, None, numel=self._arena.size)
-            plan.flat = [[self._arena, self._buffer.arena, None, None, None]] if self._arena.size else []
+            plan.flat = [[self._arena, self._buffer.arena]] if self._arena.size else []
             return plan
         plan = _Plan(kernels, None, numel=sum(self._sizes))
         if isinstance(self._arena, np.ndarray):
-            plan.set_lists(self._avg_flat, self._live_flat, [], [None] * 3)
+            plan.set_lists(self._avg_flat, self._live_flat, [], [])
         else:
-            plan.flat = [[a, p, None, None, None] for a, p, n in zip(self._avg_flat, self._live_flat, self._sizes) if n]
+            plan.flat = [[a, p] for a, p, n in zip(self._avg_flat, self._live_flat, self._sizes) if n]
         return plan
 
     # -- the update ------------------------------------------------------------------------
@@ -83,7 +83,7 @@ class _Averager:
         step = self.num_updates + 1
         host = self._scalars(step)
         if host != self._cast[0]:  # an EMA's scalars rarely change: cast them once (about 1 us)
-            self._cast = (host, _dispatch.cast_scalars(host, self._dtype))
+            self._cast = (host, self.rule.kernels.scalars.pack(host, self._dtype))
         self.launches += self._plan.run(self._cast[1], None)
         self.num_updates = step
 
@@ -207,10 +207,10 @@ class EMA(_Averager):
     """``EMA(params, decay=0.999, warmup=False)``: exponential moving average of ``params``
     (a ParamBuffer, or a list of float32/float64 NumPy or CUDA arrays); see the module doc."""
 
-    rule = ema
+    rule = ema.EMA
 
     def __init__(self, params, decay=0.999, warmup=False):
-        ema.check(decay=decay, warmup=warmup)
+        ema.EMA.check(dict(decay=decay, warmup=warmup))
         self.decay, self.warmup = float(decay), bool(warmup)
         super().__init__(params)
 
@@ -220,15 +220,16 @@ class EMA(_Averager):
         return ema.decay_at(self.num_updates + 1, self.decay, self.warmup)
 
     def _scalars(self, step):
-        ema.check(decay=self.decay, warmup=self.warmup)  # the attributes are public: re-check them
-        return ema.scalars(step=step, decay=self.decay, warmup=self.warmup)
+        hyper = self._hyper()
+        ema.EMA.check(hyper)  # the attributes are public: re-check them
+        return ema.scalars(hyper, step)
 
     def _hyper(self):
         return {"decay": self.decay, "warmup": self.warmup}
 
     def _check_hyper(self, hyper):
         try:
-            ema.check(**hyper)
+            ema.EMA.check(hyper)
         except (TypeError, ValueError) as e:
             raise type(e)(f"state_dict: {e}") from None
 
@@ -237,10 +238,10 @@ class PolyakAverage(_Averager):
     """``PolyakAverage(params)``: the uniform average of the params at construction and at
     every ``update()`` since (the lecture notes' ``1/(k+1) * sum_{i=0..k} theta_i``)."""
 
-    rule = polyak
+    rule = polyak.POLYAK
 
     def _scalars(self, step):
-        return polyak.scalars(step=step)
+        return polyak.scalars({}, step)
 
 
 def _check_params(params):

@@ -5,7 +5,7 @@ import weakref
 
 import numpy as np
 
-from ._dispatch import SUPPORTED_DTYPES, _Array
+from .kernels._dispatch import SUPPORTED_DTYPES, _Array
 
 ALIGN = 64  # bytes: each view starts on a cache line (and so on a 16-byte boundary)
 

@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 
 from .buffer import ParamBuffer
-from . import _dispatch
+from .kernels import _dispatch
 from .optimizer import _as_value_error, _copy_in, _to_host, _zero
 
 FORMAT = "fastopt-checkpoint-1"
@@ -235,7 +235,7 @@ class _NpzReader:
         info = self.zip.getinfo(self.members[name])
         # the data a header declares must be in the member, and the member's size must be one
         # deflate could give (ratio <= 1032): a lying header allocates nothing
-        if _numel(shape) * dtype.itemsize > info.file_size or info.file_size > 1100 * info.compress_size + 4096:
+        if _dispatch._size(shape) * dtype.itemsize > info.file_size or info.file_size > 1100 * info.compress_size + 4096:
             raise ValueError(f"{self.path}: entry {name!r} declares {dtype}{list(shape)}, more data than it holds")
         return tuple(shape), dtype
 
@@ -285,7 +285,7 @@ def _read_meta(path, f):
     if shapes is not None and not ints(meta.get("offsets"), len(shapes)):
         problems.append(f"the offsets {meta.get('offsets')!r} are not one non-negative integer per param")
     elif shapes is not None:
-        spans = sorted((o, o + _numel(sh)) for o, sh in zip(meta["offsets"], shapes) if _numel(sh))
+        spans = sorted((o, o + _dispatch._size(sh)) for o, sh in zip(meta["offsets"], shapes) if _dispatch._size(sh))
         if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
             problems.append("the offsets place two params' state in the same elements")
     saved = meta.get("params")
@@ -301,7 +301,7 @@ def _read_meta(path, f):
 
 def _expected_entries(meta, opt):
     """Every entry a checkpoint of this rule may hold."""
-    names = {f"state.{s}" for s in opt.rule.STATES}
+    names = {f"state.{s}" for s in opt.rule.states}
     saved = meta.get("params")
     if saved is not None:
         names |= {"params.arena"} if saved["kind"] == "buffer" else {f"params.{i}" for i in range(len(saved["shapes"]))}
@@ -314,19 +314,12 @@ def _merged_groups(path, meta, opt):
     for k, (g, saved) in enumerate(zip(opt.param_groups, meta["groups"])):
         new = dict(g)
         for key, v in saved.items():
-            if key in g and key != "params" and key not in opt.fixed and not (
+            if key in g and key != "params" and key not in opt.rule.fixed and not (
                     key == "lr" and (callable(g["lr"]) or v is None)):
                 new[key] = tuple(v) if isinstance(v, list) else v
         _as_value_error(opt._check_hyper, new, f"{path}: param group {k}")
         merged.append(new)
     return merged
-
-
-def _numel(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _as_kernel_arrays(params):
@@ -373,7 +366,7 @@ def _differences(meta, opt, params, headers):
     saved_counts = [g["params"] for g in meta["groups"]]
     if counts != saved_counts:
         problems.append(f"params per group are {counts} here but {saved_counts} in the checkpoint")
-    end = max([o + _numel(sh) for o, sh in zip(meta["offsets"], meta["shapes"])] + [0])
+    end = max([o + _dispatch._size(sh) for o, sh in zip(meta["offsets"], meta["shapes"])] + [0])
     for key, (shape, dt) in headers.items():
         if key.startswith("state.") and (dt != np.dtype(dtype) or len(shape) != 1 or shape[0] < end):
             problems.append(f"{key} is {dt}{list(shape)}, not a {dtype} arena of >= {end} elements")

@@ -9,10 +9,10 @@ import numbers
 
 import numpy as np
 
-from . import _dispatch
+from .kernels import _dispatch
 from .buffer import ParamBuffer
 from .kernels import _reduce
-from .kernels._loops import Kernels
+from .kernels._rule import Rule
 
 
 class NormPlan:
@@ -140,8 +140,7 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
                 a *= a.dtype.type(coef)
             else:
                 flat = a.reshape(a.size)
-                _dispatch._launch_cuda(_SCALE, [flat, flat, None, None, None],
-                                       _dispatch.cast_scalars(((), ()), flat.dtype, coef))
+                _dispatch._launch_cuda(SCALE.kernels, [flat, flat], SCALE.kernels.scalars.pack({}, flat.dtype, coef))
     return total
 
 
@@ -151,8 +150,8 @@ def clip_coefficient(total, max_norm):
     return coef if math.isnan(coef) else min(coef, 1.0)
 
 
-def _scale_math(p, g, s0, s1, s2, c):
-    return g, s0, s1, s2  # the loop has already multiplied g by its scale, c[0]
+def scale_math(p, g):
+    return g  # the loop has already multiplied g by the kernel's grad_scale
 
 
-_SCALE = Kernels("scale", _scale_math)
+SCALE = Rule("scale", scale_math, lambda h, step, lr: {})  # g *= coef in place: the grad in both slots

@@ -7,13 +7,12 @@ from .kernels.adadelta import adadelta_
 from .kernels.adagrad import adagrad_
 from .kernels.adam import adam_, adamw_
 from .kernels.adamax import adamax_
-from .kernels.lamb import lamb_
-from .kernels.lars import lars_
 from .kernels.lion import lion_
 from .kernels.nadam import nadam_
 from .kernels.radam import radam_
 from .kernels.rmsprop import rmsprop_
 from .kernels.sgd import sgd_
+from .layerwise import lamb_, lars_
 
 __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adadelta_", "adamax_", "nadam_",
            "radam_", "lion_", "lamb_", "lars_"]

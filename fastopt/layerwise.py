@@ -21,10 +21,10 @@ import warnings
 
 import numpy as np
 
-from . import _dispatch
+from .kernels import _dispatch
 from .buffer import ALIGN
 from .clip import NormPlan
-from .kernels import lamb, lars
+from .kernels import _args, lamb, lars
 from .optimizer import Optimizer, _is_array, _runs
 
 CHUNK = 1 << 15       # elements per piece on the CPU: enough work per thread, few partial sums
@@ -127,7 +127,7 @@ def lamb_passes(layers, grads, c, *, clamp_value=None, layer_adaptation=True):
     ``c`` the kernels' scalars). Returns (phi per tensor, launches)."""
     if not layers.chunks.shape[0]:
         return np.ones(layers.n_tensors), 0
-    m, v = (layers.states[s] for s in lamb.STATES)
+    m, v = (layers.states[s] for s in lamb.LAMB.states)
     sum_p, sum_u = layers.sums
     if layers.cpu:
         moments_pass, apply_pass = lamb.cpu(layers.parallel)
@@ -159,6 +159,44 @@ def lars_pass(layers, grads, c, ratios):
         lars.cpu(layers.parallel)(t["params"], grads, t["momentum_buffer"], layers.chunks, ratios, c)
         return 1
     return layers.launch(lars.cuda_kernel(), lars.THREADS, [layers.bases, grads, buf], _to_device(ratios), c)
+
+
+def lamb_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-6,
+          weight_decay=1e-2, bias_correction=True, clamp_value=None):
+    """One LAMB step, in place, over lists of tensors (one trust ratio per tensor); returns
+    the ratios phi (float64, one per tensor). Everything is checked before anything is written."""
+    hp = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    lamb.check(**hp, clamp_value=clamp_value)
+    _args.step(step)
+    params, grads, states = check_lists(params, grads, dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs))
+    layers = Layers(params, dict(zip(lamb.LAMB.states, states.values())), grads=grads)
+    c = _dispatch.cast_scalars(lamb.scalars(step=step, **hp, bias_correction=bias_correction), layers.dtype)
+    return lamb_passes(layers, layers.fixed_grads(), c, clamp_value=clamp_value)[0]
+
+
+def lars_(params, grads, momentum_buffers=None, *, step, lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0,
+          nesterov=False, trust_coeff=1e-3, eps=1e-8, trust_clip=False, always_adapt=False):
+    """One LARS step, in place, over lists of tensors; returns the ratios (float64, one per
+    tensor). At ``step == 1`` the buffers are set (their content is ignored), as timm does
+    when a buffer does not exist yet. Everything is checked before anything is written."""
+    hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+    lars.check(**hp, trust_coeff=trust_coeff, eps=eps)
+    _args.step(step)
+    if momentum != 0:
+        _args.required("momentum_buffers", momentum_buffers, "when momentum != 0")
+    else:
+        momentum_buffers = None
+    params, grads, states = check_lists(params, grads, dict(momentum_buffers=momentum_buffers))
+    layers = Layers(params, {"momentum_buffer": states["momentum_buffers"]}, grads=grads)
+    if lars.adapts(weight_decay, always_adapt):
+        norms = NormPlan(layers.views(layers.bases) + layers.views(layers.grads)).segment_norms()[0]
+        n = layers.n_tensors
+        ratios = lars.trust_ratios(norms[:n], norms[n:], weight_decay=weight_decay, trust_coeff=trust_coeff,
+                                   eps=eps, trust_clip=trust_clip, lr=lr)
+    else:
+        ratios = np.ones(layers.n_tensors)
+    lars_pass(layers, layers.fixed_grads(), _dispatch.cast_scalars(lars.scalars(step=step, **hp), layers.dtype), ratios)
+    return ratios
 
 
 def check_lists(params, grads, states):
@@ -230,11 +268,11 @@ class _Layerwise(Optimizer):
             def cut(arena):
                 return [arena[lo:hi] for lo, hi in runs]
             bases, grads = cut(self._buffer.arena), cut(self._buffer.grad_arena)
-            states = {s: cut(self.arenas[s]) if s in needed else None for s in self.rule.STATES}
+            states = {s: cut(self.arenas[s]) if s in needed else None for s in self.rule.states}
         else:
             spans, bases, grads = None, params, None
             states = {s: [self.arenas[s][o:o + n] for o, n in zip(offsets, sizes)] if s in needed else None
-                      for s in self.rule.STATES}
+                      for s in self.rule.states}
         return _GroupPlan(self, group, Layers(bases, states, spans, grads, like=params[0]))
 
     @property
@@ -255,13 +293,7 @@ class LAMB(_Layerwise):
     ``trust_ratios`` holds each param's phi of the last step. A step is two launches per
     group on the CPU (see ``fastopt.layerwise``).
     """
-    rule = lamb
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=1e-2, *, bias_correction=True,
-                 clamp_value=None, layer_adaptation=True, **options):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      bias_correction=bias_correction, clamp_value=clamp_value,
-                                      layer_adaptation=layer_adaptation), **options)
+    rule = lamb.LAMB
 
     def _run_group(self, plan, c, grads):
         layers, group = plan.layers, plan.group
@@ -276,17 +308,7 @@ class LARS(_Layerwise):
     ``kernels/lars.py``. A group adapts when its ``weight_decay != 0`` or ``always_adapt``:
     give biases and norm weights a group with ``weight_decay=0`` to keep them out.
     ``trust_ratios`` holds each param's ratio of the last step."""
-    rule = lars
-    start_from_grad = ("momentum_buffer",)  # as timm's: momentum turned on mid-run starts from d
-
-    def __init__(self, params, lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                 trust_coeff=1e-3, eps=1e-8, trust_clip=False, always_adapt=False, **options):
-        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip,
-                                      always_adapt=always_adapt), **options)
-
-    def _states_needed(self, group):
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+    rule = lars.LARS
 
     def _run_group(self, plan, c, grads):
         layers, group = plan.layers, plan.group

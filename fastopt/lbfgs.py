@@ -23,7 +23,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._dispatch import PARALLEL_THRESHOLD
+from .kernels._dispatch import PARALLEL_THRESHOLD
 from .buffer import ParamBuffer
 from .nn._array import array_module, cupy  # cupy: None on a CPU-only install
 

@@ -12,7 +12,7 @@ outputs z w.r.t. the parameters and H_out the Hessian of the loss w.r.t. z: alwa
 semi-definite, and equal to the Hessian when the model is linear in the parameters (least
 squares, softmax regression).
 
-Levenberg-Marquardt (``adapt=True``): the step x + d is tried; a lower loss accepts it and
+Levenberg-Marquardt (``adapt=True``): the step x + d is tried; a loss no higher accepts it and
 multiplies lambda by ``decrease``; otherwise x is restored, lambda is multiplied by
 ``increase`` (and raised to at least 1e-6 max|diag C|, which also moves it off 0) and the
 solve repeated, at most ``max_tries`` solves per step and lambda at most ``max_damping``.
@@ -191,7 +191,9 @@ class Newton:
             else:
                 params.add_(1.0, d)
                 new_loss, new_g = self._evaluate(closure)
-                if new_loss < loss:  # NaN rejects
+                # a step that leaves the loss equal to the last bit still moves toward the
+                # minimum near it (the loss is flat to float64 there): accept it; NaN rejects
+                if new_loss <= loss:
                     self.last_step_accepted = True
                     self.damping *= self.decrease
                     self._cache = (params.clone(), new_loss, new_g)

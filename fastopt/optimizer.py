@@ -13,7 +13,6 @@ call: a flat loop over an arena, or a loop over typed lists of tensors with a ch
 (so a model of many small tensors costs one call, not one per tensor). On CUDA a group is
 one launch per contiguous run of a ParamBuffer, or one per tensor for separate arrays.
 """
-import functools
 import inspect
 import math
 import numbers
@@ -23,7 +22,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from . import _dispatch
+from .kernels import _dispatch
 from .buffer import ALIGN, ParamBuffer, _aligned_empty, find_segment, layout
 from .clip import NormPlan, clip_coefficient
 from .kernels._reduce import chunk_table
@@ -33,18 +32,20 @@ NONFINITE = ("skip", "raise", "propagate")
 
 
 class Optimizer:
-    """Base class; subclasses set ``rule`` (a ``fastopt.kernels`` module) and call
-    ``super().__init__(params, defaults)`` with PyTorch's constructor arguments."""
+    """Base class; a subclass names its ``rule`` (a ``fastopt.kernels`` :class:`Rule`), whose
+    declaration gives the constructor (torch's arguments and defaults, then fastopt's
+    keyword options ``max_grad_norm`` and ``nonfinite``), the states and their checks.
+
+    A state the rule starts from the gradient on its first update (``rule.start_from_grad``:
+    SGD's momentum buffer, as torch) may be turned on after the first step, the group's next
+    step seeing step=1; any other state turned on late is an error, as it is in torch."""
 
     rule = None
-    torch_names = {}  # fastopt state name -> torch.optim's, where they differ
-    initial = {}      # state name -> group key holding its initial value (else zero)
-    fixed = {}        # hyper-parameters the class fixes (AdamW: decoupled_weight_decay=True)
-    derived = ()      # torch state entries fastopt recomputes rather than keeps (NAdam's mu_product)
-    # States a rule starts from the gradient on their first update (SGD's momentum buffer, as
-    # torch): an option that turns one on after the first step is honoured, the group's next
-    # step seeing step=1; any other state turned on late is an error, as it is in torch.
-    start_from_grad = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.rule is not None and "__init__" not in cls.__dict__:
+            cls.__init__ = _constructor(cls.rule)
 
     def __init__(self, params, defaults, *, max_grad_norm=None, nonfinite="skip"):
         if max_grad_norm is not None and not (_is_real(max_grad_norm) and 0 < max_grad_norm < math.inf):
@@ -57,7 +58,6 @@ class Optimizer:
         self.skipped_steps = 0         # steps skipped for a non-finite gradient (nonfinite="skip")
         self._norm_plan = None
         self.defaults = dict(defaults)
-        self._scalar_keys = [k for k in inspect.signature(self.rule.scalars).parameters if k not in ("step", "lr")]
         self.param_groups = []
         self._buffer = None   # the ParamBuffer every param is a view of, in buffer mode
         self._params = []     # every param, in group order
@@ -86,7 +86,7 @@ class Optimizer:
             raise RuntimeError("add param groups before the first step: state arenas are laid out then")
         if not isinstance(param_group, dict) or "params" not in param_group:
             raise TypeError("a param group must be a dict with a 'params' entry")
-        group = _Group(self._edited, self.defaults, **param_group, **self.fixed)
+        group = _Group(self._edited, self.defaults, **param_group, **self.rule.fixed)
         arrays = group["params"]
         if isinstance(arrays, ParamBuffer):
             arrays = arrays.params
@@ -124,7 +124,7 @@ class Optimizer:
         lr = group["lr"]
         value = lr(0) if callable(lr) else lr
         try:
-            self.rule.check(**{**group, "lr": value})
+            self.rule.check({**group, "lr": value})
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
 
@@ -149,8 +149,8 @@ class Optimizer:
 
     # -- state ---------------------------------------------------------------------------
     def _states_needed(self, group):
-        """The rule's state slots this group reads and writes (others stay None)."""
-        return self.rule.STATES
+        """The rule's states this group reads and writes (others stay None)."""
+        return self.rule.states_needed(group)
 
     def _layout(self):
         """(offsets of each param in a state arena, arena size)."""
@@ -168,7 +168,7 @@ class Optimizer:
         self._offsets = offsets
         steps = self._steps()
         self.arenas = self.arenas or {}
-        for name in self.rule.STATES:
+        for name in self.rule.states:
             if name in needed and name not in self.arenas:
                 self.arenas[name] = self._start_value(name, _zeros(self._params[0], size, dtype))
         self._plans = [self._plan(g) for g in self.param_groups]
@@ -184,7 +184,7 @@ class Optimizer:
         """Fill ``arena`` (already zero) with the state's start: Adagrad's accumulator starts
         at its group's ``initial_accumulator_value``, every other state at zero."""
         for g in self.param_groups:
-            value = g.get(self.initial.get(name), 0)
+            value = g.get(self.rule.initial.get(name), 0)
             if value:
                 for a, o in zip(g["params"], self._offsets_of(g)):
                     arena[o:o + a.size] = value
@@ -205,9 +205,8 @@ class Optimizer:
     def _plan(self, group):
         offsets = self._offsets_of(group)
         params = group["params"]
-        slots = [self.arenas[n] if n in self._states_needed(group) else None for n in self.rule.STATES]
-        slots += [None] * (3 - len(slots))
-        plan = _Plan(self.rule.KERNELS, group, numel=sum(a.size for a in params))
+        slots = [self.arenas[n] if n in self._states_needed(group) else None for n in self.rule.states]
+        plan = _Plan(self.rule.kernels, group, numel=sum(a.size for a in params))
         cpu = isinstance(params[0], np.ndarray)
         if plan.numel == 0:
             plan.flat = []
@@ -279,8 +278,7 @@ class Optimizer:
             if not 0 <= lr < math.inf:
                 raise ValueError(f"param group {i}: the learning rate is {lr} at step {plan.step}")
             step = 1 if plan.restart else plan.step + 1
-            work.append(_dispatch.cast_scalars(
-                self.rule.scalars(step=step, lr=lr, **{k: group[k] for k in self._scalar_keys}), dtype, scale))
+            work.append(self.rule.kernel_scalars(group, step, lr, dtype, scale))
         self.last_step_skipped = False
         for plan, scalars in zip(self._plans, work):
             self.launches += plan.run(scalars, grads)
@@ -296,7 +294,7 @@ class Optimizer:
         for k, (group, plan) in enumerate(zip(self.param_groups, self._plans)):
             new = [s for s in self._states_needed(group) if s not in self._started[k]]
             if new and plan.step:
-                refused = [s for s in new if s not in self.start_from_grad]
+                refused = [s for s in new if s not in self.rule.start_from_grad]
                 if refused:
                     raise ValueError(
                         f"param group {k}: its options now need state {', '.join(map(repr, refused))}, "
@@ -371,7 +369,7 @@ class Optimizer:
     def _to_torch_state(self, entry, group):
         import torch
         out = {"step": torch.tensor(entry["step"], dtype=torch.float32)}
-        out.update({self.torch_names.get(n, n): torch.from_numpy(v) for n, v in entry.items() if n != "step"})
+        out.update({self.rule.torch_names.get(n, n): torch.from_numpy(v) for n, v in entry.items() if n != "step"})
         return out
 
     def load_state_dict(self, state_dict):
@@ -406,8 +404,9 @@ class Optimizer:
             raise ValueError("the state dict's 'param_groups' must be a list and its 'state' a mapping")
         if len(groups) != len(self.param_groups):
             raise ValueError(f"the state dict has {len(groups)} param groups, this optimizer {len(self.param_groups)}")
-        renamed = {t: f for f, t in self.torch_names.items()}
-        known = set(self.rule.STATES) | set(self.torch_names.values()) | set(self.derived) | {"step"}
+        rule = self.rule
+        renamed = {t: f for f, t in rule.torch_names.items()}
+        known = set(rule.states) | set(rule.torch_names.values()) | set(rule.derived) | {"step"}
         identity = _identity_keys(type(self))
         new_groups, steps, arrays, listed = [], [], {}, set()
         for k, (saved, mine) in enumerate(zip(groups, self.param_groups)):
@@ -417,7 +416,7 @@ class Optimizer:
             missing = [key for key in identity if key not in saved]
             if missing:
                 raise ValueError(f"{where} has no {', '.join(map(repr, missing))}: it is not a state dict of {name}")
-            for key, value in self.fixed.items():
+            for key, value in rule.fixed.items():
                 if key in saved and _from_torch_value(saved[key]) != value:
                     raise ValueError(f"{where} has {key}={saved[key]!r}: it is not a state dict of {name}, "
                                      f"which has {key}={value!r}")
@@ -426,7 +425,7 @@ class Optimizer:
                                  f"{len(mine['params'])} here")
             g = dict(mine)
             for key in mine:
-                if key != "params" and key in saved and key not in self.fixed:
+                if key != "params" and key in saved and key not in rule.fixed:
                     value = _from_torch_value(saved[key])
                     if key == "lr" and callable(mine["lr"]) and not callable(value):
                         continue  # a schedule is code: it stays, and the step count sets its value
@@ -447,7 +446,7 @@ class Optimizer:
                 unknown = sorted(set(entry) - known)
                 if unknown:
                     raise ValueError(f"the state of param {i} holds {', '.join(map(repr, unknown))}, which "
-                                     f"{name} does not keep (it keeps {', '.join(map(repr, self.rule.STATES))}): "
+                                     f"{name} does not keep (it keeps {', '.join(map(repr, rule.states))}): "
                                      "the state dict is of another rule")
                 if not entry:
                     group_steps.add(0)
@@ -462,7 +461,7 @@ class Optimizer:
                                      f"{name} with these options keeps: the state dict is incomplete")
                 for n, value in entry.items():
                     n = renamed.get(n, n)
-                    if n in self.rule.STATES:
+                    if n in rule.states:
                         arrays[(i, n)] = _state_array(value, p, f"state {n!r} of param {i}")
             if len(group_steps) > 1:
                 raise ValueError(f"param group {k}: params at different steps {sorted(group_steps)}; "
@@ -490,9 +489,10 @@ class _Plan:
         self.parallel = numel >= _dispatch.PARALLEL_THRESHOLD
 
     def set_lists(self, params, grads, state_views, slots):
+        """Typed lists of the tensors (``state_views``: per state, its views, one per tensor)."""
         from numba.typed import List
         self.lists = [List(params), None if grads is None else List(grads)]
-        self.lists += [None if s is None else List(v) for s, v in zip(slots, state_views or [()] * 3)]
+        self.lists += [None if s is None else List(v) for s, v in zip(slots, state_views or [()] * len(slots))]
         self.chunks = chunk_table([a.size for a in params], CHUNK)
         self.kernel = self.kernels.cpu_multi(self.parallel)
 
@@ -510,9 +510,9 @@ class _Plan:
                     _dispatch._launch_cuda(self.kernels, arrays, scalars)
             return len(self.flat)
         if self.lists is not None:
-            params, own_grads, s0, s1, s2 = self.lists
+            params, own_grads, *states = self.lists
             g = own_grads if own_grads is not None else grads.typed(self.group)
-            self.kernel(params, g, s0, s1, s2, self.chunks, scalars)
+            self.kernel(params, g, *states, self.chunks, scalars)
             return 1
         g = grads.arrays(self.group)
         for (p, *states), grad in zip(self.tensors, g):
@@ -655,6 +655,30 @@ def _from_torch_value(x):
     return x
 
 
+def _constructor(rule):
+    """``__init__(self, params, <torch's positional hyper-parameters>, *, <keyword ones>,
+    max_grad_norm=None, nonfinite="skip")`` for ``rule``, from its declaration."""
+    P = inspect.Parameter
+    params = [P("self", P.POSITIONAL_OR_KEYWORD), P("params", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(n, P.KEYWORD_ONLY if h.keyword else P.POSITIONAL_OR_KEYWORD, default=h.default)
+               for n, h in rule.hyper.items()]
+    params += [P("max_grad_norm", P.KEYWORD_ONLY, default=None), P("nonfinite", P.KEYWORD_ONLY, default="skip")]
+    params.sort(key=lambda p: p.kind)  # keyword-only after the positional ones, in declared order
+    signature = inspect.Signature(params)
+
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        hyper = {n: tuple(a[n]) if isinstance(h.default, tuple) and isinstance(a[n], list) else a[n]
+                 for n, h in rule.hyper.items()}
+        Optimizer.__init__(self, a["params"], hyper, max_grad_norm=a["max_grad_norm"], nonfinite=a["nonfinite"])
+
+    __init__.__signature__ = signature
+    __init__.__qualname__ = f"{rule.name}.__init__"
+    return __init__
+
+
 class _Group(dict):
     """A param group: a dict, as torch's. Editing any hyper-parameter but ``lr`` (which each
     step reads and checks anyway) flags the optimizer to re-check every group, and to start
@@ -687,19 +711,15 @@ class _Group(dict):
     del _flagging
 
 
-@functools.lru_cache(maxsize=None)
 def _hyper_defaults(cls):
-    """Hyper-parameter -> the class's default, from its constructor's signature."""
-    return {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty and p.kind != p.VAR_KEYWORD}
+    """Hyper-parameter -> the class's default (its type is the type a value must have)."""
+    return cls.rule.defaults
 
 
-@functools.lru_cache(maxsize=None)
 def _identity_keys(cls):
-    """The hyper-parameters every state dict of this rule carries (the constructor's
-    positional ones: torch.optim's, for the rules torch has)."""
-    return tuple(n for n, p in inspect.signature(cls.__init__).parameters.items()
-                 if p.kind == p.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty)
+    """The hyper-parameters every state dict of this rule carries (torch's positional
+    constructor arguments, for the rules torch has)."""
+    return tuple(n for n, h in cls.rule.hyper.items() if not h.keyword)
 
 
 def _as_value_error(check, *args):

@@ -60,3 +60,18 @@ def l1(value, mode):
     nonneg("l1", value)
     if mode not in L1_MODES:
         raise ValueError(f"l1_mode must be 'subgradient' or 'proximal', got {mode!r}")
+
+
+def nonneg_of(name):
+    """A check of ``name`` >= 0 (for a rule's declaration)."""
+    return lambda value: nonneg(name, value)
+
+
+def unit_of(name):
+    """A check of ``name`` in [0, 1] (for a rule's declaration)."""
+    return lambda value: unit(name, value)
+
+
+def l1_mode(value):
+    if value not in L1_MODES:
+        raise ValueError(f"l1_mode must be 'subgradient' or 'proximal', got {value!r}")

@@ -3,12 +3,16 @@ check, needs it: numba-cuda is an optional dependency)."""
 from numba import cuda  # a module global: the simulator swaps it for its own
 
 
-def make_cuda_loop(apply):
-    def cuda_loop(param, grad, s0, s1, s2, c):
-        # Grid-stride: any grid covers any size, and the simulator stays fast on a small grid.
-        for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):
-            apply(i, param, grad, s0, s1, s2, c)
-    return cuda_loop
+def make_cuda_loop(apply, n_states):
+    """The grid-stride CUDA loop around ``apply`` for a math of ``n_states`` states: any grid
+    covers any size, and the simulator stays fast on a small grid."""
+    states = "".join(f"s{k}, " for k in range(n_states))
+    src = (f"def cuda_loop(param, grad, {states}c):\n"
+           f"    for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):\n"
+           f"        apply(i, param, grad, {states}c)\n")
+    scope = {"cuda": cuda, "apply": apply}  # cuda a global of the kernel: the simulator swaps it
+    exec(compile(src, __file__, "exec"), scope)  # noqa: S102 - generated from the state count alone
+    return scope["cuda_loop"]
 
 
 def make_reduce(dtype_name, threads, modes):

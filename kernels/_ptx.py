@@ -4,12 +4,12 @@ A float32 kernel with any ``.f64`` instruction has a float64 leak (a bare litera
 Python-float scalar): it runs at a fraction of the speed on most GPUs, and nothing else
 catches it (the simulator accepts float64 silently).
 """
-import inspect
 import itertools
 import re
-from contextlib import contextmanager
 
 import numpy as np
+
+from ._cuda_cc import _target_cc
 
 _F64 = re.compile(r"\.f64\b")
 
@@ -18,46 +18,25 @@ def f64_count(ptx):
     return sum(1 for line in ptx.splitlines() if _F64.search(line))
 
 
-@contextmanager
-def _target_cc(cc):
-    """Device functions ask the current device for its compute capability; without a GPU,
-    answer with the target's."""
-    import numba.cuda.dispatcher as dispatcher
-
-    class _Target:
-        compute_capability = cc
-
-    saved = dispatcher.get_current_device
-    dispatcher.get_current_device = lambda: _Target
-    try:
-        yield
-    finally:
-        dispatcher.get_current_device = saved
-
-
-def variants(fn, module):
+def variants(rule):
     """The state layouts a rule's kernel is launched with: each optional state present or not."""
-    params = inspect.signature(fn).parameters
-    optional = [s for s in module.STATES if params[s].default is None]
+    optional = [st.name for st in rule.state_list if st.when is not None]
     for present in itertools.product((True, False), repeat=len(optional)):
         on = dict(zip(optional, present))
-        yield tuple(on.get(s, True) for s in module.STATES)
+        yield tuple(on.get(s, True) for s in rule.states)
 
 
-def example_scalars(fn, module, dtype):
-    from fastopt._dispatch import cast_scalars
-    params = inspect.signature(fn).parameters
-    hp = {k: (p.default if p.default is not inspect.Parameter.empty else 1e-3)
-          for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k != "step"}
-    return cast_scalars(module.scalars(step=1, **hp), np.dtype(dtype))
+def example_scalars(rule, dtype):
+    """The kernel's scalar tuple at the rule's defaults (the types are what PTX depends on)."""
+    return rule.kernel_scalars(rule.defaults, 1, rule.defaults.get("lr"), np.dtype(dtype))
 
 
 def compile_kernel(kernels, layout, scalars, dtype, cc):
+    """PTX of a rule's CUDA loop with the states of ``layout`` present (the others None)."""
     import numba
     from numba import cuda, types
     arr = types.Array(numba.from_dtype(np.dtype(dtype)), 1, "C")
     states = [arr if on else types.none for on in layout]
-    states += [types.none] * (3 - len(states))
     with _target_cc(cc):
         ptx, _ = cuda.compile_ptx(kernels.cuda_loop(), (arr, arr, *states, numba.typeof(scalars)), cc=cc)
     return ptx
@@ -67,18 +46,17 @@ def report(ccs, dtypes=(np.float32, np.float64)):
     """Rows (kernel, states, dtype, cc, PTX lines, .f64 count) for every rule's kernels."""
     from . import RULES
     seen = set()
-    for name, (module, fn, _) in RULES.items():
-        if module.KERNELS in seen:  # adamw_ runs adam's kernel
+    for rule, _, _ in RULES.values():
+        if rule.kernels in seen:  # adamw runs adam's kernels
             continue
-        seen.add(module.KERNELS)
-        for layout in variants(fn, module):
-            states = "+".join(s for s, on in zip(module.STATES, layout) if on)
+        seen.add(rule.kernels)
+        for layout in variants(rule):
+            states = "+".join(s for s, on in zip(rule.states, layout) if on)
             for dtype in dtypes:
-                scalars = example_scalars(fn, module, dtype)
+                scalars = example_scalars(rule, dtype)
                 for cc in ccs:
-                    ptx = compile_kernel(module.KERNELS, layout, scalars, dtype, cc)
-                    yield (module.KERNELS.name, states, np.dtype(dtype).name, cc, len(ptx.splitlines()),
-                           f64_count(ptx))
+                    ptx = compile_kernel(rule.kernels, layout, scalars, dtype, cc)
+                    yield (rule.name, states, np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))
 
 
 def compile_reduce(dtype, cc):
@@ -97,7 +75,6 @@ def compile_reduce(dtype, cc):
 
 def report_extra(ccs, dtypes=(np.float32, np.float64)):
     """The kernels outside RULES: the gradient-norm reduction, LAMB and LARS, the averages."""
-    from fastopt._dispatch import cast_scalars
     from . import ema, polyak
     for dtype in dtypes:
         for cc in ccs:
@@ -109,9 +86,9 @@ def report_extra(ccs, dtypes=(np.float32, np.float64)):
             for name, ptx in [("lamb", p) for p in lamb.ptx(dtype, cc)] + [
                     ("lars", lars.ptx(dtype, cc, momentum=m)) for m in (True, False)]:
                 yield (name, "-", np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))
-    for module in (ema, polyak):
+    for rule in (ema.EMA, polyak.POLYAK):
         for dtype in dtypes:
-            scalars = cast_scalars(module.scalars(step=1), np.dtype(dtype))
+            scalars = example_scalars(rule, dtype)
             for cc in ccs:
-                ptx = compile_kernel(module.KERNELS, (), scalars, dtype, cc)
-                yield (module.KERNELS.name, "-", np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))
+                ptx = compile_kernel(rule.kernels, (), scalars, dtype, cc)
+                yield (rule.name, "-", np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))

@@ -15,8 +15,13 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._loops import _CPU_OPTIONS
+import hashlib
+import inspect
+import sys
 
+from ._engine import _CPU_OPTIONS, _enable_cache
+
+_SALT = hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()
 CHUNK = 1 << 15  # elements per chunk: enough work per thread, few partials to add up
 
 # mode of the reduction (a compile-time branch): p = 2, p = inf, any other p
@@ -27,7 +32,7 @@ SQUARES, MAX, POWER = 0, 1, 2
 _REDUCE_OPTIONS = dict(_CPU_OPTIONS, fastmath={"reassoc", "contract"})
 
 
-@njit(**_REDUCE_OPTIONS)
+@njit(cache=True, **_REDUCE_OPTIONS)
 def _squares(x):
     total, check = 0.0, 0.0
     for i in range(x.size):
@@ -37,7 +42,7 @@ def _squares(x):
     return total, check
 
 
-@njit(**_REDUCE_OPTIONS)
+@njit(cache=True, **_REDUCE_OPTIONS)
 def _max_abs(x):
     total, check = 0.0, 0.0
     for i in range(x.size):
@@ -47,7 +52,7 @@ def _max_abs(x):
     return total, check
 
 
-@njit(**_REDUCE_OPTIONS)
+@njit(cache=True, **_REDUCE_OPTIONS)
 def _powers(x, p):
     total, check = 0.0, 0.0
     for i in range(x.size):
@@ -57,7 +62,7 @@ def _powers(x, p):
     return total, check
 
 
-@njit(**_CPU_OPTIONS)
+@njit(cache=True, **_CPU_OPTIONS)
 def _chunk(x, mode, p):
     # one loop per mode: a branch inside the loop would stop it from vectorizing
     if mode == SQUARES:
@@ -74,10 +79,11 @@ def _make_cpu(parallel):
             t, lo, hi = chunks[k, 0], chunks[k, 1], chunks[k, 2]
             totals[k], checks[k] = _chunk(arrays[t][lo:hi], mode, p)
         return combine(totals, checks, mode)
-    return njit(parallel=parallel, **_CPU_OPTIONS)(reduce_chunks)
+    kind = "parallel" if parallel else "serial"
+    return _enable_cache(njit(parallel=parallel, **_CPU_OPTIONS)(reduce_chunks), f"reduce_{kind}", _SALT)
 
 
-@njit(**_CPU_OPTIONS)
+@njit(cache=True, **_CPU_OPTIONS)
 def combine(totals, checks, mode):
     # in chunk order, inside the compiled call: no NumPy round trip for a small model
     total, check = 0.0, 0.0

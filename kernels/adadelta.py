@@ -12,11 +12,10 @@ import math
 import numpy as np
 
 from . import _args
-from ._loops import Kernels
+from ._rule import Hyper, Rule, State
 
 
-def adadelta_math(p, g, square_avg, acc_delta, _2, c):
-    lr, rho, one_minus_rho, eps, weight_decay, maximize, coupled = c
+def adadelta_math(p, g, square_avg, acc_delta, lr, rho, one_minus_rho, eps, weight_decay, maximize, coupled):
     if maximize:
         g = -g
     if coupled:  # torch skips a zero decay: 0 * p is NaN for an inf or NaN p
@@ -24,33 +23,22 @@ def adadelta_math(p, g, square_avg, acc_delta, _2, c):
     square_avg = rho * square_avg + one_minus_rho * g * g
     delta = math.sqrt(acc_delta + eps) / math.sqrt(square_avg + eps) * g
     acc_delta = rho * acc_delta + one_minus_rho * delta * delta
-    return p - lr * delta, square_avg, acc_delta, _2
+    return p - lr * delta, square_avg, acc_delta
 
 
-KERNELS = Kernels("adadelta", adadelta_math)
-STATES = ("square_avg", "acc_delta")
+def scalars(h, step, lr):
+    rho = h["rho"]
+    return dict(lr=lr, rho=rho, one_minus_rho=1 - rho, eps=h["eps"], weight_decay=h["weight_decay"],
+                maximize=bool(h["maximize"]), coupled=h["weight_decay"] != 0)
 
 
-def check(*, lr, rho, eps, weight_decay, **_):
-    _args.lr(lr)
-    _args.unit("rho", rho)
-    _args.eps(eps)
-    _args.nonneg("weight_decay", weight_decay)
+ADADELTA = Rule(
+    "adadelta", adadelta_math, scalars,
+    states=[State("square_avg"), State("acc_delta")],
+    hyper=[Hyper("lr", 1.0, _args.lr), Hyper("rho", 0.9, _args.unit_of("rho")), Hyper("eps", 1e-6, _args.eps),
+           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")), Hyper("maximize", False, keyword=True)])
 
-
-def scalars(*, step, lr, rho, eps, weight_decay, maximize):
-    return (lr, rho, 1 - rho, eps, weight_decay), (bool(maximize), weight_decay != 0)
-
-
-def adadelta_(param, grad, square_avg, acc_delta, *, step, lr=1.0, rho=0.9, eps=1e-6,
-              weight_decay=0.0, maximize=False):
-    """One Adadelta step in place on ``param``, ``square_avg`` and ``acc_delta``."""
-    from fastopt._dispatch import update
-    hp = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
-    check(**hp)
-    _args.step(step)
-    update(KERNELS, param, grad, dict(square_avg=square_avg, acc_delta=acc_delta),
-           scalars(step=step, **hp))
+adadelta_ = ADADELTA.function("adadelta_", "One Adadelta step in place on ``param``, ``square_avg`` and ``acc_delta``.")
 
 
 def adadelta_reference(param, grad, square_avg, acc_delta, *, step, lr=1.0, rho=0.9, eps=1e-6,

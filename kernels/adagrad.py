@@ -11,42 +11,32 @@ import math
 import numpy as np
 
 from . import _args
-from ._loops import Kernels
+from ._rule import Hyper, Rule, State
 
 
-def adagrad_math(p, g, state_sum, _1, _2, c):
-    clr, weight_decay, eps, maximize, coupled = c
+def adagrad_math(p, g, state_sum, clr, weight_decay, eps, maximize, coupled):
     if maximize:
         g = -g
     if coupled:  # torch skips a zero decay: 0 * p is NaN for an inf or NaN p
         g = g + weight_decay * p
     state_sum = state_sum + g * g
-    return p - clr * g / (math.sqrt(state_sum) + eps), state_sum, _1, _2
+    return p - clr * g / (math.sqrt(state_sum) + eps), state_sum
 
 
-KERNELS = Kernels("adagrad", adagrad_math)
-STATES = ("state_sum",)
+def scalars(h, step, lr):
+    return dict(clr=lr / (1 + (step - 1) * h["lr_decay"]), weight_decay=h["weight_decay"], eps=h["eps"],
+                maximize=bool(h["maximize"]), coupled=h["weight_decay"] != 0)
 
 
-def check(*, lr, lr_decay, weight_decay, eps, **_):
-    _args.lr(lr)
-    _args.nonneg("lr_decay", lr_decay)
-    _args.nonneg("weight_decay", weight_decay)
-    _args.eps(eps)
+ADAGRAD = Rule(
+    "adagrad", adagrad_math, scalars,
+    states=[State("state_sum", start="initial_accumulator_value", torch_name="sum")],
+    hyper=[Hyper("lr", 1e-2, _args.lr), Hyper("lr_decay", 0.0, _args.nonneg_of("lr_decay")),
+           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")),
+           Hyper("initial_accumulator_value", 0.0, _args.nonneg_of("initial_accumulator_value")),
+           Hyper("eps", 1e-10, _args.eps), Hyper("maximize", False, keyword=True)])
 
-
-def scalars(*, step, lr, lr_decay, weight_decay, eps, maximize):
-    return (lr / (1 + (step - 1) * lr_decay), weight_decay, eps), (bool(maximize), weight_decay != 0)
-
-
-def adagrad_(param, grad, state_sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
-             maximize=False):
-    """One Adagrad step in place on ``param`` and ``state_sum``."""
-    from fastopt._dispatch import update
-    hp = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize)
-    check(**hp)
-    _args.step(step)
-    update(KERNELS, param, grad, dict(state_sum=state_sum), scalars(step=step, **hp))
+adagrad_ = ADAGRAD.function("adagrad_", "One Adagrad step in place on ``param`` and ``state_sum``.")
 
 
 def adagrad_reference(param, grad, state_sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0,

@@ -22,12 +22,13 @@ import math
 import numpy as np
 
 from . import _args
-from ._loops import Kernels, nan_max
+from ._engine import nan_max
+from ._rule import Hyper, Rule, State
 
 
-def adam_math(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, c):
-    (beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_sqrt_bc2, eps,
-     l2, decay, l1, zero, amsgrad, maximize, coupled, decoupled, l1_subgradient, proximal) = c
+def adam_math(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq,
+              beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_sqrt_bc2, eps, l2, decay, l1, zero,
+              amsgrad, maximize, coupled, decoupled, l1_subgradient, proximal):
     if maximize:
         g = -g
     if coupled:  # torch skips a zero decay: 0 * p is NaN for an inf or NaN p
@@ -50,59 +51,36 @@ def adam_math(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, c):
     return p, exp_avg, exp_avg_sq, max_exp_avg_sq
 
 
-KERNELS = Kernels("adam", adam_math)
-STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+def scalars(h, step, lr):
+    beta1, beta2 = h["betas"]
+    bc1 = 1 - beta1 ** step if h["bias_correction"] else 1.0
+    bc2 = 1 - beta2 ** step if h["bias_correction"] else 1.0
+    weight_decay, decoupled, l1 = h["weight_decay"], bool(h["decoupled_weight_decay"]), h["l1"]
+    return dict(beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
+                step_size=lr / bc1, inv_sqrt_bc2=1 / math.sqrt(bc2), eps=h["eps"],
+                l2=0.0 if decoupled else weight_decay, decay=1 - lr * weight_decay if decoupled else 1.0,
+                l1=l1, zero=0.0, amsgrad=bool(h["amsgrad"]), maximize=bool(h["maximize"]),
+                coupled=weight_decay != 0 and not decoupled, decoupled=weight_decay != 0 and decoupled,
+                l1_subgradient=l1 > 0 and h["l1_mode"] == "subgradient",
+                proximal=l1 > 0 and h["l1_mode"] == "proximal")
 
 
-def check(*, lr, betas, eps, weight_decay, l1=0.0, l1_mode="subgradient", **_):
-    _args.lr(lr)
-    _args.l1(l1, l1_mode)
-    _args.eps(eps)
-    _args.betas(betas)
-    _args.nonneg("weight_decay", weight_decay)
+ADAM = Rule(
+    "adam", adam_math, scalars,
+    states=[State("exp_avg"), State("exp_avg_sq"),
+            State("max_exp_avg_sq", lambda h: h["amsgrad"], "when amsgrad=True")],
+    hyper=[Hyper("lr", 1e-3, _args.lr), Hyper("betas", (0.9, 0.999), _args.betas),
+           Hyper("eps", 1e-8, _args.eps), Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")),
+           Hyper("amsgrad", False),
+           Hyper("maximize", False, keyword=True), Hyper("decoupled_weight_decay", False, keyword=True),
+           Hyper("bias_correction", True, keyword=True, torch=False,
+                 doc='False drops both 1 - beta**t factors: the lecture notes\' "Adam (almost)"'),
+           Hyper("l1", 0.0, _args.nonneg_of("l1"), keyword=True, torch=False),
+           Hyper("l1_mode", "subgradient", _args.l1_mode, keyword=True, torch=False)])
+ADAMW = ADAM.variant("adamw", fixed={"decoupled_weight_decay": True}, defaults={"weight_decay": 1e-2})
 
-
-def scalars(*, step, lr, betas, eps, weight_decay, amsgrad, maximize, bias_correction=True,
-            decoupled_weight_decay=False, l1=0.0, l1_mode="subgradient"):
-    beta1, beta2 = betas
-    bc1 = 1 - beta1 ** step if bias_correction else 1.0
-    bc2 = 1 - beta2 ** step if bias_correction else 1.0
-    l2, decay = (0.0, 1 - lr * weight_decay) if decoupled_weight_decay else (weight_decay, 1.0)
-    decays = weight_decay != 0
-    return ((beta1, 1 - beta1, beta2, 1 - beta2, lr / bc1, 1 / math.sqrt(bc2), eps, l2, decay, l1, 0.0),
-            (bool(amsgrad), bool(maximize), decays and not decoupled_weight_decay,
-             decays and bool(decoupled_weight_decay), l1 > 0 and l1_mode == "subgradient",
-             l1 > 0 and l1_mode == "proximal"))
-
-
-def _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, **hp):
-    from fastopt._dispatch import update
-    check(**hp)
-    _args.step(step)
-    if hp["amsgrad"]:
-        _args.required("max_exp_avg_sq", max_exp_avg_sq, "when amsgrad=True")
-    else:
-        max_exp_avg_sq = None
-    update(KERNELS, param, grad, dict(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq),
-           scalars(step=step, **hp))
-
-
-def adam_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3, betas=(0.9, 0.999),
-          eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False, bias_correction=True,
-          l1=0.0, l1_mode="subgradient"):
-    """One Adam step, in place on ``param`` and the state arrays (see the module docstring)."""
-    _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
-          weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-          bias_correction=bias_correction, decoupled_weight_decay=False, l1=l1, l1_mode=l1_mode)
-
-
-def adamw_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3, betas=(0.9, 0.999),
-           eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False, bias_correction=True,
-           l1=0.0, l1_mode="subgradient"):
-    """One AdamW step: Adam with decoupled weight decay, ``p *= 1 - lr * weight_decay``."""
-    _adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
-          weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-          bias_correction=bias_correction, decoupled_weight_decay=True, l1=l1, l1_mode=l1_mode)
+adam_ = ADAM.function("adam_", "One Adam step, in place on ``param`` and the state arrays (see the module docstring).")
+adamw_ = ADAMW.function("adamw_", "One AdamW step: Adam with decoupled weight decay, ``p *= 1 - lr * weight_decay``.")
 
 
 def _reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, betas, eps,
@@ -131,11 +109,12 @@ def _reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, be
 
 def adam_reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,
                    betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
-                   bias_correction=True, l1=0.0, l1_mode="subgradient"):
+                   decoupled_weight_decay=False, bias_correction=True, l1=0.0, l1_mode="subgradient"):
     """Textbook Adam in NumPy (float64), the check for :func:`adam_`."""
     _reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
                weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-               bias_correction=bias_correction, decoupled_weight_decay=False, l1=l1, l1_mode=l1_mode)
+               bias_correction=bias_correction, decoupled_weight_decay=decoupled_weight_decay, l1=l1,
+               l1_mode=l1_mode)
 
 
 def adamw_reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,

@@ -9,44 +9,33 @@
 import numpy as np
 
 from . import _args
-from ._loops import Kernels, nan_max
+from ._engine import nan_max
+from ._rule import Hyper, Rule, State
 
 
-def adamax_math(p, g, exp_avg, exp_inf, _2, c):
-    beta1, one_minus_beta1, beta2, clr, eps, weight_decay, maximize, coupled = c
+def adamax_math(p, g, exp_avg, exp_inf, beta1, one_minus_beta1, beta2, clr, eps, weight_decay, maximize, coupled):
     if maximize:
         g = -g
     if coupled:  # torch skips a zero decay: 0 * p is NaN for an inf or NaN p
         g = g + weight_decay * p
     exp_avg = beta1 * exp_avg + one_minus_beta1 * g
     exp_inf = nan_max(beta2 * exp_inf, abs(g) + eps)
-    return p - clr * exp_avg / exp_inf, exp_avg, exp_inf, _2
+    return p - clr * exp_avg / exp_inf, exp_avg, exp_inf
 
 
-KERNELS = Kernels("adamax", adamax_math)
-STATES = ("exp_avg", "exp_inf")
+def scalars(h, step, lr):
+    beta1, beta2 = h["betas"]
+    return dict(beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, clr=lr / (1 - beta1 ** step), eps=h["eps"],
+                weight_decay=h["weight_decay"], maximize=bool(h["maximize"]), coupled=h["weight_decay"] != 0)
 
 
-def check(*, lr, betas, eps, weight_decay, **_):
-    _args.lr(lr)
-    _args.eps(eps)
-    _args.betas(betas)
-    _args.nonneg("weight_decay", weight_decay)
+ADAMAX = Rule(
+    "adamax", adamax_math, scalars,
+    states=[State("exp_avg"), State("exp_inf")],
+    hyper=[Hyper("lr", 2e-3, _args.lr), Hyper("betas", (0.9, 0.999), _args.betas), Hyper("eps", 1e-8, _args.eps),
+           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")), Hyper("maximize", False, keyword=True)])
 
-
-def scalars(*, step, lr, betas, eps, weight_decay, maximize):
-    beta1, beta2 = betas
-    return (beta1, 1 - beta1, beta2, lr / (1 - beta1 ** step), eps, weight_decay), (bool(maximize), weight_decay != 0)
-
-
-def adamax_(param, grad, exp_avg, exp_inf, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
-            weight_decay=0.0, maximize=False):
-    """One Adamax step in place on ``param``, ``exp_avg`` and ``exp_inf``."""
-    from fastopt._dispatch import update
-    hp = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
-    check(**hp)
-    _args.step(step)
-    update(KERNELS, param, grad, dict(exp_avg=exp_avg, exp_inf=exp_inf), scalars(step=step, **hp))
+adamax_ = ADAMAX.function("adamax_", "One Adamax step in place on ``param``, ``exp_avg`` and ``exp_inf``.")
 
 
 def adamax_reference(param, grad, exp_avg, exp_inf, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,

@@ -18,23 +18,21 @@ average of a constant settles 1.6e-4 away from it, relatively).
 import numpy as np
 
 from . import _args
-from ._loops import Kernels
+from ._rule import Hyper, Rule
 
 
-def ema_math(avg, p, _0, _1, _2, c):
-    (one_minus_decay,) = c
-    return avg + one_minus_decay * (p - avg), _0, _1, _2
+def ema_math(avg, p, one_minus_decay):
+    return avg + one_minus_decay * (p - avg)
 
 
-KERNELS = Kernels("ema", ema_math)
-STATES = ()
+def _decay(value):
+    if isinstance(value, (bool, np.bool_)) or not _args._in(value, 0.0, 1.0, True):
+        raise ValueError(f"decay must be a number in [0, 1], got {value!r}")
 
 
-def check(*, decay, warmup=False):
-    if isinstance(decay, bool) or not _args._in(decay, 0.0, 1.0, True):
-        raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
-    if not isinstance(warmup, (bool, np.bool_)):
-        raise TypeError(f"warmup must be True or False, got {warmup!r}")
+def _warmup(value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"warmup must be True or False, got {value!r}")
 
 
 def decay_at(step, decay, warmup):
@@ -42,8 +40,11 @@ def decay_at(step, decay, warmup):
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
-def scalars(*, step, decay=0.999, warmup=False):
-    return (1 - decay_at(step, decay, warmup),), ()
+def scalars(h, step, lr=None):
+    return dict(one_minus_decay=1 - decay_at(step, h["decay"], h["warmup"]))
+
+
+EMA = Rule("ema", ema_math, scalars, hyper=[Hyper("decay", 0.999, _decay), Hyper("warmup", False, _warmup)])
 
 
 def ema_reference(average, param, *, step, decay, warmup=False):

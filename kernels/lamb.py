@@ -31,8 +31,9 @@ import numbers
 import numpy as np
 from numba import njit, prange
 
-from . import _args, _loops
-from ._loops import _CPU_OPTIONS, _enable_cache
+from . import _args, _engine
+from ._rule import Hyper, OwnKernelsRule, State
+from ._engine import _CPU_OPTIONS, _enable_cache
 
 STATES = ("exp_avg", "exp_avg_sq")
 THREADS = 128  # CUDA threads per block (one block per chunk)
@@ -59,7 +60,7 @@ def lamb_direction(p, m, v, c):
 
 BLOCK = 1024  # elements whose u wait in a scratch row (L1-resident) to be summed
 _SALT = hashlib.sha256((inspect.getsource(inspect.getmodule(lamb_moments))
-                        + inspect.getsource(_loops)).encode()).hexdigest()
+                        + inspect.getsource(_engine)).encode()).hexdigest()
 _CPU = {}
 
 
@@ -206,8 +207,8 @@ def ptx(dtype, cc):
     """The PTX of both CUDA kernels for ``dtype`` and compute capability ``cc`` (no GPU needed)."""
     import numba
     from numba import types
-    from ._ptx import _target_cc
-    from fastopt._dispatch import cast_scalars
+    from ._cuda_cc import _target_cc
+    from ._dispatch import cast_scalars
     elem = numba.from_dtype(np.dtype(dtype))
     arr, rows = types.Array(elem, 1, "C"), types.Array(types.int64, 2, "C")
     c = numba.typeof(cast_scalars(scalars(step=1, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01),
@@ -241,6 +242,17 @@ def scalars(*, step, lr, betas, eps, weight_decay, bias_correction=True):
         (weight_decay != 0,)
 
 
+LAMB = OwnKernelsRule(
+    "lamb", lambda h, step, lr: scalars(step=step, lr=lr, betas=h["betas"], eps=h["eps"],
+                                        weight_decay=h["weight_decay"], bias_correction=h["bias_correction"]),
+    states=[State("exp_avg"), State("exp_avg_sq")],
+    hyper=[Hyper("lr", 1e-3, _args.lr), Hyper("betas", (0.9, 0.999), _args.betas), Hyper("eps", 1e-6, _args.eps),
+           Hyper("weight_decay", 1e-2, _args.nonneg_of("weight_decay")),
+           Hyper("bias_correction", True, keyword=True), Hyper("clamp_value", None, keyword=True),
+           Hyper("layer_adaptation", True, keyword=True)],
+    check=lambda h: check(**h))
+
+
 def trust_ratios(param_norms, update_norms, clamp_value=None):
     """phi per tensor: ``min(||p||, clamp_value) / ||u||`` where both norms are > 0, else 1
     (a zero tensor, a zero update; a NaN norm also gives 1, and its NaN update still spreads)."""
@@ -250,21 +262,6 @@ def trust_ratios(param_norms, update_norms, clamp_value=None):
         w = np.minimum(w, clamp_value)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where((w > 0) & (u > 0), w / u, 1.0)
-
-
-def lamb_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-6,
-          weight_decay=1e-2, bias_correction=True, clamp_value=None):
-    """One LAMB step, in place, over lists of tensors (one trust ratio per tensor); returns
-    the ratios phi (float64, one per tensor). Everything is checked before anything is written."""
-    from fastopt._dispatch import cast_scalars
-    from fastopt.layerwise import Layers, check_lists, lamb_passes
-    hp = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-    check(**hp, clamp_value=clamp_value)
-    _args.step(step)
-    params, grads, states = check_lists(params, grads, dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs))
-    layers = Layers(params, dict(zip(STATES, states.values())), grads=grads)
-    c = cast_scalars(scalars(step=step, **hp, bias_correction=bias_correction), layers.dtype)
-    return lamb_passes(layers, layers.fixed_grads(), c, clamp_value=clamp_value)[0]
 
 
 def lamb_reference(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-6,

@@ -29,8 +29,9 @@ import numbers
 import numpy as np
 from numba import njit, prange
 
-from . import _args, _loops
-from ._loops import _CPU_OPTIONS, _enable_cache, _piece
+from . import _args, _engine
+from ._rule import Hyper, OwnKernelsRule, State
+from ._engine import _CPU_OPTIONS, _enable_cache, _piece
 
 STATES = ("momentum_buffer",)
 THREADS = 128
@@ -59,7 +60,7 @@ def lars_math(p, g, buf, ratio, c):
 # -- CPU --------------------------------------------------------------------------------
 
 _SALT = hashlib.sha256((inspect.getsource(inspect.getmodule(lars_math))
-                        + inspect.getsource(_loops)).encode()).hexdigest()
+                        + inspect.getsource(_engine)).encode()).hexdigest()
 _CPU = {}
 
 
@@ -136,8 +137,8 @@ def ptx(dtype, cc, momentum=True):
     """The PTX of the update kernel for ``dtype`` and compute capability ``cc`` (no GPU needed)."""
     import numba
     from numba import types
-    from ._ptx import _target_cc
-    from fastopt._dispatch import cast_scalars
+    from ._cuda_cc import _target_cc
+    from ._dispatch import cast_scalars
     elem = numba.from_dtype(np.dtype(dtype))
     arr, rows = types.Array(elem, 1, "C"), types.Array(types.int64, 2, "C")
     c = numba.typeof(cast_scalars(scalars(step=2, lr=0.1, momentum=0.9 if momentum else 0.0, dampening=0.0,
@@ -171,6 +172,17 @@ def scalars(*, step, lr, momentum, dampening, weight_decay, nesterov):
             (momentum != 0, step == 1, bool(nesterov), weight_decay != 0))
 
 
+LARS = OwnKernelsRule(
+    "lars", lambda h, step, lr: scalars(step=step, lr=lr, momentum=h["momentum"], dampening=h["dampening"],
+                                        weight_decay=h["weight_decay"], nesterov=h["nesterov"]),
+    states=[State("momentum_buffer", lambda h: h["momentum"] != 0, "when momentum != 0")],
+    hyper=[Hyper("lr", 1.0, _args.lr), Hyper("momentum", 0.0), Hyper("dampening", 0.0), Hyper("weight_decay", 0.0),
+           Hyper("nesterov", False), Hyper("trust_coeff", 1e-3), Hyper("eps", 1e-8), Hyper("trust_clip", False),
+           Hyper("always_adapt", False)],
+    check=lambda h: check(**h),
+    start_from_grad=("momentum_buffer",))  # as timm's: momentum turned on mid-run starts from d
+
+
 def adapts(weight_decay, always_adapt):
     """Whether a group's tensors get a trust ratio (timm: only with weight decay, unless always_adapt)."""
     return weight_decay != 0 or bool(always_adapt)
@@ -185,34 +197,6 @@ def trust_ratios(param_norms, grad_norms, *, weight_decay, trust_coeff, eps, tru
         if trust_clip:
             ratio = np.minimum(ratio / lr, 1.0)
     return ratio
-
-
-def lars_(params, grads, momentum_buffers=None, *, step, lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0,
-          nesterov=False, trust_coeff=1e-3, eps=1e-8, trust_clip=False, always_adapt=False):
-    """One LARS step, in place, over lists of tensors; returns the ratios (float64, one per
-    tensor). At ``step == 1`` the buffers are set (their content is ignored), as timm does
-    when a buffer does not exist yet. Everything is checked before anything is written."""
-    from fastopt._dispatch import cast_scalars
-    from fastopt.layerwise import Layers, check_lists, lars_pass
-    from fastopt.clip import NormPlan
-    hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
-    check(**hp, trust_coeff=trust_coeff, eps=eps)
-    _args.step(step)
-    if momentum != 0:
-        _args.required("momentum_buffers", momentum_buffers, "when momentum != 0")
-    else:
-        momentum_buffers = None
-    params, grads, states = check_lists(params, grads, dict(momentum_buffers=momentum_buffers))
-    layers = Layers(params, {"momentum_buffer": states["momentum_buffers"]}, grads=grads)
-    if adapts(weight_decay, always_adapt):
-        norms = NormPlan(layers.views(layers.bases) + layers.views(layers.grads)).segment_norms()[0]
-        n = layers.n_tensors
-        ratios = trust_ratios(norms[:n], norms[n:], weight_decay=weight_decay, trust_coeff=trust_coeff, eps=eps,
-                              trust_clip=trust_clip, lr=lr)
-    else:
-        ratios = np.ones(layers.n_tensors)
-    lars_pass(layers, layers.fixed_grads(), cast_scalars(scalars(step=step, **hp), layers.dtype), ratios)
-    return ratios
 
 
 def lars_reference(params, grads, momentum_buffers=None, *, step, lr=1.0, momentum=0.0, dampening=0.0,

@@ -8,11 +8,10 @@
 import numpy as np
 
 from . import _args
-from ._loops import Kernels
+from ._rule import Hyper, Rule, State
 
 
-def lion_math(p, g, exp_avg, _1, _2, c):
-    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, zero, maximize, decoupled = c
+def lion_math(p, g, exp_avg, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, zero, maximize, decoupled):
     if maximize:
         g = -g
     direction = beta1 * exp_avg + one_minus_beta1 * g
@@ -20,31 +19,23 @@ def lion_math(p, g, exp_avg, _1, _2, c):
     step = lr if direction > zero else (-lr if direction < zero else zero)
     if decoupled:  # as the other rules: no decay term at all when the decay is 0
         p = p * decay
-    return p - step, beta2 * exp_avg + one_minus_beta2 * g, _1, _2
+    return p - step, beta2 * exp_avg + one_minus_beta2 * g
 
 
-KERNELS = Kernels("lion", lion_math)
-STATES = ("exp_avg",)
+def scalars(h, step, lr):
+    beta1, beta2 = h["betas"]
+    return dict(lr=lr, beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
+                decay=1 - lr * h["weight_decay"], zero=0.0, maximize=bool(h["maximize"]),
+                decoupled=h["weight_decay"] != 0)
 
 
-def check(*, lr, betas, weight_decay, **_):
-    _args.lr(lr)
-    _args.betas(betas)
-    _args.nonneg("weight_decay", weight_decay)
+LION = Rule(
+    "lion", lion_math, scalars,
+    states=[State("exp_avg")],
+    hyper=[Hyper("lr", 1e-4, _args.lr), Hyper("betas", (0.9, 0.99), _args.betas),
+           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")), Hyper("maximize", False, keyword=True)])
 
-
-def scalars(*, step, lr, betas, weight_decay, maximize):
-    beta1, beta2 = betas
-    return (lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay, 0.0), (bool(maximize), weight_decay != 0)
-
-
-def lion_(param, grad, exp_avg, *, step, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
-    """One Lion step in place on ``param`` and ``exp_avg``."""
-    from fastopt._dispatch import update
-    hp = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
-    check(**hp)
-    _args.step(step)
-    update(KERNELS, param, grad, dict(exp_avg=exp_avg), scalars(step=step, **hp))
+lion_ = LION.function("lion_", "One Lion step in place on ``param`` and ``exp_avg``.")
 
 
 def lion_reference(param, grad, exp_avg, *, step, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,

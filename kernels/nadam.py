@@ -16,12 +16,11 @@ import math
 import numpy as np
 
 from . import _args
-from ._loops import Kernels
+from ._rule import Hyper, Rule, State
 
 
-def nadam_math(p, g, exp_avg, exp_avg_sq, _2, c):
-    (beta1, one_minus_beta1, beta2, one_minus_beta2, inv_sqrt_bc2, eps, grad_coef, avg_coef,
-     l2, decay, maximize, coupled, decoupled) = c
+def nadam_math(p, g, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_minus_beta2, inv_sqrt_bc2, eps,
+               grad_coef, avg_coef, l2, decay, maximize, coupled, decoupled):
     if maximize:
         g = -g
     if coupled:  # torch skips a zero decay: 0 * p is NaN for an inf or NaN p
@@ -31,19 +30,7 @@ def nadam_math(p, g, exp_avg, exp_avg_sq, _2, c):
     exp_avg = beta1 * exp_avg + one_minus_beta1 * g
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
     denom = math.sqrt(exp_avg_sq) * inv_sqrt_bc2 + eps
-    return p - (grad_coef * g + avg_coef * exp_avg) / denom, exp_avg, exp_avg_sq, _2
-
-
-KERNELS = Kernels("nadam", nadam_math)
-STATES = ("exp_avg", "exp_avg_sq")
-
-
-def check(*, lr, betas, eps, weight_decay, momentum_decay, **_):
-    _args.lr(lr)
-    _args.eps(eps)
-    _args.betas(betas)
-    _args.nonneg("weight_decay", weight_decay)
-    _args.nonneg("momentum_decay", momentum_decay)
+    return p - (grad_coef * g + avg_coef * exp_avg) / denom, exp_avg, exp_avg_sq
 
 
 def mu(t, beta1, momentum_decay):
@@ -64,26 +51,29 @@ def mu_product(t, beta1, momentum_decay):
     return prod
 
 
-def scalars(*, step, lr, betas, eps, weight_decay, momentum_decay, decoupled_weight_decay, maximize):
-    beta1, beta2 = betas
+def scalars(h, step, lr):
+    beta1, beta2 = h["betas"]
+    weight_decay, decoupled, momentum_decay = h["weight_decay"], bool(h["decoupled_weight_decay"]), h["momentum_decay"]
     mu_t, mu_next = mu(step, beta1, momentum_decay), mu(step + 1, beta1, momentum_decay)
     prod = mu_product(step, beta1, momentum_decay)
-    l2, decay = (0.0, 1 - lr * weight_decay) if decoupled_weight_decay else (weight_decay, 1.0)
-    return ((beta1, 1 - beta1, beta2, 1 - beta2, 1 / math.sqrt(1 - beta2 ** step), eps,
-             lr * (1 - mu_t) / (1 - prod), lr * mu_next / (1 - prod * mu_next),
-             l2, decay), (bool(maximize), weight_decay != 0 and not decoupled_weight_decay,
-                          weight_decay != 0 and bool(decoupled_weight_decay)))
+    return dict(beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
+                inv_sqrt_bc2=1 / math.sqrt(1 - beta2 ** step), eps=h["eps"],
+                grad_coef=lr * (1 - mu_t) / (1 - prod), avg_coef=lr * mu_next / (1 - prod * mu_next),
+                l2=0.0 if decoupled else weight_decay, decay=1 - lr * weight_decay if decoupled else 1.0,
+                maximize=bool(h["maximize"]), coupled=weight_decay != 0 and not decoupled,
+                decoupled=weight_decay != 0 and decoupled)
 
 
-def nadam_(param, grad, exp_avg, exp_avg_sq, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
-           weight_decay=0.0, momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False):
-    """One NAdam step in place on ``param``, ``exp_avg`` and ``exp_avg_sq``."""
-    from fastopt._dispatch import update
-    hp = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
-              decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
-    check(**hp)
-    _args.step(step)
-    update(KERNELS, param, grad, dict(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq), scalars(step=step, **hp))
+NADAM = Rule(
+    "nadam", nadam_math, scalars,
+    states=[State("exp_avg"), State("exp_avg_sq")],
+    hyper=[Hyper("lr", 2e-3, _args.lr), Hyper("betas", (0.9, 0.999), _args.betas), Hyper("eps", 1e-8, _args.eps),
+           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")),
+           Hyper("momentum_decay", 4e-3, _args.nonneg_of("momentum_decay")),
+           Hyper("decoupled_weight_decay", False), Hyper("maximize", False, keyword=True)],
+    derived=("mu_product",))  # torch keeps the schedule's running product; fastopt derives it from the step
+
+nadam_ = NADAM.function("nadam_", "One NAdam step in place on ``param``, ``exp_avg`` and ``exp_avg_sq``.")
 
 
 def nadam_reference(param, grad, exp_avg, exp_avg_sq, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,

@@ -8,20 +8,18 @@ holds ``k + 1`` iterates. Host scalar: ``1 / (k + 1)``. As in :mod:`.ema`, the a
 sits in the kernel's param slot and the parameters in its read-only gradient slot (one
 pass, 12 B per float32 parameter), and a constant parameter keeps an exact average.
 """
-from ._loops import Kernels
+from ._rule import Rule
 
 
-def polyak_math(avg, p, _0, _1, _2, c):
-    (inv_count,) = c
-    return avg + inv_count * (p - avg), _0, _1, _2
+def polyak_math(avg, p, inv_count):
+    return avg + inv_count * (p - avg)
 
 
-KERNELS = Kernels("polyak", polyak_math)
-STATES = ()
+def scalars(h, step, lr=None):
+    return dict(inv_count=1 / (step + 1))
 
 
-def scalars(*, step):
-    return (1 / (step + 1),), ()
+POLYAK = Rule("polyak", polyak_math, scalars)
 
 
 def polyak_reference(average, param, *, step):

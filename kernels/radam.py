@@ -17,11 +17,11 @@ import math
 import numpy as np
 
 from . import _args
-from ._loops import Kernels
+from ._rule import Hyper, Rule, State
 
 
-def radam_math(p, g, exp_avg, exp_avg_sq, _2, c):
-    beta1, one_minus_beta1, beta2, one_minus_beta2, coef, eps, l2, decay, rectify, maximize, coupled, decoupled = c
+def radam_math(p, g, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_minus_beta2, coef, eps, l2, decay,
+               rectify, maximize, coupled, decoupled):
     if maximize:
         g = -g
     if coupled:  # torch skips a zero decay: 0 * p is NaN for an inf or NaN p
@@ -34,18 +34,7 @@ def radam_math(p, g, exp_avg, exp_avg_sq, _2, c):
         p = p - coef * exp_avg / (math.sqrt(exp_avg_sq) + eps)
     else:
         p = p - coef * exp_avg
-    return p, exp_avg, exp_avg_sq, _2
-
-
-KERNELS = Kernels("radam", radam_math)
-STATES = ("exp_avg", "exp_avg_sq")
-
-
-def check(*, lr, betas, eps, weight_decay, **_):
-    _args.lr(lr)
-    _args.eps(eps)
-    _args.betas(betas)
-    _args.nonneg("weight_decay", weight_decay)
+    return p, exp_avg, exp_avg_sq
 
 
 def rectification(step, beta2):
@@ -58,25 +47,25 @@ def rectification(step, beta2):
     return True, math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
 
 
-def scalars(*, step, lr, betas, eps, weight_decay, decoupled_weight_decay, maximize):
-    beta1, beta2 = betas
+def scalars(h, step, lr):
+    beta1, beta2 = h["betas"]
+    weight_decay, decoupled = h["weight_decay"], bool(h["decoupled_weight_decay"])
     rectify, r = rectification(step, beta2)
-    coef = lr / (1 - beta1 ** step) * (r * math.sqrt(1 - beta2 ** step) if rectify else 1.0)
-    l2, decay = (0.0, 1 - lr * weight_decay) if decoupled_weight_decay else (weight_decay, 1.0)
-    return ((beta1, 1 - beta1, beta2, 1 - beta2, coef, eps, l2, decay),
-            (rectify, bool(maximize), weight_decay != 0 and not decoupled_weight_decay,
-             weight_decay != 0 and bool(decoupled_weight_decay)))
+    return dict(beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
+                coef=lr / (1 - beta1 ** step) * (r * math.sqrt(1 - beta2 ** step) if rectify else 1.0), eps=h["eps"],
+                l2=0.0 if decoupled else weight_decay, decay=1 - lr * weight_decay if decoupled else 1.0,
+                rectify=rectify, maximize=bool(h["maximize"]), coupled=weight_decay != 0 and not decoupled,
+                decoupled=weight_decay != 0 and decoupled)
 
 
-def radam_(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-           weight_decay=0.0, decoupled_weight_decay=False, maximize=False):
-    """One RAdam step in place on ``param``, ``exp_avg`` and ``exp_avg_sq``."""
-    from fastopt._dispatch import update
-    hp = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-              decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
-    check(**hp)
-    _args.step(step)
-    update(KERNELS, param, grad, dict(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq), scalars(step=step, **hp))
+RADAM = Rule(
+    "radam", radam_math, scalars,
+    states=[State("exp_avg"), State("exp_avg_sq")],
+    hyper=[Hyper("lr", 1e-3, _args.lr), Hyper("betas", (0.9, 0.999), _args.betas), Hyper("eps", 1e-8, _args.eps),
+           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")),
+           Hyper("decoupled_weight_decay", False), Hyper("maximize", False, keyword=True)])
+
+radam_ = RADAM.function("radam_", "One RAdam step in place on ``param``, ``exp_avg`` and ``exp_avg_sq``.")
 
 
 def radam_reference(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,

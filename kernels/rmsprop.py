@@ -13,11 +13,11 @@ import math
 import numpy as np
 
 from . import _args
-from ._loops import Kernels
+from ._rule import Hyper, Rule, State
 
 
-def rmsprop_math(p, g, square_avg, momentum_buffer, grad_avg, c):
-    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, use_momentum, centered, maximize, coupled = c
+def rmsprop_math(p, g, square_avg, momentum_buffer, grad_avg, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
+                 use_momentum, centered, maximize, coupled):
     if maximize:
         g = -g
     if coupled:  # torch skips a zero decay: 0 * p is NaN for an inf or NaN p
@@ -36,43 +36,24 @@ def rmsprop_math(p, g, square_avg, momentum_buffer, grad_avg, c):
     return p, square_avg, momentum_buffer, grad_avg
 
 
-KERNELS = Kernels("rmsprop", rmsprop_math)
-STATES = ("square_avg", "momentum_buffer", "grad_avg")
+def scalars(h, step, lr):
+    alpha = h["alpha"]
+    return dict(lr=lr, alpha=alpha, one_minus_alpha=1 - alpha, eps=h["eps"], weight_decay=h["weight_decay"],
+                momentum=h["momentum"], use_momentum=h["momentum"] > 0, centered=bool(h["centered"]),
+                maximize=bool(h["maximize"]), coupled=h["weight_decay"] != 0)
 
 
-def check(*, lr, alpha, eps, weight_decay, momentum, **_):
-    _args.lr(lr)
-    _args.eps(eps)
-    _args.nonneg("momentum", momentum)
-    _args.nonneg("weight_decay", weight_decay)
-    _args.unit("alpha", alpha)
+RMSPROP = Rule(
+    "rmsprop", rmsprop_math, scalars,
+    states=[State("square_avg"), State("momentum_buffer", lambda h: h["momentum"] > 0, "when momentum > 0"),
+            State("grad_avg", lambda h: h["centered"], "when centered=True")],
+    hyper=[Hyper("lr", 1e-2, _args.lr), Hyper("alpha", 0.99, _args.unit_of("alpha")), Hyper("eps", 1e-8, _args.eps),
+           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")),
+           Hyper("momentum", 0.0, _args.nonneg_of("momentum")), Hyper("centered", False),
+           Hyper("maximize", False, keyword=True)])
 
-
-def scalars(*, step, lr, alpha, eps, weight_decay, momentum, centered, maximize):
-    return ((lr, alpha, 1 - alpha, eps, weight_decay, momentum),
-            (momentum > 0, bool(centered), bool(maximize), weight_decay != 0))
-
-
-def rmsprop_(param, grad, square_avg, momentum_buffer=None, grad_avg=None, *, step, lr=1e-2,
-             alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False):
-    """One RMSprop step in place. ``momentum_buffer`` is needed when ``momentum > 0``,
-    ``grad_avg`` when ``centered``; both start as zeros, as in PyTorch."""
-    from fastopt._dispatch import update
-    hp = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-              centered=centered, maximize=maximize)
-    check(**hp)
-    _args.step(step)
-    if momentum > 0:
-        _args.required("momentum_buffer", momentum_buffer, "when momentum > 0")
-    else:
-        momentum_buffer = None
-    if centered:
-        _args.required("grad_avg", grad_avg, "when centered=True")
-    else:
-        grad_avg = None
-    update(KERNELS, param, grad,
-           dict(square_avg=square_avg, momentum_buffer=momentum_buffer, grad_avg=grad_avg),
-           scalars(step=step, **hp))
+rmsprop_ = RMSPROP.function("rmsprop_", """One RMSprop step in place. ``momentum_buffer`` is needed when ``momentum > 0``,
+    ``grad_avg`` when ``centered``; both start as zeros, as in PyTorch.""")
 
 
 def rmsprop_reference(param, grad, square_avg, momentum_buffer=None, grad_avg=None, *, step, lr=1e-2,

@@ -16,12 +16,11 @@ import math
 import numpy as np
 
 from . import _args
-from ._loops import Kernels
+from ._rule import Hyper, Rule, State
 
 
-def sgd_math(p, g, momentum_buffer, _1, _2, c):
-    (lr, weight_decay, momentum, one_minus_dampening, l1, threshold, zero,
-     use_momentum, first, nesterov, maximize, coupled, l1_subgradient, proximal) = c
+def sgd_math(p, g, momentum_buffer, lr, weight_decay, momentum, one_minus_dampening, l1, threshold, zero,
+             use_momentum, first, nesterov, maximize, coupled, l1_subgradient, proximal):
     if maximize:
         g = -g
     if coupled:  # torch skips a zero decay: 0 * p is NaN for an inf or NaN p
@@ -40,45 +39,41 @@ def sgd_math(p, g, momentum_buffer, _1, _2, c):
     if proximal:
         shrunk = abs(p) - threshold
         p = math.copysign(shrunk, p) if shrunk > zero else zero
-    return p, momentum_buffer, _1, _2
+    return p, momentum_buffer
 
 
-KERNELS = Kernels("sgd", sgd_math)
-STATES = ("momentum_buffer",)
+def scalars(h, step, lr):
+    l1, weight_decay = h["l1"], h["weight_decay"]
+    return dict(lr=lr, weight_decay=weight_decay, momentum=h["momentum"], one_minus_dampening=1 - h["dampening"],
+                l1=l1, threshold=lr * l1, zero=0.0, use_momentum=h["momentum"] != 0, first=step == 1,
+                nesterov=bool(h["nesterov"]), maximize=bool(h["maximize"]), coupled=weight_decay != 0,
+                l1_subgradient=l1 > 0 and h["l1_mode"] == "subgradient",
+                proximal=l1 > 0 and h["l1_mode"] == "proximal")
 
 
-def check(*, lr, momentum, dampening, weight_decay, nesterov, l1=0.0, l1_mode="subgradient", **_):
-    _args.lr(lr)
-    _args.l1(l1, l1_mode)
-    _args.nonneg("momentum", momentum)
-    _args.nonneg("weight_decay", weight_decay)
-    if not -math.inf < dampening < math.inf:
-        raise ValueError(f"Invalid dampening value: {dampening}")
-    if nesterov and (momentum <= 0 or dampening != 0):
+def _check(h):
+    if h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
 
-def scalars(*, step, lr, momentum, dampening, weight_decay, nesterov, maximize, l1=0.0, l1_mode="subgradient"):
-    return ((lr, weight_decay, momentum, 1 - dampening, l1, lr * l1, 0.0),
-            (momentum != 0, step == 1, bool(nesterov), bool(maximize), weight_decay != 0,
-             l1 > 0 and l1_mode == "subgradient",
-             l1 > 0 and l1_mode == "proximal"))
+def _finite_dampening(value):
+    if not -math.inf < value < math.inf:
+        raise ValueError(f"Invalid dampening value: {value}")
 
 
-def sgd_(param, grad, momentum_buffer=None, *, step, lr, momentum=0.0, dampening=0.0,
-         weight_decay=0.0, nesterov=False, maximize=False, l1=0.0, l1_mode="subgradient"):
-    """One SGD step in place. At ``step == 1`` the momentum buffer is set to the gradient
-    (its content is ignored), as PyTorch does when the buffer does not exist yet."""
-    from fastopt._dispatch import update
-    hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-              nesterov=nesterov, maximize=maximize, l1=l1, l1_mode=l1_mode)
-    check(**hp)
-    _args.step(step)
-    if momentum != 0:
-        _args.required("momentum_buffer", momentum_buffer, "when momentum != 0")
-    else:
-        momentum_buffer = None
-    update(KERNELS, param, grad, dict(momentum_buffer=momentum_buffer), scalars(step=step, **hp))
+SGD = Rule(
+    "sgd", sgd_math, scalars,
+    states=[State("momentum_buffer", lambda h: h["momentum"] != 0, "when momentum != 0")],
+    hyper=[Hyper("lr", 1e-3, _args.lr), Hyper("momentum", 0.0, _args.nonneg_of("momentum")),
+           Hyper("dampening", 0.0, _finite_dampening), Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")),
+           Hyper("nesterov", False), Hyper("maximize", False, keyword=True),
+           Hyper("l1", 0.0, _args.nonneg_of("l1"), keyword=True, torch=False),
+           Hyper("l1_mode", "subgradient", _args.l1_mode, keyword=True, torch=False)],
+    check=_check,
+    start_from_grad=("momentum_buffer",))  # as torch: momentum turned on mid-run starts from g
+
+sgd_ = SGD.function("sgd_", """One SGD step in place. At ``step == 1`` the momentum buffer is set to the gradient
+    (its content is ignored), as PyTorch does when the buffer does not exist yet.""")
 
 
 def sgd_reference(param, grad, momentum_buffer=None, *, step, lr, momentum=0.0, dampening=0.0,

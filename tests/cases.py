@@ -37,7 +37,7 @@ DRAWS = {
     "adam": lambda rng, i: {} if i == 0 else dict(
         lr=float(10 ** rng.uniform(-4, -2)), betas=_betas(rng), eps=float(10 ** rng.uniform(-8, -5)),
         weight_decay=_wd(rng, i), amsgrad=(i % 2 == 1), maximize=(i == 2), bias_correction=(i != 3),
-        **_l1(rng, i, "proximal")),
+        decoupled_weight_decay=(i == 1), **_l1(rng, i, "proximal")),
     "adamw": lambda rng, i: {} if i == 0 else dict(
         lr=float(10 ** rng.uniform(-4, -2)), betas=_betas(rng), eps=float(10 ** rng.uniform(-8, -5)),
         weight_decay=float(rng.uniform(0, 0.2)), amsgrad=(i % 2 == 0), maximize=(i == 3),
@@ -73,7 +73,7 @@ def hparams(rule, i):
 def states(rule, shape, dtype=np.float64):
     """Zero-filled state arrays, in the order the function takes them (as PyTorch initializes)."""
     module = RULES[rule][0]
-    return [np.zeros(shape, dtype) for _ in module.STATES]
+    return [np.zeros(shape, dtype) for _ in module.states]
 
 
 def gradients(steps, shape, seed=0):

@@ -6,7 +6,8 @@ import pytest
 
 import fastopt
 from conftest import SIMULATOR, to_backend, to_host
-from fastopt import _dispatch, optimizer
+from fastopt import optimizer
+from fastopt.kernels import _dispatch
 from fastopt.averaging import EMA, PolyakAverage
 from fastopt.kernels import ema, polyak
 
@@ -368,13 +369,13 @@ def test_cuda_lists_match_cpu(cls, hp):
 @pytest.mark.skipif(SIMULATOR, reason="compile_ptx does not exist under the simulator")
 @pytest.mark.parametrize("cc", [(8, 0), (9, 0)], ids=["sm80", "sm90"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("module, hp", [(ema, dict(step=1, decay=0.999, warmup=True)), (polyak, dict(step=1))],
+@pytest.mark.parametrize("rule, hp", [(ema.EMA, dict(decay=0.999, warmup=True)), (polyak.POLYAK, {})],
                          ids=["ema", "polyak"])
-def test_ptx_has_no_f64_in_float32(module, hp, dtype, cc):
+def test_ptx_has_no_f64_in_float32(rule, hp, dtype, cc):
     pytest.importorskip("numba_cuda", reason='numba-cuda is not installed (pip install -e ".[cuda-tools]")')
     from fastopt.kernels._ptx import compile_kernel, f64_count
-    scalars = _dispatch.cast_scalars(module.scalars(**hp), np.dtype(dtype))
-    ptx = compile_kernel(module.KERNELS, (), scalars, dtype, cc)
+    scalars = rule.kernel_scalars(hp, 1, None, np.dtype(dtype))
+    ptx = compile_kernel(rule.kernels, (), scalars, dtype, cc)
     assert len(ptx.splitlines()) > 50
     if dtype is np.float32:
         assert f64_count(ptx) == 0

@@ -8,7 +8,7 @@ import pytest
 
 import fastopt
 from conftest import to_backend, to_host
-from fastopt import _dispatch
+from fastopt.kernels import _dispatch
 from fastopt.clip import NormPlan, clip_grad_norm_
 from fastopt.kernels import _reduce
 

@@ -3,6 +3,7 @@ parameter in the layer-wise rules, and hyper-parameters of the wrong shape."""
 import numpy as np
 import pytest
 
+from fastopt import layerwise
 from fastopt.kernels import lamb, lars
 
 
@@ -23,7 +24,7 @@ def test_zero_decay_leaves_an_inf_param_inf_and_its_tensor_finite(rule, kwargs, 
     """A zero decay adds no ``0 * p`` term: the inf stays inf (not NaN), and the update and
     state of every other element are those of the reference (which skips the term too)."""
     module = {"lamb": lamb, "lars": lars}[rule]
-    fn, reference = getattr(module, f"{rule}_"), getattr(module, f"{rule}_reference")
+    fn, reference = getattr(layerwise, f"{rule}_"), getattr(module, f"{rule}_reference")
     params, grads = _layers()
     ref_params, _ = _layers()
     state = [[np.zeros_like(p) for p in params] for _ in range(states)]
@@ -46,7 +47,7 @@ def _betas_cases():
     cases = []
     for name in ("adam", "adamw", "adamax", "nadam", "radam", "lion"):
         fn = getattr(F, f"{name}_")
-        states = [np.zeros(3) for _ in fastopt.kernels.RULES[name][0].STATES]
+        states = [np.zeros(3) for _ in fastopt.kernels.RULES[name][0].states]
         cases.append(pytest.param(lambda fn=fn, states=states, b=None: fn(p, g, *states, step=1, betas=b),
                                   id=f"{name}_"))
         cls = fastopt.OPTIMIZERS[name]

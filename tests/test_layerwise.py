@@ -10,8 +10,9 @@ import pytest
 
 import fastopt
 from conftest import SIMULATOR, to_backend, to_host
-from fastopt import _dispatch, layerwise
-from fastopt._dispatch import cast_scalars
+from fastopt import layerwise
+from fastopt.kernels import _dispatch
+from fastopt.kernels._dispatch import cast_scalars
 from fastopt.kernels import lamb, lars
 from fastopt.layerwise import LAMB, LARS, Layers, lamb_passes
 
@@ -96,7 +97,7 @@ def _run(rule, hp, mode, init, grads_per_step):
     """Step the fastopt form; returns (params, state arrays per param, last ratios)."""
     cls, module, _ = RULES[rule]
     if mode == "functional":
-        fn = getattr(module, f"{rule}_")
+        fn = getattr(layerwise, f"{rule}_")
         params = [a.copy() for a in init]
         used = module.STATES if rule == "lamb" or hp.get("momentum") else ()
         states = [[np.zeros(a.shape, a.dtype) for a in init] for _ in used]
@@ -406,16 +407,16 @@ def test_bad_hyper_parameters(name, make, match):
 
 
 @pytest.mark.parametrize("call, error, match", [
-    (lambda p, g, s: lamb.lamb_(p, g, s, s[::-1], step=1), ValueError, r"exp_avg_sqs\[0\] has shape"),
-    (lambda p, g, s: lamb.lamb_(p, g[:1], s, s, step=1), ValueError, "grads has 1 arrays for 2 params"),
-    (lambda p, g, s: lamb.lamb_(p, [g[0], g[1].astype(np.float32)], s, [x.copy() for x in s], step=1), TypeError,
+    (lambda p, g, s: layerwise.lamb_(p, g, s, s[::-1], step=1), ValueError, r"exp_avg_sqs\[0\] has shape"),
+    (lambda p, g, s: layerwise.lamb_(p, g[:1], s, s, step=1), ValueError, "grads has 1 arrays for 2 params"),
+    (lambda p, g, s: layerwise.lamb_(p, [g[0], g[1].astype(np.float32)], s, [x.copy() for x in s], step=1), TypeError,
      r"grads\[1\] has dtype float32"),
-    (lambda p, g, s: lamb.lamb_(p, g, s, [x.copy() for x in s], step=0), ValueError, "step"),
-    (lambda p, g, s: lamb.lamb_(p, g, s, [x.copy() for x in s], step=1, lr=-1), ValueError, "learning rate"),
-    (lambda p, g, s: lamb.lamb_(p, g, s, s, step=1), ValueError, r"exp_avgs\[0\] and exp_avg_sqs\[0\] share memory"),
-    (lambda p, g, s: lars.lars_(p, g, step=1, momentum=0.9), ValueError, "momentum_buffers is required"),
-    (lambda p, g, s: lars.lars_(p, [g[0], np.ones(8)[::2]], step=1), ValueError, r"grads\[1\] is not C-contiguous"),
-    (lambda p, g, s: lars.lars_(p, g, step=1, trust_coeff=-1.0), ValueError, "trust_coeff"),
+    (lambda p, g, s: layerwise.lamb_(p, g, s, [x.copy() for x in s], step=0), ValueError, "step"),
+    (lambda p, g, s: layerwise.lamb_(p, g, s, [x.copy() for x in s], step=1, lr=-1), ValueError, "learning rate"),
+    (lambda p, g, s: layerwise.lamb_(p, g, s, s, step=1), ValueError, r"exp_avgs\[0\] and exp_avg_sqs\[0\] share memory"),
+    (lambda p, g, s: layerwise.lars_(p, g, step=1, momentum=0.9), ValueError, "momentum_buffers is required"),
+    (lambda p, g, s: layerwise.lars_(p, [g[0], np.ones(8)[::2]], step=1), ValueError, r"grads\[1\] is not C-contiguous"),
+    (lambda p, g, s: layerwise.lars_(p, g, step=1, trust_coeff=-1.0), ValueError, "trust_coeff"),
 ], ids=["state-shape", "count", "dtype", "step", "lr", "aliased-states", "no-buffers", "strided", "trust_coeff"])
 def test_bad_functional_input_writes_nothing(call, error, match):
     params, grads, states = [_f(3), _f(4)], [_f(3), _f(4)], [np.zeros(3), np.zeros(4)]

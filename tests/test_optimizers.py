@@ -8,7 +8,8 @@ import pytest
 import fastopt
 from cases import N_DRAWS, hparams
 from conftest import BACKENDS, to_backend, to_host
-from fastopt import _dispatch, optimizer
+from fastopt import optimizer
+from fastopt.kernels import _dispatch
 from fastopt.kernels import RULES
 
 SHAPES = [(7, 5), (3,), (11, 13), (1,), (0,), (2, 3, 4)]  # odd sizes, a scalar-like and an empty one
@@ -54,7 +55,7 @@ def _run(opt, params, buf, grads_per_step):
 def _reference(rule, hp_per_param, init, grads_per_step):
     module, _, ref = RULES[rule]
     params = [a.copy() for a in init]
-    states = [[np.zeros(a.shape) for _ in module.STATES] for a in init]
+    states = [[np.zeros(a.shape) for _ in module.states] for a in init]
     for t, grads in enumerate(grads_per_step, start=1):
         for p, g, s, hp in zip(params, grads, states, hp_per_param):
             ref(p, g, *s, step=t, **hp)
@@ -78,7 +79,7 @@ def test_matches_reference(rule, draw, mode):
     expected, states = _reference(rule, _hp_per_param(hp, mode), init, grads)
     for i, (got, want) in enumerate(zip(params, expected)):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=f"param {i}")
-    names = RULES[rule][0].STATES
+    names = RULES[rule][0].states
     for k, p in enumerate(opt._params):  # the optimizer's order is group order
         i = next(i for i, q in enumerate(params) if q is p)
         group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))

@@ -31,21 +31,19 @@ def test_ptx_command_reports_every_kernel_without_f64():
     assert "OK: no float32 kernel" in out.stdout
 
 
-def leaky_math(p, g, s0, s1, s2, c):
-    lr, one_minus_beta = c
-    return p - lr * (1.0 - g), s0, s1, s2  # the bare 1.0 is a float64
+def leaky_math(p, g, lr, one):
+    return p - lr * (1.0 - g)  # the bare 1.0 is a float64
 
 
-def clean_math(p, g, s0, s1, s2, c):
-    lr, one = c
-    return p - lr * (one - g), s0, s1, s2
+def clean_math(p, g, lr, one):
+    return p - lr * (one - g)
 
 
 @pytest.mark.parametrize("math,leaks", [(leaky_math, True), (clean_math, False)])
 def test_f64_count_catches_a_bare_literal(math, leaks):
-    from fastopt._dispatch import cast_scalars
-    from fastopt.kernels._loops import Kernels
     from fastopt.kernels._ptx import compile_kernel, f64_count
-    scalars = cast_scalars(((1e-3, 1.0), ()), np.dtype(np.float32))
-    ptx = compile_kernel(Kernels(math.__name__, math), (), scalars, np.float32, (8, 0))
+    from fastopt.kernels._rule import Rule
+    rule = Rule(math.__name__, math, lambda h, step, lr: dict(lr=1e-3, one=1.0))
+    scalars = rule.kernel_scalars({}, 1, None, np.dtype(np.float32))
+    ptx = compile_kernel(rule.kernels, (), scalars, np.float32, (8, 0))
     assert (f64_count(ptx) > 0) == leaks

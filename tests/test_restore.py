@@ -444,13 +444,13 @@ def test_grads_swapped_with_params_is_refused():
 
 
 def test_layerwise_aliases_are_refused():
-    from fastopt.kernels import lamb
+    from fastopt import layerwise
     p, g = np.ones(4), np.ones(4)
     with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] share memory"):
-        lamb.lamb_([p, p], [g, g], [np.zeros(4), np.zeros(4)], [np.zeros(4), np.zeros(4)], step=1)
+        layerwise.lamb_([p, p], [g, g], [np.zeros(4), np.zeros(4)], [np.zeros(4), np.zeros(4)], step=1)
     s = np.zeros(4)
     with pytest.raises(ValueError, match="share memory"):
-        lamb.lamb_([np.ones(4), np.ones(4)], [g, g], [s, s], [np.zeros(4), np.zeros(4)], step=1)
+        layerwise.lamb_([np.ones(4), np.ones(4)], [g, g], [s, s], [np.zeros(4), np.zeros(4)], step=1)
     assert (p == 1).all() and (s == 0).all()
 
 
@@ -519,7 +519,7 @@ def test_hyper_parameter_types_checked_at_construction():
 def test_adam_rule_checks_are_the_constructors():
     """The re-check after an edit uses the rule's own messages."""
     with pytest.raises(ValueError) as direct:
-        adam_rule.check(lr=1e-3, betas=(2.0, 0.999), eps=1e-8, weight_decay=0.0)
+        adam_rule.ADAM.check(dict(adam_rule.ADAM.defaults, betas=(2.0, 0.999)))
     opt, buf = _stepped()
     opt.param_groups[0]["betas"] = (2.0, 0.999)
     with pytest.raises(ValueError) as edited:

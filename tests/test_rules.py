@@ -51,7 +51,7 @@ def test_matches_reference(rule, draw, dtype, backend):
         got = to_host(param)
         assert got.dtype == dtype
         tol = TOL[dtype]
-        for name, a, b in zip(RULES[rule][0].STATES, state, ref_states):
+        for name, a, b in zip(RULES[rule][0].states, state, ref_states):
             np.testing.assert_allclose(to_host(a), b, **tol, err_msg=f"{rule} {name} n={n} {hp}")
         if rule == "lion" and dtype == np.float32:
             off = ~np.isclose(got, ref_param, **tol)
@@ -68,7 +68,7 @@ def test_the_table_moves_every_option_off_its_default(rule):
     wrong first-step buffer passed every test). Rules sharing one kernel (Adam, AdamW)
     pool their draws: the options reach the same compiled math."""
     module, fn, _ = RULES[rule]
-    draws = [hparams(r, i) for r, (m, _, _) in RULES.items() if m is module for i in range(N_DRAWS)]
+    draws = [hparams(r, i) for r, (m, _, _) in RULES.items() if m.kernels is module.kernels for i in range(N_DRAWS)]
     options = {k: p.default for k, p in inspect.signature(fn).parameters.items()
                if p.kind is p.KEYWORD_ONLY and k != "step"}
     never = [k for k, default in options.items() if all(hp.get(k, default) == default for hp in draws)]

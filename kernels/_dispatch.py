@@ -161,15 +161,16 @@ def cast_scalars(scalars, dtype, grad_scale=1.0):
     return (*np.array((grad_scale, *floats), dtype), *flags)
 
 
-def launch(kernels, param, grad, states, scalars):
-    """Run ``kernels`` over the arrays (already checked by :func:`check_arrays`)."""
-    arrays = [param, grad, *states] + [None] * (3 - len(states))  # kernels take three state slots
+def launch(kernels, param, grad, states, values):
+    """Run ``kernels`` (a rule's, see ``_engine.Kernels``) over the arrays, already checked by
+    :func:`check_arrays`; ``values``: the math's scalars by name, from the rule's host code."""
+    arrays = [param, grad, *states]
     if isinstance(param, np.ndarray):
         flat = [None if a is None else a.reshape(-1) for a in arrays]
         kernel = kernels.cpu(parallel=param.size >= PARALLEL_THRESHOLD)
-        kernel(*flat, cast_scalars(scalars, param.dtype))
+        kernel(*flat, kernels.scalars.pack(values, param.dtype))
         return
-    _launch_cuda(kernels, arrays, cast_scalars(scalars, _Array("param", param).dtype))
+    _launch_cuda(kernels, arrays, kernels.scalars.pack(values, _Array("param", param).dtype))
 
 
 def _launch_cuda(kernels, arrays, scalars):
@@ -210,7 +211,7 @@ def _stream_of(obj, cuda):
     return cuda.external_stream(ptr)
 
 
-def update(kernels, param, grad, states, scalars):
+def update(kernels, param, grad, states, values):
     """Check every array, then run one fused pass of ``kernels``."""
     check_arrays(param, grad, states)
-    launch(kernels, param, grad, list(states.values()), scalars)
+    launch(kernels, param, grad, list(states.values()), values)

@@ -1,0 +1,237 @@
+"""The engine: one rule's element-wise math compiled into every loop that applies it.
+
+A rule writes its math once, as a plain function of scalars whose arguments are named::
+
+    def adam_math(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq,      # the param, its gradient, each state
+                  beta1, one_minus_beta1, ..., amsgrad, maximize):  # the step's scalars, by name
+        return p, exp_avg, exp_avg_sq, max_exp_avg_sq
+
+From it the engine generates ``apply(i, param, grad, <one array per state>, c)``, the update
+of element ``i``, and around it a serial and a parallel CPU loop over flat arrays
+(``numba.njit``), the same two over typed lists of arrays cut into a chunk table (a model's
+separate tensors in one call), and a CUDA grid-stride loop (``numba.cuda.jit``). ``c`` is the
+kernel's scalar tuple ``(grad_scale, *floats, *flags)`` (:class:`Scalars` builds it); the
+gradient is multiplied by ``grad_scale`` as it is read, so clipping costs no pass of its own.
+
+Every array is read through :func:`load` and written through :func:`store`: the one place a
+storage format (bf16 bits, an 8-bit code and its block scale) would go. A state array passed
+as ``None`` is pruned at compile time: never read nor written, so a step moves only the
+bytes its options need.
+
+Every constant the math uses must come from the scalars: a bare literal such as ``1.0`` is
+a float64 and silently promotes a float32 kernel (``python -m fastopt.kernels ptx`` counts
+the ``.f64`` instructions that would betray it).
+"""
+import hashlib
+import inspect
+import operator
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload, register_jitable
+
+_CPU_OPTIONS = dict(error_model="numpy", nogil=True)  # "numpy": no ZeroDivision check, so loops vectorize
+
+
+@register_jitable  # callable from a rule's math in both the CPU and the CUDA kernels
+def nan_max(a, b):
+    """``max(a, b)``, NaN when either is NaN, as ``torch.maximum``: Python's ``max(a, nan)``
+    is ``a``, which would hide a NaN gradient in a running maximum for ever. A compare and
+    a select in the arrays' dtype: no float64, and the loops still vectorize."""
+    return a if a > b or a != a else b
+
+
+def load(array, i):
+    """Element ``i`` of ``array`` as the math sees it (the storage seam: plain floats today)."""
+    return array[i]
+
+
+def store(array, i, value):
+    """Write ``value`` as element ``i`` of ``array`` (the storage seam's other half)."""
+    array[i] = value
+
+
+class Scalars:
+    """The per-step scalars of a math function, by name: the math's arguments after its
+    states. ``pack`` turns the dict a rule's host code returns into the kernel's tuple
+    ``(grad_scale, *floats, *flags)``, floats in the arrays' dtype (a Python float would
+    compile a float64 kernel), flags as Python bools (compile-time-like branches)."""
+
+    def __init__(self, names, flags):
+        self.names = tuple(names)
+        self.flags = tuple(n for n in self.names if n in flags)
+        self.floats = tuple(n for n in self.names if n not in flags)
+        self.order = self.floats + self.flags  # position in c, after grad_scale
+        self._floats = _getter(self.floats)
+        self._flags = _getter(self.flags)
+
+    def pack(self, values, dtype, grad_scale=1.0):
+        return (*np.array((grad_scale, *self._floats(values)), dtype), *self._flags(values))
+
+    def check(self, values):
+        """The names a host function returned must be exactly the math's: say which differ."""
+        missing, extra = set(self.names) - set(values), set(values) - set(self.names)
+        if missing or extra:
+            raise TypeError(f"scalars: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        wrong = [n for n in self.names if isinstance(values[n], (bool, np.bool_)) != (n in self.flags)]
+        if wrong:
+            raise TypeError(f"scalars {wrong}: a flag must always be a bool and a float never one")
+
+
+def _getter(names):
+    if not names:
+        return lambda values: ()
+    if len(names) == 1:
+        name = names[0]
+        return lambda values: (values[name],)
+    return operator.itemgetter(*names)
+
+
+_TEMPLATE = '''
+def make(math, load, store, jit, prange, piece):
+    @jit
+    def apply(i, param, grad, {states}c):
+        g = load(grad, i) * c[0]
+        # a missing state gets a dummy value: its result is dropped and the branch pruned
+{loads}
+        p, {outs} = math(load(param, i), g, {ins}{scalars})
+        store(param, i, p)
+{stores}
+
+    def flat_loop(param, grad, {states}c):
+        for i in prange(param.size):
+            apply(i, param, grad, {states}c)
+
+    @jit
+    def segment_loop(param, grad, {states}c):
+        # a loop from 0 over sliced arrays: LLVM vectorizes this form, not range(lo, hi)
+        for i in range(param.size):
+            apply(i, param, grad, {states}c)
+
+    def multi_loop(params, grads, {states}chunks, c):
+        # chunks[k] = (tensor, start, stop): big tensors are split so that threads share them
+        for k in prange(chunks.shape[0]):
+            t, lo, hi = chunks[k, 0], chunks[k, 1], chunks[k, 2]
+            segment_loop(params[t][lo:hi], grads[t][lo:hi], {pieces}c)
+
+    return apply, flat_loop, segment_loop, multi_loop
+'''
+
+
+def _generate(n_states, scalar_positions):
+    """The source of the loops for a math of ``n_states`` states whose scalar arguments sit
+    at ``scalar_positions`` of the kernel tuple (after grad_scale)."""
+    s = [f"s{k}" for k in range(n_states)]
+    x = [f"x{k}" for k in range(n_states)]
+    src = _TEMPLATE.format(
+        states="".join(f"{a}, " for a in s),
+        loads="\n".join(f"        {b} = load({a}, i) if {a} is not None else g" for a, b in zip(s, x)) or "        pass",
+        outs="".join(f"{b}, " for b in x) or "_,",
+        ins="".join(f"{b}, " for b in x),
+        scalars=", ".join(f"c[{1 + k}]" for k in scalar_positions),
+        stores="\n".join(f"        if {a} is not None:\n            store({a}, i, {b})" for a, b in zip(s, x))
+        or "        pass",
+        pieces="".join(f"piece({a}, t, lo, hi), " for a in s))
+    if not n_states:  # the math returns p alone
+        src = src.replace("p, _, = math(", "p = math(")
+    return src
+
+
+def _compile_factory(src):
+    scope = {"__name__": __name__}  # a cached kernel rebuilds its environment from this module
+    exec(compile(src, __file__, "exec"), scope)  # noqa: S102 - generated from the declaration alone
+    return scope["make"]
+
+
+def _piece(arrays, t, lo, hi):
+    """``arrays[t][lo:hi]``, or None where the state slot is unused."""
+
+
+@overload(_piece)
+def _piece_impl(arrays, t, lo, hi):
+    if isinstance(arrays, types.NoneType):
+        return lambda arrays, t, lo, hi: None
+    return lambda arrays, t, lo, hi: arrays[t][lo:hi]
+
+
+def _enable_cache(dispatcher, name, salt):
+    """Cache a generated CPU kernel on disk under its own name.
+
+    Numba keys the cache of a closure on a pickle of its cells, which differs in every
+    process, so ``cache=True`` would compile (and write a new file) on every run. The
+    rule's name and the source of the rule and of this module identify the kernel instead.
+    """
+    try:
+        from numba.core.caching import FunctionCache
+
+        class _RuleCache(FunctionCache):
+            def _index_key(self, sig, codegen):
+                return (sig, codegen.magic_tuple(), salt)
+
+        dispatcher.py_func.__qualname__ = name
+        dispatcher._cache = _RuleCache(dispatcher.py_func)
+    except Exception:  # a Numba whose cache internals moved: compile every run, still correct
+        pass
+    return dispatcher
+
+
+def math_arguments(math, states):
+    """The scalar names of ``math``: its arguments after ``p, g`` and the ``states``, which
+    must be named as the rule names them."""
+    names = list(inspect.signature(math).parameters)
+    if names[2:2 + len(states)] != list(states):
+        raise TypeError(f"{math.__name__} takes {names[2:2 + len(states)]} where its rule keeps states "
+                        f"{list(states)}: name them alike, in the same order")
+    return names[2 + len(states):]
+
+
+class Kernels:
+    """The compiled forms of one math function, each built on first use.
+
+    ``cpu(parallel)(param, grad, *states, c)`` over flat arrays; ``cpu_multi(parallel)(params,
+    grads, *states, chunks, c)`` over typed lists and a ``(n, 3)`` chunk table; ``cuda()`` the
+    CUDA kernel with the flat signature. ``states`` are the state names, ``scalars`` the
+    :class:`Scalars` of the math."""
+
+    def __init__(self, name, math, states, scalars):
+        self.name, self.math, self.states, self.scalars = name, math, tuple(states), scalars
+        positions = [scalars.order.index(n) for n in scalars.names]
+        self.source = _generate(len(self.states), positions)
+        self._make = _compile_factory(self.source)
+        self._cpu, self._multi = {}, {}
+        self._cuda = None
+        src = inspect.getsource(inspect.getmodule(math)) + inspect.getsource(inspect.getmodule(Kernels))
+        self._salt = hashlib.sha256(src.encode()).hexdigest()
+
+    def _forms(self, jit, loop_range):
+        """(apply, flat loop, segment loop, multi loop) with the math, load and store jitted by ``jit``."""
+        return self._make(jit(self.math), jit(load), jit(store), jit, loop_range, _piece)
+
+    def cpu(self, parallel):
+        if parallel not in self._cpu:
+            _, flat, _, _ = self._forms(njit(**_CPU_OPTIONS), prange)
+            kind = "parallel" if parallel else "serial"
+            self._cpu[parallel] = _enable_cache(njit(parallel=parallel, **_CPU_OPTIONS)(flat),
+                                                f"{self.name}_cpu_{kind}", self._salt)
+        return self._cpu[parallel]
+
+    def cpu_multi(self, parallel):
+        if parallel not in self._multi:
+            _, _, _, multi = self._forms(njit(**_CPU_OPTIONS), prange)
+            kind = "parallel" if parallel else "serial"
+            self._multi[parallel] = _enable_cache(njit(parallel=parallel, **_CPU_OPTIONS)(multi),
+                                                  f"{self.name}_multi_{kind}", self._salt)
+        return self._multi[parallel]
+
+    def cuda_loop(self):
+        """The Python CUDA kernel function (not yet compiled), for ``cuda.jit`` or ``compile_ptx``."""
+        from numba import cuda
+        from ._cuda import make_cuda_loop  # numba-cuda is optional: imported on first GPU use
+        apply, _, _, _ = self._forms(cuda.jit(device=True), range)
+        return make_cuda_loop(apply, len(self.states))
+
+    def cuda(self):
+        if self._cuda is None:
+            from numba import cuda
+            self._cuda = cuda.jit(self.cuda_loop())
+        return self._cuda

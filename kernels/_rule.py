@@ -1,0 +1,142 @@
+"""A rule declared once: its math, the states it keeps and which options need them, its
+hyper-parameters with defaults and checks, its host-side scalars (by name), and torch's
+names where they differ. Everything else derives from the declaration: the kernels
+(:mod:`._engine`), the in-place function (``adam_``), the optimizer class, the PTX report,
+the CLI's flags and the tests' tables.
+"""
+import inspect
+
+from . import _args, _dispatch
+from ._engine import Kernels, Scalars, math_arguments
+
+
+class Hyper:
+    """One hyper-parameter: ``name``, ``default`` (its type is the type a value must have),
+    ``check(value)`` raising ValueError with torch's message, ``keyword``: keyword-only in
+    torch's constructor (after ``*``), ``torch``: torch.optim's rule has it too, ``doc``."""
+
+    __slots__ = ("name", "default", "check", "keyword", "torch", "doc")
+
+    def __init__(self, name, default, check=None, *, keyword=False, torch=True, doc=""):
+        self.name, self.default, self.check = name, default, check
+        self.keyword, self.torch, self.doc = keyword, torch, doc
+
+
+class State:
+    """One state array the rule keeps: ``name``, and for an optional state the condition
+    under which its options need it (``when(hyper) -> bool``, described by ``because``)."""
+
+    __slots__ = ("name", "when", "because", "start", "torch_name")
+
+    def __init__(self, name, when=None, because="", *, start=None, torch_name=None):
+        self.name, self.when, self.because = name, when, because
+        self.start = start            # the hyper-parameter holding its initial value (else zero)
+        self.torch_name = torch_name  # torch.optim's name for it, where it differs
+
+
+class Rule:
+    """An update rule: ``math`` (see :mod:`._engine`) and ``scalars(hyper, step, lr) -> dict``,
+    the per-step scalars by the math's argument names, computed on the host.
+
+    ``states``: :class:`State` list in the math's order; ``hyper``: :class:`Hyper` list in
+    torch's order; ``check(hyper)``: checks between hyper-parameters; ``fixed``: values a
+    variant fixes (AdamW's ``decoupled_weight_decay=True``); ``derived``: torch state
+    entries recomputed rather than kept (NAdam's ``mu_product``); ``start_from_grad``:
+    states that start from the gradient on their first update (SGD's momentum buffer)."""
+
+    def __init__(self, name, math, scalars, *, states=(), hyper=(), check=None, fixed=None, derived=(),
+                 start_from_grad=(), kernels=None):
+        self.name, self.math, self.host_scalars = name, math, scalars
+        self.state_list = tuple(states)
+        self.states = tuple(s.name for s in self.state_list)
+        self.hyper = {h.name: h for h in hyper}
+        self.fixed = dict(fixed or {})
+        self.derived, self.start_from_grad = tuple(derived), tuple(start_from_grad)
+        self._check = check
+        self.defaults = {**{n: h.default for n, h in self.hyper.items()}, **self.fixed}
+        self.torch_names = {s.name: s.torch_name for s in self.state_list if s.torch_name}
+        self.initial = {s.name: s.start for s in self.state_list if s.start}
+        if kernels is None and math is not None:
+            sample = scalars(self.defaults, 1, self.defaults.get("lr"))
+            names = math_arguments(math, self.states)
+            spec = Scalars(names, {n for n, v in sample.items() if isinstance(v, bool)})
+            spec.check(sample)
+            kernels = Kernels(name, math, self.states, spec)
+        self.kernels = kernels
+
+    def variant(self, name, *, fixed, defaults):
+        """The same math and kernels with some values fixed and other defaults (AdamW)."""
+        hyper = [Hyper(h.name, defaults.get(h.name, h.default), h.check, keyword=h.keyword, torch=h.torch,
+                       doc=h.doc) for h in self.hyper.values() if h.name not in fixed]
+        return Rule(name, self.math, self.host_scalars, states=self.state_list, hyper=hyper, check=self._check,
+                    fixed={**self.fixed, **fixed}, derived=self.derived, start_from_grad=self.start_from_grad,
+                    kernels=self.kernels)
+
+    def check(self, hyper):
+        """Every hyper-parameter's value (types are the optimizer's to check), with torch's messages."""
+        for name, h in self.hyper.items():
+            if h.check is not None:
+                h.check(hyper[name])
+        if self._check is not None:
+            self._check(hyper)
+
+    def states_needed(self, hyper):
+        """The states these hyper-parameters read and write (the others stay None)."""
+        return tuple(s.name for s in self.state_list if s.when is None or s.when(hyper))
+
+    def kernel_scalars(self, hyper, step, lr, dtype, grad_scale=1.0):
+        """The kernel's scalar tuple for update number ``step`` (1-based) at ``lr``."""
+        return self.kernels.scalars.pack(self.host_scalars(hyper, step, lr), dtype, grad_scale)
+
+    # -- the in-place function -------------------------------------------------------------
+    def signature(self):
+        """``(param, grad, <states>, *, step, <hyper-parameters>)``: an optional state defaults to None."""
+        P = inspect.Parameter
+        params = [P("param", P.POSITIONAL_OR_KEYWORD), P("grad", P.POSITIONAL_OR_KEYWORD)]
+        params += [P(s.name, P.POSITIONAL_OR_KEYWORD, default=None if s.when else P.empty) for s in self.state_list]
+        params += [P("step", P.KEYWORD_ONLY)]
+        # a state's initial value is the caller's to set in the array it passes
+        params += [P(n, P.KEYWORD_ONLY, default=h.default) for n, h in self.hyper.items()
+                   if n not in self.initial.values()]
+        return inspect.Signature(params)
+
+    def function(self, name, doc):
+        """The public in-place call (``adam_``): checks everything, then one fused pass."""
+        signature = self.signature()
+
+        def update(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            hyper = {**self.defaults, **{n: a[n] for n in self.hyper if n in a}, **self.fixed}
+            self.check(hyper)
+            _args.step(a["step"])
+            needed = self.states_needed(hyper)
+            states = {}
+            for s in self.state_list:
+                if s.name in needed:
+                    _args.required(s.name, a[s.name], s.because)
+                states[s.name] = a[s.name] if s.name in needed else None
+            _dispatch.update(self.kernels, a["param"], a["grad"], states,
+                             self.kernel_scalars_for(hyper, a["step"]))
+
+        update.__name__ = update.__qualname__ = name
+        update.__signature__ = signature
+        update.__doc__ = doc
+        return update
+
+    def kernel_scalars_for(self, hyper, step):
+        """``(rule, hyper, step) -> (host dict)`` for a launch that casts later."""
+        return self.host_scalars(hyper, step, hyper["lr"])
+
+
+class OwnKernelsRule(Rule):
+    """A rule whose kernels are its own, not the engine's: LAMB and LARS, whose per-tensor
+    trust ratios need two passes (not yet expressed on the engine). Its host scalars are
+    ``(floats, flags)`` in the order those kernels index them."""
+
+    def __init__(self, name, scalars, **declaration):
+        super().__init__(name, None, scalars, kernels=False, **declaration)
+
+    def kernel_scalars(self, hyper, step, lr, dtype, grad_scale=1.0):
+        return _dispatch.cast_scalars(self.host_scalars(hyper, step, lr), dtype, grad_scale)
