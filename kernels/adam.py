@@ -6,16 +6,17 @@
     m      = beta1 * m + (1 - beta1) * g
     v      = beta2 * v + (1 - beta2) * g**2
     v_max  = max(v_max, v)                         (amsgrad; v_max replaces v below)
+    p     -= lr / (1 - beta1**t) * m / (sqrt(v / (1 - beta2**t) + eps_root) + eps)
 
 Either decay is skipped when ``weight_decay == 0``, as torch does (``0 * p`` is NaN for an
 inf or NaN parameter), and ``max`` is NaN when either side is, as ``torch.maximum``.
-    p     -= lr / (1 - beta1**t) * m / (sqrt(v / (1 - beta2**t)) + eps)
+``eps_root`` (optax's; 0 in torch) keeps the square root's argument off zero.
 
 ``bias_correction=False`` drops both ``1 - beta**t`` factors: the lecture notes' "Adam
 (almost)". L1 (``l1`` > 0): ``l1_mode="subgradient"`` adds ``l1 * sign(p)`` to g with the
 L2 term; ``"proximal"`` soft-thresholds after the step with each coordinate's own step
 size, ``p = sign(p) * max(|p| - lr / (1 - beta1**t) * l1 / denom, 0)`` (exact zeros).
-Host scalars: ``lr / (1 - beta1**t)`` and ``1 / sqrt(1 - beta2**t)``.
+Host scalars: ``lr / (1 - beta1**t)``, ``1 / sqrt(1 - beta2**t)`` and ``1 / (1 - beta2**t)``.
 """
 import math
 
@@ -27,8 +28,8 @@ from ._rule import Hyper, Rule, State
 
 
 def adam_math(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq,
-              beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_sqrt_bc2, eps, l2, decay, l1, zero,
-              amsgrad, maximize, coupled, decoupled, l1_subgradient, proximal):
+              beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_sqrt_bc2, inv_bc2, eps, eps_root,
+              l2, decay, l1, zero, amsgrad, maximize, coupled, decoupled, l1_subgradient, proximal, has_eps_root):
     if maximize:
         g = -g
     if coupled:  # torch skips a zero decay: 0 * p is NaN for an inf or NaN p
@@ -41,9 +42,13 @@ def adam_math(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq,
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
     if amsgrad:
         max_exp_avg_sq = nan_max(max_exp_avg_sq, exp_avg_sq)
-        denom = math.sqrt(max_exp_avg_sq) * inv_sqrt_bc2 + eps
+        v = max_exp_avg_sq
     else:
-        denom = math.sqrt(exp_avg_sq) * inv_sqrt_bc2 + eps
+        v = exp_avg_sq
+    if has_eps_root:  # optax's eps_root: inside the square root
+        denom = math.sqrt(v * inv_bc2 + eps_root) + eps
+    else:
+        denom = math.sqrt(v) * inv_sqrt_bc2 + eps
     p = p - step_size * exp_avg / denom
     if proximal:
         shrunk = abs(p) - step_size * l1 / denom
@@ -57,7 +62,8 @@ def scalars(h, step, lr):
     bc2 = 1 - beta2 ** step if h["bias_correction"] else 1.0
     weight_decay, decoupled, l1 = h["weight_decay"], bool(h["decoupled_weight_decay"]), h["l1"]
     return dict(beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
-                step_size=lr / bc1, inv_sqrt_bc2=1 / math.sqrt(bc2), eps=h["eps"],
+                step_size=lr / bc1, inv_sqrt_bc2=1 / math.sqrt(bc2), inv_bc2=1 / bc2, eps=h["eps"],
+                eps_root=h["eps_root"], has_eps_root=h["eps_root"] != 0,
                 l2=0.0 if decoupled else weight_decay, decay=1 - lr * weight_decay if decoupled else 1.0,
                 l1=l1, zero=0.0, amsgrad=bool(h["amsgrad"]), maximize=bool(h["maximize"]),
                 coupled=weight_decay != 0 and not decoupled, decoupled=weight_decay != 0 and decoupled,
@@ -72,6 +78,8 @@ ADAM = Rule(
     hyper=[Hyper("lr", 1e-3, _args.lr), Hyper("betas", (0.9, 0.999), _args.betas),
            Hyper("eps", 1e-8, _args.eps), Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")),
            Hyper("amsgrad", False),
+           Hyper("eps_root", 0.0, _args.nonneg_of("eps_root"), keyword=True, torch=False,
+                 doc="optax's epsilon inside the square root: sqrt(v_hat + eps_root) + eps"),
            Hyper("maximize", False, keyword=True), Hyper("decoupled_weight_decay", False, keyword=True),
            Hyper("bias_correction", True, keyword=True, torch=False,
                  doc='False drops both 1 - beta**t factors: the lecture notes\' "Adam (almost)"'),
@@ -83,11 +91,14 @@ adam_ = ADAM.function("adam_", "One Adam step, in place on ``param`` and the sta
 adamw_ = ADAMW.function("adamw_", "One AdamW step: Adam with decoupled weight decay, ``p *= 1 - lr * weight_decay``.")
 
 
-def _reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, betas, eps,
-               weight_decay, amsgrad, maximize, bias_correction, decoupled_weight_decay, l1, l1_mode):
-    beta1, beta2 = betas
-    g = -grad if maximize else grad
-    if weight_decay != 0 and decoupled_weight_decay:
+def adam_reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, **hyper):
+    """Textbook Adam in NumPy (float64), the check for :func:`adam_` (its hyper-parameters
+    and defaults are ADAM's)."""
+    h = {**ADAM.defaults, **hyper}
+    beta1, beta2 = h["betas"]
+    lr, eps, weight_decay, l1, l1_mode = h["lr"], h["eps"], h["weight_decay"], h["l1"], h["l1_mode"]
+    g = -grad if h["maximize"] else grad
+    if weight_decay != 0 and h["decoupled_weight_decay"]:
         param *= 1 - lr * weight_decay
     elif weight_decay != 0:
         g = g + weight_decay * param
@@ -95,32 +106,16 @@ def _reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *, step, lr, be
         g = g + l1 * np.sign(param)
     exp_avg[:] = beta1 * exp_avg + (1 - beta1) * g
     exp_avg_sq[:] = beta2 * exp_avg_sq + (1 - beta2) * g ** 2
-    if amsgrad:
+    if h["amsgrad"]:
         np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-    v = max_exp_avg_sq if amsgrad else exp_avg_sq
-    m_hat = exp_avg / (1 - beta1 ** step) if bias_correction else exp_avg
-    v_hat = v / (1 - beta2 ** step) if bias_correction else v
-    param -= lr * m_hat / (np.sqrt(v_hat) + eps)
+    v = max_exp_avg_sq if h["amsgrad"] else exp_avg_sq
+    bc1, bc2 = (1 - beta1 ** step, 1 - beta2 ** step) if h["bias_correction"] else (1.0, 1.0)
+    denom = np.sqrt(v / bc2 + h["eps_root"]) + eps
+    param -= lr * (exp_avg / bc1) / denom
     if l1_mode == "proximal":
-        step_size = lr / (1 - beta1 ** step) if bias_correction else lr
-        denom = np.sqrt(v) * (1 / np.sqrt(1 - beta2 ** step) if bias_correction else 1.0) + eps
-        param[:] = np.sign(param) * np.maximum(np.abs(param) - step_size * l1 / denom, 0.0)
+        param[:] = np.sign(param) * np.maximum(np.abs(param) - lr / bc1 * l1 / denom, 0.0)
 
 
-def adam_reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,
-                   betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
-                   decoupled_weight_decay=False, bias_correction=True, l1=0.0, l1_mode="subgradient"):
-    """Textbook Adam in NumPy (float64), the check for :func:`adam_`."""
-    _reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
-               weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-               bias_correction=bias_correction, decoupled_weight_decay=decoupled_weight_decay, l1=l1,
-               l1_mode=l1_mode)
-
-
-def adamw_reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3,
-                    betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False,
-                    bias_correction=True, l1=0.0, l1_mode="subgradient"):
+def adamw_reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, **hyper):
     """Textbook AdamW in NumPy (float64), the check for :func:`adamw_`."""
-    _reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, betas=betas, eps=eps,
-               weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-               bias_correction=bias_correction, decoupled_weight_decay=True, l1=l1, l1_mode=l1_mode)
+    adam_reference(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, **{**ADAMW.defaults, **hyper})

@@ -16,8 +16,13 @@ def _wd(rng, i):
 
 
 def _l1(rng, i, mode):
-    """L1 on the last draw only (torch has none: the parity tests skip that draw)."""
+    """L1 and optax's eps_root on the last draw only (torch has neither: the parity tests
+    skip that draw)."""
     return dict(l1=float(rng.uniform(1e-3, 1e-1)), l1_mode=mode) if i == 3 else {}
+
+
+def _eps_root(rng, i):
+    return dict(eps_root=float(10 ** rng.uniform(-10, -6))) if i == 3 else {}
 
 
 # rule -> draw(rng, i) -> hyper-parameters; i = 0 always gives the defaults (plus lr for sgd)
@@ -37,11 +42,11 @@ DRAWS = {
     "adam": lambda rng, i: {} if i == 0 else dict(
         lr=float(10 ** rng.uniform(-4, -2)), betas=_betas(rng), eps=float(10 ** rng.uniform(-8, -5)),
         weight_decay=_wd(rng, i), amsgrad=(i % 2 == 1), maximize=(i == 2), bias_correction=(i != 3),
-        decoupled_weight_decay=(i == 1), **_l1(rng, i, "proximal")),
+        decoupled_weight_decay=(i == 1), **_l1(rng, i, "proximal"), **_eps_root(rng, i)),
     "adamw": lambda rng, i: {} if i == 0 else dict(
         lr=float(10 ** rng.uniform(-4, -2)), betas=_betas(rng), eps=float(10 ** rng.uniform(-8, -5)),
         weight_decay=float(rng.uniform(0, 0.2)), amsgrad=(i % 2 == 0), maximize=(i == 3),
-        bias_correction=(i != 3), **_l1(rng, i, "subgradient")),
+        bias_correction=(i != 3), **_l1(rng, i, "subgradient"), **_eps_root(rng, i)),
     "adadelta": lambda rng, i: {} if i == 0 else dict(
         lr=float(rng.uniform(0.1, 1.0)), rho=float(rng.uniform(0.8, 0.99)),
         eps=float(10 ** rng.uniform(-7, -5)), weight_decay=_wd(rng, i), maximize=(i == 2)),
