@@ -14,7 +14,7 @@ import numpy as np
 
 from .buffer import ParamBuffer
 from .kernels import _dispatch
-from .optimizer import _as_value_error, _copy_in, _to_host, _zero
+from .optimizer import _copy_in, _to_host
 
 FORMAT = "fastopt-checkpoint-1"
 
@@ -22,30 +22,20 @@ FORMAT = "fastopt-checkpoint-1"
 def save(path, optimizer, params=None):
     """Write ``optimizer`` (and ``params``: a ParamBuffer, or a list of arrays) to ``path``."""
     path = os.fspath(path)
-    with optimizer._lock:  # a consistent snapshot: no step runs while the arrays are copied
-        arrays = _snapshot(optimizer, _as_kernel_arrays(params))
+    params = _as_kernel_arrays(params)
+    with optimizer.lock:  # a consistent snapshot: no step runs while the arrays are copied
+        state = optimizer.export_state()
+        arrays = {f"state.{name}": arena for name, arena in state.pop("arenas").items()}
+        meta = {"format": FORMAT, "optimizer": state.pop("rule"), **state}
+        if params is not None:
+            meta["params"] = _params_meta(params)
+            if isinstance(params, ParamBuffer):
+                arrays["params.arena"] = _to_host(params.arena)
+            else:
+                arrays.update({f"params.{i}": _to_host(a) for i, a in enumerate(params)})
+    arrays["meta"] = np.array(json.dumps(meta))
     atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
-
-
-def _snapshot(opt, params):
-    """Host copies of everything a checkpoint holds, and its metadata."""
-    if opt.arenas is None:
-        opt._allocate()  # a checkpoint before the first step: zero state, as a fresh run has
-    meta = {
-        "format": FORMAT, "optimizer": type(opt).__name__, "dtype": opt._params[0].dtype.name,
-        "shapes": [list(a.shape) for a in opt._params], "offsets": [int(o) for o in opt._offsets],
-        "steps": opt._steps(), "groups": [_group_meta(g) for g in opt.param_groups],
-    }
-    arrays = {f"state.{name}": _to_host(arena) for name, arena in opt.arenas.items()}
-    if params is not None:
-        meta["params"] = _params_meta(params)
-        if isinstance(params, ParamBuffer):
-            arrays["params.arena"] = _to_host(params.arena)
-        else:
-            arrays.update({f"params.{i}": _to_host(a) for i, a in enumerate(params)})
-    arrays["meta"] = np.array(json.dumps(meta))
-    return arrays
 
 
 def atomic_write(path, write):
@@ -161,34 +151,19 @@ def load(path, optimizer, params=None):
         problems = _differences(meta, opt, params, headers)
         if not problems:
             problems += [f"{k} is not an entry of a {meta['optimizer']} checkpoint" for k in unknown]
-            merged = _merged_groups(path, meta, opt)  # raises on a bad hyper-parameter
-            needed = {s for g in merged for s in opt._states_needed(g)}
+            merged = opt.merged_groups(meta["groups"], f"{path}: ")  # raises on a bad hyper-parameter
+            needed = {s for g in merged for s in opt.states_needed(g)}
             problems += [f"state.{s} is missing (the saved options need it)" for s in sorted(needed)
                          if f"state.{s}" not in headers]
         if problems:
             raise ValueError(f"{path} does not match: " + "; ".join(problems))
         wanted = [k for k in headers if k.startswith("state.") or params is not None]
         arrays = {k: f.read(k) for k in wanted}
-    with opt._lock:
-        for g, new in zip(opt.param_groups, merged):
-            dict.update(g, new)
-        opt._edited[0] = False
-        opt._started = [set() for _ in opt.param_groups]
-        opt._allocate()  # the loaded options may need other states
-        same_layout = meta["offsets"] == [int(o) for o in opt._offsets]
-        for name, arena in opt.arenas.items():
-            saved = arrays.get(f"state.{name}")
-            if saved is None:  # needed by no saved group (checked above): it starts afresh
-                opt._start_value(name, _zero(arena))
-            elif same_layout and saved.size == arena.size:
-                _copy_in(arena, 0, saved)
-            else:
-                for o_saved, o, a in zip(meta["offsets"], opt._offsets, opt._params):
-                    _copy_in(arena, o, saved[o_saved:o_saved + a.size])
-        for k, (plan, t) in enumerate(zip(opt._plans, meta["steps"])):
-            plan.step = t
-            if not t:
-                opt._started[k] = set()
+    sizes = [_dispatch._size(sh) for sh in meta["shapes"]]
+    state = {(i, name[len("state."):]): arena[o:o + n] for name, arena in arrays.items() if name.startswith("state.")
+             for i, (o, n) in enumerate(zip(meta["offsets"], sizes))}
+    with opt.lock:
+        opt.restore(merged, meta["steps"], state)
         if params is not None:
             if isinstance(params, ParamBuffer):
                 _copy_in(params.arena, 0, arrays["params.arena"])
@@ -308,36 +283,10 @@ def _expected_entries(meta, opt):
     return names
 
 
-def _merged_groups(path, meta, opt):
-    """The live groups with the saved hyper-parameters, each checked as the constructor does."""
-    merged = []
-    for k, (g, saved) in enumerate(zip(opt.param_groups, meta["groups"])):
-        new = dict(g)
-        for key, v in saved.items():
-            if key in g and key != "params" and key not in opt.rule.fixed and not (
-                    key == "lr" and (callable(g["lr"]) or v is None)):
-                new[key] = tuple(v) if isinstance(v, list) else v
-        _as_value_error(opt._check_hyper, new, f"{path}: param group {k}")
-        merged.append(new)
-    return merged
-
-
 def _as_kernel_arrays(params):
     if params is None or isinstance(params, ParamBuffer):
         return params
     return [_dispatch.as_kernel_array(a) for a in params]
-
-
-def _group_meta(group):
-    out = {}
-    for k, v in group.items():
-        if k == "params":
-            out[k] = len(v)
-        elif callable(v):
-            out[k] = None  # a schedule is code: the step count restores its value
-        else:
-            out[k] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 def _params_meta(params):
@@ -353,10 +302,10 @@ def _differences(meta, opt, params, headers):
     name = type(opt).__name__
     if meta["optimizer"] != name:
         problems.append(f"the optimizer is {name} here but {meta['optimizer']} in the checkpoint")
-    dtype = opt._params[0].dtype.name
+    dtype = opt.dtype.name
     if meta["dtype"] != dtype:
         problems.append(f"dtype is {dtype} here but {meta['dtype']} in the checkpoint")
-    shapes = [list(a.shape) for a in opt._params]
+    shapes = [list(s) for s in opt.shapes]
     if len(shapes) != len(meta["shapes"]):
         problems.append(f"{len(shapes)} params here but {len(meta['shapes'])} in the checkpoint")
     else:

@@ -69,7 +69,7 @@ class Optimizer:
         self._edited = [False]  # set by a param group's __setitem__: re-check before the next step
         # step, state_dict, load_state_dict, save and load run one at a time: a checkpoint is
         # a consistent snapshot and two threads never interleave an update (RLock: a hook may re-enter)
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         if isinstance(params, ParamBuffer):
             params = [{"params": params}]
         params = list(params) if not _is_array(params) else [params]
@@ -127,6 +127,16 @@ class Optimizer:
             self.rule.check({**group, "lr": value})
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
+
+    @property
+    def dtype(self):
+        """The params' dtype (every state arena has it too)."""
+        return np.dtype(self._params[0].dtype)
+
+    @property
+    def shapes(self):
+        """Each param's shape, in group order."""
+        return [tuple(a.shape) for a in self._params]
 
     # -- learning rate ------------------------------------------------------------------
     @property
@@ -237,7 +247,7 @@ class Optimizer:
     def step(self, grads=None):
         """One update of every param group: one fused launch per group with a ParamBuffer;
         with separate arrays, ``grads`` lists their gradients in the order of the params."""
-        with self._lock:
+        with self.lock:
             self._step(grads)
 
     def _step(self, grads):
@@ -345,7 +355,7 @@ class Optimizer:
         Arrays are host copies (NumPy), or ``torch`` tensors under torch.optim's state names
         with ``torch=True``, ready for ``torch_optimizer.load_state_dict``.
         """
-        with self._lock:
+        with self.lock:
             return self._state_dict(torch)
 
     def _state_dict(self, torch):
@@ -376,18 +386,62 @@ class Optimizer:
         """Load a state dict of this rule: fastopt's own, or ``torch.optim``'s (tensors and
         torch's state names are converted). All or nothing: the whole dict is checked (the
         rule, every hyper-parameter, step count and state array) before anything is written."""
-        with self._lock:
-            groups, steps, arrays = self._read_state_dict(state_dict)
+        with self.lock:
+            self.restore(*self._read_state_dict(state_dict))
+
+    # -- the state as arrays: the one way checkpoints read and write it ------------------
+    def export_state(self):
+        """A consistent snapshot (taken under :attr:`lock`): ``rule`` (the class name),
+        ``dtype``, ``shapes`` and ``offsets`` of the params in the state arenas, ``steps``
+        (per group), ``groups`` (hyper-parameters per group, a schedule as None: it is code)
+        and ``arenas`` (state name -> host copy of the whole arena). A snapshot before the
+        first step holds the zero state a fresh run starts from."""
+        with self.lock:
+            if self.arenas is None:
+                self._allocate()
+            return {"rule": type(self).__name__, "dtype": self._params[0].dtype.name,
+                    "shapes": [list(a.shape) for a in self._params], "offsets": [int(o) for o in self._offsets],
+                    "steps": self._steps(), "groups": [_group_meta(g) for g in self.param_groups],
+                    "arenas": {n: _to_host(a) for n, a in self.arenas.items()}}
+
+    def merged_groups(self, saved_groups, where):
+        """The groups with the saved hyper-parameters (``saved_groups``: one mapping per group;
+        fixed values, and a schedule's place, stay as they are), each checked as the
+        constructor checks them; a ValueError prefixed by ``where`` names the first problem."""
+        return [self._merged_group(group, saved, f"{where}param group {k}")
+                for k, (group, saved) in enumerate(zip(self.param_groups, saved_groups))]
+
+    def _merged_group(self, group, saved, where):
+        new = dict(group)
+        for key, value in saved.items():
+            if key not in group or key == "params" or key in self.rule.fixed:
+                continue
+            value = _from_torch_value(value)
+            if key == "lr" and (callable(group["lr"]) or value is None) and not callable(value):
+                continue  # a schedule is code: it stays, and the step count sets its value
+            new[key] = tuple(value) if isinstance(value, list) else value
+        _as_value_error(self._check_hyper, new, where)
+        return new
+
+    def states_needed(self, group):
+        """The states ``group``'s options read and write."""
+        return self._states_needed(group)
+
+    def restore(self, groups, steps, arrays):
+        """Write a checked state: ``groups`` from :meth:`merged_groups`, ``steps`` per group,
+        ``arrays``: ``{(param index, state name): flat values}`` (a param with no entry starts
+        afresh). The caller has checked everything; this only writes."""
+        with self.lock:
             for g, new in zip(self.param_groups, groups):
                 dict.update(g, {k: v for k, v in new.items() if k != "params"})
             self._edited[0] = False
             self._started = [set() for _ in self.param_groups]  # what was loaded is started below
             self._allocate()
-            for name, arena in self.arenas.items():  # a param with no entry starts afresh
+            for name, arena in self.arenas.items():
                 self._start_value(name, _zero(arena))
             for (i, name), value in arrays.items():
                 if name in self.arenas:
-                    _copy_in(self.arenas[name], self._offsets[i], value)
+                    _copy_in(self.arenas[name], self._offsets[i], value.astype(self._params[i].dtype, copy=False))
             for k, (plan, t) in enumerate(zip(self._plans, steps)):
                 plan.step = t
                 if not t:
@@ -423,14 +477,7 @@ class Optimizer:
             if len(saved["params"]) != len(mine["params"]):
                 raise ValueError(f"param group {k} has {len(saved['params'])} params in the state dict, "
                                  f"{len(mine['params'])} here")
-            g = dict(mine)
-            for key in mine:
-                if key != "params" and key in saved and key not in rule.fixed:
-                    value = _from_torch_value(saved[key])
-                    if key == "lr" and callable(mine["lr"]) and not callable(value):
-                        continue  # a schedule is code: it stays, and the step count sets its value
-                    g[key] = tuple(value) if isinstance(value, list) else value
-            _as_value_error(self._check_hyper, g, where)
+            g = self._merged_group(mine, saved, where)
             new_groups.append(g)
             needed = self._states_needed(g)
             first = sum(len(x["params"]) for x in self.param_groups[:k])
@@ -720,6 +767,18 @@ def _identity_keys(cls):
     """The hyper-parameters every state dict of this rule carries (torch's positional
     constructor arguments, for the rules torch has)."""
     return tuple(n for n, h in cls.rule.hyper.items() if not h.keyword)
+
+
+def _group_meta(group):
+    out = {}
+    for k, v in group.items():
+        if k == "params":
+            out[k] = len(v)
+        elif callable(v):
+            out[k] = None  # a schedule is code: the step count restores its value
+        else:
+            out[k] = list(v) if isinstance(v, tuple) else v
+    return out
 
 
 def _as_value_error(check, *args):
