@@ -137,15 +137,9 @@ class _Averager:
     def _check_like(self, arrays, name):
         if len(arrays) != len(self._shapes):
             raise ValueError(f"{name} has {len(arrays)} arrays but {len(self._shapes)} params are averaged")
-        mine = _device(self._arena)
-        for i, (a, shape) in enumerate(zip(arrays, self._shapes)):
-            c = _dispatch._Array(f"{name}[{i}]", a)
-            if c.device != mine:
-                raise ValueError(f"{name}[{i}] is on {c.device} but the average is on {mine}")
-            if c.dtype != self._dtype:
-                raise TypeError(f"{name}[{i}] has dtype {c.dtype} but the average is {self._dtype}")
-            if tuple(c.shape) != shape:
-                raise ValueError(f"{name}[{i}] has shape {tuple(c.shape)} but averaged param {i} has shape {shape}")
+        for i, (a, average) in enumerate(zip(arrays, self._avg_flat)):
+            like = _dispatch._Array(f"averaged param {i}", average.reshape(self._shapes[i]))
+            _dispatch.check_array(_dispatch._Array(f"{name}[{i}]", a), like=like, shape_of=like, written=False)
 
     def _not_swapped(self, what):
         if self._swapped:
@@ -255,18 +249,10 @@ def _check_params(params):
         raise TypeError(f"params must be a ParamBuffer or a list of arrays, got {type(params).__name__}") from None
     if not arrays:
         raise ValueError("params is empty: there is nothing to average")
-    checked = [_dispatch._Array(f"params[{i}]", a) for i, a in enumerate(arrays)]
-    ref = checked[0]
-    for i, c in enumerate(checked):
-        if c.dtype not in _dispatch.SUPPORTED_DTYPES:
-            raise TypeError(f"params[{i}] has dtype {c.dtype}; averaging supports float32 and float64")
-        if (c.device, c.dtype) != (ref.device, ref.dtype):
-            raise ValueError(f"params[{i}] is {c.dtype} on {c.device} but params[0] is {ref.dtype} on "
-                             f"{ref.device}: one averager holds one device and dtype")
-        if not c.contiguous:
-            raise ValueError(f"params[{i}] is not C-contiguous; the average is read and swapped in place")
-        if not c.writeable:
-            raise ValueError(f"params[{i}] is read-only; swap() and copy_to() write into the params")
+    # written: swap() and copy_to() write into the params
+    ref = _dispatch.check_array(_dispatch._Array("params[0]", arrays[0]))
+    for i, a in enumerate(arrays[1:], start=1):
+        _dispatch.check_array(_dispatch._Array(f"params[{i}]", a), like=ref)
     check_disjoint(arrays)
     return arrays
 

@@ -96,17 +96,9 @@ class Optimizer:
             raise ValueError(f"param group {len(self.param_groups)} has no parameters")
         self._check_hyper(group, f"param group {len(self.param_groups)}")
         first = len(self._params)
+        ref = _dispatch.check_array(_dispatch._Array("params[0]", (self._params or arrays)[0]))
         for i, a in enumerate(arrays):
-            name = f"params[{first + i}]"
-            checked = _dispatch._Array(name, a)
-            if checked.dtype not in _dispatch.SUPPORTED_DTYPES:
-                raise TypeError(f"{name} has dtype {checked.dtype}; fastopt supports float32 and float64")
-            ref = _dispatch._Array("params[0]", (self._params or arrays)[0])
-            if (checked.device, checked.dtype) != (ref.device, ref.dtype):
-                raise ValueError(f"{name} is {checked.dtype} on {checked.device} but params[0] is "
-                                 f"{ref.dtype} on {ref.device}: one optimizer holds one device and dtype")
-            if not checked.contiguous or not checked.writeable:
-                raise ValueError(f"{name} must be C-contiguous and writeable: it is updated in place")
+            _dispatch.check_array(_dispatch._Array(f"params[{first + i}]", a), like=ref)
         check_disjoint(self._params + arrays)
         self._buffer, self._segments = _resolve_buffer(self._params + arrays)  # raises before any change
         dict.__setitem__(group, "params", arrays)
@@ -332,15 +324,7 @@ class Optimizer:
         for i, (p, g) in enumerate(zip(self._params, grads)):
             a, b = _dispatch._Array(f"params[{i}]", p), _dispatch._Array(f"grads[{i}]", g)
             written.append(a)
-            read.append(b)
-            if b.device != a.device:
-                raise ValueError(f"grads[{i}] is on {b.device} but params[{i}] is on {a.device}")
-            if b.dtype != a.dtype:
-                raise TypeError(f"grads[{i}] has dtype {b.dtype} but params[{i}] has dtype {a.dtype}")
-            if b.shape != a.shape:
-                raise ValueError(f"grads[{i}] has shape {b.shape} but params[{i}] has shape {a.shape}")
-            if not b.contiguous:
-                raise ValueError(f"grads[{i}] is not C-contiguous")
+            read.append(_dispatch.check_array(b, like=a, shape_of=a, written=False))
         if self.arenas is not None:
             written += [_dispatch._Array(f"state {n!r}", arena) for n, arena in self.arenas.items()]
         _dispatch.check_no_overlap(written, read)  # a grad may not be any param's (nor state's) memory

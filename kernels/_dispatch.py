@@ -92,6 +92,27 @@ def is_torch(a):
     return type(a).__module__.startswith("torch")
 
 
+def check_array(a, *, like=None, shape_of=None, written=True):
+    """The one check of an array of an update (an :class:`_Array`), with one wording for
+    each kind of error: a supported dtype; ``like``'s device and dtype; ``shape_of``'s shape;
+    C-contiguous; writeable when it is ``written`` (updated in place)."""
+    if like is None and a.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{a.name} has dtype {a.dtype}; fastopt supports float32 and float64")
+    if like is not None and a.device != like.device:
+        raise ValueError(f"{a.name} is a {_where(a)} array but {like.name} is a {_where(like)} array: "
+                         "the arrays of an update live on one device")
+    if like is not None and a.dtype != like.dtype:
+        raise TypeError(f"{a.name} has dtype {a.dtype} but {like.name} has dtype {like.dtype}")
+    if shape_of is not None and tuple(a.shape) != tuple(shape_of.shape):
+        raise ValueError(f"{a.name} has shape {tuple(a.shape)} but {shape_of.name} has shape {tuple(shape_of.shape)}")
+    if not a.contiguous:
+        raise ValueError(f"{a.name} is not C-contiguous; pass a contiguous array (e.g. np.ascontiguousarray) "
+                         "so that it can be read as one block")
+    if written and not a.writeable:
+        raise ValueError(f"{a.name} is read-only; it is updated in place and must be writeable")
+    return a
+
+
 def check_arrays(param, grad, states):
     """Validate ``param``, ``grad`` and the named ``states`` (None entries are skipped).
 
@@ -100,23 +121,9 @@ def check_arrays(param, grad, states):
     """
     arrays = [_Array("param", param), _Array("grad", grad)]
     arrays += [_Array(name, a) for name, a in states.items() if a is not None]
-    ref = arrays[0]
-    if ref.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"param has dtype {ref.dtype}; fastopt supports float32 and float64")
+    ref = check_array(arrays[0])
     for a in arrays[1:]:
-        if a.device != ref.device:
-            raise ValueError(f"{a.name} is a {_where(a)} array but param is a {_where(ref)} array: "
-                             f"all arrays of an update must be on the same device")
-        if a.dtype != ref.dtype:
-            raise TypeError(f"{a.name} has dtype {a.dtype} but param has dtype {ref.dtype}")
-        if a.shape != ref.shape:
-            raise ValueError(f"{a.name} has shape {a.shape} but param has shape {ref.shape}")
-    for a in arrays:
-        if not a.contiguous:
-            raise ValueError(f"{a.name} is not C-contiguous; pass a contiguous array "
-                             f"(e.g. np.ascontiguousarray) so it can be updated in place")
-        if a is not arrays[1] and not a.writeable:
-            raise ValueError(f"{a.name} is read-only; it is updated in place and must be writeable")
+        check_array(a, like=ref, shape_of=ref, written=a is not arrays[1])
     check_no_overlap(arrays[:1] + arrays[2:], arrays[1:2])
     return arrays
 
