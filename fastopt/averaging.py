@@ -23,10 +23,9 @@ import contextlib
 
 import numpy as np
 
-from .kernels import _dispatch
 from .buffer import ParamBuffer, _numel, layout
-from .kernels import ema, polyak
-from .optimizer import _Plan, _copy_in, _is_array, _to_host, _zeros, check_disjoint
+from .kernels import _dispatch, ema, polyak
+from .optimizer import _copy_in, _is_array, _Plan, _to_host, _zeros, check_disjoint
 
 
 class _Averager:

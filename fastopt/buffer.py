@@ -105,7 +105,8 @@ class ParamBuffer:
             device = "cpu" if isinstance(arrays[0], np.ndarray) else "cuda"
             dtype = arrays[0].dtype
             for i, a in enumerate(arrays):
-                where = "cpu" if isinstance(a, np.ndarray) else "cuda" if hasattr(a, "__cuda_array_interface__") else None
+                cuda = hasattr(a, "__cuda_array_interface__")
+                where = "cpu" if isinstance(a, np.ndarray) else "cuda" if cuda else None
                 if where is None:
                     raise TypeError(f"arrays[{i}] must be a NumPy or CUDA array, got {type(a).__name__}")
                 if where != device:

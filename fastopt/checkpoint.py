@@ -5,6 +5,8 @@ the target, so a crash mid-write leaves the previous checkpoint whole. ``load`` 
 rule, shapes and dtypes against the live optimizer and names every difference before it
 writes anything. The arenas are stored whole, so a resumed run is bit-for-bit the same.
 """
+import contextlib
+import itertools
 import json
 import os
 import tempfile
@@ -59,10 +61,8 @@ def atomic_write(path, write):
             os.fsync(f.fileno())
             os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):  # the rename had happened
             os.unlink(tmp)
-        except FileNotFoundError:  # the rename had happened
-            pass
         raise
     _fsync_dir(folder)
 
@@ -202,7 +202,7 @@ class _NpzReader:
                         (2, 0): np.lib.format.read_array_header_2_0}.get(version)
                 if read is None:
                     raise ValueError(f"unsupported .npy version {version}")
-                shape, fortran, dtype = read(fp)
+                shape, _fortran_order, dtype = read(fp)  # the order of a 1-D array changes nothing
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
             raise ValueError(f"{self.path}: entry {name!r} is not a readable array ({e})") from None
         if dtype.hasobject:
@@ -210,7 +210,8 @@ class _NpzReader:
         info = self.zip.getinfo(self.members[name])
         # the data a header declares must be in the member, and the member's size must be one
         # deflate could give (ratio <= 1032): a lying header allocates nothing
-        if _dispatch._size(shape) * dtype.itemsize > info.file_size or info.file_size > 1100 * info.compress_size + 4096:
+        declared = _dispatch._size(shape) * dtype.itemsize
+        if declared > info.file_size or info.file_size > 1100 * info.compress_size + 4096:
             raise ValueError(f"{self.path}: entry {name!r} declares {dtype}{list(shape)}, more data than it holds")
         return tuple(shape), dtype
 
@@ -261,7 +262,7 @@ def _read_meta(path, f):
         problems.append(f"the offsets {meta.get('offsets')!r} are not one non-negative integer per param")
     elif shapes is not None:
         spans = sorted((o, o + _dispatch._size(sh)) for o, sh in zip(meta["offsets"], shapes) if _dispatch._size(sh))
-        if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        if any(a[1] > b[0] for a, b in itertools.pairwise(spans)):
             problems.append("the offsets place two params' state in the same elements")
     saved = meta.get("params")
     if saved is not None and not (isinstance(saved, dict) and saved.get("kind") in ("buffer", "list")

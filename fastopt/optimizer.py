@@ -22,9 +22,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .kernels import _dispatch
 from .buffer import ALIGN, ParamBuffer, _aligned_empty, find_segment, layout
 from .clip import NormPlan, clip_coefficient
+from .kernels import _dispatch
 from .kernels._reduce import chunk_table
 
 CHUNK = 1 << 15  # elements per work item of the list kernel: big tensors are shared by threads
@@ -436,7 +436,8 @@ class Optimizer:
         or a ValueError / TypeError naming the first problem; writes nothing."""
         name = type(self).__name__
         if not isinstance(state_dict, Mapping) or not {"param_groups", "state"} <= set(state_dict):
-            raise ValueError(f"a state dict is a mapping with 'state' and 'param_groups', got {type(state_dict).__name__}")
+            raise ValueError("a state dict is a mapping with 'state' and 'param_groups', "
+                             f"got {type(state_dict).__name__}")
         groups, state = state_dict["param_groups"], state_dict["state"]
         if not isinstance(groups, (list, tuple)) or not isinstance(state, Mapping):
             raise ValueError("the state dict's 'param_groups' must be a list and its 'state' a mapping")
@@ -529,7 +530,7 @@ class _Plan:
 
     def run(self, scalars, grads):
         if self.flat is not None:
-            for k, arrays in enumerate(self.flat):
+            for arrays in self.flat:
                 if self.entry is not None:
                     self.entry(*arrays, scalars)
                 elif isinstance(arrays[0], np.ndarray):
@@ -788,7 +789,7 @@ def _type_problem(key, value, default):
         ok, want = _is_real(value), "a real number"
     elif isinstance(default, tuple):
         ok = isinstance(value, (tuple, list)) and len(value) == len(default) and all(map(_is_real, value))
-        want = f"a pair of real numbers" if len(default) == 2 else f"{len(default)} real numbers"
+        want = "a pair of real numbers" if len(default) == 2 else f"{len(default)} real numbers"
     elif isinstance(default, str):
         ok, want = isinstance(value, str), "a string"
     else:

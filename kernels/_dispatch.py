@@ -20,7 +20,7 @@ PARALLEL_THRESHOLD = int(os.environ.get("FASTOPT_PARALLEL_THRESHOLD", 65536))
 class _Array:
     """What the checks need to know of one argument, whatever library it came from."""
 
-    __slots__ = ("name", "obj", "device", "dtype", "shape", "contiguous", "writeable")
+    __slots__ = ("contiguous", "device", "dtype", "name", "obj", "shape", "writeable")
 
     def __init__(self, name, obj):
         self.name, self.obj = name, obj

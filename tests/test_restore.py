@@ -108,7 +108,7 @@ def test_bad_step_count_is_refused(step):
 
 def test_torch_tensor_step_counts_load():
     torch = pytest.importorskip("torch")
-    opt, buf = _stepped(steps=3)
+    opt, _buf = _stepped(steps=3)
     sd = opt.state_dict()
     for entry in sd["state"].values():
         entry["step"] = torch.tensor(3.0)
@@ -140,7 +140,7 @@ def test_mistyped_hyper_parameter_in_state_dict_is_refused():
 
 
 def test_state_for_unlisted_params_is_refused():
-    opt, buf = _stepped()
+    opt, _buf = _stepped()
     sd = opt.state_dict()
     sd["state"][7] = dict(sd["state"][0])
     with pytest.raises(ValueError, match="no param group lists"):
@@ -236,7 +236,7 @@ def test_checkpoint_headers_are_read_before_data(tmp_path, declared):
             f.write(b"\0" * 64)
     opt, buf = _fresh()
     before = _snapshot(opt, buf)
-    with pytest.raises(ValueError, match="state.exp_avg_sq.*more data than it holds"):
+    with pytest.raises(ValueError, match=r"state\.exp_avg_sq.*more data than it holds"):
         fastopt.load(path, opt, buf)
     _assert_unchanged(before, opt, buf)
 
