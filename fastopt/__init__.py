@@ -12,3 +12,8 @@ from .optimizer import Optimizer
 from .optimizers import OPTIMIZERS, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam, RAdam, RMSprop
 
 __version__ = "0.1.0"
+
+__all__ = ["EMA", "LAMB", "LARS", "LBFGS", "OPTIMIZERS", "SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax",
+           "GradcheckReport", "Lion", "NAdam", "Newton", "Optimizer", "ParamBuffer", "PolyakAverage", "RAdam",
+           "RMSprop", "check_layer", "clip_grad_norm_", "functional", "grad_norm", "gradcheck", "load", "nn",
+           "preprocessing", "save", "schedules"]

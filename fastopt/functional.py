@@ -14,5 +14,5 @@ from .kernels.rmsprop import rmsprop_
 from .kernels.sgd import sgd_
 from .layerwise import lamb_, lars_
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamw_", "adadelta_", "adamax_", "nadam_",
-           "radam_", "lion_", "lamb_", "lars_"]
+__all__ = ["adadelta_", "adagrad_", "adam_", "adamax_", "adamw_", "lamb_", "lars_", "lion_", "nadam_", "radam_",
+           "rmsprop_", "sgd_"]

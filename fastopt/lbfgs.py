@@ -23,8 +23,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .kernels._dispatch import PARALLEL_THRESHOLD
 from .buffer import ParamBuffer
+from .kernels._dispatch import PARALLEL_THRESHOLD
 from .nn._array import array_module, cupy  # cupy: None on a CPU-only install
 
 _CUPY_AXPY = None

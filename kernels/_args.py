@@ -44,7 +44,7 @@ def unit(name, value):
 
 
 def step(value):
-    if type(value) is not int and not (hasattr(value, "__index__") and not isinstance(value, bool)) or value < 1:
+    if (type(value) is not int and not (hasattr(value, "__index__") and not isinstance(value, bool))) or value < 1:
         raise ValueError(f"step must be a positive integer (the 1-based number of this update), got {value!r}")
 
 

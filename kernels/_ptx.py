@@ -63,11 +63,12 @@ def compile_reduce(dtype, cc):
     """PTX of the norm reduction (``_reduce``) for ``dtype``."""
     import numba
     from numba import cuda, types
+
     from . import _reduce
     from ._cuda import make_reduce
     elem = numba.from_dtype(np.dtype(dtype))
     arr, idx = types.Array(elem, 1, "C"), types.Array(types.int64, 1, "C")
-    fn = make_reduce(np.dtype(dtype).name, _reduce.THREADS, (_reduce.SQUARES, _reduce.MAX))
+    fn = make_reduce(np.dtype(dtype).name, (_reduce.SQUARES, _reduce.MAX))
     with _target_cc(cc):
         ptx, _ = cuda.compile_ptx(fn, (arr, idx, idx, types.int64, elem, elem, arr, arr), cc=cc)
     return ptx

@@ -15,7 +15,7 @@ class Hyper:
     ``check(value)`` raising ValueError with torch's message, ``keyword``: keyword-only in
     torch's constructor (after ``*``), ``torch``: torch.optim's rule has it too, ``doc``."""
 
-    __slots__ = ("name", "default", "check", "keyword", "torch", "doc")
+    __slots__ = ("check", "default", "doc", "keyword", "name", "torch")
 
     def __init__(self, name, default, check=None, *, keyword=False, torch=True, doc=""):
         self.name, self.default, self.check = name, default, check
@@ -26,7 +26,7 @@ class State:
     """One state array the rule keeps: ``name``, and for an optional state the condition
     under which its options need it (``when(hyper) -> bool``, described by ``because``)."""
 
-    __slots__ = ("name", "when", "because", "start", "torch_name")
+    __slots__ = ("because", "name", "start", "torch_name", "when")
 
     def __init__(self, name, when=None, because="", *, start=None, torch_name=None):
         self.name, self.when, self.because = name, when, because

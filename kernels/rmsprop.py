@@ -52,8 +52,8 @@ RMSPROP = Rule(
            Hyper("momentum", 0.0, _args.nonneg_of("momentum")), Hyper("centered", False),
            Hyper("maximize", False, keyword=True)])
 
-rmsprop_ = RMSPROP.function("rmsprop_", """One RMSprop step in place. ``momentum_buffer`` is needed when ``momentum > 0``,
-    ``grad_avg`` when ``centered``; both start as zeros, as in PyTorch.""")
+rmsprop_ = RMSPROP.function("rmsprop_", """One RMSprop step in place. ``momentum_buffer`` is needed when
+    ``momentum > 0``, ``grad_avg`` when ``centered``; both start as zeros, as in PyTorch.""")
 
 
 def rmsprop_reference(param, grad, square_avg, momentum_buffer=None, grad_avg=None, *, step, lr=1e-2,

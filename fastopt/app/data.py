@@ -158,7 +158,7 @@ def _images(x, source, dtype, flatten):
         x = x.astype(dtype) / dtype.type(255)
     else:
         x = x.astype(dtype)
-        if x.size and not (0 <= x.min() and x.max() <= 1):
+        if x.size and not (x.min() >= 0 and x.max() <= 1):
             raise DataError(f"{source}: float images must lie in [0, 1], "
                             f"got values in [{x.min()}, {x.max()}]")
     return x.reshape(len(x), -1) if flatten else x
@@ -341,7 +341,7 @@ def stratified_split(y, test_fraction, rng):
     train, test = [], []
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
-        n_test = int(round(test_fraction * len(idx)))
+        n_test = round(test_fraction * len(idx))
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))

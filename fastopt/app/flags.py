@@ -290,7 +290,7 @@ FLAGS = [
     flag("--final-lr", group="schedule", type=nonnegative_float, metavar="LR",
          help="cosine, warmup_cosine: lr at the last step (default: %(default)s)"),
     # the run
-    flag("--model", "-m", choices=MODELS + (MODEL,), default=None,
+    flag("--model", "-m", choices=(*MODELS, MODEL), default=None,
          help=f"mlp: one hidden layer; conv: two conv+BatchNorm blocks; {MODEL}: softmax regression, full batch "
               f"(see below) (default: {Config.model}, or {MODEL} when lbfgs or newton is named)"),
     flag("--batch-size", "-b", type=positive_int, metavar="N", help="examples per step (default: %(default)s)"),

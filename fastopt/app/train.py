@@ -28,7 +28,7 @@ from .outputs import (
 from .prepare import build, describe_data, open_run, steps_per_epoch, thread_limits
 from .recipes import describe_model, optimizer_kwargs
 
-COMPARE_FIELDS = ("optimizer",) + EPOCH_FIELDS
+COMPARE_FIELDS = ("optimizer", *EPOCH_FIELDS)
 COMPARE_HEADERS = ("optimizer", "lr", "train loss", "test acc", "best test acc", "s/epoch", "seconds")
 
 

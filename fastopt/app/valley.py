@@ -14,9 +14,9 @@ Two problems, each with its value, gradient, start point, minimum and plot bound
 rules of :mod:`fastopt.functional`; :func:`plot_valley` draws every trajectory over the
 contours of both problems and returns a table of final loss and distance to the minimum.
 """
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

@@ -15,6 +15,6 @@ from .losses import l2_penalty, mae_loss, mse_loss, softmax_cross_entropy
 from .module import Layer, Sequential
 from .norm import BatchNorm1d, BatchNorm2d
 
-__all__ = ["Layer", "Sequential", "WeightLayer", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "Flatten",
-           "ReLU", "Tanh", "Sigmoid", "BatchNorm1d", "BatchNorm2d", "Dropout", "softmax_cross_entropy",
-           "mse_loss", "mae_loss", "l2_penalty", "init"]
+__all__ = ["AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Conv2d", "Dropout", "Flatten", "Layer", "Linear", "MaxPool2d",
+           "ReLU", "Sequential", "Sigmoid", "Tanh", "WeightLayer", "init", "l2_penalty", "mae_loss", "mse_loss",
+           "softmax_cross_entropy"]

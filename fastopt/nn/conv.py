@@ -148,7 +148,7 @@ class _Pool2d(Layer):
     def _scatter(self, xp, pieces, dtype):
         """d(input) from the gradient ``pieces[k]`` (N, C, Ho, Wo) of each offset slice k."""
         (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
-        n, c, ho, wo = pieces[0].shape
+        _n, _c, ho, wo = pieces[0].shape
         _, _, hp, wp = self.padded_shape
         tiles = (sh, sw) == (kh, kw) and (ph, pw) == (0, 0) and (hp, wp) == (ho * kh, wo * kw)
         # exact tiling: every input element is in one window, so write instead of zero + add;
@@ -201,7 +201,7 @@ class AvgPool2d(_Pool2d):
     every element of a window gets dout / (kh*kw)."""
 
     def forward(self, x):
-        xp, offsets = self._offsets(x, 0)
+        _xp, offsets = self._offsets(x, 0)
         total = offsets[0].copy(order="K")
         for v in offsets[1:]:
             total += v

@@ -125,7 +125,8 @@ class Sequential(Layer):
         self.reseed(int(rng.integers(2**31)))
         self.params = dict(zip(names, self.buffer.params))
         self.grads = dict(zip(names, self.buffer.grads))
-        self._first_with_params = next((i for i, l in enumerate(self.layers) if l.params), len(self.layers))
+        self._first_with_params = next((i for i, layer in enumerate(self.layers) if layer.params),
+                                       len(self.layers))
 
     def _nonlinearity_after(self, i):
         for layer in self.layers[i + 1:]:
