@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt.kernels import _dispatch
 from fastopt.averaging import EMA, PolyakAverage
+from fastopt.kernels import _dispatch
 from test_rules import ROOF
 
 SIZES = [10**5, 10**7]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import fastopt
-from test_rules import ROOF
 from fastopt.kernels import _dispatch
+from test_rules import ROOF
 
 
 def transformer_shapes(layers=16, width=224, vocab=1000):
@@ -16,7 +16,7 @@ def transformer_shapes(layers=16, width=224, vocab=1000):
     for _ in range(layers):
         shapes += [(width, 3 * width), (3 * width,), (width, width), (width,), (width,), (width,),
                    (width, 4 * width), (4 * width,), (4 * width, width), (width,), (width,), (width,)]
-    return shapes + [(width,), (width,)]
+    return [*shapes, (width,), (width,)]
 
 
 MODELS = {

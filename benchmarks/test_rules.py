@@ -19,7 +19,8 @@ def roof_math(p, g, s0, s1, s2):
 
 
 # the same traffic as a rule with up to three states, trivial arithmetic
-ROOF = Rule("roof", roof_math, lambda h, step, lr: {}, states=[State(f"s{k}", lambda h: True) for k in range(3)]).kernels
+ROOF = Rule("roof", roof_math, lambda h, step, lr: {},
+            states=[State(f"s{k}", lambda h: True) for k in range(3)]).kernels
 
 
 def _rounds(n):

@@ -42,7 +42,7 @@ def test_shapes_constructor_allocates_zeros():
     (dict(shapes=[(3,)], device="tpu"), ValueError, "device must be 'cpu' or 'cuda'"),
     (dict(shapes=[(3,), (2,)], names=["a"]), ValueError, "names has 1 entries"),
     (dict(shapes=[(3,), (2,)], names=["a", "a"]), ValueError, "names must be unique"),
-    (dict(), ValueError, "pass either arrays or shapes"),
+    ({}, ValueError, "pass either arrays or shapes"),
 ])
 def test_bad_input_names_the_argument(kwargs, exc, message):
     with pytest.raises(exc, match=message):

@@ -146,7 +146,8 @@ def _without_a_state_array(path):
 # (how to break a checkpoint, the words of the one error line after "<path>")
 BROKEN_CHECKPOINTS = [
     (lambda p: p.write_bytes(b""), ": not a readable .npz file: it is empty"),
-    (lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)), ": not a readable .npz file: it starts with the bytes"),
+    (lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)),
+     ": not a readable .npz file: it starts with the bytes"),
     (lambda p: np.save(p.with_suffix(".npy"), np.zeros(3)) or p.with_suffix(".npy").replace(p),
      ": not a readable .npz file: it is a .npy file"),
     (lambda p: p.write_bytes(p.read_bytes()[:-100]), ": not a readable .npz file (a broken zip archive"),
@@ -227,7 +228,7 @@ def test_each_flag_is_declared_once_for_every_command_that_takes_it():
     shared = {f.names[0]: f.commands for f in F.FLAGS if len(f.commands) > 1}
     assert shared["--out"] == ("train", "compare", "valley") and shared["--device"] == ("train", "compare", "bench")
     with pytest.raises(AssertionError, match="--epochs declared twice"):
-        F._check_table(F.FLAGS + [F.flag("--epochs", help="again")])
+        F._check_table([*F.FLAGS, F.flag("--epochs", help="again")])
 
 
 APP_FLOORS = ("config", "data", "valley", "recipes", "prepare", "loop", "outputs", "fullbatch", "train", "flags",

@@ -8,9 +8,8 @@ import pytest
 
 import fastopt
 from conftest import to_backend, to_host
-from fastopt.kernels import _dispatch
 from fastopt.clip import NormPlan, clip_grad_norm_
-from fastopt.kernels import _reduce
+from fastopt.kernels import _dispatch, _reduce
 
 SHAPES = [(7, 5), (1,), (300,), (0,), (2, 3, 4)]
 NORMS = [2.0, math.inf, 1.0, 3.0, 0.5]
@@ -48,7 +47,7 @@ def test_norm_is_the_same_bits_every_run(monkeypatch):
 
 def test_segment_norms():
     grads = _grads(3)
-    norms, finite = NormPlan(grads).segment_norms()
+    norms, _finite = NormPlan(grads).segment_norms()
     np.testing.assert_allclose(norms, [np.linalg.norm(g) for g in grads], rtol=1e-13)
 
 

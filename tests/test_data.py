@@ -27,9 +27,8 @@ def fake_mnist(rng, n_train=7, n_test=5, size=28):
 
 
 def write_mnist_dir(directory, arrays, gz):
-    x_tr, y_tr, x_te, y_te = arrays
     for name, a in zip(("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), arrays):
+                        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"), arrays, strict=True):
         write(directory / (name + (".gz" if gz else "")), idx_bytes(a), gz)
     return directory
 
@@ -199,7 +198,7 @@ def test_load_mnist_round_trip(tmp_path, source, flatten):
 
 def test_load_mnist_default_dtype_and_range(tmp_path):
     x_train = D.load_mnist(write_mnist_dir(tmp_path, fake_mnist(np.random.default_rng(2)), gz=True))[0]
-    assert x_train.dtype == np.float32 and 0 <= x_train.min() and x_train.max() <= 1
+    assert x_train.dtype == np.float32 and x_train.min() >= 0 and x_train.max() <= 1
 
 
 def _short_labels(tmp_path, arrays):
@@ -250,7 +249,8 @@ BAD_MNIST = [
     (_npz(x_test=np.full((5, 28, 28), "7")), r"m.npz\[x_test\]: images must be numbers.*got dtype <U1"),
     (_npz(x_test=np.zeros((5, 20, 20), np.uint8)),
      r"m.npz\[x_train\] has 28x28 images but .*m.npz\[x_test\] has 20x20"),
-    (_npz(y_train=np.array([0, 1, 2, 10 ** 12, 3, 4])), r"m.npz\[y_train\]: labels must be < 65,536 .*got 1000000000000"),
+    (_npz(y_train=np.array([0, 1, 2, 10 ** 12, 3, 4])),
+     r"m.npz\[y_train\]: labels must be < 65,536 .*got 1000000000000"),
     (_npz(y_test=np.array([0, 1, 2, 2 ** 63, 3], np.uint64)), r"labels must be < 65,536 .*got 9223372036854775808"),
     (lambda tmp_path, arrays: _idx_dir_with(tmp_path, arrays, 0, np.zeros((6, 28, 0), np.uint8)),
      r"train-images-idx3-ubyte: images of 28x0 pixels"),
@@ -290,7 +290,7 @@ def test_digits_split(test_fraction, seed):
     assert x_tr.shape[1:] == (1, 8, 8) and x_tr.dtype == np.float32 and y_tr.dtype == np.int64
     assert len(x_tr) + len(x_te) == 1797
     assert len(x_te) == pytest.approx(test_fraction * 1797, abs=10)  # rounding per class
-    assert 0 <= x_tr.min() and x_tr.max() <= 1 and x_tr.max() == 1  # pixel 16 -> 1
+    assert x_tr.min() >= 0 and x_tr.max() <= 1 and x_tr.max() == 1  # pixel 16 -> 1
     # disjoint: no image of the test set appears in the training set (the digits have no duplicates)
     train_rows = {row.tobytes() for row in x_tr.reshape(len(x_tr), -1)}
     assert len(train_rows) == len(x_tr)
@@ -336,7 +336,8 @@ def test_batches_cover_a_permutation(n, batch_size, drop_last):
 
 def test_batches_shuffle_by_rng():
     x, y = np.zeros((50, 1)), np.arange(50)
-    order = lambda seed: np.concatenate([b for _, b in D.batches(x, y, 7, seed)])
+    def order(seed):
+        return np.concatenate([b for _, b in D.batches(x, y, 7, seed)])
     np.testing.assert_array_equal(order(3), order(3))
     assert not np.array_equal(order(3), order(4))
     assert not np.array_equal(order(3), y)

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from conftest import BACKENDS, to_backend, to_host
 import fastopt.functional as F
+from conftest import BACKENDS, to_backend, to_host
 
 
 def _arrays(n=5, dtype=np.float32):
@@ -52,7 +52,7 @@ def test_cpu_and_gpu_arrays_not_mixed():
         F.adam_(*mixed, step=1)
     on_gpu = [to_backend(a, "cuda") for a in arrays]
     on_gpu[2] = arrays[2]
-    with pytest.raises(ValueError, match="exp_avg is a NumPy .* array but param is a CUDA"):
+    with pytest.raises(ValueError, match=r"exp_avg is a NumPy .* array but param is a CUDA"):
         F.adam_(*on_gpu, step=1)
     for a, b in zip(arrays, before):
         np.testing.assert_array_equal(a, b)

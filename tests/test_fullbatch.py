@@ -2,6 +2,7 @@
 gradient by gradcheck, its Hessian against differences of the gradient), the per-iteration
 L-BFGS driver against one long L-BFGS run, ``fastopt compare / train --model logreg`` end to
 end, and bad combinations: one line, exit 2, nothing written."""
+import itertools
 import json
 
 import numpy as np
@@ -107,7 +108,7 @@ def test_compare_logreg_end_to_end(tmp_path, capsys):
         assert_png(tmp_path / png)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     runs, fstar = metrics["runs"], metrics["fstar"]
-    assert list(runs) == names + ["scipy L-BFGS-B"] and metrics["fstar_source"].startswith(("scipy", "newton"))
+    assert list(runs) == [*names, "scipy L-BFGS-B"] and metrics["fstar_source"].startswith(("scipy", "newton"))
     assert len({r["loss"][0] for r in runs.values()}) == 1  # the same start, W = 0
     assert all(len(runs[n]["loss"]) == 16 and min(runs[n]["loss"]) >= fstar for n in names)
     final = {n: r["loss"][-1] for n, r in runs.items()}
@@ -116,17 +117,17 @@ def test_compare_logreg_end_to_end(tmp_path, capsys):
     assert runs["adam"]["calls"] == list(range(1, 17)) and runs["adam"]["lr"] == FULL_BATCH_LR["adam"]
     assert metrics["config"]["dtype"] == "float64"
     table = out[out.index("optimizer "):].splitlines()
-    assert [line.split()[0] for line in table[2:6]] == names + ["scipy"]
+    assert [line.split()[0] for line in table[2:6]] == [*names, "scipy"]
 
 
 def test_train_with_lbfgs_alone_is_the_full_batch_logreg(tmp_path, capsys):
     code = main(["train", "--optimizer", "lbfgs", "--iterations", "5", "--out", str(tmp_path)])
-    out, err = capsys.readouterr()
+    _out, err = capsys.readouterr()
     assert code == 0, err
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["command"] == "train" and metrics["config"]["model"] == "logreg"
     loss = metrics["runs"]["lbfgs"]["loss"]
-    assert len(loss) == 6 and all(b < a for a, b in zip(loss, loss[1:]))
+    assert len(loss) == 6 and all(b < a for a, b in itertools.pairwise(loss))
     assert_png(tmp_path / "loss.png")
 
 
@@ -148,7 +149,7 @@ BAD = [
 @pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_combinations_give_one_line_and_exit_2(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)  # the default --out is relative
-    code = main(argv + ["--no-progress"])
+    code = main([*argv, "--no-progress"])
     out, err = capsys.readouterr()
     assert code == 2 and not (tmp_path / "runs").exists()
     lines = err.strip().splitlines()

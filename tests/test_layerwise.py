@@ -11,9 +11,8 @@ import pytest
 import fastopt
 from conftest import SIMULATOR, to_backend, to_host
 from fastopt import layerwise
-from fastopt.kernels import _dispatch
+from fastopt.kernels import _dispatch, lamb, lars
 from fastopt.kernels._dispatch import cast_scalars
-from fastopt.kernels import lamb, lars
 from fastopt.layerwise import LAMB, LARS, Layers, lamb_passes
 
 # odd sizes, an empty tensor, one all zero (params and grads: both ratios take their 1
@@ -28,7 +27,8 @@ def _lamb_draw(rng, i):
     return [
         {},
         dict(lr=float(10 ** rng.uniform(-3, -1)),
-             betas=(float(rng.uniform(0.5, 0.95)), float(rng.uniform(0.9, 0.9999))), eps=float(10 ** rng.uniform(-8, -5)), weight_decay=float(rng.uniform(0, 0.1)), bias_correction=False,
+             betas=(float(rng.uniform(0.5, 0.95)), float(rng.uniform(0.9, 0.9999))),
+             eps=float(10 ** rng.uniform(-8, -5)), weight_decay=float(rng.uniform(0, 0.1)), bias_correction=False,
              clamp_value=1.0),
         dict(lr=float(10 ** rng.uniform(-3, -1)), weight_decay=0.0, eps=float(10 ** rng.uniform(-8, -5))),
         dict(lr=float(10 ** rng.uniform(-3, -1)), weight_decay=float(rng.uniform(0, 0.1)), bias_correction=False,
@@ -129,8 +129,8 @@ def _run(rule, hp, mode, init, grads_per_step):
     return params, states, ratios
 
 
-def _hps(rule, hp, mode, n=len(SHAPES)):
-    return [_other(rule, hp) if mode == "groups" and i % 2 else hp for i in range(n)]
+def _hps(rule, hp, mode):
+    return [_other(rule, hp) if mode == "groups" and i % 2 else hp for i in range(len(SHAPES))]
 
 
 @pytest.mark.parametrize("chunk", [None, 16], ids=["one-chunk", "chunked-parallel"])
@@ -151,7 +151,7 @@ def test_matches_reference(rule, draw, mode, chunk, monkeypatch):
         for got_s, want_s_ in zip(states[i], want_s[i]):
             np.testing.assert_allclose(got_s, want_s_, rtol=1e-10, atol=1e-12, err_msg=f"state of {i}")
     assert ratios[ZERO] == 1.0  # a zero tensor: ||p|| = 0
-    if rule == "lars" and (hp.get("weight_decay") or hp.get("always_adapt")) and not (mode == "groups"):
+    if rule == "lars" and (hp.get("weight_decay") or hp.get("always_adapt")) and mode != "groups":
         assert ratios[ZERO_GRAD] == 1.0  # ||g|| = 0
     if rule == "lamb" and mode != "groups":
         assert np.all(ratios[[0, 2, 5]] != 1.0)  # the other tensors really are adapted
@@ -413,9 +413,11 @@ def test_bad_hyper_parameters(name, make, match):
      r"grads\[1\] has dtype float32"),
     (lambda p, g, s: layerwise.lamb_(p, g, s, [x.copy() for x in s], step=0), ValueError, "step"),
     (lambda p, g, s: layerwise.lamb_(p, g, s, [x.copy() for x in s], step=1, lr=-1), ValueError, "learning rate"),
-    (lambda p, g, s: layerwise.lamb_(p, g, s, s, step=1), ValueError, r"exp_avgs\[0\] and exp_avg_sqs\[0\] share memory"),
+    (lambda p, g, s: layerwise.lamb_(p, g, s, s, step=1), ValueError,
+     r"exp_avgs\[0\] and exp_avg_sqs\[0\] share memory"),
     (lambda p, g, s: layerwise.lars_(p, g, step=1, momentum=0.9), ValueError, "momentum_buffers is required"),
-    (lambda p, g, s: layerwise.lars_(p, [g[0], np.ones(8)[::2]], step=1), ValueError, r"grads\[1\] is not C-contiguous"),
+    (lambda p, g, s: layerwise.lars_(p, [g[0], np.ones(8)[::2]], step=1), ValueError,
+     r"grads\[1\] is not C-contiguous"),
     (lambda p, g, s: layerwise.lars_(p, g, step=1, trust_coeff=-1.0), ValueError, "trust_coeff"),
 ], ids=["state-shape", "count", "dtype", "step", "lr", "aliased-states", "no-buffers", "strided", "trust_coeff"])
 def test_bad_functional_input_writes_nothing(call, error, match):

@@ -2,6 +2,7 @@
 with scipy's L-BFGS-B and step-for-step agreement with torch.optim.LBFGS, the three forms of
 params, checkpoints, stopping rules and bad input."""
 import copy
+import functools
 
 import numpy as np
 import pytest
@@ -150,7 +151,7 @@ def scipy_optimum(problem):
 @pytest.mark.parametrize("form", ["array", "list", "buffer"])
 @pytest.mark.parametrize("line_search", ["strong_wolfe", None])
 def test_digits_reaches_scipys_optimum(problem, scipy_optimum, form, line_search):
-    X, Y, fun = problem
+    X, _Y, fun = problem
     opt, closure, _ = make(form, fun, np.zeros((X.shape[1], 10)), np.zeros(10), max_iter=1000,
                            line_search=line_search, tolerance_grad=1e-9, tolerance_change=1e-14)
     opt.step(closure)
@@ -183,7 +184,7 @@ def test_digits_matches_torch(problem, line_search, history_size, max_iter, step
 @pytest.mark.parametrize("form", ["array", "list", "buffer"])
 @pytest.mark.parametrize("line_search", ["strong_wolfe", None])
 def test_state_dict_resumes_the_same_run(problem, form, line_search):
-    X, Y, fun = problem
+    X, _Y, fun = problem
     W0, b0 = np.zeros((X.shape[1], 10)), np.zeros(10)
     kw = dict(max_iter=4, max_eval=100, history_size=3, line_search=line_search)
     opt, closure, read = make(form, fun, W0, b0, **kw)
@@ -269,7 +270,7 @@ def test_closure_contract_is_checked(params, closure, exc, message):
 
 def test_cupy_matches_numpy(problem):
     cupy = pytest.importorskip("cupy")
-    X, Y, fun = problem
+    X, Y, _fun = problem
     D, K = X.shape[1], Y.shape[1]
     Xc, Yc = cupy.asarray(X), cupy.asarray(Y)
 
@@ -285,7 +286,7 @@ def test_cupy_matches_numpy(problem):
     for xp, Xa, Ya in [(np, X, Y), (cupy, Xc, Yc)]:
         w = xp.zeros(D * K + K)
         opt = LBFGS(w, max_iter=200)
-        opt.step(lambda: flat(xp, Xa, Ya, w))
+        opt.step(functools.partial(flat, xp, Xa, Ya, w))
         results.append((float(flat(xp, Xa, Ya, w)[0]), opt.n_iter))
     assert results[1][0] == pytest.approx(results[0][0], rel=1e-10)
     assert abs(results[1][1] - results[0][1]) <= 2

@@ -201,7 +201,7 @@ def test_newton_on_l2_softmax_regression_converges_quadratically():
         grads.append(np.max(np.abs(fun(w)[1])))
     assert grads[-1] <= opt.tolerance_grad and opt.n_iter < 12  # at the optimum, steps stop
     # quadratic convergence: once the gradient is small, each step roughly squares it
-    close = [i for i, g in enumerate(grads) if g < 1e-3][0]
+    close = next(i for i, g in enumerate(grads) if g < 1e-3)
     assert grads[close + 1] < 10 * grads[close] ** 2 + 1e-14
     # every step was accepted and the next one reused its trial evaluation: one closure call each
     assert opt.func_evals == opt.n_iter + 1
@@ -225,7 +225,7 @@ def _quadratic_params():
     (dict(damping=-1.0, hessian=np.eye), "damping must be a finite number >= 0"),
     (dict(damping=float("nan"), hessian=np.eye), "damping must be a finite number >= 0"),
     (dict(curvature="fisher", hessian=np.eye), "curvature must be 'hessian' or 'gauss_newton'"),
-    (dict(), "hessian must be a callable"),
+    ({}, "hessian must be a callable"),
     (dict(curvature="gauss_newton"), "jacobian must be a callable"),
     (dict(hessian=np.eye, increase=1.0), "increase must be > 1"),
     (dict(hessian=np.eye, decrease=1.0), r"decrease must be in \(0, 1\)"),

@@ -8,8 +8,25 @@ import pytest
 
 import fastopt.functional as F
 from fastopt.gradcheck import check_layer, gradcheck
-from fastopt.nn import (AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU,
-                        Sequential, Sigmoid, Tanh, init, l2_penalty, mae_loss, mse_loss, softmax_cross_entropy)
+from fastopt.nn import (
+    AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    Dropout,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    Tanh,
+    init,
+    l2_penalty,
+    mae_loss,
+    mse_loss,
+    softmax_cross_entropy,
+)
 
 try:
     import cupy
@@ -174,7 +191,7 @@ def test_backward_overwrites_gradients_in_place():
     model = _mnist_like()
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((4, 1, 28, 28)), rng.integers(0, 10, 4)
-    grad_arena, grad_views = model.buffer.grad_arena, [g for g in model.buffer.grads]
+    grad_arena, grad_views = model.buffer.grad_arena, list(model.buffer.grads)
     _, dlogits = softmax_cross_entropy(model(x), y)
     dx = model.backward(dlogits)
     first = grad_arena.copy()
@@ -199,7 +216,8 @@ def test_one_update_moves_the_whole_model():
 
 
 def test_float32_and_float64_models_agree():
-    layers = lambda: [Conv2d(2, 4, 3, padding=1), BatchNorm2d(4), ReLU(), AvgPool2d(2), Flatten(), Linear(16, 3)]
+    def layers():
+        return [Conv2d(2, 4, 3, padding=1), BatchNorm2d(4), ReLU(), AvgPool2d(2), Flatten(), Linear(16, 3)]
     m32, m64 = Sequential(*layers(), dtype=np.float32, seed=9), Sequential(*layers(), dtype=np.float64, seed=9)
     x = _randn((3, 2, 4, 4), seed=1)
     for p32, p64 in zip(m32.buffer.params, m64.buffer.params):
@@ -441,7 +459,8 @@ def test_bad_input_names_the_argument(message, call):
 
 @pytest.mark.skipif(cupy is None, reason="CuPy is not installed")
 def test_cuda_model_matches_cpu_model():
-    layers = lambda: [Conv2d(1, 4, 3, padding=1), BatchNorm2d(4), ReLU(), MaxPool2d(2), Flatten(), Linear(36, 3)]
+    def layers():
+        return [Conv2d(1, 4, 3, padding=1), BatchNorm2d(4), ReLU(), MaxPool2d(2), Flatten(), Linear(36, 3)]
     cpu, gpu = (Sequential(*layers(), dtype=np.float64, device=d, seed=0) for d in ("cpu", "cuda"))
     x, y = _randn((4, 1, 6, 6)), np.array([0, 1, 2, 1])
     for model, xs, ys in [(cpu, x, y), (gpu, cupy.asarray(x), cupy.asarray(y))]:

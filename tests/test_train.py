@@ -1,5 +1,5 @@
-"""fastopt.app (train, recipes, prepare, loop, outputs): model builders, optimizer and schedule construction from settings, weight
-decay groups, the epoch loop (progress, per-step losses, accuracy), MNIST files, EMA and
+"""fastopt.app (train, recipes, prepare, loop, outputs): model builders, optimizer and schedule construction
+from settings, weight decay groups, the epoch loop (progress, per-step losses, accuracy), MNIST files, EMA and
 clipping, checkpoints (refusals, another device), and the outputs' helpers."""
 import dataclasses
 import gzip
@@ -54,7 +54,7 @@ def test_build_model_forward_and_backward_shapes(name, shape, classes):
     x = np.random.default_rng(0).standard_normal((4, *shape))
     logits = model(x)
     assert logits.shape == (4, classes) and np.isfinite(logits).all()
-    loss, dlogits = nn.softmax_cross_entropy(logits, np.arange(4) % classes)
+    _loss, dlogits = nn.softmax_cross_entropy(logits, np.arange(4) % classes)
     model.backward(dlogits)
     assert all(g.shape == p.shape for g, p in zip(model.buffer.grads, model.buffer.params))
     assert np.abs(model.buffer.grad_arena).sum() > 0
@@ -238,14 +238,14 @@ def test_missing_and_malformed_data_raise_data_errors(tmp_path):
     with pytest.raises(D.DataError, match="no such file"):
         P.load_dataset(str(tmp_path / "absent"))
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(D.DataError, match="bad.npz"):
+    with pytest.raises(D.DataError, match=r"bad\.npz"):
         P.load_dataset(str(tmp_path / "bad.npz"))
 
 
 def test_resume_refuses_another_run(tmp_path):
     T.train(tiny_config(tmp_path, model="mlp", epochs=1, checkpoint=True), log=quiet)
     # the lr it ran with, not "None" for "the default"
-    with pytest.raises(UsageError, match="another run: lr=0.003 there, 0.5 here"):
+    with pytest.raises(UsageError, match=r"another run: lr=0\.003 there, 0\.5 here"):
         T.train(tiny_config(tmp_path, model="mlp", lr=0.5, resume=True), log=quiet)
     # the default given explicitly is the same run
     T.train(tiny_config(tmp_path, model="mlp", lr=R.DEFAULT_LR["adam"], epochs=2, resume=True), log=quiet)
@@ -453,7 +453,7 @@ def test_atomic_write_removes_the_orphans_of_earlier_saves_to_that_path_only(tmp
         (tmp_path / name).write_text("left by a killed save")
     atomic_write(tmp_path / "metrics.json", lambda f: f.write(b"new"))
     assert (tmp_path / "metrics.json").read_bytes() == b"new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others + ["metrics.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*others, "metrics.json"])
 
 
 def test_a_failed_save_leaves_the_old_file_and_no_temporary_file(tmp_path):
@@ -560,7 +560,8 @@ def test_a_run_into_an_earlier_runs_folder_says_what_it_replaces(tmp_path):
     assert f"note: {run} holds an earlier run's metrics.json, metrics.csv, loss.png, accuracy.png: this run " \
            "replaces them (--out DIR keeps runs apart)" in second
     assert f"note: {run / O.CHECKPOINT} is an earlier run's and stays; --resume would continue that run" in second
-    assert any(line.startswith("note: ") and "accuracy.png, checkpoint.npz: this run replaces" in line for line in third)
+    assert any(line.startswith("note: ") and "accuracy.png, checkpoint.npz: this run replaces" in line
+               for line in third)
 
 
 def test_an_exploding_loss_is_warned_about_once(tmp_path):
