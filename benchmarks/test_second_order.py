@@ -11,8 +11,8 @@ same run). Adam and SGD+momentum are fastopt.functional's fused rules, full batc
 learning rate of a small grid that reaches the tightest target in the fewest iterations.
 
 BLAS runs single-threaded for every method: NumPy and SciPy each bring their own OpenBLAS,
-whose idle threads spin against each other on a small machine (SciPy's L-BFGS-B ran 30x
-slower here with both at 2 threads). With FASTOPT_PLOT_DIR set, the loss gap f - f* against
+whose idle threads spin against each other on a small machine (SciPy's L-BFGS-B ran many
+times slower with both at 2 threads). With FASTOPT_PLOT_DIR set, the loss gap f - f* against
 closure calls is drawn to $FASTOPT_PLOT_DIR/second_order_digits.png (fastopt.plots).
 """
 import contextlib

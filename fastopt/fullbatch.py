@@ -100,7 +100,7 @@ class Closure:
 
 def one_blas_thread():
     """BLAS on one thread: NumPy's and SciPy's OpenBLAS pools spin against each other on a
-    small machine (SciPy's L-BFGS-B ran 30x slower here with both at 2 threads)."""
+    small machine (SciPy's L-BFGS-B ran many times slower with both at 2 threads)."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:

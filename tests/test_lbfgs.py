@@ -50,8 +50,8 @@ def problem():
 
 @pytest.fixture(scope="module", autouse=True)
 def one_blas_thread():
-    """These problems are too small for BLAS threads, whose idle spinning costs a loaded
-    2-core machine up to 30x (NumPy's and SciPy's OpenBLAS each have a pool)."""
+    """These problems are too small for BLAS threads, whose idle spinning slows a loaded
+    2-core machine many times over (NumPy's and SciPy's OpenBLAS each have a pool)."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:

@@ -50,8 +50,9 @@ def kernel_threads(n):
     """Run fastopt's CPU kernels on ``n`` Numba threads inside the block (at most Numba's pool).
 
     Why not all cores: in training, NumPy's BLAS (the matrix products) keeps its own threads,
-    which spin between calls. Two spinning pools on the same cores made whole epochs 10-20x
-    slower on a 2-core machine (28x28 inputs, where the optimizer's kernels go parallel);
+    which spin between calls. Two spinning pools on the same cores made whole epochs many times
+    slower on a 2-core machine (28x28 inputs, where the optimizer's kernels go parallel; the
+    README's "Threads" table has the figures);
     one kernel thread costs little, the update being a small share of a step."""
     import numba
     before = numba.get_num_threads()
