@@ -9,11 +9,14 @@
     linear_warmup(peak, steps, start=0)   start + (peak - start) min(t, steps) / steps
     join(schedules, boundaries)           schedules[i](t - boundaries[i-1]) between boundaries
 """
+from __future__ import annotations
+
 import bisect
 import math
+from collections.abc import Callable, Iterable
 
 
-def _number(name, value, lo=0.0, hi=math.inf, hi_closed=False):
+def _number(name: str, value: float, lo: float = 0.0, hi: float = math.inf, hi_closed: bool = False) -> None:
     try:
         ok = lo <= value < hi or (hi_closed and value == hi)
     except TypeError:
@@ -22,51 +25,62 @@ def _number(name, value, lo=0.0, hi=math.inf, hi_closed=False):
         raise ValueError(f"{name} must be a number in [{lo}, {hi}{']' if hi_closed else ')'}, got {value!r}")
 
 
-def _count(name, value):
+def _count(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 class Schedule:
-    """A named schedule; ``repr`` shows how it was built (for logs and checkpoints)."""
+    """A named schedule; ``repr`` shows how it was built (for logs and checkpoints).
 
-    def __init__(self, fn, description):
+    fn: ``fn(t) -> number``, the value after ``t`` updates (t >= 0); description: the ``repr``.
+    Calling it checks ``t >= 0`` and returns ``float(fn(t))``."""
+
+    def __init__(self, fn: Callable[[int], float], description: str) -> None:
         self._fn, self._description = fn, description
 
-    def __call__(self, t):
+    def __call__(self, t: int) -> float:
         if t < 0:
             raise ValueError(f"t must be >= 0 (updates done so far), got {t}")
         return float(self._fn(t))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return self._description
 
 
-def constant(value):
+def constant(value: float) -> Schedule:
+    """``value`` at every step. value: a number >= 0."""
     _number("value", value)
     return Schedule(lambda t: value, f"constant({value})")
 
 
-def step_decay(init, factor, every):
+def step_decay(init: float, factor: float, every: int) -> Schedule:
+    """``init * factor ** (t // every)``: multiplied by ``factor`` every ``every`` updates.
+
+    init: >= 0; factor: in [0, 1]; every: a positive integer."""
     _number("init", init)
     _number("factor", factor, 0.0, 1.0, hi_closed=True)
     _count("every", every)
     return Schedule(lambda t: init * factor ** (t // every), f"step_decay({init}, {factor}, {every})")
 
 
-def exponential_decay(init, k):
+def exponential_decay(init: float, k: float) -> Schedule:
+    """``init * exp(-k t)``. init, k: numbers >= 0."""
     _number("init", init)
     _number("k", k)
     return Schedule(lambda t: init * math.exp(-k * t), f"exponential_decay({init}, {k})")
 
 
-def inverse_time_decay(init, k):
+def inverse_time_decay(init: float, k: float) -> Schedule:
+    """``init / (1 + k t)`` (1/t decay). init, k: numbers >= 0."""
     _number("init", init)
     _number("k", k)
     return Schedule(lambda t: init / (1 + k * t), f"inverse_time_decay({init}, {k})")
 
 
-def cosine_decay(init, steps, final=0.0):
+def cosine_decay(init: float, steps: int, final: float = 0.0) -> Schedule:
+    """Half a cosine from ``init`` at t = 0 to ``final`` (default 0.0) at t = ``steps``, then
+    ``final``. init, final: >= 0; steps: a positive integer."""
     _number("init", init)
     _count("steps", steps)
     _number("final", final)
@@ -74,7 +88,9 @@ def cosine_decay(init, steps, final=0.0):
                     f"cosine_decay({init}, {steps}, final={final})")
 
 
-def linear_warmup(peak, steps, start=0.0):
+def linear_warmup(peak: float, steps: int, start: float = 0.0) -> Schedule:
+    """A straight line from ``start`` (default 0.0) at t = 0 to ``peak`` at t = ``steps``, then
+    ``peak``. peak, start: >= 0; steps: a positive integer."""
     _number("peak", peak)
     _count("steps", steps)
     _number("start", start)
@@ -82,8 +98,11 @@ def linear_warmup(peak, steps, start=0.0):
                     f"linear_warmup({peak}, {steps}, start={start})")
 
 
-def join(schedules, boundaries):
-    """``schedules[0]`` until ``boundaries[0]``, then ``schedules[1]`` restarted at 0, ..."""
+def join(schedules: Iterable[Callable[[int], float]], boundaries: Iterable[int]) -> Schedule:
+    """``schedules[0]`` until ``boundaries[0]``, then ``schedules[1]`` restarted at 0, ...
+
+    schedules: callables of t (one more than boundaries); boundaries: increasing positive
+    integers, the update counts at which the next schedule takes over."""
     schedules, boundaries = list(schedules), list(boundaries)
     if len(schedules) != len(boundaries) + 1:
         raise ValueError(f"join needs one boundary fewer than schedules, got {len(schedules)} schedules "
@@ -94,14 +113,15 @@ def join(schedules, boundaries):
     if any(not isinstance(b, int) or b < 1 for b in boundaries) or boundaries != sorted(set(boundaries)):
         raise ValueError(f"boundaries must be increasing positive integers, got {boundaries}")
 
-    def fn(t):
+    def fn(t: int) -> float:
         i = bisect.bisect_right(boundaries, t)
         return schedules[i](t - (boundaries[i - 1] if i else 0))
     return Schedule(fn, f"join({schedules}, {boundaries})")
 
 
-def warmup_cosine(peak, warmup_steps, total_steps, final=0.0):
-    """Linear warm-up from 0 to ``peak``, then cosine decay to ``final`` at ``total_steps``."""
+def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, final: float = 0.0) -> Schedule:
+    """Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then cosine decay to ``final``
+    (default 0.0) at ``total_steps``, which must exceed ``warmup_steps`` (both positive integers)."""
     _count("total_steps", total_steps)
     if total_steps <= warmup_steps:
         raise ValueError(f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})")

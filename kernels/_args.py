@@ -1,8 +1,15 @@
-"""Hyper-parameter checks, with PyTorch's messages so errors read the same in both."""
+"""Hyper-parameter checks, with PyTorch's messages so errors read the same in both.
+
+Each check returns None or raises ValueError; a value that is not a number fails as out of range.
+"""
+from __future__ import annotations
+
 import math
+from collections.abc import Callable
+from typing import Any
 
 
-def _in(value, lo, hi, closed_hi):
+def _in(value: Any, lo: float, hi: float, closed_hi: bool) -> bool:
     # `not lo <= x` also rejects NaN; a non-number fails the comparison with TypeError
     try:
         return lo <= value < hi or (closed_hi and value == hi)
@@ -10,22 +17,26 @@ def _in(value, lo, hi, closed_hi):
         return False
 
 
-def nonneg(name, value):
+def nonneg(name: str, value: Any) -> None:
+    """``name`` (for the message) >= 0 and finite."""
     if not _in(value, 0.0, math.inf, False):
         raise ValueError(f"Invalid {name} value: {value}")
 
 
-def lr(value):
+def lr(value: Any) -> None:
+    """A learning rate >= 0 and finite."""
     if not _in(value, 0.0, math.inf, False):
         raise ValueError(f"Invalid learning rate: {value}")
 
 
-def eps(value):
+def eps(value: Any) -> None:
+    """An epsilon >= 0 and finite."""
     if not _in(value, 0.0, math.inf, False):
         raise ValueError(f"Invalid epsilon value: {value}")
 
 
-def betas(value):
+def betas(value: Any) -> None:
+    """A pair ``(beta1, beta2)``, each in [0, 1)."""
     try:
         pair = len(value) == 2
     except TypeError:  # betas=0.9: say so, not "object of type 'float' has no len()"
@@ -37,18 +48,20 @@ def betas(value):
             raise ValueError(f"Invalid beta parameter at index {i}: {b}")
 
 
-def unit(name, value):
-    """A decay rate in [0, 1]."""
+def unit(name: str, value: Any) -> None:
+    """A decay rate ``name`` (for the message) in [0, 1]."""
     if not _in(value, 0.0, 1.0, True):
         raise ValueError(f"Invalid {name} value: {value}")
 
 
-def step(value):
+def step(value: Any) -> None:
+    """The 1-based number of an update: an integer (not a bool) >= 1."""
     if (type(value) is not int and not (hasattr(value, "__index__") and not isinstance(value, bool))) or value < 1:
         raise ValueError(f"step must be a positive integer (the 1-based number of this update), got {value!r}")
 
 
-def required(name, array, why):
+def required(name: str, array: Any, why: str) -> None:
+    """``array`` is not None; the message says ``name`` is required ``why`` ("when amsgrad=True")."""
     if array is None:
         raise ValueError(f"{name} is required {why}")
 
@@ -56,22 +69,24 @@ def required(name, array, why):
 L1_MODES = ("subgradient", "proximal")
 
 
-def l1(value, mode):
+def l1(value: Any, mode: Any) -> None:
+    """An L1 strength >= 0 and a mode in :data:`L1_MODES`."""
     nonneg("l1", value)
     if mode not in L1_MODES:
         raise ValueError(f"l1_mode must be 'subgradient' or 'proximal', got {mode!r}")
 
 
-def nonneg_of(name):
+def nonneg_of(name: str) -> Callable[[Any], None]:
     """A check of ``name`` >= 0 (for a rule's declaration)."""
     return lambda value: nonneg(name, value)
 
 
-def unit_of(name):
+def unit_of(name: str) -> Callable[[Any], None]:
     """A check of ``name`` in [0, 1] (for a rule's declaration)."""
     return lambda value: unit(name, value)
 
 
-def l1_mode(value):
+def l1_mode(value: Any) -> None:
+    """An L1 mode: one of :data:`L1_MODES`."""
     if value not in L1_MODES:
         raise ValueError(f"l1_mode must be 'subgradient' or 'proximal', got {value!r}")

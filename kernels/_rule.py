@@ -4,31 +4,57 @@ names where they differ. Everything else derives from the declaration: the kerne
 (:mod:`._engine`), the in-place function (``adam_``), the optimizer class, the PTX report,
 the CLI's flags and the tests' tables.
 """
+from __future__ import annotations
+
 import inspect
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from . import _args, _dispatch
 from ._engine import Kernels, Scalars, math_arguments
+
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
+
+#: ``scalars(hyper, step, lr) -> {name: value}``: a rule's host-side per-step scalars
+HostScalars = Callable[[Mapping[str, Any], int, float], Any]
 
 
 class Hyper:
     """One hyper-parameter: ``name``, ``default`` (its type is the type a value must have),
     ``check(value)`` raising ValueError with torch's message, ``keyword``: keyword-only in
-    torch's constructor (after ``*``), ``torch``: torch.optim's rule has it too, ``doc``."""
+    torch's constructor (after ``*``), ``torch``: torch.optim's rule has it too, ``doc``.
+    Defaults: ``check=None`` (no check), ``keyword=False``, ``torch=True``, ``doc=""``."""
 
     __slots__ = ("check", "default", "doc", "keyword", "name", "torch")
+    name: str
+    default: Any
+    check: Callable[[Any], None] | None
+    keyword: bool
+    torch: bool
+    doc: str
 
-    def __init__(self, name, default, check=None, *, keyword=False, torch=True, doc=""):
+    def __init__(self, name: str, default: Any, check: Callable[[Any], None] | None = None, *,
+                 keyword: bool = False, torch: bool = True, doc: str = "") -> None:
         self.name, self.default, self.check = name, default, check
         self.keyword, self.torch, self.doc = keyword, torch, doc
 
 
 class State:
     """One state array the rule keeps: ``name``, and for an optional state the condition
-    under which its options need it (``when(hyper) -> bool``, described by ``because``)."""
+    under which its options need it (``when(hyper) -> bool``, described by ``because``).
+    ``start``: the hyper-parameter holding its initial value (default None: zero);
+    ``torch_name``: torch.optim's name for it where it differs (default None)."""
 
     __slots__ = ("because", "name", "start", "torch_name", "when")
+    name: str
+    when: Callable[[Mapping[str, Any]], bool] | None
+    because: str
+    start: str | None
+    torch_name: str | None
 
-    def __init__(self, name, when=None, because="", *, start=None, torch_name=None):
+    def __init__(self, name: str, when: Callable[[Mapping[str, Any]], bool] | None = None, because: str = "", *,
+                 start: str | None = None, torch_name: str | None = None) -> None:
         self.name, self.when, self.because = name, when, because
         self.start = start            # the hyper-parameter holding its initial value (else zero)
         self.torch_name = torch_name  # torch.optim's name for it, where it differs
@@ -42,10 +68,15 @@ class Rule:
     torch's order; ``check(hyper)``: checks between hyper-parameters; ``fixed``: values a
     variant fixes (AdamW's ``decoupled_weight_decay=True``); ``derived``: torch state
     entries recomputed rather than kept (NAdam's ``mu_product``); ``start_from_grad``:
-    states that start from the gradient on their first update (SGD's momentum buffer)."""
+    states that start from the gradient on their first update (SGD's momentum buffer);
+    ``kernels``: the compiled :class:`~._engine.Kernels` to share (a variant's), default None:
+    built from ``math``. Every keyword defaults to empty / None."""
 
-    def __init__(self, name, math, scalars, *, states=(), hyper=(), check=None, fixed=None, derived=(),
-                 start_from_grad=(), kernels=None):
+    def __init__(self, name: str, math: Callable[..., Any] | None, scalars: HostScalars, *,
+                 states: Iterable[State] = (), hyper: Iterable[Hyper] = (),
+                 check: Callable[[Mapping[str, Any]], None] | None = None, fixed: Mapping[str, Any] | None = None,
+                 derived: Iterable[str] = (), start_from_grad: Iterable[str] = (),
+                 kernels: Kernels | bool | None = None) -> None:
         self.name, self.math, self.host_scalars = name, math, scalars
         self.state_list = tuple(states)
         self.states = tuple(s.name for s in self.state_list)
@@ -64,7 +95,7 @@ class Rule:
             kernels = Kernels(name, math, self.states, spec)
         self.kernels = kernels
 
-    def variant(self, name, *, fixed, defaults):
+    def variant(self, name: str, *, fixed: Mapping[str, Any], defaults: Mapping[str, Any]) -> Rule:
         """The same math and kernels with some values fixed and other defaults (AdamW)."""
         hyper = [Hyper(h.name, defaults.get(h.name, h.default), h.check, keyword=h.keyword, torch=h.torch,
                        doc=h.doc) for h in self.hyper.values() if h.name not in fixed]
@@ -72,7 +103,7 @@ class Rule:
                     fixed={**self.fixed, **fixed}, derived=self.derived, start_from_grad=self.start_from_grad,
                     kernels=self.kernels)
 
-    def check(self, hyper):
+    def check(self, hyper: Mapping[str, Any]) -> None:
         """Every hyper-parameter's value (types are the optimizer's to check), with torch's messages."""
         for name, h in self.hyper.items():
             if h.check is not None:
@@ -80,16 +111,18 @@ class Rule:
         if self._check is not None:
             self._check(hyper)
 
-    def states_needed(self, hyper):
+    def states_needed(self, hyper: Mapping[str, Any]) -> tuple[str, ...]:
         """The states these hyper-parameters read and write (the others stay None)."""
         return tuple(s.name for s in self.state_list if s.when is None or s.when(hyper))
 
-    def kernel_scalars(self, hyper, step, lr, dtype, grad_scale=1.0):
-        """The kernel's scalar tuple for update number ``step`` (1-based) at ``lr``."""
+    def kernel_scalars(self, hyper: Mapping[str, Any], step: int, lr: float, dtype: DTypeLike,
+                       grad_scale: float = 1.0) -> tuple:
+        """The kernel's scalar tuple for update number ``step`` (1-based) at ``lr``, floats in
+        ``dtype``, the gradient scaled by ``grad_scale`` (default 1.0) as it is read."""
         return self.kernels.scalars.pack(self.host_scalars(hyper, step, lr), dtype, grad_scale)
 
     # -- the in-place function -------------------------------------------------------------
-    def signature(self):
+    def signature(self) -> inspect.Signature:
         """``(param, grad, <states>, *, step, <hyper-parameters>)``: an optional state defaults to None."""
         P = inspect.Parameter
         params = [P("param", P.POSITIONAL_OR_KEYWORD), P("grad", P.POSITIONAL_OR_KEYWORD)]
@@ -100,11 +133,11 @@ class Rule:
                    if n not in self.initial.values()]
         return inspect.Signature(params)
 
-    def function(self, name, doc):
+    def function(self, name: str, doc: str) -> Callable[..., None]:
         """The public in-place call (``adam_``): checks everything, then one fused pass."""
         signature = self.signature()
 
-        def update(*args, **kwargs):
+        def update(*args: Any, **kwargs: Any) -> None:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             a = bound.arguments
@@ -125,7 +158,7 @@ class Rule:
         update.__doc__ = doc
         return update
 
-    def kernel_scalars_for(self, hyper, step):
+    def kernel_scalars_for(self, hyper: Mapping[str, Any], step: int) -> Any:
         """``(rule, hyper, step) -> (host dict)`` for a launch that casts later."""
         return self.host_scalars(hyper, step, hyper["lr"])
 
@@ -135,8 +168,10 @@ class OwnKernelsRule(Rule):
     trust ratios need two passes (not yet expressed on the engine). Its host scalars are
     ``(floats, flags)`` in the order those kernels index them."""
 
-    def __init__(self, name, scalars, **declaration):
+    def __init__(self, name: str, scalars: HostScalars, **declaration: Any) -> None:
         super().__init__(name, None, scalars, kernels=False, **declaration)
 
-    def kernel_scalars(self, hyper, step, lr, dtype, grad_scale=1.0):
+    def kernel_scalars(self, hyper: Mapping[str, Any], step: int, lr: float, dtype: DTypeLike,
+                       grad_scale: float = 1.0) -> tuple:
+        """The host scalars cast to ``dtype`` (``grad_scale`` default 1.0), as LAMB's and LARS's kernels take them."""
         return _dispatch.cast_scalars(self.host_scalars(hyper, step, lr), dtype, grad_scale)
