@@ -10,10 +10,14 @@ Layouts: arrays are NCHW in shape but not always in memory. Conv2d's product com
 keep whatever layout they are given, and the next Conv2d's im2col reads (C, kh, kw, N, ...)
 order, which that layout serves best. Only Flatten forces a copy to NCHW order.
 """
+from __future__ import annotations
+
+from types import ModuleType
+
 import numpy as np
 
 from ._array import array_module, as_strided
-from .layers import WeightLayer, _positive_int
+from .layers import Init, WeightLayer, _positive_int
 from .module import Layer
 
 
@@ -67,16 +71,22 @@ class Conv2d(WeightLayer):
 
     As matrices, with cols (C_in*kh*kw, N*Ho*Wo) the im2col of xpad and W2 = W.reshape(C_out, -1):
     Y = W2 cols + b;  dW2 = dY cols^T;  db = dY 1;  dcols = W2^T dY, scattered back by col2im.
+
+    ``Conv2d(in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, init=None)``:
+    kernel_size, stride and padding an int or an (h, w) pair (padding zeros on each side);
+    ``bias=False`` leaves b out; ``init`` as :class:`~fastopt.nn.layers.WeightLayer`'s.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, init=None):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0, bias: bool = True,
+                 init: Init | None = None) -> None:
         kh, kw = (_positive_int("kernel_size", k) for k in _pair("kernel_size", kernel_size))
         super().__init__((_positive_int("out_channels", out_channels), _positive_int("in_channels", in_channels),
                           kh, kw), bias, init)
         self.stride = tuple(_positive_int("stride", s) for s in _pair("stride", stride))
         self.padding = _padding(padding)
 
-    def forward(self, x):
+    def forward(self, x: np.ndarray) -> np.ndarray:
         xp = array_module(x)
         o, c, kh, kw = self.weight_shape
         if x.ndim != 4 or x.shape[1] != c:
@@ -93,7 +103,7 @@ class Conv2d(WeightLayer):
         # (C_out, N, Ho, Wo) -> NCHW as a view: the next layer reads it in any order
         return out.reshape(o, n, ho, wo).transpose(1, 0, 2, 3)
 
-    def backward(self, dout, need_dx=True):
+    def backward(self, dout: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
         xp = array_module(dout)
         o, c, kh, kw = self.weight_shape
         n, _, ho, wo = dout.shape
@@ -113,7 +123,7 @@ class Conv2d(WeightLayer):
                 dx[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] += dcols[:, i, j]
         return _unpad(dx.transpose(1, 0, 2, 3), *self.padding)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         o, c, kh, kw = self.weight_shape
         return f"Conv2d({c}, {o}, kernel_size=({kh}, {kw}), stride={self.stride}, padding={self.padding})"
 
@@ -121,11 +131,15 @@ class Conv2d(WeightLayer):
 class _Pool2d(Layer):
     """Pooling walks the kh*kw kernel offsets: offset (i, j) is one strided slice of the
     (padded) input holding element (i, j) of every window, so a pool is kh*kw element-wise
-    operations on whole arrays, and its backward kh*kw slice-writes."""
+    operations on whole arrays, and its backward kh*kw slice-writes.
+
+    ``(kernel_size, stride=None, padding=0)``: each an int or an (h, w) pair; stride None is
+    the kernel size (windows that tile); padding at most half the kernel."""
 
     transparent = True
 
-    def __init__(self, kernel_size, stride=None, padding=0):
+    def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
+                 padding: int | tuple[int, int] = 0) -> None:
         super().__init__()
         self.kernel = tuple(_positive_int("kernel_size", k) for k in _pair("kernel_size", kernel_size))
         stride = self.kernel if stride is None else _pair("stride", stride)
@@ -134,7 +148,7 @@ class _Pool2d(Layer):
         if any(2 * p > k for p, k in zip(self.padding, self.kernel)):
             raise ValueError(f"padding must be an integer in [0, kernel_size / 2], got {padding!r}")
 
-    def _offsets(self, x, pad_value):
+    def _offsets(self, x: np.ndarray, pad_value: float) -> tuple[ModuleType, list[np.ndarray]]:
         """The input's array module and its kh*kw offset slices, each (N, C, Ho, Wo), in row-major order."""
         if x.ndim != 4:
             raise ValueError(f"x must have shape (N, C, H, W), got {x.shape}")
@@ -145,7 +159,7 @@ class _Pool2d(Layer):
         kh, kw = self.kernel
         return xp, [win[..., i, j] for i in range(kh) for j in range(kw)]
 
-    def _scatter(self, xp, pieces, dtype):
+    def _scatter(self, xp: ModuleType, pieces: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
         """d(input) from the gradient ``pieces[k]`` (N, C, Ho, Wo) of each offset slice k."""
         (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
         _n, _c, ho, wo = pieces[0].shape
@@ -163,7 +177,7 @@ class _Pool2d(Layer):
                 dst += piece
         return dx if tiles else _unpad(dx, ph, pw)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{type(self).__name__}(kernel_size={self.kernel}, stride={self.stride}, padding={self.padding})"
 
 
@@ -172,9 +186,10 @@ class MaxPool2d(_Pool2d):
     window's first maximal element only (ties: the first in row-major order, as PyTorch).
 
     Forward keeps ``argmax`` (N, C, Ho, Wo): the offset k of each window's first maximum,
-    built with boolean arithmetic (masked assignment is several times slower in NumPy)."""
+    built with boolean arithmetic (masked assignment is several times slower in NumPy).
+    ``MaxPool2d(kernel_size, stride=None, padding=0)``: see :class:`_Pool2d`."""
 
-    def forward(self, x):
+    def forward(self, x: np.ndarray) -> np.ndarray:
         xp, offsets = self._offsets(x, -np.inf)
         best = offsets[0].copy(order="K")
         for v in offsets[1:]:
@@ -188,7 +203,7 @@ class MaxPool2d(_Pool2d):
         self.argmax = idx
         return best
 
-    def backward(self, dout, need_dx=True):
+    def backward(self, dout: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
         if not need_dx:
             return None
         xp = array_module(dout)
@@ -198,9 +213,10 @@ class MaxPool2d(_Pool2d):
 
 class AvgPool2d(_Pool2d):
     """y = mean over each window (zero padding counted, as PyTorch's default);
-    every element of a window gets dout / (kh*kw)."""
+    every element of a window gets dout / (kh*kw).
+    ``AvgPool2d(kernel_size, stride=None, padding=0)``: see :class:`_Pool2d`."""
 
-    def forward(self, x):
+    def forward(self, x: np.ndarray) -> np.ndarray:
         _xp, offsets = self._offsets(x, 0)
         total = offsets[0].copy(order="K")
         for v in offsets[1:]:
@@ -208,7 +224,7 @@ class AvgPool2d(_Pool2d):
         total *= total.dtype.type(1 / len(offsets))
         return total
 
-    def backward(self, dout, need_dx=True):
+    def backward(self, dout: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
         if not need_dx:
             return None
         share = dout * dout.dtype.type(1 / (self.kernel[0] * self.kernel[1]))

@@ -16,10 +16,15 @@ either device. Fans follow PyTorch: a weight of shape ``(out, in, *kernel)`` has
 The default per layer (:func:`default_for`) is He for a layer followed by a ReLU and Xavier
 (uniform) otherwise; biases start at zero.
 """
+from __future__ import annotations
+
 import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
 
 
-def fans(shape):
+def fans(shape: Sequence[int]) -> tuple[int, int]:
     """(fan_in, fan_out) of a weight of shape ``(out, in, *kernel)``."""
     if len(shape) < 2:
         raise ValueError(f"shape must have at least 2 dimensions (out, in, ...), got {shape}")
@@ -27,27 +32,32 @@ def fans(shape):
     return shape[1] * receptive, shape[0] * receptive
 
 
-def small_gaussian(rng, shape, std=0.01):
+def small_gaussian(rng: np.random.Generator, shape: Sequence[int], std: float = 0.01) -> np.ndarray:
+    """W ~ N(0, std^2), ``std`` default 0.01."""
     return rng.standard_normal(shape) * std
 
 
-def xavier_normal(rng, shape, gain=1.0):
+def xavier_normal(rng: np.random.Generator, shape: Sequence[int], gain: float = 1.0) -> np.ndarray:
+    """W ~ N(0, gain^2 * 2 / (fan_in + fan_out)), ``gain`` default 1.0."""
     fan_in, fan_out = fans(shape)
     return rng.standard_normal(shape) * (gain * math.sqrt(2.0 / (fan_in + fan_out)))
 
 
-def xavier_uniform(rng, shape, gain=1.0):
+def xavier_uniform(rng: np.random.Generator, shape: Sequence[int], gain: float = 1.0) -> np.ndarray:
+    """W ~ U(-a, a), a = gain * sqrt(6 / (fan_in + fan_out)), ``gain`` default 1.0."""
     fan_in, fan_out = fans(shape)
     bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
     return rng.uniform(-bound, bound, shape)
 
 
-def he_normal(rng, shape):
+def he_normal(rng: np.random.Generator, shape: Sequence[int]) -> np.ndarray:
+    """W ~ N(0, 2 / fan_in)."""
     fan_in, _ = fans(shape)
     return rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)
 
 
-def he_uniform(rng, shape):
+def he_uniform(rng: np.random.Generator, shape: Sequence[int]) -> np.ndarray:
+    """W ~ U(-a, a), a = sqrt(6 / fan_in)."""
     fan_in, _ = fans(shape)
     bound = math.sqrt(6.0 / fan_in)
     return rng.uniform(-bound, bound, shape)
@@ -57,7 +67,7 @@ INITS = {"small_gaussian": small_gaussian, "xavier_normal": xavier_normal,
          "xavier_uniform": xavier_uniform, "he_normal": he_normal, "he_uniform": he_uniform}
 
 
-def default_for(nonlinearity):
+def default_for(nonlinearity: str) -> str:
     """The init name for a weight whose output goes into ``nonlinearity``
     ("relu", "tanh", "sigmoid" or "linear", i.e. none)."""
     if nonlinearity not in ("relu", "tanh", "sigmoid", "linear"):
@@ -65,7 +75,7 @@ def default_for(nonlinearity):
     return "he_normal" if nonlinearity == "relu" else "xavier_uniform"
 
 
-def resolve(init):
+def resolve(init: str | Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
     """An init given by name or as a callable ``init(rng, shape) -> array``."""
     if callable(init):
         return init

@@ -4,23 +4,34 @@ synchronizes, so call it only when the value is needed) and its gradient with re
 ``pred``, ready for ``model.backward(dpred)``. One call because the forward quantities
 (softmax, residuals) are exactly what the gradient needs.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from ._array import array_module
 
+if TYPE_CHECKING:
+    import numpy as np
 
-def _check_same_shape(pred, target):
+    from ..buffer import ParamBuffer
+
+
+def _check_same_shape(pred: np.ndarray, target: np.ndarray) -> None:
     if pred.shape != target.shape:
         raise ValueError(f"target must have the shape of pred {pred.shape}, got {target.shape}")
 
 
-def softmax_cross_entropy(logits, target, *, check_labels=True):
+def softmax_cross_entropy(logits: np.ndarray, target: np.ndarray, *,
+                          check_labels: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Mean cross-entropy of softmax(logits) (N, K) against integer class labels (N,).
 
         L = 1/N sum_i [ logsumexp(z_i) - z_i[y_i] ],   dL/dz_i = (softmax(z_i) - onehot(y_i)) / N
 
     Stable for any logits: z is shifted by its row maximum before exp, so exp never overflows
     and the log-sum-exp is at least 0. ``check_labels`` scans the labels for 0 <= y < K (an
-    index out of range would wrap around silently; on CuPy the scan is a device sync): a
-    training loop whose labels were validated once at load passes False.
+    index out of range would wrap around silently; on CuPy the scan is a device sync; default
+    True): a training loop whose labels were validated once at load passes False.
+    Returns ``(loss, dlogits)``.
     """
     xp = array_module(logits)
     if logits.ndim != 2:
@@ -44,28 +55,30 @@ def softmax_cross_entropy(logits, target, *, check_labels=True):
     return loss, grad
 
 
-def mse_loss(pred, target):
-    """Mean squared error over every element: L = mean((p - t)^2), dL/dp = 2 (p - t) / p.size."""
+def mse_loss(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean squared error over every element: L = mean((p - t)^2), dL/dp = 2 (p - t) / p.size.
+    ``target`` has the shape of ``pred``. Returns ``(loss, dpred)``."""
     _check_same_shape(pred, target)
     diff = pred - target
     return (diff * diff).mean(), diff * pred.dtype.type(2 / diff.size)
 
 
-def mae_loss(pred, target):
+def mae_loss(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean absolute error over every element: L = mean|p - t|, dL/dp = sign(p - t) / p.size
-    (0 where p == t, as PyTorch's L1Loss)."""
+    (0 where p == t, as PyTorch's L1Loss). ``target`` has the shape of ``pred``. Returns
+    ``(loss, dpred)``."""
     _check_same_shape(pred, target)
     diff = pred - target
     xp = array_module(diff)
     return xp.abs(diff).mean(), xp.sign(diff) * pred.dtype.type(1 / diff.size)
 
 
-def l2_penalty(buffer, strength, *, weights_only=True):
+def l2_penalty(buffer: ParamBuffer, strength: float, *, weights_only: bool = True) -> np.ndarray:
     """The lecture notes' L2 regularizer R = strength * sum_j theta_j^2, added to the loss.
 
     Adds dR/dtheta = 2 * strength * theta into ``buffer.grads`` IN PLACE, so call it after
     ``model.backward`` (which overwrites the gradients), and returns R (0-d array).
-    ``weights_only=True`` penalizes the parameters of 2 or more dimensions (Linear and Conv
+    ``weights_only=True`` (the default) penalizes the parameters of 2 or more dimensions (Linear and Conv
     weights), not biases or BatchNorm's gamma and beta; False penalizes the whole arena
     in one pass (its padding is zero and adds nothing).
     """

@@ -7,20 +7,29 @@ not accumulating, means one backward pass leaves exactly this batch's gradient i
 ``model.buffer.grad_arena``: no ``zero_grad`` between steps, and no gradient array is
 allocated per step.
 """
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from ..buffer import ParamBuffer, _array_module
 from ._array import to_numpy
 
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
+
 
 class _Unbuilt(dict):
     """The params / grads of a layer not yet placed in a model: empty, and a clear error on use."""
 
-    def __init__(self, owner):
+    def __init__(self, owner: str) -> None:
         super().__init__()
         self.owner = owner
 
-    def __missing__(self, name):
+    def __missing__(self, name: str) -> np.ndarray:
         raise RuntimeError(f"{self.owner} has no parameters yet: build it inside a Sequential "
                            f"(which allocates them in the model's ParamBuffer)")
 
@@ -37,48 +46,54 @@ class Layer:
     nonlinearity = None
     transparent = False  # pooling, reshaping, normalization, dropout: seen through when choosing an init
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.params, self.grads = _Unbuilt(type(self).__name__), _Unbuilt(type(self).__name__)
         self.training = True
 
-    def param_shapes(self):
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Ordered dict name -> shape of this layer's parameters."""
         return {}
 
-    def init_params(self, rng, nonlinearity):
+    def init_params(self, rng: np.random.Generator, nonlinearity: str) -> dict[str, np.ndarray]:
         """Dict name -> float64 host array: the initial values (``nonlinearity`` follows the layer)."""
         return {}
 
-    def bind(self, params, grads):
+    def bind(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        """Take ``params`` / ``grads`` (name -> view into the model's arena / grad arena) as this layer's."""
         self.params, self.grads = params, grads
 
-    def build_state(self, xp, dtype):
+    def build_state(self, xp: ModuleType, dtype: np.dtype) -> None:
         """Allocate non-parameter state (BatchNorm's running statistics)."""
 
-    def buffers(self):
+    def buffers(self) -> dict[str, np.ndarray]:
         """Dict name -> array of non-parameter state, checkpointed beside the parameters."""
         return {}
 
-    def reseed(self, seed):
+    def reseed(self, seed: int) -> None:
         """Restart the layer's random stream (Dropout), for reproducible runs and gradient checks."""
 
-    def forward(self, x):
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """The layer's output for input ``x``, keeping what ``backward`` needs."""
         raise NotImplementedError
 
-    def backward(self, dout, need_dx=True):
+    def backward(self, dout: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        """Overwrite this layer's gradient views from ``dout`` (d(loss)/d(output)) and return
+        d(loss)/d(input), or None when ``need_dx`` is False (default True)."""
         raise NotImplementedError
 
-    def __call__(self, x):
+    def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.forward(x)
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> Layer:
+        """Training mode (``mode=True``, the default) or evaluation mode (False); returns the layer."""
         self.training = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> Layer:
+        """Evaluation mode (``train(False)``); returns the layer."""
         return self.train(False)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
@@ -94,7 +109,8 @@ class Sequential(Layer):
     returns d(loss)/d(x) (``need_dx=False`` skips that last product and returns None).
     """
 
-    def __init__(self, *layers, dtype=np.float32, device="cpu", seed=0):
+    def __init__(self, *layers: Layer, dtype: DTypeLike = np.float32, device: str = "cpu",
+                 seed: int = 0) -> None:
         super().__init__()
         for i, layer in enumerate(layers):
             if not isinstance(layer, Layer) or isinstance(layer, Sequential):
@@ -128,7 +144,7 @@ class Sequential(Layer):
         self._first_with_params = next((i for i, layer in enumerate(self.layers) if layer.params),
                                        len(self.layers))
 
-    def _nonlinearity_after(self, i):
+    def _nonlinearity_after(self, i: int) -> str:
         for layer in self.layers[i + 1:]:
             if layer.nonlinearity is not None:
                 return layer.nonlinearity
@@ -136,13 +152,13 @@ class Sequential(Layer):
                 break
         return "linear"
 
-    def forward(self, x):
+    def forward(self, x: np.ndarray) -> np.ndarray:
         x = self._xp.asarray(x, dtype=self.dtype)
         for layer in self.layers:
             x = layer.forward(x)
         return x
 
-    def backward(self, dout, need_dx=True):
+    def backward(self, dout: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
         """Overwrite every parameter gradient; return d(loss)/d(input), or None with
         ``need_dx=False`` (the layers below the first parameter then do no work)."""
         dout = self._xp.asarray(dout, dtype=self.dtype)
@@ -151,31 +167,35 @@ class Sequential(Layer):
             dout = self.layers[i].backward(dout, need_dx=need_dx or i > stop)
         return dout if need_dx else None
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> Sequential:
+        """Set every layer's mode (``mode=True``, the default: training); returns the model."""
         super().train(mode)
         for layer in self.layers:
             layer.train(mode)
         return self
 
-    def reseed(self, seed):
+    def reseed(self, seed: int) -> None:
+        """Reseed every layer's random stream from one ``np.random.default_rng(seed)``."""
         rng = np.random.default_rng(seed)
         for layer in self.layers:
             layer.reseed(int(rng.integers(2**31)))
 
-    def buffers(self):
+    def buffers(self) -> dict[str, np.ndarray]:
         """Dict ``"{index}.{name}"`` -> array of the layers' non-parameter state (the live arrays)."""
         return {f"{i}.{k}": v for i, layer in enumerate(self.layers) for k, v in layer.buffers().items()}
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, np.ndarray]:
         """Host (NumPy) copies of every parameter and buffer, by name: a checkpoint, with
         PyTorch's names and layouts for the same layers (no ``num_batches_tracked``)."""
         state = {name: to_numpy(p).copy() for name, p in self.params.items()}
         state.update({name: to_numpy(b).copy() for name, b in self.buffers().items()})
         return state
 
-    def load_state_dict(self, state, strict=True):
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
         """Copy arrays (NumPy, CuPy or anything ``asarray`` takes) into the parameters and
-        buffers in place; the arena and every view stay the same objects."""
+        buffers in place; the arena and every view stay the same objects. ``strict`` (default
+        True): the names must match the model's exactly (KeyError otherwise); False copies
+        the names both have."""
         targets = {**self.params, **self.buffers()}
         missing = sorted(set(targets) - set(state))
         unexpected = sorted(set(state) - set(targets))
@@ -190,15 +210,15 @@ class Sequential(Layer):
                 raise ValueError(f"state[{name!r}] has shape {value.shape}, the model has {targets[name].shape}")
             targets[name][...] = value
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> Layer:
         return self.layers[i]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.layers)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Layer]:
         return iter(self.layers)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         inner = "\n".join(f"  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
         return f"Sequential(\n{inner}\n) on {self.device}, {self.dtype.name}, {self.buffer.numel:,} parameters"

@@ -18,6 +18,10 @@ Backward in training, with the batch statistics depending on x:
 
 and in evaluation (constant statistics): dx = gamma dy / sqrt(running_var + eps).
 """
+from __future__ import annotations
+
+from types import ModuleType
+
 import numpy as np
 
 from ._array import array_module
@@ -26,10 +30,13 @@ from .module import Layer
 
 
 class _BatchNorm(Layer):
+    """``(num_features, eps=1e-5, momentum=0.1)``: the size of axis 1, the variance's
+    epsilon (> 0) and the running averages' momentum (in [0, 1], PyTorch's convention)."""
+
     transparent = True
     axes = None  # the axes reduced over: every axis but the feature axis 1
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
         super().__init__()
         self.num_features = _positive_int("num_features", num_features)
         if not eps > 0:
@@ -39,26 +46,26 @@ class _BatchNorm(Layer):
         self.eps, self.momentum = float(eps), float(momentum)
         self.running_mean = self.running_var = None
 
-    def param_shapes(self):
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"weight": (self.num_features,), "bias": (self.num_features,)}
 
-    def init_params(self, rng, nonlinearity):
+    def init_params(self, rng: np.random.Generator, nonlinearity: str) -> dict[str, np.ndarray]:
         return {"weight": np.ones(self.num_features), "bias": np.zeros(self.num_features)}
 
-    def build_state(self, xp, dtype):
+    def build_state(self, xp: ModuleType, dtype: np.dtype) -> None:
         self.running_mean = xp.zeros(self.num_features, dtype)
         self.running_var = xp.ones(self.num_features, dtype)
 
-    def buffers(self):
+    def buffers(self) -> dict[str, np.ndarray]:
         return {"running_mean": self.running_mean, "running_var": self.running_var}
 
-    def _feature_shape(self, x):
+    def _feature_shape(self, x: np.ndarray) -> tuple[int, ...]:
         if x.ndim != self.ndim or x.shape[1] != self.num_features:
             raise ValueError(f"x must have {self.ndim} dimensions with {self.num_features} features on axis 1, "
                              f"got shape {x.shape}")
         return (1, self.num_features) + (1,) * (x.ndim - 2)
 
-    def forward(self, x):
+    def forward(self, x: np.ndarray) -> np.ndarray:
         xp = array_module(x)
         shape = self._feature_shape(x)
         if self.running_mean is None:
@@ -84,7 +91,7 @@ class _BatchNorm(Layer):
         self.batch_stats = self.training
         return gamma * self.xhat + beta
 
-    def backward(self, dout, need_dx=True):
+    def backward(self, dout: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
         shape = (1, self.num_features) + (1,) * (dout.ndim - 2)
         dbeta, dgamma = self.grads["bias"], self.grads["weight"]
         dout.sum(axis=self.axes, out=dbeta)
@@ -97,17 +104,19 @@ class _BatchNorm(Layer):
         m = dout.size // self.num_features
         return scale * (dout - dbeta.reshape(shape) / m - self.xhat * (dgamma.reshape(shape) / m))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum})"
 
 
 class BatchNorm1d(_BatchNorm):
-    """Per-feature batch normalization of x (N, D)."""
+    """Per-feature batch normalization of x (N, D).
+    ``BatchNorm1d(num_features, eps=1e-5, momentum=0.1)``: see :class:`_BatchNorm`."""
 
     ndim, axes = 2, (0,)
 
 
 class BatchNorm2d(_BatchNorm):
-    """Per-channel batch normalization of x (N, C, H, W): statistics over N, H and W."""
+    """Per-channel batch normalization of x (N, C, H, W): statistics over N, H and W.
+    ``BatchNorm2d(num_features, eps=1e-5, momentum=0.1)``: see :class:`_BatchNorm`."""
 
     ndim, axes = 4, (0, 2, 3)
