@@ -16,11 +16,17 @@ the difference itself: truncation ~ h^2 |f'''| ~ 1e-12, rounding ~ 1e-16 |f| / h
 |f| ~ 10; a wrong gradient is off by a fraction of its own size, far above both.
 The report names the worst element: its input, index, analytic and numeric value.
 """
+# no `from __future__ import annotations`: it would turn GradcheckReport's field types into strings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .nn._array import array_module, to_numpy
+
+if TYPE_CHECKING:
+    from .nn.module import Layer
 
 TINY = 1e-300
 
@@ -43,10 +49,11 @@ class GradcheckReport:
     per_input: dict = field(default_factory=dict)  # name -> max relative error
 
     @property
-    def abs_error(self):
+    def abs_error(self) -> float:
+        """|analytic - numeric| at the worst element."""
         return abs(self.analytic - self.numeric)
 
-    def __str__(self):
+    def __str__(self) -> str:
         head = "gradcheck passed" if self.passed else f"gradcheck FAILED: {self.n_failed} of {self.n_checked} elements"
         worst = (f"worst element {self.worst_input}{list(self.worst_index)}: analytic {self.analytic:.10g}, "
                  f"numeric {self.numeric:.10g}, |diff| {self.abs_error:.3g}")
@@ -55,7 +62,7 @@ class GradcheckReport:
                 f"eps={self.eps:g})\n  {worst}\n  max relative error per input: {per}")
 
 
-def _as_list(arrays, what):
+def _as_list(arrays: Any, what: str) -> list[np.ndarray]:
     if isinstance(arrays, (list, tuple)):
         return list(arrays)
     if hasattr(arrays, "shape"):
@@ -63,7 +70,10 @@ def _as_list(arrays, what):
     raise TypeError(f"{what} must be an array or a list of arrays, got {type(arrays).__name__}")
 
 
-def gradcheck(fn, inputs, grads, *, eps=1e-6, rtol=1e-5, atol=1e-7, names=None, raise_on_fail=True):
+def gradcheck(fn: Callable[..., Any], inputs: np.ndarray | Sequence[np.ndarray],
+              grads: np.ndarray | Sequence[np.ndarray] | Callable[..., Any], *, eps: float = 1e-6,
+              rtol: float = 1e-5, atol: float = 1e-7, names: Sequence[str] | None = None,
+              raise_on_fail: bool = True) -> GradcheckReport:
     """Check ``grads`` (the analytic d fn / d inputs) against central differences.
 
     fn: ``fn(*inputs) -> scalar`` (a float or a 0-d array). It may also read the inputs through
@@ -72,7 +82,8 @@ def gradcheck(fn, inputs, grads, *, eps=1e-6, rtol=1e-5, atol=1e-7, names=None, 
     inputs: a float64 array or a list of them (NumPy or CuPy, C-contiguous, writeable).
     grads: the analytic gradients, an array or a list matching ``inputs`` in shape, or a
         callable ``grads(*inputs)`` returning them (called once, before any perturbation).
-    eps: the step h. rtol, atol: the per-element tolerances described in the module docstring.
+    eps: the step h (default 1e-6). rtol, atol: the per-element tolerances described in the
+        module docstring (defaults 1e-5, 1e-7).
     names: a name per input for the report (default "inputs[i]").
 
     Returns a :class:`GradcheckReport`; with ``raise_on_fail`` (default) a failing check raises
@@ -140,16 +151,18 @@ def _report(names, inputs, analytic, numeric, eps, rtol, atol, raise_on_fail):
     return report
 
 
-def check_layer(layer, x, *, seed=0, eps=1e-6, rtol=1e-5, atol=1e-7, params=True, raise_on_fail=True):
+def check_layer(layer: "Layer", x: np.ndarray, *, seed: int = 0, eps: float = 1e-6, rtol: float = 1e-5,
+                atol: float = 1e-7, params: bool = True, raise_on_fail: bool = True) -> GradcheckReport:
     """Gradient check of a built layer (or a whole ``Sequential``) at input ``x`` (float64).
 
     The scalar is a random projection of the output, L = sum(layer(x) * r) with r ~ N(0, 1)
-    (seeded), so dL/dout = r and every output element matters. Checks dL/dx and, with
-    ``params``, dL/d(every parameter in ``layer.params``), which ``backward`` wrote into
-    ``layer.grads``. ``layer.reseed(seed)`` runs before every forward, so a Dropout mask is
-    the same in each evaluation. Returns the :class:`GradcheckReport` (or raises). The
+    (seeded by ``seed``, default 0), so dL/dout = r and every output element matters. Checks
+    dL/dx and, with ``params`` (default True), dL/d(every parameter in ``layer.params``),
+    which ``backward`` wrote into ``layer.grads``. ``layer.reseed(seed)`` runs before every
+    forward, so a Dropout mask is the same in each evaluation. Returns the :class:`GradcheckReport` (or raises). The
     layer's buffers (BatchNorm's running statistics, which each training-mode forward
-    updates) are put back as they were.
+    updates) are put back as they were. ``eps``, ``rtol``, ``atol`` and ``raise_on_fail``
+    (defaults 1e-6, 1e-5, 1e-7, True) are :func:`gradcheck`'s.
     """
     xp = array_module(x)
     x = xp.array(x, dtype=x.dtype, copy=True)  # perturbed in place below; keep the caller's
