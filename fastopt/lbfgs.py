@@ -18,7 +18,11 @@ each dot product (BLAS) and each ``y += a x`` (a Numba loop on the CPU, one CuPy
 on the GPU) is one pass, with no temporary of length n. The scalars (a_i, rho_i, t, ...)
 are host floats: in float32 they are more precise than PyTorch's (float32 tensors).
 """
+from __future__ import annotations
+
 import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from numba import njit, prange
@@ -28,6 +32,11 @@ from .kernels._dispatch import PARALLEL_THRESHOLD
 from .nn._array import array_module, cupy  # cupy: None on a CPU-only install
 
 _CUPY_AXPY = None
+
+#: what an optimizer's ``params`` may be: see :class:`FlatParams`
+Params = ParamBuffer | np.ndarray | Sequence[np.ndarray]
+#: ``closure() -> loss`` (with a ParamBuffer) or ``closure() -> (loss, grads)`` (with arrays)
+Closure = Callable[[], Any]
 
 
 @njit(cache=True, nogil=True)
@@ -42,9 +51,9 @@ def _axpy_parallel(a, x, y):
         y[i] += a * x[i]
 
 
-def axpy(a, x, y):
+def axpy(a: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``y += a * x`` in place, one pass over x and y and no temporary (a: a host scalar,
-    applied in the arrays' dtype, as ``torch.Tensor.add_(x, alpha=a)`` does)."""
+    applied in the arrays' dtype, as ``torch.Tensor.add_(x, alpha=a)`` does). Returns y."""
     global _CUPY_AXPY
     a = y.dtype.type(a)
     if isinstance(y, np.ndarray):
@@ -56,7 +65,7 @@ def axpy(a, x, y):
     return y
 
 
-def _is_array(obj):
+def _is_array(obj: Any) -> bool:
     return isinstance(obj, np.ndarray) or (cupy is not None and isinstance(obj, cupy.ndarray))
 
 
@@ -77,10 +86,10 @@ class FlatParams:
       returns ``(loss, grad)``.
 
     The gradient handed to the optimizer is always a fresh copy: the closure may reuse its
-    buffers on the next call.
+    buffers on the next call. ``packed`` defaults to False.
     """
 
-    def __init__(self, params, packed=False):
+    def __init__(self, params: Params, packed: bool = False) -> None:
         self.buffer = params if isinstance(params, ParamBuffer) else None
         if self.buffer is not None:
             arrays = list(self.buffer.params)
@@ -116,13 +125,13 @@ class FlatParams:
             self.x = arrays[0].reshape(-1)
         self.n = self.x.size if self.x is not None else sum(self.sizes)
 
-    def _chunks(self, v):
+    def _chunks(self, v: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         o = 0
         for a, size in zip(self.arrays, self.sizes):
             yield a, v[o:o + size].reshape(a.shape)
             o += size
 
-    def clone(self, out=None):
+    def clone(self, out: np.ndarray | None = None) -> np.ndarray:
         """A copy of x (into ``out`` when given)."""
         out = self.xp.empty(self.n, self.dtype) if out is None else out
         if self.x is not None:
@@ -132,7 +141,7 @@ class FlatParams:
                 chunk[...] = a
         return out
 
-    def assign(self, v):
+    def assign(self, v: np.ndarray) -> None:
         """x = v."""
         if self.x is not None:
             self.x[...] = v
@@ -140,7 +149,7 @@ class FlatParams:
             for a, chunk in self._chunks(v):
                 a[...] = chunk
 
-    def add_(self, t, d):
+    def add_(self, t: float, d: np.ndarray) -> None:
         """x += t * d."""
         if self.x is not None:
             axpy(t, d, self.x)
@@ -148,7 +157,7 @@ class FlatParams:
             for a, chunk in self._chunks(d):
                 a += t * chunk
 
-    def evaluate(self, closure):
+    def evaluate(self, closure: Closure) -> tuple[float, np.ndarray]:
         """Call the closure; return (loss as a float, a copy of the flat gradient)."""
         result = closure()
         if self.buffer is not None:
@@ -174,7 +183,8 @@ class FlatParams:
         return float(loss), flat
 
 
-def cubic_interpolate(x1, f1, g1, x2, f2, g2, bounds=None):
+def cubic_interpolate(x1: float, f1: float, g1: float, x2: float, f2: float, g2: float,
+                      bounds: tuple[float, float] | None = None) -> float:
     """Minimizer of the cubic through (x1, f1, f'=g1) and (x2, f2, f'=g2), clipped to
     ``bounds`` (default [min(x1,x2), max(x1,x2)]); the midpoint when the cubic has none."""
     xmin_bound, xmax_bound = bounds if bounds is not None else ((x1, x2) if x1 <= x2 else (x2, x1))
@@ -190,12 +200,16 @@ def cubic_interpolate(x1, f1, g1, x2, f2, g2, bounds=None):
     return (xmin_bound + xmax_bound) / 2.0
 
 
-def strong_wolfe(obj_func, x, t, d, f, g, gtd, c1=1e-4, c2=0.9, tolerance_change=1e-9, max_ls=25):
+def strong_wolfe(obj_func: Callable[[np.ndarray, float, np.ndarray], tuple[float, np.ndarray]], x: np.ndarray,
+                 t: float, d: np.ndarray, f: float, g: np.ndarray, gtd: float, c1: float = 1e-4, c2: float = 0.9,
+                 tolerance_change: float = 1e-9, max_ls: int = 25) -> tuple[float, np.ndarray, float, int]:
     """Step t along d with f(x + t d) <= f + c1 t g.d and |g(x + t d).d| <= c2 |g.d|.
 
-    ``obj_func(x, t, d) -> (loss, grad)`` evaluates at x + t d. Bracketing phase then zoom
-    phase, as torch's ``_strong_wolfe`` (itself from torch7's lswolfe.lua). Returns
-    (f_new, g_new, t, function evaluations)."""
+    ``obj_func(x, t, d) -> (loss, grad)`` evaluates at x + t d; ``t`` is the first trial step,
+    ``f``, ``g``, ``gtd`` the loss, gradient and g.d at x. Defaults: c1 = 1e-4, c2 = 0.9,
+    ``tolerance_change=1e-9`` (the smallest bracket, times max|d|), ``max_ls=25`` evaluations.
+    Bracketing phase then zoom phase, as torch's ``_strong_wolfe`` (itself from torch7's
+    lswolfe.lua). Returns (f_new, g_new, t, function evaluations)."""
     xp = array_module(d)
     dot = lambda a, b: float(xp.dot(a, b))  # noqa: E731
     d_norm = float(xp.abs(d).max())
@@ -280,13 +294,13 @@ def strong_wolfe(obj_func, x, t, d, f, g, gtd, c1=1e-4, c2=0.9, tolerance_change
     return bracket_f[low_pos], bracket_g[low_pos], bracket[low_pos], ls_func_evals
 
 
-def _positive_int(name, value):
+def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
-def _nonneg(name, value):
+def _nonneg(name: str, value: Any) -> float:
     if not (isinstance(value, (int, float, np.floating, np.integer)) and 0 <= value < math.inf):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
@@ -308,8 +322,9 @@ class LBFGS:
     closure returns the loss and writes ``buf.grads``; arrays: it returns ``(loss, grads)``).
     """
 
-    def __init__(self, params, lr=1.0, max_iter=20, max_eval=None, tolerance_grad=1e-7,
-                 tolerance_change=1e-9, history_size=10, line_search="strong_wolfe"):
+    def __init__(self, params: Params, lr: float = 1.0, max_iter: int = 20, max_eval: int | None = None,
+                 tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, history_size: int = 10,
+                 line_search: str | None = "strong_wolfe") -> None:
         self.hyper = self._check(dict(lr=lr, max_iter=max_iter, max_eval=max_eval, tolerance_grad=tolerance_grad,
                                       tolerance_change=tolerance_change, history_size=history_size,
                                       line_search=line_search))
@@ -319,7 +334,7 @@ class LBFGS:
         self._allocated = False
 
     @staticmethod
-    def _check(h):
+    def _check(h: dict[str, Any]) -> dict[str, Any]:
         if not (isinstance(h["lr"], (int, float, np.floating, np.integer)) and 0 < h["lr"] < math.inf):
             raise ValueError(f"lr must be > 0, got {h['lr']!r}")
         h["lr"] = float(h["lr"])
@@ -374,7 +389,7 @@ class LBFGS:
         self.params.assign(x)
         return loss, flat_grad
 
-    def step(self, closure):
+    def step(self, closure: Closure) -> float:
         """Up to max_iter L-BFGS iterations; returns the loss at the starting point."""
         h = self.hyper
         lr, max_iter, max_eval = h["lr"], h["max_iter"], h["max_eval"]
@@ -440,7 +455,7 @@ class LBFGS:
         self.t = t
         return orig_loss
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """Hyper-parameters and state under PyTorch's names (arrays are copies; the history
         as lists, oldest pair first)."""
         state = dict(func_evals=self.func_evals, n_iter=self.n_iter, t=self.t, H_diag=self.H_diag,
@@ -453,7 +468,9 @@ class LBFGS:
                          ro=[float(self._ro[i]) for i in order])
         return {"state": state, "hyper": dict(self.hyper)}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (hyper-parameters, checked, and the history) taken
+        from an LBFGS over the same number of parameters; the arrays are copied in."""
         hyper = self._check(dict(state_dict["hyper"]))
         s = state_dict["state"]
         if len(s["old_dirs"]) > hyper["history_size"]:

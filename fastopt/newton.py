@@ -19,17 +19,24 @@ solve repeated, at most ``max_tries`` solves per step and lambda at most ``max_d
 A damped matrix that is not positive definite counts as a rejection (without a closure
 call). O(n^2) memory and O(n^3) time per step: for small problems.
 """
+from __future__ import annotations
+
 import math
+from collections.abc import Callable
+from types import ModuleType
 
 import numpy as np
 
-from .lbfgs import FlatParams, _nonneg, _positive_int
+from .lbfgs import Closure, FlatParams, Params, _nonneg, _positive_int
 from .nn._array import array_module
+
+#: the loss Hessian w.r.t. the outputs: a number s (s I), an (m, m) array or (N, K, K) blocks
+LossHessian = float | np.ndarray
 
 CURVATURES = ("hessian", "gauss_newton")
 
 
-def softmax_hessian(probs):
+def softmax_hessian(probs: np.ndarray) -> np.ndarray:
     """Per-sample Hessian of the cross-entropy w.r.t. the logits: diag(p_i) - p_i p_i^T.
 
     probs: (N, K) softmax outputs -> (N, K, K) blocks (the loss Hessian of the whole batch
@@ -38,11 +45,11 @@ def softmax_hessian(probs):
     return probs[:, :, None] * eye - probs[:, :, None] * probs[:, None, :]
 
 
-def gauss_newton_matrix(J, loss_hessian=1.0):
+def gauss_newton_matrix(J: np.ndarray, loss_hessian: LossHessian = 1.0) -> np.ndarray:
     """G = J^T H_out J for a Jacobian J and a loss Hessian H_out w.r.t. the outputs.
 
     J: (m, n) (m outputs, n parameters) or (N, K, n) (N samples of K outputs each).
-    loss_hessian, one of:
+    loss_hessian (default 1.0), one of:
       a number s        H_out = s I: least squares ``0.5 |r|^2`` -> 1, ``|r|^2`` -> 2,
                         ``mean(r^2)`` -> 2 / m;
       an (m, m) array   the full H_out (m = N K for a 3-D J);
@@ -66,7 +73,7 @@ def gauss_newton_matrix(J, loss_hessian=1.0):
     return flat.T @ (H @ flat)
 
 
-def _triangular_solver(xp):
+def _triangular_solver(xp: ModuleType) -> Callable[..., np.ndarray]:
     if xp is np:
         from scipy.linalg import solve_triangular
     else:
@@ -74,7 +81,7 @@ def _triangular_solver(xp):
     return solve_triangular
 
 
-def cholesky_solve(A, b):
+def cholesky_solve(A: np.ndarray, b: np.ndarray) -> np.ndarray | None:
     """x with A x = b for a symmetric positive definite A, or None if A is not (numerically)
     positive definite."""
     xp = array_module(A)
@@ -114,9 +121,12 @@ class Newton:
     evaluation. After a rejected trial, a ParamBuffer's grads hold the gradient there.
     """
 
-    def __init__(self, params, damping=1e-3, curvature="hessian", hessian=None, jacobian=None,
-                 loss_hessian=1.0, adapt=True, increase=10.0, decrease=0.1, max_damping=1e10, max_tries=10,
-                 tolerance_grad=1e-10):
+    def __init__(self, params: Params, damping: float = 1e-3, curvature: str = "hessian",
+                 hessian: Callable[[np.ndarray], np.ndarray] | None = None,
+                 jacobian: Callable[[np.ndarray], np.ndarray] | None = None,
+                 loss_hessian: LossHessian | Callable[[np.ndarray], LossHessian] = 1.0, adapt: bool = True,
+                 increase: float = 10.0, decrease: float = 0.1, max_damping: float = 1e10, max_tries: int = 10,
+                 tolerance_grad: float = 1e-10) -> None:
         if not (isinstance(damping, (int, float, np.floating, np.integer)) and 0 <= damping < math.inf):
             raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
         if curvature not in CURVATURES:
@@ -140,7 +150,7 @@ class Newton:
         self.n_iter, self.func_evals, self.last_step_accepted = 0, 0, None
         self._cache = None  # (x, loss, grad) at the current point, when known
 
-    def curvature_matrix(self, x):
+    def curvature_matrix(self, x: np.ndarray) -> np.ndarray:
         """C(x): the Hessian, or the Gauss-Newton matrix J^T H_out J."""
         if self.curvature == "hessian":
             C = self.hessian(x)
@@ -151,17 +161,17 @@ class Newton:
             raise ValueError(f"the {self.curvature} matrix has shape {C.shape}; params have n={self.params.n}")
         return C
 
-    def _evaluate(self, closure):
+    def _evaluate(self, closure: Closure) -> tuple[float, np.ndarray]:
         self.func_evals += 1
         return self.params.evaluate(closure)
 
-    def _raised(self, C):
+    def _raised(self, C: np.ndarray) -> float:
         # at least 1e-6 of C's scale: from 0, or from a lambda that many accepted steps made
         # negligible, one raise must already change the step
         scale = float(self.params.xp.abs(self.params.xp.diagonal(C)).max())
         return max(self.damping * self.increase, 1e-6 * scale if scale > 0 else 1e-6)
 
-    def step(self, closure):
+    def step(self, closure: Closure) -> float:
         """One damped Newton step (with up to max_tries solves); returns the starting loss."""
         xp, params = self.params.xp, self.params
         x = params.clone()

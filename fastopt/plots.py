@@ -8,13 +8,21 @@
 Figures are drawn with Matplotlib's object-oriented API on its Agg canvas: no pyplot, so
 no display is needed, the caller's backend is left alone and no figure stays open.
 """
+from __future__ import annotations
+
 import numbers
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def _xy(name, curve):
+
+def _xy(name: Any, curve: Any) -> tuple[np.ndarray, np.ndarray]:
     """A curve as (x, y): a 1-D sequence of values is drawn against 0, 1, 2, ...; a
     sequence of (x, y) pairs as given."""
     values = np.asarray(curve, dtype=np.float64)
@@ -26,11 +34,12 @@ def _xy(name, curve):
                      f"(x, y) pairs, got shape {values.shape}")
 
 
-def plot_curves(out_path, curves, title, ylabel, xlabel="step", logy=False, dpi=100):
+def plot_curves(out_path: str | os.PathLike, curves: Mapping[Any, Any], title: str, ylabel: str,
+                xlabel: str = "step", logy: bool = False, dpi: int = 100) -> Path:
     """Save a PNG with one line per entry of ``curves`` (``{name: values}`` or
-    ``{name: [(x, y), ...]}``), a legend, and a log y-axis if ``logy`` (values <= 0 are
-    then left out of the line). NaN values leave gaps. Creates the parent folder; returns
-    the path as a ``pathlib.Path``."""
+    ``{name: [(x, y), ...]}``), a legend, and a log y-axis if ``logy`` (default False; values
+    <= 0 are then left out of the line). NaN values leave gaps. ``xlabel`` defaults to "step",
+    ``dpi`` to 100. Creates the parent folder; returns the path as a ``pathlib.Path``."""
     from matplotlib.figure import Figure
 
     if not curves:
@@ -53,7 +62,7 @@ def plot_curves(out_path, curves, title, ylabel, xlabel="step", logy=False, dpi=
     return out_path
 
 
-def _cell(value, floatfmt):
+def _cell(value: Any, floatfmt: str) -> tuple[str, bool]:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return str(value), True
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
@@ -61,10 +70,11 @@ def _cell(value, floatfmt):
     return str(value), False
 
 
-def format_table(rows, headers, floatfmt=".4g"):
+def format_table(rows: Iterable[Sequence[Any]], headers: Sequence[Any], floatfmt: str = ".4g") -> str:
     """Rows of cells as an aligned plain-text table: a header line, a rule of dashes, one
     line per row, columns two spaces apart. A column of numbers only is right-aligned (floats
-    written with ``floatfmt``), any other column left-aligned; every line has the same length."""
+    written with ``floatfmt``, default ".4g"), any other column left-aligned; every line has
+    the same length."""
     headers = [str(h) for h in headers]
     cells = []
     for i, row in enumerate(rows):
@@ -75,7 +85,7 @@ def format_table(rows, headers, floatfmt=".4g"):
     widths = [max([len(h)] + [len(r[j][0]) for r in cells]) for j, h in enumerate(headers)]
     numeric = [bool(cells) and all(r[j][1] for r in cells) for j in range(len(headers))]
 
-    def line(texts, right):
+    def line(texts: Sequence[str], right: Sequence[bool]) -> str:
         return "  ".join(t.rjust(w) if r else t.ljust(w) for t, w, r in zip(texts, widths, right))
 
     out = [line(headers, numeric), "  ".join("-" * w for w in widths)]
@@ -83,8 +93,8 @@ def format_table(rows, headers, floatfmt=".4g"):
     return "\n".join(out)
 
 
-def smooth(values, window):
-    """Trailing moving average (the first points average what there is so far)."""
+def smooth(values: Sequence[float] | np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average over ``window`` points (the first points average what there is so far)."""
     values = np.asarray(values, dtype=np.float64)
     window = max(1, min(int(window), len(values)))
     c = np.cumsum(np.insert(values, 0, 0.0))
@@ -92,10 +102,11 @@ def smooth(values, window):
     return (c[i] - c[np.maximum(i - window, 0)]) / np.minimum(i, window)
 
 
-def centred_mean(values, window):
-    """Mean over a window centred on each point, narrowed symmetrically near the ends (the
-    first and last points are their own mean). A trailing mean lags: on a fast-falling loss
-    it runs above every point; a centred one has no lag and follows a straight stretch exactly."""
+def centred_mean(values: Sequence[float] | np.ndarray, window: int) -> np.ndarray:
+    """Mean over a window of ``2 * (window // 2) + 1`` points centred on each point, narrowed
+    symmetrically near the ends (the first and last points are their own mean). A trailing
+    mean lags: on a fast-falling loss it runs above every point; a centred one has no lag and
+    follows a straight stretch exactly."""
     values = np.asarray(values, dtype=np.float64)
     n = len(values)
     half = max(0, int(window) // 2)
@@ -108,20 +119,23 @@ def centred_mean(values, window):
 ACCURACY_TICKS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
 
 
-def plot_accuracy(out_path, curves, title, n_examples, ylabel="accuracy"):
+def plot_accuracy(out_path: str | os.PathLike, curves: Mapping[Any, Any], title: str,
+                  n_examples: int | Mapping[Any, int], ylabel: str = "accuracy") -> Path:
     """Accuracy per epoch (``{name: [(epoch, accuracy), ...]}``) on a logit axis, which gives
     90 -> 99% as much room as 50 -> 90%: the last percent, where the runs differ, stays
     readable next to the first epochs. 0% and 100% (which the axis cannot show) are drawn at
     half an example from them. ``n_examples``: the number of examples behind the curves, or
     one per curve (``{name: n}``); the edges sit half an example of the largest set from 0 and
-    1, so no accuracy that set can reach (1 - 1/n at best) is drawn at 100%."""
+    1, so no accuracy that set can reach (1 - 1/n at best) is drawn at 100%. ``ylabel``
+    defaults to "accuracy". Returns the path as a ``pathlib.Path``."""
     fig = accuracy_figure(curves, title, n_examples, ylabel)
     out_path = Path(out_path)
     fig.savefig(out_path)
     return out_path
 
 
-def accuracy_figure(curves, title, n_examples, ylabel="accuracy"):
+def accuracy_figure(curves: Mapping[Any, Any], title: str, n_examples: int | Mapping[Any, int],
+                    ylabel: str = "accuracy") -> Figure:
     """The figure of :func:`plot_accuracy` (a Matplotlib Figure, not saved)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
