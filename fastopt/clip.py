@@ -9,9 +9,8 @@ import numbers
 
 import numpy as np
 
-from .kernels import _dispatch
 from .buffer import ParamBuffer
-from .kernels import _reduce
+from .kernels import _dispatch, _reduce
 from .kernels._rule import Rule
 
 
@@ -83,10 +82,11 @@ class _CudaReduction:
                                       cuda.to_device(np.ascontiguousarray(chunks[lo:hi, 2])), lo, hi))
 
     def partials(self, mode, p):
+        from .kernels import _cuda
         p, zero = self.dtype.type(p), self.dtype.type(0)
         for x, starts, stops, lo, hi in self.launches:
-            self.kernel[min(hi - lo, 1024), _reduce.THREADS, self.stream](x, starts, stops, mode, p, zero,
-                                                                         self.totals[lo:hi], self.checks[lo:hi])
+            _cuda.launch(self.kernel, hi - lo, self.stream, x, starts, stops, mode, p, zero,
+                         self.totals[lo:hi], self.checks[lo:hi])
         totals = self.totals.copy_to_host(stream=self.stream)
         checks = self.checks.copy_to_host(stream=self.stream)
         if hasattr(self.stream, "synchronize"):  # not the simulator's 0

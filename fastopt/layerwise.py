@@ -17,14 +17,11 @@ The base class does the rest as for every rule: param groups, lr schedules, the
 kernels, and the norms LARS uses are those of the clipped gradient), state arenas, ``state_dict`` and
 checkpoints.
 """
-import warnings
-
 import numpy as np
 
-from .kernels import _dispatch
 from .buffer import ALIGN
 from .clip import NormPlan
-from .kernels import _args, lamb, lars
+from .kernels import _args, _dispatch, _reduce, lamb, lars
 from .optimizer import Optimizer, _is_array, _runs
 
 CHUNK = 1 << 15       # elements per piece on the CPU: enough work per thread, few partial sums
@@ -54,10 +51,8 @@ class Layers:
         self.grads = None if grads is None else [_flat(a) for a in grads]
         self.spans = spans if spans is not None else [(b, 0, int(a.size)) for b, a in enumerate(self.bases)]
         self.n_tensors = len(self.spans)
-        size = CHUNK if self.cpu else CUDA_CHUNK
-        rows = [(b, s + lo, s + min(lo + size, n), t) for t, (b, s, n) in enumerate(self.spans)
-                for lo in range(0, n, size)]
-        self.chunks = np.array(rows, np.int64).reshape(-1, 4)
+        self.chunks = _reduce.chunk_table([n for _, _, n in self.spans], CHUNK if self.cpu else CUDA_CHUNK,
+                                          [(b, s) for b, s, _ in self.spans])
         n = self.chunks.shape[0]
         if not n:
             return
@@ -99,21 +94,17 @@ class Layers:
             sums = sums.copy_to_host().astype(np.float64)
         return np.bincount(self.chunks[:, 3], weights=sums, minlength=self.n_tensors)
 
-    def launch(self, kernel, threads, arrays, *rest):
-        """``kernel(*arrays of base b, rows of base b, *rest)`` for every base (CUDA), with
-        ``threads`` per block; ``arrays`` are per-base lists (or None). Returns the launches."""
+    def launch(self, kernel, arrays, *rest):
+        """``kernel(*arrays of base b, rows of base b, *rest)`` for every base (CUDA);
+        ``arrays`` are per-base lists (or None). Returns the launches."""
         from numba import config, cuda
+
+        from .kernels import _cuda
         for b, rows in self.rows:
             args = [None if a is None else a[b] for a in arrays]
-            n = rows.shape[0]
-            if config.ENABLE_CUDASIM:
-                blocks = min(n, 2)  # the simulator runs each thread in Python
-            else:
+            if not config.ENABLE_CUDASIM:
                 args = [None if a is None else cuda.as_cuda_array(a, sync=False) for a in args]
-                blocks = min(n, 1024)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*[Gg]rid size.*")
-                kernel[blocks, threads](*args, rows, *rest)
+            _cuda.launch(kernel, rows.shape[0], 0, *args, rows, *rest)
         return len(self.rows)
 
 
@@ -136,7 +127,7 @@ def lamb_passes(layers, grads, c, *, clamp_value=None, layer_adaptation=True):
         launches = 1
     else:
         moments_kernel, apply_kernel = lamb.cuda_kernels(layers.dtype)
-        launches = layers.launch(moments_kernel, lamb.THREADS, [layers.bases, grads, m, v], c,
+        launches = layers.launch(moments_kernel, [layers.bases, grads, m, v], c,
                                  layers.dtype.type(0), sum_p, sum_u)
     phi = np.ones(layers.n_tensors)
     if layer_adaptation:
@@ -145,7 +136,7 @@ def lamb_passes(layers, grads, c, *, clamp_value=None, layer_adaptation=True):
     if layers.cpu:
         apply_pass(t["params"], t["exp_avg"], t["exp_avg_sq"], layers.chunks, scales, c)
         return phi, launches + 1
-    return phi, launches + layers.launch(apply_kernel, lamb.THREADS, [layers.bases, m, v], _to_device(scales), c)
+    return phi, launches + layers.launch(apply_kernel, [layers.bases, m, v], _to_device(scales), c)
 
 
 def lars_pass(layers, grads, c, ratios):
@@ -158,7 +149,7 @@ def lars_pass(layers, grads, c, ratios):
         t = layers.typed
         lars.cpu(layers.parallel)(t["params"], grads, t["momentum_buffer"], layers.chunks, ratios, c)
         return 1
-    return layers.launch(lars.cuda_kernel(), lars.THREADS, [layers.bases, grads, buf], _to_device(ratios), c)
+    return layers.launch(lars.cuda_kernel(), [layers.bases, grads, buf], _to_device(ratios), c)
 
 
 def lamb_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-6,

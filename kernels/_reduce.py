@@ -1,7 +1,7 @@
 """Deterministic norms of many arrays in one pass: the reduction behind global-norm
 clipping, the non-finite guard and the per-tensor norms of LAMB and LARS.
 
-The arrays are cut into a fixed table of chunks ``(tensor, start, stop)``; each chunk is
+The arrays are cut into a fixed table of chunks (:func:`chunk_table`); each chunk is
 reduced in a fixed order and written to its own slot, and the host adds the slots up in
 chunk order. The same inputs therefore give the same bits on every run, whatever the
 thread scheduling (a shared atomic accumulator would not).
@@ -10,14 +10,13 @@ Per chunk two numbers come back: ``sum(|x|**p)`` (``max |x|`` for p = inf) and
 ``sum(x * 0)``, which is NaN exactly when the chunk holds an inf or a NaN: the non-finite
 check costs no branch and no extra pass.
 """
+import hashlib
+import inspect
 import math
+import sys
 
 import numpy as np
 from numba import njit, prange
-
-import hashlib
-import inspect
-import sys
 
 from ._engine import _CPU_OPTIONS, _enable_cache
 
@@ -102,11 +101,17 @@ def cpu(parallel):
     return _CPU[parallel]
 
 
-def chunk_table(sizes, chunk=None):
-    """(n_chunks, 3) int64 rows ``(tensor, start, stop)`` covering every array."""
+def chunk_table(sizes, chunk=None, places=None):
+    """The one chunk table: (n_chunks, 4) int64 rows ``(base, start, stop, tensor)`` cutting
+    every tensor into pieces of at most ``chunk`` elements (the unit of work of a CPU thread
+    or a CUDA block, and of a partial sum). Tensor ``t`` has ``sizes[t]`` elements and lies
+    in base array ``places[t] = (base, offset)`` (default: tensor t is base t, from 0);
+    rows come tensor by tensor, in order, so adding partials in row order is a fixed order."""
     chunk = chunk or CHUNK
-    rows = [(t, lo, min(lo + chunk, n)) for t, n in enumerate(sizes) for lo in range(0, n, chunk)]
-    return np.array(rows, np.int64).reshape(-1, 3)
+    places = places if places is not None else [(t, 0) for t in range(len(sizes))]
+    rows = [(b, s + lo, s + min(lo + chunk, n), t) for t, (n, (b, s)) in enumerate(zip(sizes, places))
+            for lo in range(0, n, chunk)]
+    return np.array(rows, np.int64).reshape(-1, 4)
 
 
 def mode_of(norm_type):
@@ -131,7 +136,7 @@ def finish(total, check, mode, norm_type):
 
 def segment_sums(totals, chunks, n_tensors, mode):
     """Per-tensor totals (sum of |x|**p, or max) from the chunk partials, in chunk order."""
-    t = chunks[:, 0]
+    t = chunks[:, 3]
     if mode == MAX:
         out = np.zeros(n_tensors)
         np.maximum.at(out, t, totals)
@@ -141,18 +146,18 @@ def segment_sums(totals, chunks, n_tensors, mode):
 
 # -- CUDA -------------------------------------------------------------------------------
 
-THREADS = 128
 _CUDA = {}
 
 
 def cuda_kernel(dtype):
-    """One block per chunk (grid-stride over chunks), a fixed tree in shared memory.
+    """One block per chunk (grid-stride over chunks), the shared fixed tree (``_cuda``).
 
     Sums in the arrays' dtype (no float64 in a float32 kernel); ``zero`` comes from the
     host for the same reason."""
     key = np.dtype(dtype)
     if key not in _CUDA:
         from numba import cuda
+
         from ._cuda import make_reduce
-        _CUDA[key] = cuda.jit(make_reduce(key.name, THREADS, (SQUARES, MAX)))
+        _CUDA[key] = cuda.jit(make_reduce(key.name, (SQUARES, MAX)))
     return _CUDA[key]

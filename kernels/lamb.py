@@ -36,7 +36,6 @@ from ._rule import Hyper, OwnKernelsRule, State
 from ._engine import _CPU_OPTIONS, _enable_cache
 
 STATES = ("exp_avg", "exp_avg_sq")
-THREADS = 128  # CUDA threads per block (one block per chunk)
 cuda = None    # numba.cuda, bound on first GPU use (optional); a module global so the simulator can swap it
 
 # The kernels' scalar tuple c: (grad_scale, lr, beta1, 1 - beta1, beta2, 1 - beta2,
@@ -153,14 +152,14 @@ def cuda_functions(dtype):
     ``moments_kernel`` sums in the arrays' dtype (``zero`` comes from the host: no float64
     in a float32 kernel) with a fixed tree, so the partials are the same on every run."""
     from numba import types
+    from ._cuda import THREADS, tree_reduce
     bind_cuda()
     acc = getattr(types, np.dtype(dtype).name)
     moments = cuda.jit(device=True)(lamb_moments)
     direction = cuda.jit(device=True)(lamb_direction)
 
     def moments_kernel(p, g, m, v, rows, c, zero, sum_p, sum_u):
-        sh_p = cuda.shared.array(THREADS, acc)
-        sh_u = cuda.shared.array(THREADS, acc)
+        sh = cuda.shared.array((2, THREADS), acc)
         tid = cuda.threadIdx.x
         for k in range(cuda.blockIdx.x, rows.shape[0], cuda.gridDim.x):
             total_p, total_u = zero, zero
@@ -171,19 +170,12 @@ def cuda_functions(dtype):
                 u = direction(p[i], m_i, v_i, c)
                 total_p += p[i] * p[i]
                 total_u += u * u
-            sh_p[tid] = total_p
-            sh_u[tid] = total_u
-            cuda.syncthreads()
-            step = THREADS // 2
-            while step > 0:
-                if tid < step:
-                    sh_p[tid] += sh_p[tid + step]
-                    sh_u[tid] += sh_u[tid + step]
-                cuda.syncthreads()
-                step //= 2
+            sh[0, tid] = total_p
+            sh[1, tid] = total_u
+            tree_reduce(sh, tid, False)
             if tid == 0:
-                sum_p[rows[k, 0]] = sh_p[0]
-                sum_u[rows[k, 0]] = sh_u[0]
+                sum_p[rows[k, 0]] = sh[0, 0]
+                sum_u[rows[k, 0]] = sh[1, 0]
             cuda.syncthreads()
 
     def apply_kernel(p, m, v, rows, scales, c):

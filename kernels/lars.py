@@ -34,7 +34,6 @@ from ._rule import Hyper, OwnKernelsRule, State
 from ._engine import _CPU_OPTIONS, _enable_cache, _piece
 
 STATES = ("momentum_buffer",)
-THREADS = 128
 cuda = None  # numba.cuda, bound on first GPU use (optional); a module global so the simulator can swap it
 
 # The kernels' scalar tuple c: (grad_scale, lr, weight_decay, momentum, 1 - dampening,
@@ -110,6 +109,7 @@ def bind_cuda():
 def cuda_function():
     """The CUDA update kernel as a Python function: each block takes chunks
     ``rows[k] = (slot, start, stop, tensor)`` of one base."""
+    from ._cuda import THREADS
     bind_cuda()
     update = cuda.jit(device=True)(lars_math)
 
