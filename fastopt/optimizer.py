@@ -555,7 +555,7 @@ class _Plan:
 def _entry_point(dispatcher, args):
     """The machine code compiled for exactly these argument types. A plan's arrays and
     scalar types never change, so later steps call it directly and skip the dispatcher's
-    type resolution (about half of a tiny model's 1 us call)."""
+    type resolution (about half of the call's cost for a tiny model)."""
     try:
         return dispatcher.overloads[tuple(dispatcher.typeof_pyval(a) for a in args)].entry_point
     except (AttributeError, KeyError):  # a Numba that moved these internals: keep the dispatcher
