@@ -16,7 +16,7 @@ import numpy as np
 
 from .buffer import ParamBuffer
 from .kernels import _dispatch
-from .optimizer import _copy_in, _to_host
+from .optimizer import MAX_STEPS, _copy_in, _to_host
 
 FORMAT = "fastopt-checkpoint-1"
 
@@ -144,7 +144,7 @@ def load(path, optimizer, params=None):
     path = os.fspath(path)
     opt = optimizer
     params = _as_kernel_arrays(params)
-    with _NpzReader(path) as f:
+    with _NpzReader(path) as f, opt.lock:  # checked and written with no step or edit in between
         meta = _read_meta(path, f)
         unknown = sorted(set(f.names) - _expected_entries(meta, opt) - {"meta"})
         headers = {k: f.header(k) for k in f.names if k not in unknown and k != "meta"}
@@ -159,12 +159,11 @@ def load(path, optimizer, params=None):
             raise ValueError(f"{path} does not match: " + "; ".join(problems))
         wanted = [k for k in headers if k.startswith("state.") or params is not None]
         arrays = {k: f.read(k) for k in wanted}
-    sizes = [_dispatch._size(sh) for sh in meta["shapes"]]
-    state = {(i, name[len("state."):]): arena[o:o + n] for name, arena in arrays.items() if name.startswith("state.")
-             for i, (o, n) in enumerate(zip(meta["offsets"], sizes))}
-    with opt.lock:
+        sizes = [_dispatch._size(sh) for sh in meta["shapes"]]
+        state = {(i, name[len("state."):]): arena[o:o + n] for name, arena in arrays.items()
+                 if name.startswith("state.") for i, (o, n) in enumerate(zip(meta["offsets"], sizes))}
         opt.restore(merged, meta["steps"], state)
-        if params is not None:
+        if params is not None:  # checked with the rest (_differences): contiguous, writeable
             if isinstance(params, ParamBuffer):
                 _copy_in(params.arena, 0, arrays["params.arena"])
             else:
@@ -243,7 +242,7 @@ def _read_meta(path, f):
 
     def ints(x, n=None):
         return isinstance(x, list) and (n is None or len(x) == n) and all(
-            type(v) is int and v >= 0 for v in x)
+            type(v) is int and 0 <= v <= MAX_STEPS for v in x)
     problems = []
     if not isinstance(meta.get("optimizer"), str) or not isinstance(meta.get("dtype"), str):
         problems.append("'optimizer' and 'dtype' must be strings")
@@ -320,6 +319,14 @@ def _differences(meta, opt, params, headers):
     for key, (shape, dt) in headers.items():
         if key.startswith("state.") and (dt != np.dtype(dtype) or len(shape) != 1 or shape[0] < end):
             problems.append(f"{key} is {dt}{list(shape)}, not a {dtype} arena of >= {end} elements")
+    if params is not None and not isinstance(params, ParamBuffer):
+        try:  # the loaded values are written into them: each must take them in place
+            ref = _dispatch.check_array(_dispatch._Array("params[0]", params[0]))
+            for i, a in enumerate(params[1:], start=1):
+                _dispatch.check_array(_dispatch._Array(f"params[{i}]", a), like=ref)
+        except (TypeError, ValueError) as e:
+            problems.append(str(e))
+            return problems
     if params is not None:
         saved = meta.get("params")
         if saved is None:

@@ -13,6 +13,7 @@ call: a flat loop over an arena, or a loop over typed lists of tensors with a ch
 (so a model of many small tensors costs one call, not one per tensor). On CUDA a group is
 one launch per contiguous run of a ParamBuffer, or one per tensor for separate arrays.
 """
+import contextlib
 import inspect
 import math
 import numbers
@@ -29,6 +30,7 @@ from .kernels._reduce import chunk_table
 
 CHUNK = 1 << 15  # elements per work item of the list kernel: big tensors are shared by threads
 NONFINITE = ("skip", "raise", "propagate")
+MAX_STEPS = 2 ** 53  # a float64 counts every whole number up to here
 
 
 class Optimizer:
@@ -58,7 +60,8 @@ class Optimizer:
         self.skipped_steps = 0         # steps skipped for a non-finite gradient (nonfinite="skip")
         self._norm_plan = None
         self.defaults = dict(defaults)
-        self.param_groups = []
+        self._edited = [False]  # set by an edit of param_groups: re-check before the next step
+        self.param_groups = _GroupList(self._edited)
         self._buffer = None   # the ParamBuffer every param is a view of, in buffer mode
         self._params = []     # every param, in group order
         self.arenas = None    # state name -> arena, after the first step
@@ -66,7 +69,7 @@ class Optimizer:
         self._grad_cache = (None, None)
         self.launches = 0     # kernel launches so far (tests read it: one per group per step)
         self._started = []    # per group: the states its updates have started (they hold values)
-        self._edited = [False]  # set by a param group's __setitem__: re-check before the next step
+        self._group_params = []  # per group: its params when added (an edit may not replace them)
         # step, state_dict, load_state_dict, save and load run one at a time: a checkpoint is
         # a consistent snapshot and two threads never interleave an update (RLock: a hook may re-enter)
         self.lock = threading.RLock()
@@ -82,11 +85,15 @@ class Optimizer:
 
     # -- groups -----------------------------------------------------------------------
     def add_param_group(self, param_group):
+        with self.lock:
+            self._add_param_group(param_group)
+
+    def _add_param_group(self, param_group):
         if self.arenas is not None:
             raise RuntimeError("add param groups before the first step: state arenas are laid out then")
         if not isinstance(param_group, dict) or "params" not in param_group:
             raise TypeError("a param group must be a dict with a 'params' entry")
-        group = _Group(self._edited, self.defaults, **param_group, **self.rule.fixed)
+        group = _Group(self, self.defaults, **param_group, **self.rule.fixed)
         arrays = group["params"]
         if isinstance(arrays, ParamBuffer):
             arrays = arrays.params
@@ -101,9 +108,10 @@ class Optimizer:
             _dispatch.check_array(_dispatch._Array(f"params[{first + i}]", a), like=ref)
         check_disjoint(self._params + arrays)
         self._buffer, self._segments = _resolve_buffer(self._params + arrays)  # raises before any change
-        dict.__setitem__(group, "params", arrays)
+        dict.__setitem__(group, "params", tuple(arrays))
         self._params += arrays
-        self.param_groups.append(group)
+        list.append(self.param_groups, group)
+        self._group_params.append(tuple(arrays))
         self._started.append(set())
 
     def _check_hyper(self, group, where):
@@ -113,6 +121,10 @@ class Optimizer:
             problem = _type_problem(key, group.get(key), default)
             if problem:
                 raise TypeError(f"{where}: {problem}")
+        for key, value in self.rule.fixed.items():
+            if group.get(key) != value:
+                raise ValueError(f"{where}: {key} is {value!r} in {type(self).__name__}, it cannot be "
+                                 f"{group.get(key)!r}")
         lr = group["lr"]
         value = lr(0) if callable(lr) else lr
         try:
@@ -169,13 +181,14 @@ class Optimizer:
         dtype = self._params[0].dtype
         self._offsets = offsets
         steps = self._steps()
+        restarts = [p.restart for p in self._plans] if self._plans else [False] * len(self.param_groups)
         self.arenas = self.arenas or {}
         for name in self.rule.states:
             if name in needed and name not in self.arenas:
                 self.arenas[name] = self._start_value(name, _zeros(self._params[0], size, dtype))
         self._plans = [self._plan(g) for g in self.param_groups]
-        for k, (plan, t) in enumerate(zip(self._plans, steps)):
-            plan.step = t
+        for k, (plan, t, restart) in enumerate(zip(self._plans, steps, restarts)):
+            plan.step, plan.restart = t, restart  # a restart a skipped step left pending still holds
             self._started[k].update(self._states_needed(self.param_groups[k]))
         if self._buffer is not None:
             # the params' own spans: the alignment padding between them never counts
@@ -290,8 +303,31 @@ class Optimizer:
     def _apply_edits(self):
         """After ``param_groups`` were edited: re-check every group as the constructor does,
         and start the state an option turned on needs (or refuse), before any launch."""
+        self._edited[0] = False  # first: an edit during the checks is caught by the next step
+        try:
+            self._check_edits()
+        except BaseException:
+            self._edited[0] = True
+            raise
+
+    def _check_edits(self):
+        replaced = False
         for k, group in enumerate(self.param_groups):
-            self._check_hyper(group, f"param group {k}")
+            where = f"param group {k}"
+            if not isinstance(group, Mapping) or "params" not in group:
+                raise TypeError(f"{where} must be a dict with a 'params' entry")
+            params = group["params"]
+            params = [params] if _is_array(params) else list(params)
+            if len(params) != len(self._group_params[k]) or any(
+                    a is not b and _dispatch.as_kernel_array(a) is not b for a, b in zip(params, self._group_params[k])):
+                raise ValueError(f"{where}: its params were replaced; the state is laid out for the params "
+                                 "it had: build a new optimizer, or add a group with add_param_group")
+            if group is not self._plans[k].group:  # a new dict put in place of the group
+                replaced = True
+                group = _Group(self, group)
+                dict.__setitem__(group, "params", self._group_params[k])
+                list.__setitem__(self.param_groups, k, group)
+            self._check_hyper(group, where)
         late = []
         for k, (group, plan) in enumerate(zip(self.param_groups, self._plans)):
             new = [s for s in self._states_needed(group) if s not in self._started[k]]
@@ -303,8 +339,8 @@ class Optimizer:
                         f"which its {plan.step} earlier steps did not keep (torch.optim raises here too): "
                         "set the option before the first step, or load a state dict that holds it")
                 late.append(k)
-        self._edited[0] = False
-        if any(s not in self._started[k] for k, g in enumerate(self.param_groups) for s in self._states_needed(g)):
+        if replaced or any(s not in self._started[k] for k, g in enumerate(self.param_groups)
+                           for s in self._states_needed(g)):
             self._allocate()
             for k in late:
                 self._plans[k].restart = True
@@ -414,7 +450,16 @@ class Optimizer:
     def restore(self, groups, steps, arrays):
         """Write a checked state: ``groups`` from :meth:`merged_groups`, ``steps`` per group,
         ``arrays``: ``{(param index, state name): flat values}`` (a param with no entry starts
-        afresh). The caller has checked everything; this only writes."""
+        afresh). The caller checks the values (see ``fastopt.load``); this checks the layout,
+        then writes."""
+        if len(groups) != len(self.param_groups) or len(steps) != len(self.param_groups):
+            raise ValueError(f"restore: {len(groups)} groups and {len(steps)} step counts for "
+                             f"{len(self.param_groups)} param groups")
+        for t in steps:
+            _step_count(t, "restore: a step count")
+        for (i, name), value in arrays.items():
+            if name not in self.rule.states or not 0 <= i < len(self._params) or value.size != self._params[i].size:
+                raise ValueError(f"restore: state {name!r} of param {i} does not fit this optimizer")
         with self.lock:
             for g, new in zip(self.param_groups, groups):
                 dict.update(g, {k: v for k, v in new.items() if k != "params"})
@@ -714,11 +759,12 @@ def _constructor(rule):
 class _Group(dict):
     """A param group: a dict, as torch's. Editing any hyper-parameter but ``lr`` (which each
     step reads and checks anyway) flags the optimizer to re-check every group, and to start
-    or refuse the state a new option needs, before its next step."""
+    or refuse the state a new option needs, before its next step. Edits take the optimizer's
+    lock, so none lands in the middle of a step; a group's params cannot be replaced."""
 
-    def __init__(self, edited, *args, **kwargs):
+    def __init__(self, optimizer, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._edited = edited
+        self._edited, self._lock = optimizer._edited, optimizer.lock
 
     def _flag(self):
         edited = getattr(self, "_edited", None)  # unpickling sets items before attributes
@@ -726,21 +772,52 @@ class _Group(dict):
             edited[0] = True
 
     def __setitem__(self, key, value):
-        super().__setitem__(key, value)
-        if key != "lr":
-            self._flag()
+        if key == "params" and getattr(self, "_lock", None) is not None:
+            raise ValueError("a param group's params cannot be replaced: the state is laid out for them "
+                             "(build a new optimizer, or add a group with add_param_group)")
+        lock = getattr(self, "_lock", None)
+        with lock if lock is not None else contextlib.nullcontext():
+            super().__setitem__(key, value)
+            if key != "lr":
+                self._flag()
 
     def _flagging(name):
         def method(self, *args, **kwargs):
-            out = getattr(dict, name)(self, *args, **kwargs)
-            self._flag()
-            return out
+            with self._lock:
+                out = getattr(dict, name)(self, *args, **kwargs)
+                self._flag()
+                return out
         method.__name__ = name
         return method
 
     __delitem__, __ior__, update, setdefault, pop, popitem, clear = map(
         _flagging, ("__delitem__", "__ior__", "update", "setdefault", "pop", "popitem", "clear"))
     del _flagging
+
+
+class _GroupList(list):
+    """``optimizer.param_groups``: a group may be replaced by a dict holding the same params
+    (re-checked before the next step, as an edit); groups are added with ``add_param_group``."""
+
+    def __init__(self, edited):
+        super().__init__()
+        self._edited = edited
+
+    def __setitem__(self, k, group):
+        super().__setitem__(k, group)
+        self._edited[0] = True
+
+    def _refused(name):
+        def method(self, *args, **kwargs):
+            raise TypeError(f"param_groups.{name}: add groups with add_param_group; a group, once "
+                            "added, stays (the state is laid out for its params)")
+        method.__name__ = name
+        return method
+
+    append, extend, insert, remove, pop, clear, sort, reverse, __delitem__, __iadd__ = map(
+        _refused, ("append", "extend", "insert", "remove", "pop", "clear", "sort", "reverse", "__delitem__",
+                   "__iadd__"))
+    del _refused
 
 
 def _hyper_defaults(cls):
@@ -761,8 +838,10 @@ def _group_meta(group):
             out[k] = len(v)
         elif callable(v):
             out[k] = None  # a schedule is code: the step count restores its value
+        elif isinstance(v, tuple):
+            out[k] = [x.item() if isinstance(x, np.generic) else x for x in v]
         else:
-            out[k] = list(v) if isinstance(v, tuple) else v
+            out[k] = v.item() if isinstance(v, np.generic) else v  # JSON takes Python numbers
     return out
 
 
@@ -803,8 +882,8 @@ def _step_count(value, where):
     value = _from_torch_value(value)
     if isinstance(value, np.ndarray) and value.ndim == 0:
         value = value.item()
-    if not _is_real(value) or not math.isfinite(value) or value < 0 or value != int(value):
-        raise ValueError(f"{where} is {value!r}: a step count is a non-negative whole number")
+    if not _is_real(value) or not math.isfinite(value) or value < 0 or value != int(value) or value > MAX_STEPS:
+        raise ValueError(f"{where} is {value!r}: a step count is a whole number from 0 to 2**53")
     return int(value)
 
 

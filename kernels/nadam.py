@@ -46,6 +46,8 @@ def mu_product(t, beta1, momentum_decay):
     if last > t:
         last, prod = 0, 1.0
     for k in range(last + 1, t + 1):
+        if prod == 0.0:  # underflowed (thousands of steps): it stays 0, so a huge t costs no loop
+            break
         prod *= mu(k, beta1, momentum_decay)
     _products[key] = (t, prod)
     return prod

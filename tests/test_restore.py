@@ -532,3 +532,105 @@ def test_first_step_with_no_gradient_warns():
     opt = fastopt.Adam(buf)
     with pytest.warns(RuntimeWarning, match="every gradient zero"):
         opt.step()
+
+
+# -- found in review: each fails on the first version of this change ---------------------------
+
+def test_load_checks_the_params_it_writes_before_anything(tmp_path):
+    params = [np.ones((5, 3)), np.ones(3)]
+    opt = fastopt.Adam(params)
+    opt.step([np.ones((5, 3)), np.ones(3)])
+    path = fastopt.save(tmp_path / "c.npz", opt, params)
+    fresh = fastopt.Adam([np.zeros((5, 3)), np.zeros(3)])
+    readonly = np.zeros(3)
+    readonly.flags.writeable = False
+    for bad, match in [([np.zeros((3, 5)).T, np.zeros(3)], "not C-contiguous"),
+                       ([np.zeros((5, 3)), readonly], "read-only")]:
+        with pytest.raises(ValueError, match=match):
+            fastopt.load(path, fresh, bad)
+        assert fresh.steps == 0 and fresh.arenas is None
+
+
+def test_a_groups_params_cannot_be_replaced():
+    opt, buf = _stepped()
+    with pytest.raises(ValueError, match="params cannot be replaced"):
+        opt.param_groups[0]["params"] = [np.ones(3)]
+    with pytest.raises(TypeError, match="add_param_group"):
+        opt.param_groups.append({"params": [np.ones(3)]})
+    opt.param_groups[0] = {"params": [np.ones(3)], "lr": 0.1}
+    before = _snapshot(opt, buf)
+    with pytest.raises(ValueError, match="params were replaced"):
+        _step_with(opt, buf)
+    _assert_unchanged(before, opt, buf)
+
+
+def test_a_group_replaced_by_a_dict_is_checked_and_used():
+    opt, buf = _stepped()
+    group = dict(opt.param_groups[0], eps=-1.0)
+    opt.param_groups[0] = group
+    with pytest.raises(ValueError, match="epsilon"):
+        _step_with(opt, buf)
+    opt.param_groups[0] = dict(group, eps=1e-8, lr=0.5)
+    ref, ref_buf = _stepped()
+    ref.param_groups[0]["lr"] = 0.5
+    _step_with(opt, buf)
+    _step_with(ref, ref_buf)
+    np.testing.assert_array_equal(buf.arena, ref_buf.arena)
+
+
+def test_a_fixed_option_cannot_be_edited():
+    opt, buf = _stepped(fastopt.AdamW)
+    opt.param_groups[0]["decoupled_weight_decay"] = False
+    with pytest.raises(ValueError, match="decoupled_weight_decay is True in AdamW"):
+        _step_with(opt, buf)
+
+
+def test_a_restart_pending_over_a_skipped_step_holds():
+    """Momentum turned on, the next step skipped (NaN), then another group edited: the
+    buffer still starts from the gradient, as torch's would."""
+    buf = fastopt.ParamBuffer([np.ones(4), np.ones(4)])
+    opt = fastopt.SGD([{"params": buf.params[:1]}, {"params": buf.params[1:]}], lr=0.1)
+    buf.grad_arena[:] = 1.0
+    opt.step()
+    opt.param_groups[0]["momentum"], opt.param_groups[0]["dampening"] = 0.9, 0.5
+    buf.grads[0][0] = np.nan
+    opt.step()
+    assert opt.last_step_skipped
+    buf.grad_arena[:] = 1.0
+    opt.param_groups[1]["momentum"] = 0.9
+    opt.step()
+    np.testing.assert_array_equal(opt.state_views(0)["momentum_buffer"], np.ones(4))  # g, not (1 - 0.5) g
+
+
+def test_numpy_scalar_hyper_parameters_save(tmp_path):
+    opt = fastopt.Adam([np.ones(3)], lr=np.float32(0.1), weight_decay=np.float64(0.01), amsgrad=np.bool_(True))
+    opt.step([np.ones(3)])
+    fresh = fastopt.Adam([np.ones(3)], amsgrad=True)
+    fastopt.load(fastopt.save(tmp_path / "c.npz", opt), fresh)
+    assert fresh.steps == 1 and fresh.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_restore_refuses_what_does_not_fit():
+    opt, buf = _stepped()
+    before = _snapshot(opt, buf)
+    groups = [dict(g) for g in opt.param_groups]
+    for steps, arrays in [([7, 7], {}), ([7], {(1, "exp_avg"): np.full(9, 5.0)}), ([-1], {}),
+                          ([7], {(1, "bogus"): np.zeros(3)})]:
+        with pytest.raises(ValueError, match="restore"):
+            opt.restore(groups, steps, arrays)
+    _assert_unchanged(before, opt, buf)
+
+
+@pytest.mark.parametrize("step", [1e300, 2 ** 60])
+def test_huge_step_counts_are_refused(step):
+    opt, buf = _stepped(fastopt.NAdam)
+    sd = opt.state_dict()
+    for entry in sd["state"].values():
+        entry["step"] = step
+    with pytest.raises(ValueError, match="step"):
+        opt.load_state_dict(sd)
+
+
+def test_nadam_schedule_product_at_a_late_step_is_quick():
+    from fastopt.kernels import nadam
+    assert nadam.mu_product(2 ** 40, 0.9, 4e-3) == 0.0
