@@ -318,8 +318,9 @@ class Optimizer:
                 raise TypeError(f"{where} must be a dict with a 'params' entry")
             params = group["params"]
             params = [params] if _is_array(params) else list(params)
-            if len(params) != len(self._group_params[k]) or any(
-                    a is not b and _dispatch.as_kernel_array(a) is not b for a, b in zip(params, self._group_params[k])):
+            kept = self._group_params[k]
+            if len(params) != len(kept) or any(a is not b and _dispatch.as_kernel_array(a) is not b
+                                               for a, b in zip(params, kept)):
                 raise ValueError(f"{where}: its params were replaced; the state is laid out for the params "
                                  "it had: build a new optimizer, or add a group with add_param_group")
             if group is not self._plans[k].group:  # a new dict put in place of the group

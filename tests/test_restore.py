@@ -623,7 +623,7 @@ def test_restore_refuses_what_does_not_fit():
 
 @pytest.mark.parametrize("step", [1e300, 2 ** 60])
 def test_huge_step_counts_are_refused(step):
-    opt, buf = _stepped(fastopt.NAdam)
+    opt, _ = _stepped(fastopt.NAdam)
     sd = opt.state_dict()
     for entry in sd["state"].values():
         entry["step"] = step
