@@ -2,15 +2,17 @@
 of per-tensor norms (the math: ``kernels/lamb.py``, ``kernels/lars.py``).
 
 A param group is laid out once as :class:`Layers`: contiguous *bases* (the runs of a
-ParamBuffer's arena, or each separate array) and a chunk table whose rows ``(base, start,
-stop, tensor)`` cut every tensor into pieces (``CHUNK`` elements on the CPU, ``CUDA_CHUNK``
-on CUDA). A piece is the
-unit of work of a CPU thread or a CUDA block, and of a partial sum: the per-tensor norms
-are the sums of a tensor's pieces, added in table order, so they are the same bits on
-every run. A step is two passes per group: LAMB updates its moments and sums ``p**2`` and
-``u**2`` in pass 1, then applies ``p -= lr * phi * u``; LARS takes the norms of p and g
-(``NormPlan``) then applies its update. On the CPU each pass is one call; on CUDA one
-launch per base (one per ParamBuffer run, one per tensor for separate arrays).
+ParamBuffer's arena, or each separate array) and the chunk table of
+``kernels._reduce.chunk_table``, whose rows ``(base, start, stop, tensor)`` cut every tensor
+into pieces (``CHUNK`` elements on the CPU, ``CUDA_CHUNK`` on CUDA). A piece is the unit of
+work of a CPU thread or a CUDA block, and of a partial sum: the per-tensor norms are the
+sums of a tensor's pieces, added in table order, so they are the same bits on every run. A
+step is two passes per group: LAMB updates its moments and sums ``p**2`` and ``u**2`` in
+pass 1, then applies ``p -= lr * phi * u``; LARS takes the norms of p and g (``NormPlan``)
+then applies its update. The rules' passes are the engine's layer passes of their
+declarations (:meth:`Layers.run`: no kernel here is LAMB's or LARS's own). On the CPU each
+pass is one call; on CUDA one launch per base (one per ParamBuffer run, one per tensor for
+separate arrays).
 
 The base class does the rest as for every rule: param groups, lr schedules, the
 ``max_grad_norm`` / ``nonfinite`` guard (its clip factor scales the gradient inside the
@@ -61,7 +63,6 @@ class Layers:
             self.parallel = sum(s[2] for s in self.spans) >= _dispatch.PARALLEL_THRESHOLD
             self.typed = {k: None if v is None else List(v) for k, v in
                           dict(params=self.bases, grads=self.grads, **self.states).items()}
-            self.sums = (np.zeros(n), np.zeros(n))
         else:
             from numba import cuda
             # per base, its rows, with column 0 naming the slot its partial sums go to
@@ -72,7 +73,7 @@ class Layers:
                     table = self.chunks[slots].copy()
                     table[:, 0] = slots
                     self.rows.append((b, cuda.to_device(table)))
-            self.sums = (cuda.device_array(n, self.dtype), cuda.device_array(n, self.dtype))
+        self.sums = None  # (k, n_chunks): the per-chunk sums of the last pass that returned k of them
 
     def views(self, bases):
         """Each tensor's flat view of ``bases`` (laid out like the params' bases)."""
@@ -89,10 +90,40 @@ class Layers:
         return grads.typed(group) if self.cpu else [_flat(g) for g in grads.arrays(group)]
 
     def per_tensor(self, sums):
-        """Each tensor's total of the per-chunk ``sums`` (added in chunk order)."""
-        if not self.cpu:
-            sums = sums.copy_to_host().astype(np.float64)
+        """Each tensor's total of the per-chunk ``sums`` (added in chunk order); a row of
+        totals per row of a 2-D ``sums``."""
+        if not isinstance(sums, np.ndarray):
+            sums = sums.copy_to_host()
+        sums = sums.astype(np.float64)
+        if sums.ndim == 2:
+            return np.stack([self.per_tensor(row) for row in sums]) if len(sums) else np.zeros((0, self.n_tensors))
         return np.bincount(self.chunks[:, 3], weights=sums, minlength=self.n_tensors)
+
+    def run(self, kernels, grads, c, per_tensor=None):
+        """One layer pass of the engine's ``kernels`` (a rule's) over the group: ``grads`` as
+        :meth:`step_grads` gives them (None: the pass reads none), ``per_tensor`` the host
+        values of its per-tensor scalars, one row per scalar (or one value per tensor for
+        one). A pass that sums leaves its per-chunk sums in ``self.sums``. Returns the launches."""
+        n = self.chunks.shape[0]
+        if per_tensor is not None:
+            per_tensor = np.ascontiguousarray(per_tensor, self.dtype).reshape(len(kernels.per_tensor), -1)
+        if kernels.sums and (self.sums is None or self.sums.shape[0] != kernels.sums):
+            if self.cpu:
+                self.sums = np.zeros((kernels.sums, n))
+            else:
+                from numba import cuda
+                self.sums = cuda.device_array((kernels.sums, n), self.dtype)
+        sums = self.sums if kernels.sums else None
+        grads = grads if kernels.reads_grad else None
+        if self.cpu:
+            t = self.typed
+            kernels.layers_cpu(self.parallel)(t["params"], grads, *(t[s] for s in kernels.states), self.chunks,
+                                              per_tensor, c, sums)
+            return 1
+        if per_tensor is not None:
+            per_tensor = _to_device(per_tensor)
+        arrays = [self.bases, grads, *(self.states[s] for s in kernels.states)]
+        return self.launch(kernels.layers_cuda(self.dtype), arrays, per_tensor, c, sums)
 
     def launch(self, kernel, arrays, *rest):
         """``kernel(*arrays of base b, rows of base b, *rest)`` for every base (CUDA);
@@ -118,50 +149,32 @@ def lamb_passes(layers, grads, c, *, clamp_value=None, layer_adaptation=True):
     ``c`` the kernels' scalars). Returns (phi per tensor, launches)."""
     if not layers.chunks.shape[0]:
         return np.ones(layers.n_tensors), 0
-    m, v = (layers.states[s] for s in lamb.LAMB.states)
-    sum_p, sum_u = layers.sums
-    if layers.cpu:
-        moments_pass, apply_pass = lamb.cpu(layers.parallel)
-        t = layers.typed
-        moments_pass(t["params"], grads, t["exp_avg"], t["exp_avg_sq"], layers.chunks, c, sum_p, sum_u)
-        launches = 1
-    else:
-        moments_kernel, apply_kernel = lamb.cuda_kernels(layers.dtype)
-        launches = layers.launch(moments_kernel, [layers.bases, grads, m, v], c,
-                                 layers.dtype.type(0), sum_p, sum_u)
+    launches = layers.run(lamb.LAMB.first_kernels, grads, c)
     phi = np.ones(layers.n_tensors)
     if layer_adaptation:
-        phi = lamb.trust_ratios(np.sqrt(layers.per_tensor(sum_p)), np.sqrt(layers.per_tensor(sum_u)), clamp_value)
-    scales = (float(c[1]) * phi).astype(layers.dtype)  # lr * phi, per tensor
-    if layers.cpu:
-        apply_pass(t["params"], t["exp_avg"], t["exp_avg_sq"], layers.chunks, scales, c)
-        return phi, launches + 1
-    return phi, launches + layers.launch(apply_kernel, [layers.bases, m, v], _to_device(scales), c)
+        param_norms, update_norms = np.sqrt(layers.per_tensor(layers.sums))
+        phi = lamb.trust_ratios(param_norms, update_norms, clamp_value)
+    return phi, launches + layers.run(lamb.LAMB.kernels, grads, c, per_tensor=phi)
 
 
 def lars_pass(layers, grads, c, ratios):
     """The LARS update over ``layers`` with each tensor's ratio; returns the launches."""
     if not layers.chunks.shape[0]:
         return 0
-    ratios = np.asarray(ratios).astype(layers.dtype)
-    buf = layers.states["momentum_buffer"]
-    if layers.cpu:
-        t = layers.typed
-        lars.cpu(layers.parallel)(t["params"], grads, t["momentum_buffer"], layers.chunks, ratios, c)
-        return 1
-    return layers.launch(lars.cuda_kernel(), [layers.bases, grads, buf], _to_device(ratios), c)
+    return layers.run(lars.LARS.kernels, grads, c, per_tensor=ratios)
 
 
 def lamb_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-6,
           weight_decay=1e-2, bias_correction=True, clamp_value=None):
     """One LAMB step, in place, over lists of tensors (one trust ratio per tensor); returns
     the ratios phi (float64, one per tensor). Everything is checked before anything is written."""
-    hp = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-    lamb.check(**hp, clamp_value=clamp_value)
+    hyper = {**lamb.LAMB.defaults, "lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+             "bias_correction": bias_correction, "clamp_value": clamp_value}
+    lamb.LAMB.check(hyper)
     _args.step(step)
     params, grads, states = check_lists(params, grads, dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs))
     layers = Layers(params, dict(zip(lamb.LAMB.states, states.values())), grads=grads)
-    c = _dispatch.cast_scalars(lamb.scalars(step=step, **hp, bias_correction=bias_correction), layers.dtype)
+    c = lamb.LAMB.kernel_scalars(hyper, step, lr, layers.dtype)
     return lamb_passes(layers, layers.fixed_grads(), c, clamp_value=clamp_value)[0]
 
 
@@ -170,8 +183,9 @@ def lars_(params, grads, momentum_buffers=None, *, step, lr=1.0, momentum=0.0, d
     """One LARS step, in place, over lists of tensors; returns the ratios (float64, one per
     tensor). At ``step == 1`` the buffers are set (their content is ignored), as timm does
     when a buffer does not exist yet. Everything is checked before anything is written."""
-    hp = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
-    lars.check(**hp, trust_coeff=trust_coeff, eps=eps)
+    hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                 trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt)
+    lars.LARS.check(hyper)
     _args.step(step)
     if momentum != 0:
         _args.required("momentum_buffers", momentum_buffers, "when momentum != 0")
@@ -186,7 +200,7 @@ def lars_(params, grads, momentum_buffers=None, *, step, lr=1.0, momentum=0.0, d
                                    eps=eps, trust_clip=trust_clip, lr=lr)
     else:
         ratios = np.ones(layers.n_tensors)
-    lars_pass(layers, layers.fixed_grads(), _dispatch.cast_scalars(lars.scalars(step=step, **hp), layers.dtype), ratios)
+    lars_pass(layers, layers.fixed_grads(), lars.LARS.kernel_scalars(hyper, step, lr, layers.dtype), ratios)
     return ratios
 
 
@@ -310,7 +324,8 @@ class LARS(_Layerwise):
             w, g = np.split(norms.segment_norms()[0], 2)
             plan.ratios = lars.trust_ratios(w, g * float(c[0]), weight_decay=group["weight_decay"],
                                             trust_coeff=group["trust_coeff"], eps=group["eps"],
-                                            trust_clip=group["trust_clip"], lr=float(c[1]))
+                                            trust_clip=group["trust_clip"],
+                                            lr=float(self.rule.kernels.scalar(c, "lr")))
             launches += 1 if layers.cpu else sum(1 for a in norms.arrays if a.size)
         return launches + lars_pass(layers, layers.step_grads(grads, group), c, plan.ratios)
 

@@ -22,6 +22,40 @@ def make_cuda_loop(apply, n_states):
     return scope["cuda_loop"]
 
 
+def make_cuda_layers(apply, n_states, n_tensor, n_sums, dtype_name):
+    """The layer kernel around ``apply`` (see ``_engine``): one block per chunk row
+    ``(slot, start, stop, tensor)`` of one base, grid-stride over rows; the tensor's
+    per-tensor scalars read once per chunk; each thread sums the squares of the math's summed
+    values in the arrays' dtype, the block adds them up with :func:`tree_reduce`, and thread
+    0 writes them to column ``slot`` of ``sums``."""
+    from numba import types
+    s = "".join(f"s{k}, " for k in range(n_states))
+    w = "".join(f"w{j}, " for j in range(n_tensor))
+    lines = [f"def layers_kernel(param, grad, {s}rows, per_tensor, c, sums):"]
+    if n_sums:
+        lines.append(f"    sh = cuda.shared.array(({n_sums}, THREADS), acc)")
+    lines += ["    tid = cuda.threadIdx.x",
+              "    for k in range(cuda.blockIdx.x, rows.shape[0], cuda.gridDim.x):"]
+    lines += [f"        w{j} = per_tensor[{j}, rows[k, 3]]" for j in range(n_tensor)]
+    lines += [f"        a{j} = acc(0)" for j in range(n_sums)]
+    lines.append("        for i in range(rows[k, 1] + tid, rows[k, 2], THREADS):")
+    call = f"apply(i, param, grad, {s}{w}c)"
+    if n_sums:
+        y = [f"y{j}" for j in range(n_sums)]
+        lines.append(f"            {', '.join(y)}{',' if n_sums == 1 else ''} = {call}")
+        lines += [f"            a{j} += y{j} * y{j}" for j in range(n_sums)]
+        lines += [f"        sh[{j}, tid] = a{j}" for j in range(n_sums)]
+        lines += ["        tree_reduce(sh, tid, False)", "        if tid == 0:"]
+        lines += [f"            sums[{j}, rows[k, 0]] = sh[{j}, 0]" for j in range(n_sums)]
+        lines.append("        cuda.syncthreads()")
+    else:
+        lines.append(f"            {call}")
+    scope = {"cuda": cuda, "apply": apply, "acc": getattr(types, dtype_name), "THREADS": THREADS,
+             "tree_reduce": tree_reduce}
+    exec(compile("\n".join(lines) + "\n", __file__, "exec"), scope)  # noqa: S102 - generated from the counts alone
+    return scope["layers_kernel"]
+
+
 def _tree_reduce(sh, tid, max_first):
     """Reduce each row of the shared array ``sh`` (rows, THREADS) into its column 0 with a
     fixed tree: the same additions in the same order on every run. Row 0 takes the maximum

@@ -18,6 +18,17 @@ storage format (bf16 bits, an 8-bit code and its block scale) would go. A state 
 as ``None`` is pruned at compile time: never read nor written, so a step moves only the
 bytes its options need.
 
+A rule whose step works tensor by tensor (LAMB, LARS) gets the *layer* forms of the same
+kind of math (:meth:`Kernels.layers_cpu`, :meth:`Kernels.layers_cuda`): one pass over the
+chunk table ``(base, start, stop, tensor)`` of :func:`._reduce.chunk_table`, where the math
+may also take per-tensor scalars (a trust ratio, read through the chunk's tensor column),
+may store only some of its arrays (``writes``; a math whose gradient argument is named
+``_g`` reads none, and its pass takes ``grad=None``), and may return values whose squares
+the pass sums per chunk (``sums``: the norms of a LAMB step cost no pass of their own). The
+sums are float64 on the CPU (only they may be reordered, for SIMD lanes) and the arrays'
+dtype on CUDA (the one tree reduction of :mod:`._cuda`); either way in a fixed order, so
+the same bits on every run.
+
 Every constant the math uses must come from the scalars: a bare literal such as ``1.0`` is
 a float64 and silently promotes a float32 kernel (``python -m fastopt.kernels ptx`` counts
 the ``.f64`` instructions that would betray it).
@@ -125,7 +136,8 @@ def _generate(n_states, scalar_positions):
     x = [f"x{k}" for k in range(n_states)]
     src = _TEMPLATE.format(
         states="".join(f"{a}, " for a in s),
-        loads="\n".join(f"        {b} = load({a}, i) if {a} is not None else g" for a, b in zip(s, x)) or "        pass",
+        loads="\n".join(f"        {b} = load({a}, i) if {a} is not None else g" for a, b in zip(s, x))
+        or "        pass",
         outs="".join(f"{b}, " for b in x) or "_,",
         ins="".join(f"{b}, " for b in x),
         scalars=", ".join(f"c[{1 + k}]" for k in scalar_positions),
@@ -135,6 +147,75 @@ def _generate(n_states, scalar_positions):
     if not n_states:  # the math returns p alone
         src = src.replace("p, _, = math(", "p = math(")
     return src
+
+
+def _generate_layers(n_states, scalar_positions, n_tensor, written, write_param, n_sums):
+    """The source of the layer forms of a math of ``n_states`` states: ``written[k]`` says
+    whether state k is stored, ``write_param`` whether p is; ``n_tensor`` per-tensor scalars
+    come after the states, then the kernel tuple's scalars at ``scalar_positions``; the math
+    returns ``p``, the states, then ``n_sums`` values summed (their squares) per chunk."""
+    s = [f"s{k}" for k in range(n_states)]
+    x = [f"x{k}" for k in range(n_states)]
+    w = [f"w{j}" for j in range(n_tensor)]
+    y = [f"y{j}" for j in range(n_sums)]
+    r = [f"r{j}" for j in range(n_sums)]
+    states, tensor = "".join(f"{a}, " for a in s), "".join(f"{v}, " for v in w)
+    scalars = ", ".join(f"c[{1 + k}]" for k in scalar_positions)
+    lines = ["def make(math, load, store, jit, prange, piece, span, sum_jit, block, np):",
+             "    @jit",
+             f"    def apply(i, param, grad, {states}{tensor}c):",
+             "        g = load(grad, i) * c[0] if grad is not None else c[0]  # a pass given no gradient reads none"]
+    lines += [f"        {b} = load({a}, i) if {a} is not None else g" for a, b in zip(s, x)]
+    outs = ", ".join(["p", *x, *y])
+    lines.append(f"        {outs}{',' if x or y else ''} = math(load(param, i), g, {''.join(f'{b}, ' for b in x)}"
+                 f"{tensor}{scalars})".replace("p, = math", "p = math"))
+    if write_param:
+        lines.append("        store(param, i, p)")
+    lines += [f"        if {a} is not None:\n            store({a}, i, {b})" for a, b, on in zip(s, x, written) if on]
+    lines.append(f"        return {', '.join(y) or 'None'}")
+    args = f"param, grad, {states}{tensor}c"
+    if not n_sums:
+        lines += ["", "    @jit", f"    def segment(param, grad, {states}{tensor}c):",
+                  "        # a loop from 0 over sliced arrays: LLVM vectorizes this form, not range(lo, hi)",
+                  "        for i in range(param.size):", f"            apply(i, {args})"]
+    else:
+        lines += ["", "    @jit", f"    def block_loop({args}, {', '.join(r)}):",
+                  "        for i in range(param.size):",
+                  f"            {', '.join(y)}{',' if n_sums == 1 else ''} = apply(i, {args})"]
+        lines += [f"            {a}[i] = {b}" for a, b in zip(r, y)]
+        # only the sums may be reordered (SIMD lanes): a function of their own, so that the
+        # fast-math flag never reaches the math (a reassociated 1 - beta2 times g times g would
+        # differ from Adam's in the last bit); float64, all rows in one loop
+        lines += ["", "    @sum_jit", f"    def sum_squares({', '.join(r)}):"]
+        lines += [f"        t{j} = 0.0" for j in range(n_sums)]
+        lines.append(f"        for i in range({r[0]}.size):")
+        lines += [f"            a{j} = np.float64({a}[i])\n            t{j} += a{j} * a{j}" for j, a in enumerate(r)]
+        lines.append(f"        return {', '.join(f't{j}' for j in range(n_sums))}{',' if n_sums == 1 else ''}")
+        lines += ["", "    @jit", f"    def segment(param, grad, {states}{tensor}c):",
+                  "        # blocks whose summed values wait in scratch rows (in L1) to be summed",
+                  "        n = min(block, param.size)"]
+        lines += [f"        {a} = np.empty(n, param.dtype)" for a in r]
+        lines += [f"        t{j} = 0.0" for j in range(n_sums)]
+        lines += ["        for lo in range(0, param.size, block):", "            hi = min(lo + block, param.size)",
+                  f"            block_loop(param[lo:hi], span(grad, lo, hi), "
+                  f"{''.join(f'span({a}, lo, hi), ' for a in s)}{tensor}c, {', '.join(f'{a}[:hi - lo]' for a in r)})"]
+        lines.append(f"            {', '.join(f'b{j}' for j in range(n_sums))}{',' if n_sums == 1 else ''} = "
+                     f"sum_squares({', '.join(f'{a}[:hi - lo]' for a in r)})")
+        lines += [f"            t{j} += b{j}" for j in range(n_sums)]
+        lines.append(f"        return {', '.join(f't{j}' for j in range(n_sums))}")
+    call = (f"params[b][lo:hi], piece(grads, b, lo, hi), {''.join(f'piece({a}, b, lo, hi), ' for a in s)}"
+            f"{tensor}c")
+    lines += ["", f"    def layer_loop(params, grads, {states}chunks, per_tensor, c, sums):",
+              "        for k in prange(chunks.shape[0]):",
+              "            b, lo, hi, t = chunks[k, 0], chunks[k, 1], chunks[k, 2], chunks[k, 3]"]
+    lines += [f"            {v} = per_tensor[{j}, t]" for j, v in enumerate(w)]
+    if n_sums:
+        lines.append(f"            {', '.join(f'sums[{j}, k]' for j in range(n_sums))}{',' if n_sums == 1 else ''}"
+                     f" = segment({call})")
+    else:
+        lines.append(f"            segment({call})")
+    lines += ["", "    return apply, layer_loop", ""]
+    return "\n".join(lines)
 
 
 def _compile_factory(src):
@@ -152,6 +233,40 @@ def _piece_impl(arrays, t, lo, hi):
     if isinstance(arrays, types.NoneType):
         return lambda arrays, t, lo, hi: None
     return lambda arrays, t, lo, hi: arrays[t][lo:hi]
+
+
+def _span(array, lo, hi):
+    """``array[lo:hi]``, or None where the slot is unused."""
+
+
+@overload(_span)
+def _span_impl(array, lo, hi):
+    if isinstance(array, types.NoneType):
+        return lambda array, lo, hi: None
+    return lambda array, lo, hi: array[lo:hi]
+
+
+BLOCK = 1024  # elements of a layer pass whose summed values wait in L1 before being summed
+
+
+_SUM_JIT = njit(**_CPU_OPTIONS, fastmath={"reassoc"})  # the per-block sums of a layer pass (see _generate_layers)
+
+
+def _sources(fn, seen=None):
+    """The source of ``fn``'s module and of the modules of the functions it calls (a rule's
+    math calls pieces of other rules' math: adam_moments), for the cache key."""
+    seen = set() if seen is None else seen
+    module = inspect.getmodule(fn)
+    if module is None or module.__name__ in seen:
+        return ""
+    seen.add(module.__name__)
+    out = inspect.getsource(module)
+    names = getattr(getattr(fn, "__code__", None), "co_names", ())
+    for name in names:
+        g = getattr(fn, "__globals__", {}).get(name)
+        if inspect.isfunction(g) and g.__module__.startswith(__name__.rsplit(".", 1)[0]):
+            out += _sources(g, seen)
+    return out
 
 
 def _enable_cache(dispatcher, name, salt):
@@ -189,23 +304,43 @@ class Kernels:
     """The compiled forms of one math function, each built on first use.
 
     ``cpu(parallel)(param, grad, *states, c)`` over flat arrays; ``cpu_multi(parallel)(params,
-    grads, *states, chunks, c)`` over typed lists and a ``(n, 3)`` chunk table; ``cuda()`` the
-    CUDA kernel with the flat signature. ``states`` are the state names, ``scalars`` the
-    :class:`Scalars` of the math."""
+    grads, *states, chunks, c)`` over typed lists and a chunk table; ``cuda()`` the CUDA
+    kernel with the flat signature; ``layers_cpu(parallel)`` and ``layers_cuda(dtype)`` the
+    layer forms (module docstring). ``states`` are the state names, ``scalars`` the
+    :class:`Scalars` of the math; ``per_tensor`` the names of the math's per-tensor scalars
+    (after its states), ``writes`` the names among ``p`` and the states it stores (default
+    all), ``sums`` how many values it returns after the states, to be summed per chunk."""
 
-    def __init__(self, name, math, states, scalars):
+    def __init__(self, name, math, states, scalars, *, per_tensor=(), writes=None, sums=0):
         self.name, self.math, self.states, self.scalars = name, math, tuple(states), scalars
+        self.per_tensor, self.sums = tuple(per_tensor), sums
+        self.writes = ("p", *self.states) if writes is None else tuple(writes)
+        # a math whose gradient argument is named with a leading underscore reads none: its
+        # layer pass takes grad=None and moves no gradient bytes
+        self.reads_grad = not list(inspect.signature(math).parameters)[1].startswith("_")
         positions = [scalars.order.index(n) for n in scalars.names]
-        self.source = _generate(len(self.states), positions)
-        self._make = _compile_factory(self.source)
-        self._cpu, self._multi = {}, {}
+        self._positions = positions
+        self.source = _generate(len(self.states), positions) if not (self.per_tensor or sums) else None
+        self._make = _compile_factory(self.source) if self.source else None
+        self._cpu, self._multi, self._layers, self._cuda_layers = {}, {}, {}, {}
         self._cuda = None
-        src = inspect.getsource(inspect.getmodule(math)) + inspect.getsource(inspect.getmodule(Kernels))
-        self._salt = hashlib.sha256(src.encode()).hexdigest()
+        self._salt = hashlib.sha256((_sources(math) + inspect.getsource(inspect.getmodule(Kernels))).encode()
+                                    ).hexdigest()
+
+    def scalar(self, c, name):
+        """The value of scalar ``name`` in the kernel tuple ``c``."""
+        return c[1 + self.scalars.order.index(name)]
 
     def _forms(self, jit, loop_range):
         """(apply, flat loop, segment loop, multi loop) with the math, load and store jitted by ``jit``."""
         return self._make(jit(self.math), jit(load), jit(store), jit, loop_range, _piece)
+
+    def _layer_forms(self, jit, loop_range):
+        """(apply, layer loop) of the layer forms, the math, load and store jitted by ``jit``."""
+        src = _generate_layers(len(self.states), self._positions, len(self.per_tensor),
+                               [s in self.writes for s in self.states], "p" in self.writes, self.sums)
+        make = _compile_factory(src)
+        return make(jit(self.math), jit(load), jit(store), jit, loop_range, _piece, _span, _SUM_JIT, BLOCK, np)
 
     def cpu(self, parallel):
         if parallel not in self._cpu:
@@ -223,9 +358,21 @@ class Kernels:
                                                   f"{self.name}_multi_{kind}", self._salt)
         return self._multi[parallel]
 
+    def layers_cpu(self, parallel):
+        """``(params, grads, *states, chunks, per_tensor, c, sums)`` over typed lists of 1-D
+        bases (``grads`` or a state None: not read), the chunk table, a ``(len(per_tensor),
+        n_tensors)`` array (or None), and a ``(sums, n_chunks)`` float64 array (or None)."""
+        if parallel not in self._layers:
+            _, loop = self._layer_forms(njit(**_CPU_OPTIONS), prange)
+            kind = "parallel" if parallel else "serial"
+            self._layers[parallel] = _enable_cache(njit(parallel=parallel, **_CPU_OPTIONS)(loop),
+                                                   f"{self.name}_layers_{kind}", self._salt)
+        return self._layers[parallel]
+
     def cuda_loop(self):
         """The Python CUDA kernel function (not yet compiled), for ``cuda.jit`` or ``compile_ptx``."""
         from numba import cuda
+
         from ._cuda import make_cuda_loop  # numba-cuda is optional: imported on first GPU use
         apply, _, _, _ = self._forms(cuda.jit(device=True), range)
         return make_cuda_loop(apply, len(self.states))
@@ -235,3 +382,20 @@ class Kernels:
             from numba import cuda
             self._cuda = cuda.jit(self.cuda_loop())
         return self._cuda
+
+    def layers_cuda_loop(self, dtype):
+        """The Python CUDA layer kernel for arrays of ``dtype``: ``(param, grad, *states, rows,
+        per_tensor, c, sums)`` over one base, one block per row ``(slot, start, stop, tensor)``
+        (``slot``: the column of ``sums`` the chunk's sums go to)."""
+        from numba import cuda
+
+        from ._cuda import make_cuda_layers
+        apply, _ = self._layer_forms(cuda.jit(device=True), range)
+        return make_cuda_layers(apply, len(self.states), len(self.per_tensor), self.sums, np.dtype(dtype).name)
+
+    def layers_cuda(self, dtype):
+        key = np.dtype(dtype)
+        if key not in self._cuda_layers:
+            from numba import cuda
+            self._cuda_layers[key] = cuda.jit(self.layers_cuda_loop(key))
+        return self._cuda_layers[key]

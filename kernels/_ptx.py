@@ -74,6 +74,29 @@ def compile_reduce(dtype, cc):
     return ptx
 
 
+def compile_layers(kernels, layout, scalars, dtype, cc):
+    """PTX of a rule's CUDA layer kernel (``_engine``'s layer forms) with the states of
+    ``layout`` present, as the layer-wise optimizers launch it."""
+    import numba
+    from numba import cuda, types
+    elem = numba.from_dtype(np.dtype(dtype))
+    arr, table = types.Array(elem, 1, "C"), types.Array(elem, 2, "C")
+    states = [arr if on else types.none for on in layout]
+    sig = (arr, arr if kernels.reads_grad else types.none, *states, types.Array(types.int64, 2, "C"),
+           table if kernels.per_tensor else types.none, numba.typeof(scalars), table if kernels.sums else types.none)
+    with _target_cc(cc):
+        ptx, _ = cuda.compile_ptx(kernels.layers_cuda_loop(dtype), sig, cc=cc)
+    return ptx
+
+
+def layer_kernels(rule):
+    """(kernels, layout) of every CUDA layer kernel of a per-tensor rule: its first pass, then its update."""
+    for kernels in (rule.first_kernels, rule.kernels):
+        if kernels is not None:
+            for layout in variants(rule):
+                yield kernels, layout
+
+
 def report_extra(ccs, dtypes=(np.float32, np.float64)):
     """The kernels outside RULES: the gradient-norm reduction, LAMB and LARS, the averages."""
     from . import ema, polyak
@@ -82,11 +105,14 @@ def report_extra(ccs, dtypes=(np.float32, np.float64)):
             ptx = compile_reduce(dtype, cc)
             yield ("norm", "-", np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))
     from . import lamb, lars
-    for dtype in dtypes:
-        for cc in ccs:
-            for name, ptx in [("lamb", p) for p in lamb.ptx(dtype, cc)] + [
-                    ("lars", lars.ptx(dtype, cc, momentum=m)) for m in (True, False)]:
-                yield (name, "-", np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))
+    for rule in (lamb.LAMB, lars.LARS):
+        for kernels, layout in layer_kernels(rule):
+            states = "+".join(s for s, on in zip(rule.states, layout) if on) or "-"
+            for dtype in dtypes:
+                scalars = example_scalars(rule, dtype)
+                for cc in ccs:
+                    ptx = compile_layers(kernels, layout, scalars, dtype, cc)
+                    yield (rule.name, states, np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))
     for rule in (ema.EMA, polyak.POLYAK):
         for dtype in dtypes:
             scalars = example_scalars(rule, dtype)

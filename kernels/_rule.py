@@ -10,6 +10,8 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from . import _args, _dispatch
 from ._engine import Kernels, Scalars, math_arguments
 
@@ -60,6 +62,17 @@ class State:
         self.torch_name = torch_name  # torch.optim's name for it, where it differs
 
 
+class Pass:
+    """A pass a per-tensor rule runs before its update (LAMB's first): ``math`` takes the
+    rule's states and scalars, ``writes`` names what it stores among ``p`` and the states,
+    and it returns ``sums`` more values whose squares are summed per chunk (see ``_engine``)."""
+
+    __slots__ = ("math", "sums", "writes")
+
+    def __init__(self, math: Callable[..., Any], *, writes: Iterable[str], sums: int = 0) -> None:
+        self.math, self.writes, self.sums = math, tuple(writes), sums
+
+
 class Rule:
     """An update rule: ``math`` (see :mod:`._engine`) and ``scalars(hyper, step, lr) -> dict``,
     the per-step scalars by the math's argument names, computed on the host.
@@ -70,13 +83,21 @@ class Rule:
     entries recomputed rather than kept (NAdam's ``mu_product``); ``start_from_grad``:
     states that start from the gradient on their first update (SGD's momentum buffer);
     ``kernels``: the compiled :class:`~._engine.Kernels` to share (a variant's), default None:
-    built from ``math``. Every keyword defaults to empty / None."""
+    built from ``math``. Every keyword defaults to empty / None.
+
+    A per-tensor rule (LAMB, LARS) also declares ``per_tensor``: the math's arguments after
+    its states that hold one value per tensor (the trust ratio), ``writes``: what the
+    update stores among ``p`` and the states (default all), and ``first``: a :class:`Pass`
+    run before the update, whose per-chunk sums give the per-tensor values (its kernels:
+    ``first_kernels``)."""
 
     def __init__(self, name: str, math: Callable[..., Any] | None, scalars: HostScalars, *,
                  states: Iterable[State] = (), hyper: Iterable[Hyper] = (),
                  check: Callable[[Mapping[str, Any]], None] | None = None, fixed: Mapping[str, Any] | None = None,
                  derived: Iterable[str] = (), start_from_grad: Iterable[str] = (),
-                 kernels: Kernels | bool | None = None) -> None:
+                 kernels: Kernels | None = None, per_tensor: Iterable[str] = (),
+                 writes: Iterable[str] | None = None, first: Pass | None = None,
+                 first_kernels: Kernels | None = None) -> None:
         self.name, self.math, self.host_scalars = name, math, scalars
         self.state_list = tuple(states)
         self.states = tuple(s.name for s in self.state_list)
@@ -87,13 +108,19 @@ class Rule:
         self.defaults = {**{n: h.default for n, h in self.hyper.items()}, **self.fixed}
         self.torch_names = {s.name: s.torch_name for s in self.state_list if s.torch_name}
         self.initial = {s.name: s.start for s in self.state_list if s.start}
+        self.per_tensor = tuple(per_tensor)
         if kernels is None and math is not None:
             sample = scalars(self.defaults, 1, self.defaults.get("lr"))
-            names = math_arguments(math, self.states)
-            spec = Scalars(names, {n for n, v in sample.items() if isinstance(v, bool)})
+            names = _scalar_names(math, self.states, self.per_tensor)
+            spec = Scalars(names, {n for n, v in sample.items() if isinstance(v, (bool, np.bool_))})
             spec.check(sample)
-            kernels = Kernels(name, math, self.states, spec)
-        self.kernels = kernels
+            kernels = Kernels(name, math, self.states, spec, per_tensor=self.per_tensor, writes=writes)
+            if first is not None:
+                if _scalar_names(first.math, self.states, ()) != names:
+                    raise TypeError(f"{first.math.__name__} must take the scalars of {math.__name__}: {names}")
+                first_kernels = Kernels(f"{name}_first", first.math, self.states, spec,
+                                        writes=first.writes, sums=first.sums)
+        self.kernels, self.first_kernels = kernels, first_kernels
 
     def variant(self, name: str, *, fixed: Mapping[str, Any], defaults: Mapping[str, Any]) -> Rule:
         """The same math and kernels with some values fixed and other defaults (AdamW)."""
@@ -101,7 +128,7 @@ class Rule:
                        doc=h.doc) for h in self.hyper.values() if h.name not in fixed]
         return Rule(name, self.math, self.host_scalars, states=self.state_list, hyper=hyper, check=self._check,
                     fixed={**self.fixed, **fixed}, derived=self.derived, start_from_grad=self.start_from_grad,
-                    kernels=self.kernels)
+                    kernels=self.kernels, per_tensor=self.per_tensor, first_kernels=self.first_kernels)
 
     def check(self, hyper: Mapping[str, Any]) -> None:
         """Every hyper-parameter's value (types are the optimizer's to check), with torch's messages."""
@@ -163,15 +190,10 @@ class Rule:
         return self.host_scalars(hyper, step, hyper["lr"])
 
 
-class OwnKernelsRule(Rule):
-    """A rule whose kernels are its own, not the engine's: LAMB and LARS, whose per-tensor
-    trust ratios need two passes (not yet expressed on the engine). Its host scalars are
-    ``(floats, flags)`` in the order those kernels index them."""
-
-    def __init__(self, name: str, scalars: HostScalars, **declaration: Any) -> None:
-        super().__init__(name, None, scalars, kernels=False, **declaration)
-
-    def kernel_scalars(self, hyper: Mapping[str, Any], step: int, lr: float, dtype: DTypeLike,
-                       grad_scale: float = 1.0) -> tuple:
-        """The host scalars cast to ``dtype`` (``grad_scale`` default 1.0), as LAMB's and LARS's kernels take them."""
-        return _dispatch.cast_scalars(self.host_scalars(hyper, step, lr), dtype, grad_scale)
+def _scalar_names(math: Callable[..., Any], states: tuple[str, ...], per_tensor: tuple[str, ...]) -> list[str]:
+    """The kernel-tuple scalars of ``math``: its arguments after the states and the per-tensor ones."""
+    names = math_arguments(math, states)
+    if tuple(names[:len(per_tensor)]) != per_tensor:
+        raise TypeError(f"{math.__name__} takes {names[:len(per_tensor)]} after its states where its rule has "
+                        f"the per-tensor values {list(per_tensor)}")
+    return names[len(per_tensor):]

@@ -21,10 +21,17 @@ Host scalars: ``lr / (1 - beta1**t)``, ``1 / sqrt(1 - beta2**t)`` and ``1 / (1 -
 import math
 
 import numpy as np
+from numba.extending import register_jitable
 
 from . import _args
 from ._engine import nan_max
 from ._rule import Hyper, Rule, State
+
+
+@register_jitable  # a piece of math: LAMB's first pass calls it too (the same moments, bit for bit)
+def adam_moments(g, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_minus_beta2):
+    """The new first and second moments from the gradient ``g``."""
+    return beta1 * exp_avg + one_minus_beta1 * g, beta2 * exp_avg_sq + one_minus_beta2 * g * g
 
 
 def adam_math(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq,
@@ -38,8 +45,7 @@ def adam_math(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq,
         g = g + (l1 if p > zero else -l1 if p < zero else zero)
     if decoupled:
         p = p * decay
-    exp_avg = beta1 * exp_avg + one_minus_beta1 * g
-    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
+    exp_avg, exp_avg_sq = adam_moments(g, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_minus_beta2)
     if amsgrad:
         max_exp_avg_sq = nan_max(max_exp_avg_sq, exp_avg_sq)
         v = max_exp_avg_sq

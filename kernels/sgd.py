@@ -14,9 +14,24 @@ before the momentum; ``"proximal"``: after the step, the soft threshold
 import math
 
 import numpy as np
+from numba.extending import register_jitable
 
 from . import _args
 from ._rule import Hyper, Rule, State
+
+
+@register_jitable  # a piece of math: LARS calls it too, on its ratio-scaled gradient
+def sgd_momentum(g, momentum_buffer, momentum, one_minus_dampening, use_momentum, first, nesterov):
+    """The step direction and the new momentum buffer from the gradient ``g``."""
+    if use_momentum:
+        if first:
+            momentum_buffer = g
+        else:
+            momentum_buffer = momentum * momentum_buffer + one_minus_dampening * g
+        d = g + momentum * momentum_buffer if nesterov else momentum_buffer
+    else:
+        d = g
+    return d, momentum_buffer
 
 
 def sgd_math(p, g, momentum_buffer, lr, weight_decay, momentum, one_minus_dampening, l1, threshold, zero,
@@ -27,14 +42,7 @@ def sgd_math(p, g, momentum_buffer, lr, weight_decay, momentum, one_minus_dampen
         g = g + weight_decay * p
     if l1_subgradient:
         g = g + (l1 if p > zero else -l1 if p < zero else zero)
-    if use_momentum:
-        if first:
-            momentum_buffer = g
-        else:
-            momentum_buffer = momentum * momentum_buffer + one_minus_dampening * g
-        d = g + momentum * momentum_buffer if nesterov else momentum_buffer
-    else:
-        d = g
+    d, momentum_buffer = sgd_momentum(g, momentum_buffer, momentum, one_minus_dampening, use_momentum, first, nesterov)
     p = p - lr * d
     if proximal:
         shrunk = abs(p) - threshold

@@ -12,7 +12,6 @@ import fastopt
 from conftest import SIMULATOR, to_backend, to_host
 from fastopt import layerwise
 from fastopt.kernels import _dispatch, lamb, lars
-from fastopt.kernels._dispatch import cast_scalars
 from fastopt.layerwise import LAMB, LARS, Layers, lamb_passes
 
 # odd sizes, an empty tensor, one all zero (params and grads: both ratios take their 1
@@ -248,7 +247,7 @@ def test_segment_norms_of_the_fused_pass(dtype, rtol, monkeypatch):
     shapes = [(300,), (7, 9), (1,), (0,), (129,), (64,)]
     init, grads = _data(13, steps=1, shapes=shapes, dtype=dtype)
     hp = dict(lr=0.0, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.1)  # lr = 0: the params stay put
-    c = cast_scalars(lamb.scalars(step=1, **hp), np.dtype(dtype))
+    c = lamb.LAMB.kernel_scalars({**lamb.LAMB.defaults, **hp}, 1, hp["lr"], np.dtype(dtype))
     runs = []
     for _ in range(5):
         ms, vs = [np.zeros(s, dtype) for s in shapes], [np.zeros(s, dtype) for s in shapes]
@@ -280,6 +279,17 @@ def test_lamb_moments_equal_adams_bit_for_bit():
     for i in range(len(SHAPES)):
         np.testing.assert_array_equal(opt.state_views(i)["exp_avg"], ms[i])
         np.testing.assert_array_equal(opt.state_views(i)["exp_avg_sq"], vs[i])
+
+
+def test_rules_are_declared_on_the_engine():
+    """LAMB and LARS are Rules whose passes the engine generates; LAMB moves 40 B per fp32
+    param: pass 1 stores m, v (not p) and sums p**2, u**2; pass 2 reads no gradient and
+    stores p alone, reading its tensor's ratio."""
+    first, update = lamb.LAMB.first_kernels, lamb.LAMB.kernels
+    assert first.writes == ("exp_avg", "exp_avg_sq") and first.sums == 2 and first.reads_grad
+    assert update.writes == ("p",) and not update.reads_grad and update.per_tensor == ("ratio",)
+    assert lars.LARS.first_kernels is None and lars.LARS.kernels.per_tensor == ("ratio",)
+    assert lars.LARS.kernels.writes == ("p", "momentum_buffer") and lars.LARS.kernels.reads_grad
 
 
 # -- the optimizer machinery --------------------------------------------------------
@@ -461,7 +471,8 @@ def test_cuda_tensors_sharing_one_arena(monkeypatch):
     hp = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.02)
     for t, g in enumerate(grads, start=1):
         layers = Layers([p], {"exp_avg": [m], "exp_avg_sq": [v]}, spans=spans, grads=[arena(g, 7.0)])
-        _, launches = lamb_passes(layers, layers.fixed_grads(), cast_scalars(lamb.scalars(step=t, **hp), np.float32))
+        c = lamb.LAMB.kernel_scalars({**lamb.LAMB.defaults, **hp}, t, hp["lr"], np.dtype(np.float32))
+        _, launches = lamb_passes(layers, layers.fixed_grads(), c)
         assert launches == 2
     want, _, _ = _reference("lamb", [hp] * 3, init, grads)
     host = to_host(p)
@@ -479,11 +490,12 @@ def test_cuda_tensors_sharing_one_arena(monkeypatch):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_ptx_has_no_f64_in_float32_kernels(dtype):
     pytest.importorskip("numba_cuda", reason='numba-cuda is not installed (pip install -e ".[cuda-tools]")')
-    from fastopt.kernels._ptx import f64_count
+    from fastopt.kernels._ptx import compile_layers, example_scalars, f64_count, layer_kernels
     for cc in ((8, 0), (9, 0)):
-        ptxs = [*lamb.ptx(dtype, cc), lars.ptx(dtype, cc, momentum=True), lars.ptx(dtype, cc, momentum=False)]
+        ptxs = [compile_layers(kernels, layout, example_scalars(rule, dtype), dtype, cc)
+                for rule in (lamb.LAMB, lars.LARS) for kernels, layout in layer_kernels(rule)]
         counts = [f64_count(x) for x in ptxs]
-        assert all(len(x.splitlines()) > 100 for x in ptxs)
+        assert len(ptxs) == 4 and all(len(x.splitlines()) > 100 for x in ptxs)  # LAMB's two passes, LARS's two layouts
         if dtype == np.float32:
             assert counts == [0] * 4, counts
         else:
