@@ -46,9 +46,10 @@ def mu_product(t, beta1, momentum_decay):
     if last > t:
         last, prod = 0, 1.0
     for k in range(last + 1, t + 1):
-        if prod == 0.0:  # underflowed (thousands of steps): it stays 0, so a huge t costs no loop
+        new = prod * mu(k, beta1, momentum_decay)
+        if new == prod:  # underflowed to its last denormal (thousands of steps): it stays there
             break
-        prod *= mu(k, beta1, momentum_decay)
+        prod = new
     _products[key] = (t, prod)
     return prod
 

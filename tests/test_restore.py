@@ -633,4 +633,4 @@ def test_huge_step_counts_are_refused(step):
 
 def test_nadam_schedule_product_at_a_late_step_is_quick():
     from fastopt.kernels import nadam
-    assert nadam.mu_product(2 ** 40, 0.9, 4e-3) == 0.0
+    assert nadam.mu_product(2 ** 40, 0.9, 4e-3) < 1e-300
