@@ -161,13 +161,6 @@ def check_no_overlap(written, read=()):
                          "must be its own buffer")
 
 
-def cast_scalars(scalars, dtype, grad_scale=1.0):
-    """``(floats, flags)`` -> the kernels' scalar tuple ``(grad_scale, *floats, *flags)``,
-    the floats in the arrays' dtype (a Python float would compile a float64 kernel)."""
-    floats, flags = scalars
-    return (*np.array((grad_scale, *floats), dtype), *flags)
-
-
 def launch(kernels, param, grad, states, values):
     """Run ``kernels`` (a rule's, see ``_engine.Kernels``) over the arrays, already checked by
     :func:`check_arrays`; ``values``: the math's scalars by name, from the rule's host code."""
