@@ -263,7 +263,7 @@ class _Layerwise(Optimizer):
     def _plan(self, group):
         params, offsets = group["params"], self._offsets_of(group)
         sizes = [int(a.size) for a in params]
-        needed = self._states_needed(group)
+        needed = self.states_needed(group)
         if self._buffer is not None:
             align = ALIGN // self._buffer.dtype.itemsize
             runs = _runs([o for o, n in zip(offsets, sizes) if n], [n for n in sizes if n], align)

@@ -117,7 +117,7 @@ class Optimizer:
     def _check_hyper(self, group, where):
         """Every hyper-parameter of ``group``: its type (that of the class's default) and
         its value (the rule's checks, with torch's messages), prefixed by ``where``."""
-        for key, default in _hyper_defaults(type(self)).items():
+        for key, default in self.rule.defaults.items():  # a value must have its default's type
             problem = _type_problem(key, group.get(key), default)
             if problem:
                 raise TypeError(f"{where}: {problem}")
@@ -162,10 +162,6 @@ class Optimizer:
         return [p.step for p in self._plans] if self._plans else [0] * len(self.param_groups)
 
     # -- state ---------------------------------------------------------------------------
-    def _states_needed(self, group):
-        """The rule's states this group reads and writes (others stay None)."""
-        return self.rule.states_needed(group)
-
     def _layout(self):
         """(offsets of each param in a state arena, arena size)."""
         if self._buffer is not None:
@@ -176,7 +172,7 @@ class Optimizer:
     def _allocate(self):
         """State arenas for what the groups' options need (existing ones are kept), and the
         launch plans (rebuilt, step counts kept: a loaded state dict may change options)."""
-        needed = {s for g in self.param_groups for s in self._states_needed(g)}
+        needed = {s for g in self.param_groups for s in self.states_needed(g)}
         offsets, size = self._layout()
         dtype = self._params[0].dtype
         self._offsets = offsets
@@ -189,7 +185,7 @@ class Optimizer:
         self._plans = [self._plan(g) for g in self.param_groups]
         for k, (plan, t, restart) in enumerate(zip(self._plans, steps, restarts)):
             plan.step, plan.restart = t, restart  # a restart a skipped step left pending still holds
-            self._started[k].update(self._states_needed(self.param_groups[k]))
+            self._started[k].update(self.states_needed(self.param_groups[k]))
         if self._buffer is not None:
             # the params' own spans: the alignment padding between them never counts
             self._norm_plan = NormPlan([self._buffer.grad_arena[o:o + a.size]
@@ -220,7 +216,7 @@ class Optimizer:
     def _plan(self, group):
         offsets = self._offsets_of(group)
         params = group["params"]
-        slots = [self.arenas[n] if n in self._states_needed(group) else None for n in self.rule.states]
+        slots = [self.arenas[n] if n in self.states_needed(group) else None for n in self.rule.states]
         plan = _Plan(self.rule.kernels, group, numel=sum(a.size for a in params))
         cpu = isinstance(params[0], np.ndarray)
         if plan.numel == 0:
@@ -331,7 +327,7 @@ class Optimizer:
             self._check_hyper(group, where)
         late = []
         for k, (group, plan) in enumerate(zip(self.param_groups, self._plans)):
-            new = [s for s in self._states_needed(group) if s not in self._started[k]]
+            new = [s for s in self.states_needed(group) if s not in self._started[k]]
             if new and plan.step:
                 refused = [s for s in new if s not in self.rule.start_from_grad]
                 if refused:
@@ -341,7 +337,7 @@ class Optimizer:
                         "set the option before the first step, or load a state dict that holds it")
                 late.append(k)
         if replaced or any(s not in self._started[k] for k, g in enumerate(self.param_groups)
-                           for s in self._states_needed(g)):
+                           for s in self.states_needed(g)):
             self._allocate()
             for k in late:
                 self._plans[k].restart = True
@@ -386,7 +382,7 @@ class Optimizer:
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": idx})
             if t:
                 for j in idx:
-                    views = {n: v for n, v in self.state_views(j).items() if n in self._states_needed(g)}
+                    views = {n: v for n, v in self.state_views(j).items() if n in self.states_needed(g)}
                     state[j] = {"step": float(t), **{n: _to_host(v) for n, v in views.items()}}
                     if torch:
                         state[j] = self._to_torch_state(state[j], g)
@@ -445,8 +441,8 @@ class Optimizer:
         return new
 
     def states_needed(self, group):
-        """The states ``group``'s options read and write."""
-        return self._states_needed(group)
+        """The states ``group``'s options read and write (the others stay None)."""
+        return self.rule.states_needed(group)
 
     def restore(self, groups, steps, arrays):
         """Write a checked state: ``groups`` from :meth:`merged_groups`, ``steps`` per group,
@@ -492,7 +488,8 @@ class Optimizer:
         rule = self.rule
         renamed = {t: f for f, t in rule.torch_names.items()}
         known = set(rule.states) | set(rule.torch_names.values()) | set(rule.derived) | {"step"}
-        identity = _identity_keys(type(self))
+        # every state dict of the rule carries torch's positional arguments (the rules torch has)
+        identity = [n for n, h in rule.hyper.items() if not h.keyword]
         new_groups, steps, arrays, listed = [], [], {}, set()
         for k, (saved, mine) in enumerate(zip(groups, self.param_groups)):
             where = f"param group {k} of the state dict"
@@ -510,7 +507,7 @@ class Optimizer:
                                  f"{len(mine['params'])} here")
             g = self._merged_group(mine, saved, where)
             new_groups.append(g)
-            needed = self._states_needed(g)
+            needed = self.states_needed(g)
             first = sum(len(x["params"]) for x in self.param_groups[:k])
             group_steps = set()
             for j, saved_index in enumerate(saved["params"]):
@@ -819,17 +816,6 @@ class _GroupList(list):
         _refused, ("append", "extend", "insert", "remove", "pop", "clear", "sort", "reverse", "__delitem__",
                    "__iadd__"))
     del _refused
-
-
-def _hyper_defaults(cls):
-    """Hyper-parameter -> the class's default (its type is the type a value must have)."""
-    return cls.rule.defaults
-
-
-def _identity_keys(cls):
-    """The hyper-parameters every state dict of this rule carries (torch's positional
-    constructor arguments, for the rules torch has)."""
-    return tuple(n for n, h in cls.rule.hyper.items() if not h.keyword)
 
 
 def _group_meta(group):

@@ -178,16 +178,13 @@ class Rule:
                     _args.required(s.name, a[s.name], s.because)
                 states[s.name] = a[s.name] if s.name in needed else None
             _dispatch.update(self.kernels, a["param"], a["grad"], states,
-                             self.kernel_scalars_for(hyper, a["step"]))
+                             self.host_scalars(hyper, a["step"], hyper["lr"]))
 
         update.__name__ = update.__qualname__ = name
         update.__signature__ = signature
         update.__doc__ = doc
         return update
 
-    def kernel_scalars_for(self, hyper: Mapping[str, Any], step: int) -> Any:
-        """``(rule, hyper, step) -> (host dict)`` for a launch that casts later."""
-        return self.host_scalars(hyper, step, hyper["lr"])
 
 
 def _scalar_names(math: Callable[..., Any], states: tuple[str, ...], per_tensor: tuple[str, ...]) -> list[str]:

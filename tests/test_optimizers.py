@@ -84,7 +84,7 @@ def test_matches_reference(rule, draw, mode):
         group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
         views = opt.state_views(k)
         for name, want in zip(names, states[i]):
-            if name in opt._states_needed(group):
+            if name in opt.states_needed(group):
                 np.testing.assert_allclose(views[name], want, rtol=1e-10, atol=1e-12, err_msg=f"{name} of {i}")
     assert opt.steps == STEPS
 
