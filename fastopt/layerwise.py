@@ -249,7 +249,8 @@ class _GroupPlan:
     def __init__(self, optimizer, group, layers):
         self.optimizer, self.group, self.layers = optimizer, group, layers
         self.step = 0
-        self.restart = False  # see fastopt.optimizer._Plan
+        self.constants = None  # see fastopt.optimizer._Plan
+        self.restart = False
         self.ratios = None  # the trust ratios of the last step, one per tensor
         self.norms = None   # LARS: (the gradients it was built for, their NormPlan)
 

@@ -121,6 +121,8 @@ class Optimizer:
             problem = _type_problem(key, group.get(key), default)
             if problem:
                 raise TypeError(f"{where}: {problem}")
+            if isinstance(group[key], list):  # a tuple: an edit in place would escape the checks and
+                dict.__setitem__(group, key, tuple(group[key]))  # the group's cached constants
         for key, value in self.rule.fixed.items():
             if group.get(key) != value:
                 raise ValueError(f"{where}: {key} is {value!r} in {type(self).__name__}, it cannot be "
@@ -289,7 +291,9 @@ class Optimizer:
             if not 0 <= lr < math.inf:
                 raise ValueError(f"param group {i}: the learning rate is {lr} at step {plan.step}")
             step = 1 if plan.restart else plan.step + 1
-            work.append(self.rule.kernel_scalars(group, step, lr, dtype, scale))
+            if plan.constants is None:  # packed once per group, again after an edit of the group
+                plan.constants = self.rule.kernel_constants(group, dtype)
+            work.append(self.rule.kernel_scalars(group, step, lr, dtype, scale, plan.constants))
         self.last_step_skipped = False
         for plan, scalars in zip(self._plans, work):
             self.launches += plan.run(scalars, grads)
@@ -305,6 +309,8 @@ class Optimizer:
         except BaseException:
             self._edited[0] = True
             raise
+        for plan in self._plans:
+            plan.constants = None
 
     def _check_edits(self):
         replaced = False
@@ -559,6 +565,7 @@ class _Plan:
     def __init__(self, kernels, group, numel):
         self.kernels, self.group, self.numel = kernels, group, numel
         self.step = 0
+        self.constants = None  # the constant tail of the kernel's scalars (Rule.kernel_constants)
         self.restart = False  # the next update starts a state from the gradient (scalars see step 1)
         self.flat = self.lists = self.tensors = self.entry = None
         self.parallel = numel >= _dispatch.PARALLEL_THRESHOLD

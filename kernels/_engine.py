@@ -66,18 +66,36 @@ class Scalars:
     """The per-step scalars of a math function, by name: the math's arguments after its
     states. ``pack`` turns the dict a rule's host code returns into the kernel's tuple
     ``(grad_scale, *floats, *flags)``, floats in the arrays' dtype (a Python float would
-    compile a float64 kernel), flags as Python bools (compile-time-like branches)."""
+    compile a float64 kernel), flags as Python bools (compile-time-like branches).
 
-    def __init__(self, names, flags):
+    ``constant`` names the scalars that depend on the hyper-parameters alone: they come last
+    in the tuple, so a caller packs them once (``pack_constants``) and then per step only the
+    scalars that change (``pack(values, dtype, grad_scale, constants)``)."""
+
+    def __init__(self, names, flags, constant=()):
         self.names = tuple(names)
         self.flags = tuple(n for n in self.names if n in flags)
         self.floats = tuple(n for n in self.names if n not in flags)
-        self.order = self.floats + self.flags  # position in c, after grad_scale
-        self._floats = _getter(self.floats)
-        self._flags = _getter(self.flags)
+        per_step = [n for n in self.names if n not in constant]
+        self.constant = tuple(n for n in self.names if n in constant)
+        split = [[n for n in names if n in self.floats] + [n for n in names if n in self.flags]
+                 for names in (per_step, self.constant)]
+        self.order = tuple(split[0] + split[1])  # position in c, after grad_scale
+        self._step_floats = _getter([n for n in split[0] if n in self.floats])
+        self._step_flags = _getter([n for n in split[0] if n in self.flags])
+        self._const_floats = _getter([n for n in split[1] if n in self.floats])
+        self._const_flags = _getter([n for n in split[1] if n in self.flags])
 
-    def pack(self, values, dtype, grad_scale=1.0):
-        return (*np.array((grad_scale, *self._floats(values)), dtype), *self._flags(values))
+    def pack_constants(self, values, dtype):
+        """The tuple's tail: the constant scalars, floats in ``dtype``."""
+        return (*np.array(self._const_floats(values), dtype), *self._const_flags(values))
+
+    def pack(self, values, dtype, grad_scale=1.0, constants=None):
+        """The kernel's tuple from ``values`` (every scalar by name, or with ``constants`` from
+        :meth:`pack_constants`, only the per-step ones)."""
+        if constants is None:
+            constants = self.pack_constants(values, dtype)
+        return (*np.array((grad_scale, *self._step_floats(values)), dtype), *self._step_flags(values), *constants)
 
     def check(self, values):
         """The names a host function returned must be exactly the math's: say which differ."""

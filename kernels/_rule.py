@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 #: ``scalars(hyper, step, lr) -> {name: value}``: a rule's host-side per-step scalars
 HostScalars = Callable[[Mapping[str, Any], int, float], Any]
+#: ``constants(hyper) -> {name: value}``: the scalars that depend on the hyper-parameters alone
+HostConstants = Callable[[Mapping[str, Any]], Any]
 
 
 class Hyper:
@@ -75,7 +77,9 @@ class Pass:
 
 class Rule:
     """An update rule: ``math`` (see :mod:`._engine`) and ``scalars(hyper, step, lr) -> dict``,
-    the per-step scalars by the math's argument names, computed on the host.
+    the per-step scalars by the math's argument names, computed on the host; ``constants(hyper)
+    -> dict``, the math's other scalars, which depend on the hyper-parameters alone (an
+    optimizer packs them once per group and again only after an edit of the group).
 
     ``states``: :class:`State` list in the math's order; ``hyper``: :class:`Hyper` list in
     torch's order; ``check(hyper)``: checks between hyper-parameters; ``fixed``: values a
@@ -92,13 +96,14 @@ class Rule:
     ``first_kernels``)."""
 
     def __init__(self, name: str, math: Callable[..., Any] | None, scalars: HostScalars, *,
-                 states: Iterable[State] = (), hyper: Iterable[Hyper] = (),
+                 constants: HostConstants | None = None, states: Iterable[State] = (), hyper: Iterable[Hyper] = (),
                  check: Callable[[Mapping[str, Any]], None] | None = None, fixed: Mapping[str, Any] | None = None,
                  derived: Iterable[str] = (), start_from_grad: Iterable[str] = (),
                  kernels: Kernels | None = None, per_tensor: Iterable[str] = (),
                  writes: Iterable[str] | None = None, first: Pass | None = None,
                  first_kernels: Kernels | None = None) -> None:
         self.name, self.math, self.host_scalars = name, math, scalars
+        self.host_constants = constants if constants is not None else _no_constants
         self.state_list = tuple(states)
         self.states = tuple(s.name for s in self.state_list)
         self.hyper = {h.name: h for h in hyper}
@@ -110,9 +115,13 @@ class Rule:
         self.initial = {s.name: s.start for s in self.state_list if s.start}
         self.per_tensor = tuple(per_tensor)
         if kernels is None and math is not None:
-            sample = scalars(self.defaults, 1, self.defaults.get("lr"))
+            per_step, constant = scalars(self.defaults, 1, self.defaults.get("lr")), self.host_constants(self.defaults)
+            if set(per_step) & set(constant):
+                both = sorted(set(per_step) & set(constant))
+                raise TypeError(f"{name}: scalars {both} are both per step and constant")
+            sample = {**constant, **per_step}
             names = _scalar_names(math, self.states, self.per_tensor)
-            spec = Scalars(names, {n for n, v in sample.items() if isinstance(v, (bool, np.bool_))})
+            spec = Scalars(names, {n for n, v in sample.items() if isinstance(v, (bool, np.bool_))}, constant)
             spec.check(sample)
             kernels = Kernels(name, math, self.states, spec, per_tensor=self.per_tensor, writes=writes)
             if first is not None:
@@ -126,7 +135,8 @@ class Rule:
         """The same math and kernels with some values fixed and other defaults (AdamW)."""
         hyper = [Hyper(h.name, defaults.get(h.name, h.default), h.check, keyword=h.keyword, torch=h.torch,
                        doc=h.doc) for h in self.hyper.values() if h.name not in fixed]
-        return Rule(name, self.math, self.host_scalars, states=self.state_list, hyper=hyper, check=self._check,
+        return Rule(name, self.math, self.host_scalars, constants=self.host_constants, states=self.state_list,
+                    hyper=hyper, check=self._check,
                     fixed={**self.fixed, **fixed}, derived=self.derived, start_from_grad=self.start_from_grad,
                     kernels=self.kernels, per_tensor=self.per_tensor, first_kernels=self.first_kernels)
 
@@ -142,11 +152,23 @@ class Rule:
         """The states these hyper-parameters read and write (the others stay None)."""
         return tuple(s.name for s in self.state_list if s.when is None or s.when(hyper))
 
+    def scalars_at(self, hyper: Mapping[str, Any], step: int, lr: float) -> dict:
+        """Every scalar of the math for update number ``step`` (1-based) at ``lr``, by name."""
+        return {**self.host_constants(hyper), **self.host_scalars(hyper, step, lr)}
+
+    def kernel_constants(self, hyper: Mapping[str, Any], dtype: DTypeLike) -> tuple:
+        """The constant tail of the kernel's scalar tuple (see :meth:`kernel_scalars`)."""
+        return self.kernels.scalars.pack_constants(self.host_constants(hyper), dtype)
+
     def kernel_scalars(self, hyper: Mapping[str, Any], step: int, lr: float, dtype: DTypeLike,
-                       grad_scale: float = 1.0) -> tuple:
+                       grad_scale: float = 1.0, constants: tuple | None = None) -> tuple:
         """The kernel's scalar tuple for update number ``step`` (1-based) at ``lr``, floats in
-        ``dtype``, the gradient scaled by ``grad_scale`` (default 1.0) as it is read."""
-        return self.kernels.scalars.pack(self.host_scalars(hyper, step, lr), dtype, grad_scale)
+        ``dtype``, the gradient scaled by ``grad_scale`` (default 1.0) as it is read;
+        ``constants``: :meth:`kernel_constants` of the same hyper-parameters, if the caller keeps them."""
+        values = self.host_scalars(hyper, step, lr)
+        if constants is None:
+            values = {**self.host_constants(hyper), **values}
+        return self.kernels.scalars.pack(values, dtype, grad_scale, constants)
 
     # -- the in-place function -------------------------------------------------------------
     def signature(self) -> inspect.Signature:
@@ -178,13 +200,17 @@ class Rule:
                     _args.required(s.name, a[s.name], s.because)
                 states[s.name] = a[s.name] if s.name in needed else None
             _dispatch.update(self.kernels, a["param"], a["grad"], states,
-                             self.host_scalars(hyper, a["step"], hyper["lr"]))
+                             self.scalars_at(hyper, a["step"], hyper["lr"]))
 
         update.__name__ = update.__qualname__ = name
         update.__signature__ = signature
         update.__doc__ = doc
         return update
 
+
+
+def _no_constants(hyper: Mapping[str, Any]) -> dict:
+    return {}
 
 
 def _scalar_names(math: Callable[..., Any], states: tuple[str, ...], per_tensor: tuple[str, ...]) -> list[str]:

@@ -27,13 +27,17 @@ def adadelta_math(p, g, square_avg, acc_delta, lr, rho, one_minus_rho, eps, weig
 
 
 def scalars(h, step, lr):
+    return {"lr": lr}
+
+
+def constants(h):
     rho = h["rho"]
-    return dict(lr=lr, rho=rho, one_minus_rho=1 - rho, eps=h["eps"], weight_decay=h["weight_decay"],
-                maximize=bool(h["maximize"]), coupled=h["weight_decay"] != 0)
+    return {"rho": rho, "one_minus_rho": 1 - rho, "eps": h["eps"], "weight_decay": h["weight_decay"],
+            "maximize": bool(h["maximize"]), "coupled": h["weight_decay"] != 0}
 
 
 ADADELTA = Rule(
-    "adadelta", adadelta_math, scalars,
+    "adadelta", adadelta_math, scalars, constants=constants,
     states=[State("square_avg"), State("acc_delta")],
     hyper=[Hyper("lr", 1.0, _args.lr), Hyper("rho", 0.9, _args.unit_of("rho")), Hyper("eps", 1e-6, _args.eps),
            Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")), Hyper("maximize", False, keyword=True)])

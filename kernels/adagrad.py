@@ -24,12 +24,16 @@ def adagrad_math(p, g, state_sum, clr, weight_decay, eps, maximize, coupled):
 
 
 def scalars(h, step, lr):
-    return dict(clr=lr / (1 + (step - 1) * h["lr_decay"]), weight_decay=h["weight_decay"], eps=h["eps"],
-                maximize=bool(h["maximize"]), coupled=h["weight_decay"] != 0)
+    return {"clr": lr / (1 + (step - 1) * h["lr_decay"])}
+
+
+def constants(h):
+    return {"weight_decay": h["weight_decay"], "eps": h["eps"], "maximize": bool(h["maximize"]),
+            "coupled": h["weight_decay"] != 0}
 
 
 ADAGRAD = Rule(
-    "adagrad", adagrad_math, scalars,
+    "adagrad", adagrad_math, scalars, constants=constants,
     states=[State("state_sum", start="initial_accumulator_value", torch_name="sum")],
     hyper=[Hyper("lr", 1e-2, _args.lr), Hyper("lr_decay", 0.0, _args.nonneg_of("lr_decay")),
            Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")),

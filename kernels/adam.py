@@ -66,19 +66,24 @@ def scalars(h, step, lr):
     beta1, beta2 = h["betas"]
     bc1 = 1 - beta1 ** step if h["bias_correction"] else 1.0
     bc2 = 1 - beta2 ** step if h["bias_correction"] else 1.0
+    decoupled = h["decoupled_weight_decay"]
+    return {"step_size": lr / bc1, "inv_sqrt_bc2": 1 / math.sqrt(bc2), "inv_bc2": 1 / bc2,
+            "decay": 1 - lr * h["weight_decay"] if decoupled else 1.0}
+
+
+def constants(h):
+    beta1, beta2 = h["betas"]
     weight_decay, decoupled, l1 = h["weight_decay"], bool(h["decoupled_weight_decay"]), h["l1"]
-    return dict(beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
-                step_size=lr / bc1, inv_sqrt_bc2=1 / math.sqrt(bc2), inv_bc2=1 / bc2, eps=h["eps"],
-                eps_root=h["eps_root"], has_eps_root=h["eps_root"] != 0,
-                l2=0.0 if decoupled else weight_decay, decay=1 - lr * weight_decay if decoupled else 1.0,
-                l1=l1, zero=0.0, amsgrad=bool(h["amsgrad"]), maximize=bool(h["maximize"]),
-                coupled=weight_decay != 0 and not decoupled, decoupled=weight_decay != 0 and decoupled,
-                l1_subgradient=l1 > 0 and h["l1_mode"] == "subgradient",
-                proximal=l1 > 0 and h["l1_mode"] == "proximal")
+    return {"beta1": beta1, "one_minus_beta1": 1 - beta1, "beta2": beta2, "one_minus_beta2": 1 - beta2,
+            "eps": h["eps"], "eps_root": h["eps_root"], "has_eps_root": h["eps_root"] != 0,
+            "l2": 0.0 if decoupled else weight_decay, "l1": l1, "zero": 0.0, "amsgrad": bool(h["amsgrad"]),
+            "maximize": bool(h["maximize"]), "coupled": weight_decay != 0 and not decoupled,
+            "decoupled": weight_decay != 0 and decoupled, "l1_subgradient": l1 > 0 and h["l1_mode"] == "subgradient",
+            "proximal": l1 > 0 and h["l1_mode"] == "proximal"}
 
 
 ADAM = Rule(
-    "adam", adam_math, scalars,
+    "adam", adam_math, scalars, constants=constants,
     states=[State("exp_avg"), State("exp_avg_sq"),
             State("max_exp_avg_sq", lambda h: h["amsgrad"], "when amsgrad=True")],
     hyper=[Hyper("lr", 1e-3, _args.lr), Hyper("betas", (0.9, 0.999), _args.betas),

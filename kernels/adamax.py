@@ -24,13 +24,17 @@ def adamax_math(p, g, exp_avg, exp_inf, beta1, one_minus_beta1, beta2, clr, eps,
 
 
 def scalars(h, step, lr):
+    return {"clr": lr / (1 - h["betas"][0] ** step)}
+
+
+def constants(h):
     beta1, beta2 = h["betas"]
-    return dict(beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, clr=lr / (1 - beta1 ** step), eps=h["eps"],
-                weight_decay=h["weight_decay"], maximize=bool(h["maximize"]), coupled=h["weight_decay"] != 0)
+    return {"beta1": beta1, "one_minus_beta1": 1 - beta1, "beta2": beta2, "eps": h["eps"],
+            "weight_decay": h["weight_decay"], "maximize": bool(h["maximize"]), "coupled": h["weight_decay"] != 0}
 
 
 ADAMAX = Rule(
-    "adamax", adamax_math, scalars,
+    "adamax", adamax_math, scalars, constants=constants,
     states=[State("exp_avg"), State("exp_inf")],
     hyper=[Hyper("lr", 2e-3, _args.lr), Hyper("betas", (0.9, 0.999), _args.betas), Hyper("eps", 1e-8, _args.eps),
            Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")), Hyper("maximize", False, keyword=True)])

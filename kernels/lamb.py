@@ -63,9 +63,13 @@ def scalars(h, step, lr):
     beta1, beta2 = h["betas"]
     bc1 = 1 - beta1 ** step if h["bias_correction"] else 1.0
     bc2 = 1 - beta2 ** step if h["bias_correction"] else 1.0
-    return dict(lr=lr, beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
-                inv_bc1=1 / bc1, inv_sqrt_bc2=1 / math.sqrt(bc2), eps=h["eps"], weight_decay=h["weight_decay"],
-                decayed=h["weight_decay"] != 0)
+    return {"lr": lr, "inv_bc1": 1 / bc1, "inv_sqrt_bc2": 1 / math.sqrt(bc2)}
+
+
+def constants(h):
+    beta1, beta2 = h["betas"]
+    return {"beta1": beta1, "one_minus_beta1": 1 - beta1, "beta2": beta2, "one_minus_beta2": 1 - beta2,
+            "eps": h["eps"], "weight_decay": h["weight_decay"], "decayed": h["weight_decay"] != 0}
 
 
 def _is_number(x):
@@ -79,7 +83,7 @@ def _check(h):
 
 
 LAMB = Rule(
-    "lamb", lamb_math, scalars,
+    "lamb", lamb_math, scalars, constants=constants,
     states=[State("exp_avg"), State("exp_avg_sq")],
     hyper=[Hyper("lr", 1e-3, _args.lr), Hyper("betas", (0.9, 0.999), _args.betas), Hyper("eps", 1e-6, _args.eps),
            Hyper("weight_decay", 1e-2, _args.nonneg_of("weight_decay")),

@@ -43,9 +43,12 @@ def lars_math(p, g, momentum_buffer, ratio, lr, weight_decay, momentum, one_minu
 
 
 def scalars(h, step, lr):
-    return dict(lr=lr, weight_decay=h["weight_decay"], momentum=h["momentum"],
-                one_minus_dampening=1 - h["dampening"], use_momentum=h["momentum"] != 0, first=step == 1,
-                nesterov=bool(h["nesterov"]), coupled=h["weight_decay"] != 0)
+    return {"lr": lr, "first": step == 1}
+
+
+def constants(h):
+    return {"weight_decay": h["weight_decay"], "momentum": h["momentum"], "one_minus_dampening": 1 - h["dampening"],
+            "use_momentum": h["momentum"] != 0, "nesterov": bool(h["nesterov"]), "coupled": h["weight_decay"] != 0}
 
 
 def _is_number(x):
@@ -66,7 +69,7 @@ def _check(h):
 
 
 LARS = Rule(
-    "lars", lars_math, scalars,
+    "lars", lars_math, scalars, constants=constants,
     states=[State("momentum_buffer", lambda h: h["momentum"] != 0, "when momentum != 0")],
     hyper=[Hyper("lr", 1.0, _args.lr), Hyper("momentum", 0.0), Hyper("dampening", 0.0), Hyper("weight_decay", 0.0),
            Hyper("nesterov", False), Hyper("trust_coeff", 1e-3), Hyper("eps", 1e-8), Hyper("trust_clip", False),

@@ -23,14 +23,17 @@ def lion_math(p, g, exp_avg, lr, beta1, one_minus_beta1, beta2, one_minus_beta2,
 
 
 def scalars(h, step, lr):
+    return {"lr": lr, "decay": 1 - lr * h["weight_decay"]}
+
+
+def constants(h):
     beta1, beta2 = h["betas"]
-    return dict(lr=lr, beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
-                decay=1 - lr * h["weight_decay"], zero=0.0, maximize=bool(h["maximize"]),
-                decoupled=h["weight_decay"] != 0)
+    return {"beta1": beta1, "one_minus_beta1": 1 - beta1, "beta2": beta2, "one_minus_beta2": 1 - beta2,
+            "zero": 0.0, "maximize": bool(h["maximize"]), "decoupled": h["weight_decay"] != 0}
 
 
 LION = Rule(
-    "lion", lion_math, scalars,
+    "lion", lion_math, scalars, constants=constants,
     states=[State("exp_avg")],
     hyper=[Hyper("lr", 1e-4, _args.lr), Hyper("betas", (0.9, 0.99), _args.betas),
            Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")), Hyper("maximize", False, keyword=True)])

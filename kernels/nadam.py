@@ -56,19 +56,24 @@ def mu_product(t, beta1, momentum_decay):
 
 def scalars(h, step, lr):
     beta1, beta2 = h["betas"]
-    weight_decay, decoupled, momentum_decay = h["weight_decay"], bool(h["decoupled_weight_decay"]), h["momentum_decay"]
+    momentum_decay = h["momentum_decay"]
     mu_t, mu_next = mu(step, beta1, momentum_decay), mu(step + 1, beta1, momentum_decay)
     prod = mu_product(step, beta1, momentum_decay)
-    return dict(beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
-                inv_sqrt_bc2=1 / math.sqrt(1 - beta2 ** step), eps=h["eps"],
-                grad_coef=lr * (1 - mu_t) / (1 - prod), avg_coef=lr * mu_next / (1 - prod * mu_next),
-                l2=0.0 if decoupled else weight_decay, decay=1 - lr * weight_decay if decoupled else 1.0,
-                maximize=bool(h["maximize"]), coupled=weight_decay != 0 and not decoupled,
-                decoupled=weight_decay != 0 and decoupled)
+    return {"inv_sqrt_bc2": 1 / math.sqrt(1 - beta2 ** step), "grad_coef": lr * (1 - mu_t) / (1 - prod),
+            "avg_coef": lr * mu_next / (1 - prod * mu_next),
+            "decay": 1 - lr * h["weight_decay"] if h["decoupled_weight_decay"] else 1.0}
+
+
+def constants(h):
+    beta1, beta2 = h["betas"]
+    weight_decay, decoupled = h["weight_decay"], bool(h["decoupled_weight_decay"])
+    return {"beta1": beta1, "one_minus_beta1": 1 - beta1, "beta2": beta2, "one_minus_beta2": 1 - beta2,
+            "eps": h["eps"], "l2": 0.0 if decoupled else weight_decay, "maximize": bool(h["maximize"]),
+            "coupled": weight_decay != 0 and not decoupled, "decoupled": weight_decay != 0 and decoupled}
 
 
 NADAM = Rule(
-    "nadam", nadam_math, scalars,
+    "nadam", nadam_math, scalars, constants=constants,
     states=[State("exp_avg"), State("exp_avg_sq")],
     hyper=[Hyper("lr", 2e-3, _args.lr), Hyper("betas", (0.9, 0.999), _args.betas), Hyper("eps", 1e-8, _args.eps),
            Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")),

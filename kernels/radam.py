@@ -49,17 +49,21 @@ def rectification(step, beta2):
 
 def scalars(h, step, lr):
     beta1, beta2 = h["betas"]
-    weight_decay, decoupled = h["weight_decay"], bool(h["decoupled_weight_decay"])
     rectify, r = rectification(step, beta2)
-    return dict(beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
-                coef=lr / (1 - beta1 ** step) * (r * math.sqrt(1 - beta2 ** step) if rectify else 1.0), eps=h["eps"],
-                l2=0.0 if decoupled else weight_decay, decay=1 - lr * weight_decay if decoupled else 1.0,
-                rectify=rectify, maximize=bool(h["maximize"]), coupled=weight_decay != 0 and not decoupled,
-                decoupled=weight_decay != 0 and decoupled)
+    return {"coef": lr / (1 - beta1 ** step) * (r * math.sqrt(1 - beta2 ** step) if rectify else 1.0),
+            "decay": 1 - lr * h["weight_decay"] if h["decoupled_weight_decay"] else 1.0, "rectify": rectify}
+
+
+def constants(h):
+    beta1, beta2 = h["betas"]
+    weight_decay, decoupled = h["weight_decay"], bool(h["decoupled_weight_decay"])
+    return {"beta1": beta1, "one_minus_beta1": 1 - beta1, "beta2": beta2, "one_minus_beta2": 1 - beta2,
+            "eps": h["eps"], "l2": 0.0 if decoupled else weight_decay, "maximize": bool(h["maximize"]),
+            "coupled": weight_decay != 0 and not decoupled, "decoupled": weight_decay != 0 and decoupled}
 
 
 RADAM = Rule(
-    "radam", radam_math, scalars,
+    "radam", radam_math, scalars, constants=constants,
     states=[State("exp_avg"), State("exp_avg_sq")],
     hyper=[Hyper("lr", 1e-3, _args.lr), Hyper("betas", (0.9, 0.999), _args.betas), Hyper("eps", 1e-8, _args.eps),
            Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")),

@@ -37,14 +37,18 @@ def rmsprop_math(p, g, square_avg, momentum_buffer, grad_avg, lr, alpha, one_min
 
 
 def scalars(h, step, lr):
+    return {"lr": lr}
+
+
+def constants(h):
     alpha = h["alpha"]
-    return dict(lr=lr, alpha=alpha, one_minus_alpha=1 - alpha, eps=h["eps"], weight_decay=h["weight_decay"],
-                momentum=h["momentum"], use_momentum=h["momentum"] > 0, centered=bool(h["centered"]),
-                maximize=bool(h["maximize"]), coupled=h["weight_decay"] != 0)
+    return {"alpha": alpha, "one_minus_alpha": 1 - alpha, "eps": h["eps"], "weight_decay": h["weight_decay"],
+            "momentum": h["momentum"], "use_momentum": h["momentum"] > 0, "centered": bool(h["centered"]),
+            "maximize": bool(h["maximize"]), "coupled": h["weight_decay"] != 0}
 
 
 RMSPROP = Rule(
-    "rmsprop", rmsprop_math, scalars,
+    "rmsprop", rmsprop_math, scalars, constants=constants,
     states=[State("square_avg"), State("momentum_buffer", lambda h: h["momentum"] > 0, "when momentum > 0"),
             State("grad_avg", lambda h: h["centered"], "when centered=True")],
     hyper=[Hyper("lr", 1e-2, _args.lr), Hyper("alpha", 0.99, _args.unit_of("alpha")), Hyper("eps", 1e-8, _args.eps),

@@ -51,12 +51,16 @@ def sgd_math(p, g, momentum_buffer, lr, weight_decay, momentum, one_minus_dampen
 
 
 def scalars(h, step, lr):
+    return {"lr": lr, "threshold": lr * h["l1"], "first": step == 1}
+
+
+def constants(h):
     l1, weight_decay = h["l1"], h["weight_decay"]
-    return dict(lr=lr, weight_decay=weight_decay, momentum=h["momentum"], one_minus_dampening=1 - h["dampening"],
-                l1=l1, threshold=lr * l1, zero=0.0, use_momentum=h["momentum"] != 0, first=step == 1,
-                nesterov=bool(h["nesterov"]), maximize=bool(h["maximize"]), coupled=weight_decay != 0,
-                l1_subgradient=l1 > 0 and h["l1_mode"] == "subgradient",
-                proximal=l1 > 0 and h["l1_mode"] == "proximal")
+    return {"weight_decay": weight_decay, "momentum": h["momentum"], "one_minus_dampening": 1 - h["dampening"],
+            "l1": l1, "zero": 0.0, "use_momentum": h["momentum"] != 0, "nesterov": bool(h["nesterov"]),
+            "maximize": bool(h["maximize"]), "coupled": weight_decay != 0,
+            "l1_subgradient": l1 > 0 and h["l1_mode"] == "subgradient",
+            "proximal": l1 > 0 and h["l1_mode"] == "proximal"}
 
 
 def _check(h):
@@ -70,7 +74,7 @@ def _finite_dampening(value):
 
 
 SGD = Rule(
-    "sgd", sgd_math, scalars,
+    "sgd", sgd_math, scalars, constants=constants,
     states=[State("momentum_buffer", lambda h: h["momentum"] != 0, "when momentum != 0")],
     hyper=[Hyper("lr", 1e-3, _args.lr), Hyper("momentum", 0.0, _args.nonneg_of("momentum")),
            Hyper("dampening", 0.0, _finite_dampening), Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")),
