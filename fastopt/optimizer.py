@@ -247,13 +247,17 @@ class Optimizer:
         if self._buffer is not None:
             self._buffer.zero_grad()
 
-    def step(self, grads=None):
+    def step(self, grads=None, *, grad_scale=1.0):
         """One update of every param group: one fused launch per group with a ParamBuffer;
-        with separate arrays, ``grads`` lists their gradients in the order of the params."""
-        with self.lock:
-            self._step(grads)
+        with separate arrays, ``grads`` lists their gradients in the order of the params.
 
-    def _step(self, grads):
+        ``grad_scale`` (default 1.0): a factor the kernels apply to every gradient as they read
+        it, e.g. an AMP loss scaler's ``1 / scale`` (``fastopt.torch`` passes GradScaler's), so
+        unscaling costs no pass; clipping and ``last_grad_norm`` see the scaled gradients."""
+        with self.lock:
+            self._step(grads, grad_scale)
+
+    def _step(self, grads, grad_scale=1.0):
         if self._buffer is not None and grads is not None:
             raise ValueError("grads must be None: this optimizer reads gradients from its ParamBuffer's "
                              "grad arena (write them into buffer.grads)")
@@ -269,11 +273,12 @@ class Optimizer:
                               "the ParamBuffer's grads (buf.grads / buf.grad_arena)?", RuntimeWarning, stacklevel=3)
         elif self._edited[0]:
             self._apply_edits()
-        scale = 1.0
+        scale = grad_scale  # the caller's factor (an AMP unscale), times the clip factor below
         if self.max_grad_norm is not None or self.nonfinite != "propagate":
             # one reduction pass: the global norm, and whether any gradient is inf or NaN
             norms = self._norm_plan if grads is None else grads.norm_plan()
             total, finite = norms.norm(2.0)
+            total *= grad_scale
             self.last_grad_norm = total
             if not finite and self.nonfinite == "raise":
                 raise FloatingPointError("a gradient holds inf or NaN (nonfinite='raise'): nothing was updated")
@@ -282,7 +287,7 @@ class Optimizer:
                 self.skipped_steps += 1
                 return
             if self.max_grad_norm is not None:
-                scale = clip_coefficient(total, self.max_grad_norm)  # applied inside the update kernel
+                scale = grad_scale * clip_coefficient(total, self.max_grad_norm)  # applied inside the kernel
         dtype = self._params[0].dtype
         work = []  # every group's scalars first: a bad schedule value must not leave groups half-stepped
         for i, plan in enumerate(self._plans):
