@@ -10,7 +10,8 @@ R ranks of ``comm``, the optimizer state of one contiguous slice of the ParamBuf
    (the params' spans only, as one process does: neither the alignment gaps between params
    nor the tail padding count) to ``sum g**2`` and a non-finite flag, and one
    ``Allreduce`` of these two numbers gives every rank the global norm and flag, hence the
-   same decision: skip, raise, or clip (the factor ``g *= coef`` is applied to the slice);
+   same decision: skip, raise, or clip (the factor is applied inside the update kernel, as on
+   one process);
 3. the wrapped optimizer's fused update of the slice: one launch per param group, over the
    pieces of the params that fall in the slice;
 4. ``Allgather`` of the updated slices into the arena.
@@ -59,7 +60,7 @@ import numpy as np
 
 from .buffer import ALIGN, ParamBuffer, find_segment
 from .checkpoint import atomic_write
-from .clip import NormPlan
+from .clip import NormPlan, clip_coefficient
 from .optimizer import NONFINITE, Optimizer
 
 MANIFEST_FORMAT = "fastopt-sharded-checkpoint-1"
@@ -284,6 +285,7 @@ class ShardedOptimizer:
         self.grad_shard /= self.dtype.type(self.size)  # the sum, then the average
         t1 = time.perf_counter()
         self.timings["reduce_scatter"] += t1 - t
+        scale = 1.0
         if self._guarded:
             local, finite = self._norm_plan.norm(2.0) if self._norm_plan.arrays else (0.0, True)
             mine = np.array([local * local, 0.0 if finite else 1.0])
@@ -301,11 +303,9 @@ class ShardedOptimizer:
                 self.skipped_steps += 1
                 return
             if self.max_grad_norm is not None:
-                coef = min(self.max_grad_norm / (total + 1e-6), 1.0)  # torch's factor, as one process
-                if coef < 1.0:
-                    self.grad_shard *= self.dtype.type(coef)
+                scale = clip_coefficient(total, self.max_grad_norm)  # applied inside the update kernel
         t2 = time.perf_counter()
-        self.inner.step(self._grads)
+        self.inner.step(self._grads, grad_scale=scale)
         self.last_step_skipped = False
         t3 = time.perf_counter()
         self.timings["update"] += t3 - t2
