@@ -1,0 +1,552 @@
+"""Every fastopt rule as a drop-in ``torch.optim`` optimizer (needs torch; ``import fastopt``
+alone never imports it)::
+
+    from fastopt.torch import AdamW                  # was: from torch.optim import AdamW
+    opt = AdamW(model.parameters(), lr=1e-3)         # torch's arguments and defaults
+    loss.backward(); opt.step(); opt.zero_grad()     # the loop does not change
+
+Each class (``SGD, Adagrad, RMSprop, Adam, AdamW, Adadelta, Adamax, NAdam, RAdam, Lion, LAMB,
+LARS``) is a ``torch.optim.Optimizer`` built from its rule's declaration (``kernels/<rule>.py``):
+torch's argument names and defaults, fastopt's options (``max_grad_norm``, ``nonfinite``,
+``l1``, ...) and torch's ``foreach`` / ``fused`` (accepted, no effect: the step is always
+fused; ``capturable`` and ``differentiable`` must stay False).
+
+The arena. At construction the parameters of each (device, dtype) move into one flat arena
+(``param.data`` becomes a view of it) and each ``param.grad`` becomes a view of a twin grad
+arena, which autograd accumulates into in place. A step is then one fused launch per param
+group (fastopt's :class:`~fastopt.Optimizer` over a ParamBuffer); ``zero_grad()`` is one pass
+over the grad arena. What the arena changes, and how it is guarded:
+
+* ``zero_grad()`` zeroes the grads and keeps them (``set_to_none=False`` is the default here,
+  torch's is True). A gradient that is not the arena's view at the step (``set_to_none=True``,
+  ``model.zero_grad()``, a hook or user code assigning ``.grad``) is copied in: correct, one
+  more pass. A ``.grad`` that is None counts as zero (torch would skip that param: see the
+  README's "From PyTorch" section); when every ``.grad`` is None the step does nothing, as torch.
+* ``model.to(...)``, ``model.half()``, ``param.data = ...``: the param no longer lives in the
+  arena; the next step raises :class:`ArenaError` instead of updating memory nobody reads.
+* Params with ``requires_grad=False`` stay out of the arena and are never updated (a grad
+  appearing on one later raises :class:`ArenaError`); a tied parameter is one param, updated
+  once; two parameters sharing memory are refused.
+* A sparse gradient (``nn.Embedding(sparse=True)``) raises :class:`SparseGradientError`.
+
+Works with ``torch.optim.lr_scheduler`` (``lr`` and every other hyper-parameter are read from
+``param_groups`` at each step), ``step(closure)``, ``state_dict()`` / ``load_state_dict()``
+in torch.optim's layout (interchangeable with the same torch rule both ways, ``torch.save`` /
+``torch.load(weights_only=True)``), ``add_param_group`` (also after steps: the arenas are
+rebuilt and the state kept), step pre/post hooks and ``torch.amp.GradScaler``: the optimizer
+takes the scaler's ``grad_scale`` and ``found_inf`` like torch's fused kernels, the unscale
+folded into the kernel's gradient factor and an inf step skipped with no write.
+"""
+import functools
+import inspect
+import itertools
+import math
+import warnings
+from collections.abc import Mapping
+
+import torch
+
+from .buffer import _BUFFERS, ParamBuffer, layout
+from .kernels._dispatch import SUPPORTED_DTYPES, as_kernel_array
+from .optimizers import OPTIMIZERS as _OPTIMIZERS
+
+__all__ = ["LAMB", "LARS", "SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "ArenaError", "Lion", "NAdam",
+           "RAdam", "RMSprop", "SparseGradientError"]
+
+# torch's constructor arguments that select an implementation: accepted for a drop-in, and
+# the values that ask for something fastopt does not do are refused
+_IMPLEMENTATION = {"foreach": None, "fused": None, "capturable": False, "differentiable": False}
+_REFUSED = {"capturable": "CUDA-graph capture (step and lr on the device)",
+            "differentiable": "autograd through the step"}
+
+
+class ArenaError(RuntimeError):
+    """A parameter no longer lives where its optimizer put it (``model.to(...)``, ``.data``
+    reassigned, params sharing memory, a frozen param that got a gradient): the optimizer
+    refuses to update memory the model does not read. Build the optimizer again after
+    moving or converting the model."""
+
+
+class SparseGradientError(RuntimeError):
+    """A sparse gradient: fastopt's arenas are dense (use ``sparse=False`` embeddings, or a
+    torch optimizer made for sparse gradients such as ``torch.optim.SparseAdam``)."""
+
+
+def _numpy_dtype(dtype):
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+def _plain(value):
+    """A hyper-parameter as fastopt's checks take it: a 0-d tensor as a number, a list as a tuple."""
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _span(p):
+    """[first, last) byte addresses of a tensor's elements (empty for no elements)."""
+    start = p.data_ptr()
+    if p.numel() == 0:
+        return start, start
+    extent = 1 + sum((d - 1) * s for d, s in zip(p.shape, p.stride()))
+    return start, start + extent * p.element_size()
+
+
+class _CudaBuffer(ParamBuffer):
+    """A ParamBuffer whose arenas are torch CUDA memory (seen by the kernels through
+    ``__cuda_array_interface__``), so that no CuPy is needed and torch owns the memory."""
+
+    def __init__(self, shapes, dtype, device):  # not super().__init__: it would allocate with CuPy
+        self.dtype, self.device, self.shapes, self.names = _numpy_dtype(dtype), "cuda", list(shapes), None
+        self.offsets, end = layout(self.shapes, self.dtype)
+        self._index = {o: i for i, o in enumerate(self.offsets) if math.prod(self.shapes[i])}
+        pad = 64 // self.dtype.itemsize
+        self.torch_arenas = []
+        for _ in range(2):
+            raw = torch.zeros(end + pad, dtype=dtype, device=device)
+            skip = (-raw.data_ptr() % 64) // self.dtype.itemsize
+            self.torch_arenas.append(raw[skip:skip + end])
+        self.arena, self.grad_arena = (as_kernel_array(t) for t in self.torch_arenas)
+        self.params, self.grads = self._views(self.arena), self._views(self.grad_arena)
+        _BUFFERS.add(self)
+
+    def zero_grad(self):
+        self.torch_arenas[1].zero_()
+
+
+class _Arena:
+    """The params of one (device, dtype): their ParamBuffer, the torch views the params and
+    grads became, and the fastopt optimizer stepping them (one param group per torch group
+    that has params here)."""
+
+    def __init__(self, owner, device, dtype, members):
+        self.members = members  # [(torch group index, param, name, torch index)]
+        shapes = [tuple(p.shape) for _, p, _, _ in members]
+        if device.type == "cpu":
+            self.buffer = ParamBuffer(shapes=shapes, dtype=_numpy_dtype(dtype), device="cpu")
+            arena, grad_arena = torch.from_numpy(self.buffer.arena), torch.from_numpy(self.buffer.grad_arena)
+        elif device.type == "cuda":
+            self.buffer = _CudaBuffer(shapes, dtype, device)
+            arena, grad_arena = self.buffer.torch_arenas
+        else:
+            raise TypeError(f"params on {device} are not supported: fastopt runs on CPU and CUDA tensors")
+        self.grad_arena = grad_arena
+        self.params, self.grads, self.ptrs = [], [], []
+        with torch.no_grad():
+            for (_, p, _, _), o, shape in zip(members, self.buffer.offsets, shapes):
+                n = math.prod(shape)
+                view, grad = arena[o:o + n].view(shape), grad_arena[o:o + n].view(shape)
+                view.copy_(p)
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        grad.copy_(p.grad.to_dense())
+                    else:
+                        grad.copy_(p.grad)
+                p.data = view  # the model's parameter now lives in the arena
+                p.grad = grad  # and autograd accumulates into the grad arena
+                self.params.append(p)
+                self.grads.append(grad)
+                self.ptrs.append(p.data_ptr())
+        groups, self.group_of = [], {}  # torch group index -> index of its group here
+        for k in sorted({k for k, *_ in members}):
+            views = [v for (j, *_), v in zip(members, self.buffer.params) if j == k]
+            self.group_of[k] = len(groups)
+            groups.append({"params": views, **{n: _plain(owner.param_groups[k][n]) for n in owner._rule.hyper}})
+        self.inner = owner._fastopt_class(groups, **owner._extras)
+        self.index = [t for *_, t in members]  # fastopt's param index -> torch's state-dict index
+
+    def gather(self, names):
+        """Check that every param still lives in the arena and bring in the gradients that
+        are not the arena's views. Returns how many params have a gradient."""
+        live = 0
+        for i, (p, ptr, view) in enumerate(zip(self.params, self.ptrs, self.grads)):
+            if p.data_ptr() != ptr:
+                raise ArenaError(
+                    f"param {names(self, i)} no longer lives in the optimizer's arena (model.to(...), .half(), "
+                    "or .data reassigned): build the optimizer again after moving or converting the model")
+            g = p.grad
+            if g is view:
+                live += 1
+            elif g is None:
+                view.zero_()
+            elif g.is_sparse:
+                raise SparseGradientError(f"param {names(self, i)} has a sparse gradient: "
+                                          f"{SparseGradientError.__doc__}")
+            else:  # a gradient the user (or set_to_none) replaced: copied in, one more pass
+                with torch.no_grad():  # a create_graph gradient must not make the arena part of a graph
+                    view.copy_(g)
+                live += 1
+        return live
+
+
+def _sparse_hook(name):
+    def hook(grad):
+        if grad.is_sparse:
+            raise SparseGradientError(f"param {name} got a sparse gradient: {SparseGradientError.__doc__}")
+    return hook
+
+
+class _TorchOptimizer(torch.optim.Optimizer):
+    """The base of every class here; a subclass names its ``_fastopt_class`` (see the module docstring)."""
+
+    _fastopt_class = None
+    _torch_class = None
+    # GradScaler sets ``grad_scale`` and ``found_inf`` on the optimizer instead of unscaling
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults, extras, implementation):
+        for key, value in implementation.items():
+            if value and key in _REFUSED:
+                raise ValueError(f"{key}=True is not supported by fastopt.torch ({_REFUSED[key]}): pass False")
+        self._rule = self._fastopt_class.rule
+        self._extras = extras
+        self._arenas = None
+        self._hooks = []
+        self.skipped_steps = 0        # steps skipped for an inf found by GradScaler (or the guard)
+        self.last_step_skipped = False
+        self._warned_none = False
+        # the groups hold torch's implementation keys too, as torch's do (fixed values: AdamW's decoupling)
+        super().__init__(params, {**defaults, **implementation})
+        self._build()
+
+    # -- the arenas -----------------------------------------------------------------------
+    def _build(self):
+        """Lay every trainable param out in the arenas (again after add_param_group)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self._frozen, members = [], [], {}
+        index, seen, start = {}, set(), 0
+        for k, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for j, p in enumerate(group["params"]):
+                index.setdefault(id(p), start + j)  # torch's state-dict numbering
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                name = repr(names[j]) if names else f"{index[id(p)]} (group {k}, shape {tuple(p.shape)})"
+                if not p.requires_grad:
+                    self._frozen.append((p, name))
+                    continue
+                if p.is_sparse or p.layout != torch.strided:
+                    raise TypeError(f"param {name} has layout {p.layout}: fastopt updates dense (strided) tensors")
+                if _numpy_dtype(p.dtype) not in SUPPORTED_DTYPES:
+                    raise TypeError(f"param {name} has dtype {p.dtype}; fastopt.torch supports float32 and float64")
+                members.setdefault((p.device, p.dtype), []).append((k, p, name, index[id(p)]))
+                self._hooks.append(p.register_hook(_sparse_hook(name)))
+            start += len(group["params"])
+        spans = sorted((*_span(p), name) for ms in members.values() for _, p, name, _ in ms if p.numel())
+        for (_, end, a), (start_b, _, b) in itertools.pairwise(spans):
+            if start_b < end:
+                raise ArenaError(f"params {a} and {b} share memory: moved into an arena they would be untied "
+                                 "(tie them as one Parameter, or give the optimizer one of them)")
+        if self._extras.get("max_grad_norm") is not None and len(members) > 1:
+            raise ValueError("max_grad_norm clips the global norm over one arena: the params span "
+                             f"{len(members)} (device, dtype) pairs; clip with torch.nn.utils.clip_grad_norm_")
+        self._group_params = [g["params"] for g in self.param_groups]
+        self._arenas = [_Arena(self, device, dtype, ms) for (device, dtype), ms in members.items()]
+        self._names = {id(a): [name for _, _, name, _ in a.members] for a in self._arenas}
+
+    def _name(self, arena, i):
+        return self._names[id(arena)][i]
+
+    def _check_structure(self):
+        if len(self.param_groups) != len(self._group_params) or any(
+                g["params"] is not kept for g, kept in zip(self.param_groups, self._group_params)):
+            raise ArenaError("param_groups were changed by hand (a group or its params replaced): the arenas "
+                             "are laid out for the params given; add params with add_param_group")
+        for p, name in self._frozen:
+            if p.grad is not None:
+                raise ArenaError(f"param {name} had requires_grad=False when the optimizer was built and has a "
+                                 "gradient now: build the optimizer again to train it")
+
+    def _sync(self):
+        """Bring each torch group's hyper-parameters (an LR scheduler's edits, any user edit)
+        into the fastopt groups; fastopt re-checks an edited group before it steps."""
+        hyper = self._rule.hyper
+        for arena in self._arenas:
+            inner_groups = arena.inner.param_groups
+            for k, j in arena.group_of.items():
+                group, mine = self.param_groups[k], inner_groups[j]
+                lr = group["lr"]
+                if not isinstance(lr, float):
+                    lr = _plain(lr)
+                if mine["lr"] != lr:
+                    mine["lr"] = lr
+                for key in hyper:
+                    value = group[key]
+                    if type(value) in (list, tuple) or isinstance(value, torch.Tensor):
+                        value = _plain(value)
+                    if key != "lr" and mine[key] != value:
+                        mine[key] = value
+
+    # -- the step -------------------------------------------------------------------------
+    def step(self, closure=None):
+        """One update: one fused launch per param group and arena. ``closure``: re-evaluates
+        the model and returns the loss (run with grad enabled), as in torch."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_structure()
+        live = sum(arena.gather(self._name) for arena in self._arenas)
+        if not live and self._arenas:
+            return loss  # no param has a gradient: torch changes nothing either
+        if live < sum(len(a.params) for a in self._arenas) and not self._warned_none:
+            self._warned_none = True
+            warnings.warn("some params have .grad None: fastopt.torch steps them with a zero gradient (momentum "
+                          "and weight decay still move them), where torch.optim skips them", RuntimeWarning,
+                          stacklevel=2)
+        scale = 1.0
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step for this call
+        if found_inf is not None:
+            if float(found_inf):
+                self.last_step_skipped = True
+                self.skipped_steps += 1
+                return loss
+            grad_scale = getattr(self, "grad_scale", None)  # None: the grads were unscaled already
+            if grad_scale is not None:
+                scale = 1.0 / float(grad_scale)
+        self._sync()
+        for arena in self._arenas:
+            arena.inner.step(grad_scale=scale)
+        self.last_step_skipped = any(a.inner.last_step_skipped for a in self._arenas)
+        self.skipped_steps += self.last_step_skipped
+        return loss
+
+    def zero_grad(self, set_to_none=False):
+        """Zero every gradient: one pass over each grad arena, and a param whose ``.grad``
+        was replaced or set to None gets its arena view back. ``set_to_none=True`` (torch's
+        default, not this class's) sets every ``.grad`` to None as torch does; the next step
+        then copies the new gradients in (one more pass)."""
+        if set_to_none:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            return
+        for arena in self._arenas:
+            arena.grad_arena.zero_()
+            for p, view in zip(arena.params, arena.grads):
+                if p.grad is not view:
+                    p.grad = view
+        for p, _ in self._frozen:
+            if p.grad is not None:
+                p.grad = None
+
+    # -- groups ---------------------------------------------------------------------------
+    def add_param_group(self, param_group):
+        """As torch's; after the constructor the arenas are rebuilt around the new params and
+        the state of the others is kept."""
+        if getattr(self, "_arenas", None) is None:  # torch's constructor adding the first groups
+            return super().add_param_group(param_group)
+        saved = self.state_dict()
+        super().add_param_group(param_group)
+        new = self.param_groups[-1]
+        first = sum(len(g["params"]) for g in self.param_groups[:-1])
+        saved["param_groups"].append({**{k: v for k, v in new.items() if k != "params"},
+                                      "params": list(range(first, first + len(new["params"])))})
+        self._build()
+        self.load_state_dict(saved)
+
+    # -- state ----------------------------------------------------------------------------
+    @property
+    def state(self):
+        """Per param, its state as torch names it: live views of the state arenas and the
+        step count (read-only here: load a state dict to change it)."""
+        return _StateView(self)
+
+    @state.setter
+    def state(self, value):  # torch's constructor assigns an empty dict; the arenas hold the state
+        pass
+
+    def state_dict(self):
+        """torch.optim's layout (``state`` keyed by torch's param numbering, ``param_groups``
+        with this object's hyper-parameters): loads into the same ``torch.optim`` rule and back.
+        The arrays are copies, as of now."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state = {}
+        for arena in self._arenas:
+            for i, entry in arena.inner.state_dict(torch=True)["state"].items():
+                state[arena.index[i]] = {k: v.to(arena.params[i].device) if k != "step" else v
+                                         for k, v in entry.items()}
+        groups, numbering, start = [], {}, 0
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            for j, p in enumerate(group["params"], start):
+                numbering.setdefault(id(p), j)
+            packed["params"] = [numbering[id(p)] for p in group["params"]]
+            start += len(group["params"])
+            groups.append(packed)
+        out = {"state": state, "param_groups": groups}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, out)
+            if result is not None:
+                out = result
+        return out
+
+    def load_state_dict(self, state_dict):
+        """Load a state dict of this rule (this class's or ``torch.optim``'s): everything is
+        checked, in every arena, before anything is written."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("a state dict is a mapping with 'state' and 'param_groups'")
+        saved_groups, state = list(state_dict["param_groups"]), state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the state dict has {len(saved_groups)} param groups, this optimizer "
+                             f"{len(self.param_groups)}")
+        to_saved = {}  # torch index of our param -> its index in the state dict
+        for k, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param group {k} has {len(saved['params'])} params in the state dict, "
+                                 f"{len(group['params'])} here")
+        numbering, start = {}, 0
+        for saved, group in zip(saved_groups, self.param_groups):
+            for j, (p, s) in enumerate(zip(group["params"], saved["params"]), start):
+                numbering.setdefault(id(p), j)
+                to_saved.setdefault(numbering[id(p)], s)
+            start += len(group["params"])
+        checked = []
+        for arena in self._arenas:
+            groups = [{**saved_groups[k], "params": [None] * sum(1 for j, *_ in arena.members if j == k)}
+                      for k in arena.group_of]
+            inner_state = {}
+            for i, t in enumerate(arena.index):
+                s = to_saved[t]
+                entry = state.get(s, state.get(str(s)))
+                if entry is not None:
+                    inner_state[i] = entry
+            order = iter(range(len(arena.index)))
+            for g in groups:
+                g["params"] = [next(order) for _ in g["params"]]
+            checked.append(arena.inner._read_state_dict({"state": inner_state, "param_groups": groups}))
+        for arena, values in zip(self._arenas, checked):
+            arena.inner.restore(*values)
+        for saved, group in zip(saved_groups, self.param_groups):
+            params, names = group["params"], group.get("param_names")
+            kept = {k: v for k, v in group.items() if k in self._rule.hyper}  # torch's dicts lack fastopt's
+            group.clear()
+            group.update(kept)
+            group.update({k: tuple(v) if isinstance(v, list) and k != "param_names" else v
+                          for k, v in saved.items() if k != "params"})
+            group["params"] = params
+            if names is not None and "param_names" not in saved:
+                group["param_names"] = names
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def __getstate__(self):
+        raise TypeError(f"{type(self).__name__} is not picklable (its params live in arenas): "
+                        "save optimizer.state_dict() instead")
+
+
+class _StateView(Mapping):
+    """``optimizer.state``: param -> {torch state name: live view, "step": tensor}."""
+
+    def __init__(self, opt):
+        self._entries = {}
+        for arena in opt._arenas or ():
+            inner, names = arena.inner, arena.inner.rule.torch_names
+            if inner.arenas is None:
+                continue
+            steps = [t for plan, t in zip(inner._plans, inner._steps()) for _ in plan.group["params"]]
+            needed = [set(inner.states_needed(g)) for g in inner.param_groups for _ in g["params"]]
+            for i, p in enumerate(arena.params):
+                if steps[i]:
+                    views = inner.state_views(i)
+                    entry = {"step": torch.tensor(float(steps[i]))}
+                    entry.update({names.get(n, n): torch.as_tensor(v, device=p.device)
+                                  for n, v in views.items() if n in needed[i]})
+                    self._entries[p] = entry
+
+    def __getitem__(self, p):
+        return self._entries[p]
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self):
+        return len(self._entries)
+
+
+def _torch_signature(torch_class):
+    """torch's implementation-choice arguments of ``torch_class`` (None: no torch counterpart)."""
+    if torch_class is None:
+        return {}
+    params = inspect.signature(torch_class.__init__).parameters
+    return {k: params[k].default for k in _IMPLEMENTATION if k in params}
+
+
+def _make(fastopt_class, torch_class):
+    """The torch class of ``fastopt_class``: its constructor is fastopt's (the rule's
+    arguments and defaults, then ``max_grad_norm`` / ``nonfinite``) plus torch's
+    implementation arguments of ``torch_class``, keyword-only."""
+    rule = fastopt_class.rule
+    base = inspect.signature(fastopt_class.__init__)
+    P = inspect.Parameter
+    implementation = _torch_signature(torch_class)
+    extras = [n for n, q in base.parameters.items() if q.kind == P.KEYWORD_ONLY and n not in rule.hyper]
+    params = list(base.parameters.values())
+    params = params[:len(params) - len(extras)]
+    params += [P(n, P.KEYWORD_ONLY, default=d) for n, d in implementation.items()]
+    params += [base.parameters[n] for n in extras]
+    signature = inspect.Signature(params)
+
+    def __init__(self, *args, **kwargs):
+        a = signature.bind(self, *args, **kwargs)
+        a.apply_defaults()
+        a = a.arguments
+        _TorchOptimizer.__init__(self, a["params"], {**{n: a[n] for n in rule.hyper}, **rule.fixed},
+                                 {n: a[n] for n in extras}, {n: a[n] for n in implementation})
+
+    __init__.__signature__ = signature
+    name = fastopt_class.__name__
+    __init__.__qualname__ = f"{name}.__init__"
+    twin = f"``torch.optim.{torch_class.__name__}``" if torch_class else "no torch.optim counterpart"
+    doc = (f"{name} as a ``torch.optim.Optimizer`` ({twin}): fastopt's fused kernel over arenas of the "
+           f"params (see ``fastopt.torch``).\n\n{fastopt_class.__doc__}")
+    return type(name, (_TorchOptimizer,), {"__init__": __init__, "__doc__": doc, "__module__": __name__,
+                                           "_fastopt_class": fastopt_class, "_torch_class": torch_class})
+
+
+def _wrap_step(cls):
+    """torch wraps ``step`` for its hooks and profiler; this wrapper runs the same hooks and
+    enters the profiler's range only while a profiler runs (its cost is a tiny model's step)."""
+    step = cls.step
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        if torch.autograd._profiler_enabled():
+            with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+                return _hooked(self, step, args, kwargs)
+        return _hooked(self, step, args, kwargs)
+
+    def _hooked(self, step, args, kwargs):
+        pre, post = self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks
+        if pre or _global_optimizer_pre_hooks:
+            for hook in (*_global_optimizer_pre_hooks.values(), *pre.values()):
+                result = hook(self, args, kwargs)
+                if result is not None:
+                    args, kwargs = result
+        out = step(self, *args, **kwargs)
+        if post or _global_optimizer_post_hooks:
+            for hook in (*post.values(), *_global_optimizer_post_hooks.values()):
+                hook(self, args, kwargs)
+        return out
+
+    wrapper.hooked = True  # torch's constructor leaves a step marked hooked as it is
+    cls.step = wrapper
+
+
+_wrap_step(_TorchOptimizer)
+
+#: rule name -> class, one per ``fastopt.OPTIMIZERS`` entry, its torch twin found by name
+OPTIMIZERS = {name: _make(cls, getattr(torch.optim, cls.__name__, None)) for name, cls in _OPTIMIZERS.items()}
+SGD, Adagrad, RMSprop, Adam, AdamW, Adadelta, Adamax, NAdam, RAdam, Lion, LAMB, LARS = (
+    OPTIMIZERS[n] for n in ("sgd", "adagrad", "rmsprop", "adam", "adamw", "adadelta", "adamax", "nadam", "radam",
+                            "lion", "lamb", "lars"))
