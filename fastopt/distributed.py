@@ -192,6 +192,30 @@ class ShardedOptimizer:
         self.timings = dict.fromkeys(("reduce_scatter", "norm", "update", "allgather"), 0.0)
         self._groups = groups
 
+    @classmethod
+    def from_optimizer(cls_, opt, comm=None, timeout=DEFAULT_TIMEOUT):
+        """The sharded twin of ``opt`` (an optimizer over a ParamBuffer's views that has not
+        stepped yet): same class, param groups, hyper-parameters and options."""
+        fixed = opt.rule.fixed
+        groups = [{k: v for k, v in g.items() if k not in fixed} for g in opt.param_groups]
+        return cls_(type(opt), groups, comm=comm, timeout=timeout, max_grad_norm=opt.max_grad_norm,
+                    nonfinite=opt.nonfinite)
+
+    # -- data parallel: what a training loop needs besides the step ---------------------------
+    def local_batch(self, *arrays):
+        """This rank's contiguous slice of a global batch (rank r: rows [r n / R, (r + 1) n / R))."""
+        n = len(arrays[0])
+        lo, hi = n * self.rank // self.size, n * (self.rank + 1) // self.size
+        return tuple(a[lo:hi] for a in arrays)
+
+    def sum_over_ranks(self, values):
+        """``values`` (a float64 host array) summed over the ranks, in place (one Allreduce)."""
+        out = np.empty_like(values)
+        self._collective("allreduce of the metrics", self.comm.Iallreduce, self.comm.Allreduce, values, out,
+                         self._MPI.SUM, staged=False)
+        values[...] = out
+        return values
+
     def _user_groups(self, params):
         """``[(group dict without params, [segment index of each param])]``; sets ``buffer``."""
         if isinstance(params, ParamBuffer):

@@ -38,6 +38,7 @@ class Config:
     checkpoint: bool = False
     resume: bool = False
     progress: bool = True
+    distributed: bool = False     # data parallel over MPI (also when started by mpiexec -n R, R > 1)
 
     def as_dict(self):
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}

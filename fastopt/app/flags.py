@@ -318,6 +318,10 @@ FLAGS = [
          help="continue the run checkpointed in DIR, bit for bit; the other flags must match (--epochs may grow "
               "unless the schedule spans the run: cosine, warmup_cosine, step without --decay-every); keeps "
               "checkpointing"),
+    flag("--distributed", commands=["train"], action="store_true",
+         help="data parallel over MPI: run as mpiexec -n R fastopt train ...; each rank takes its slice of every "
+              "batch, the optimizer state is sharded over the ranks, rank 0 alone prints and writes (default: on "
+              "when mpiexec starts more than one rank; needs pip install \"fastopt[mpi]\")"),
     flag("--no-progress", dest="progress", action="store_false",
          help="no progress bar (it is also off when stderr is not a terminal)"),
     # full batch

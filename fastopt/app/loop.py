@@ -71,15 +71,25 @@ def train_epoch(model, opt, ema, x, y, batch_size, seed, epoch, bar=None, redraw
     every = max(1, steps // redraws)
     live = bar is not None and not bar.disable
     seen = 0
+    parallel = getattr(opt, "local_batch", None)  # a ShardedOptimizer: each rank takes its slice of every batch
     for i, (xb, yb) in enumerate(batches(x, y, batch_size, rng=epoch_order_rng(seed, epoch))):
-        logits = model(xb)
-        loss, dlogits = nn.softmax_cross_entropy(logits, yb, check_labels=False)  # checked at load
-        model.backward(dlogits, need_dx=False)
+        if parallel is not None:
+            share, (xb, yb) = len(yb), parallel(xb, yb)
+            share = len(yb) / share
+        if parallel is None or len(yb):
+            logits = model(xb)
+            loss, dlogits = nn.softmax_cross_entropy(logits, yb, check_labels=False)  # checked at load
+            if parallel is not None:  # the global batch's mean: each rank's mean weighted by its share, times
+                dlogits, loss = dlogits * (share * opt.size), loss * share  # R, as the step averages over R
+            model.backward(dlogits, need_dx=False)
+            correct += (logits.argmax(axis=1) == yb).sum()
+        else:  # a last batch smaller than R: nothing for this rank, which adds a zero gradient
+            opt.zero_grad()
+            loss = 0.0
         opt.step()
         if ema is not None:
             ema.update()
         losses[i] = loss
-        correct += (logits.argmax(axis=1) == yb).sum()
         seen += len(yb)
         if live:
             bar.update(len(yb))
@@ -87,7 +97,11 @@ def train_epoch(model, opt, ema, x, y, batch_size, seed, epoch, bar=None, redraw
                 loss_now, right = _host(loss, correct)
                 bar.set_postfix(loss=f"{loss_now:.4f}", acc=f"{right / seen:.1%}", refresh=False)
     (right,) = _host(correct)
-    return to_numpy(losses).astype(np.float64), right / len(x)
+    losses = to_numpy(losses).astype(np.float64)
+    if parallel is not None:  # the global batches' losses and the correct count: one allreduce per epoch
+        total = opt.sum_over_ranks(np.append(losses, right))
+        losses, right = total[:-1], total[-1]
+    return losses, right / len(x)
 
 
 def _progress(total, desc, enabled):

@@ -25,7 +25,7 @@ CHECKPOINT = "checkpoint.npz"  # model, optimizer, EMA and progress: one file, o
 CHECKPOINT_FORMAT = "fastopt-train-checkpoint-2"
 # config fields a resumed run may change (everything else must match the checkpoint's run);
 # a changed device continues the run, but not bit for bit
-RESUMABLE_CHANGES = ("epochs", "out", "progress", "checkpoint", "resume", "device", "threads")
+RESUMABLE_CHANGES = ("epochs", "out", "progress", "checkpoint", "resume", "device", "threads", "distributed")
 OUTPUTS = ("metrics.json", "metrics.csv", "loss.png", "accuracy.png", "loss_calls.png", CHECKPOINT)
 
 
@@ -150,6 +150,8 @@ def save_checkpoint(out, cfg, model, opt, ema, history, step_losses):
     two epochs side by side."""
     arrays = {f"model/{k}": v for k, v in model.state_dict().items()}
     opt_tree, opt_arrays = _flatten(_without_schedules(opt.state_dict()), "optimizer")
+    if getattr(opt, "rank", 0):  # a ShardedOptimizer's state_dict gathers the shards on every rank; rank 0 writes
+        return
     arrays.update(opt_arrays)
     ema_tree = None
     if ema is not None:

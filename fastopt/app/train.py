@@ -12,6 +12,7 @@ allowed and continues the run, but not bit for bit (other kernels, other roundin
 """
 from pathlib import Path
 
+from ..distributed import MPIUnavailable, ShardedOptimizer, in_mpi_launch, mpi
 from ..plots import format_table
 from .config import UsageError
 from .fullbatch import full_batch, uses_full_batch
@@ -46,18 +47,42 @@ def describe_optimizer(opt, schedule, total_steps):
     return text + (f" at the peak of the {schedule} schedule" if schedule != "constant" else "")
 
 
+def _comm(cfg):
+    """MPI's world communicator for a data-parallel run (``--distributed``, or started by
+    ``mpiexec -n R`` with R > 1), else None."""
+    if not (cfg.distributed or in_mpi_launch()):
+        return None
+    try:
+        MPI = mpi()
+    except MPIUnavailable as e:
+        raise UsageError(f"--distributed: {e}") from None
+    return MPI.COMM_WORLD
+
+
 def train(cfg, log=print):
     """``fastopt train``: one run; writes metrics.json, metrics.csv, loss.png and accuracy.png in
     ``cfg.out`` (and checkpoints each epoch with ``cfg.checkpoint``). Returns the metrics dict.
     Model "logreg": the full-batch run of :mod:`.fullbatch` (lbfgs and newton need it)."""
     if uses_full_batch(cfg, [cfg.optimizer], strict=True):
+        if cfg.distributed:
+            raise UsageError(f"--distributed: the full-batch runs (--model {cfg.model}) run in one process")
         metrics = full_batch(cfg, [cfg.optimizer], log, command="train")
         log(format_table(metrics["table"]["rows"], metrics["table"]["headers"]))
         return metrics
+    comm = _comm(cfg)
+    lead = comm is None or comm.Get_rank() == 0  # rank 0 alone prints, plots and writes
+    if not lead:
+        def log(*_):
+            pass
     device, data = open_run(cfg, log)
     log(f"data: {describe_data(data)}")
     steps = steps_per_epoch(cfg, data)
     model, opt, ema = build(cfg, data, device, steps)
+    if comm is not None:
+        opt = ShardedOptimizer.from_optimizer(opt, comm)
+        log(f"data parallel over {comm.Get_size()} MPI ranks: each takes its slice of every batch of "
+            f"{cfg.batch_size}, the optimizer state is sharded (ZeRO-1), BatchNorm statistics are per rank "
+            "(rank 0's are evaluated and saved)")
     log(f"model: {cfg.model}, {describe_model(model)}; optimizer: "
         f"{describe_optimizer(opt, cfg.schedule, cfg.epochs * steps)}"
         + (f"; EMA decay {cfg.ema}" if ema is not None else ""))
@@ -67,17 +92,19 @@ def train(cfg, log=print):
     if cfg.resume:
         history, step_losses = load_checkpoint(out, cfg, model, opt, ema, log)
         log(f"resumed from {out / CHECKPOINT} after epoch {len(history)} (step {opt.steps})")
-    else:
+    elif lead:
         open_out(out, log, cfg.checkpoint)  # once every setting has been checked
     data = data.to(device)
     metrics = {"command": "train", "config": cfg.as_dict(), "device": device, "data": data.name,
-               "model": {"name": cfg.model, "parameters": model.buffer.numel, "layers": repr(model)}}
+               "model": {"name": cfg.model, "parameters": model.buffer.numel, "layers": repr(model)},
+               "ranks": 1 if comm is None else comm.Get_size()}
 
     def on_epoch(hist, losses):
         if cfg.checkpoint or cfg.resume:
-            save_checkpoint(out, cfg, model, opt, ema, hist, losses)
-        write_metrics(out, {**metrics, "epochs": hist, "step_loss": losses, "summary": summarize(hist)},
-                      hist, EPOCH_FIELDS)
+            save_checkpoint(out, cfg, model, opt, ema, hist, losses)  # every rank: the state is gathered
+        if lead:
+            write_metrics(out, {**metrics, "epochs": hist, "step_loss": losses, "summary": summarize(hist)},
+                          hist, EPOCH_FIELDS)
 
     done = len(history)
     if done >= cfg.epochs:
@@ -89,6 +116,8 @@ def train(cfg, log=print):
         raise UsageError("--epochs: nothing was trained")
     summary = summarize(history, diverged)
     metrics.update(epochs=history, step_loss=step_losses, summary=summary)
+    if not lead:
+        return metrics
     write_metrics(out, metrics, history, EPOCH_FIELDS)
     plots = plot_run(out, history, step_losses, steps, (len(data.x_train), len(data.x_test)),
                      f"{cfg.model} + {cfg.optimizer} on {data.name}", cfg.ema)
