@@ -76,6 +76,9 @@ def _numpy_dtype(dtype):
     return torch.empty((), dtype=dtype).numpy().dtype
 
 
+_UNSEEN = object()
+
+
 def _plain(value):
     """A hyper-parameter as fastopt's checks take it: a 0-d tensor as a number, a list as a tuple."""
     if isinstance(value, torch.Tensor):
@@ -155,6 +158,7 @@ class _Arena:
             self.group_of[k] = len(groups)
             groups.append({"params": views, **{n: _plain(owner.param_groups[k][n]) for n in owner._rule.hyper}})
         self.inner = owner._fastopt_class(groups, **owner._extras)
+        self.seen = [{} for _ in groups]  # per fastopt group: the torch group's values it last took
         self.index = [t for *_, t in members]  # fastopt's param index -> torch's state-dict index
 
     def gather(self, names):
@@ -247,6 +251,7 @@ class _TorchOptimizer(torch.optim.Optimizer):
         self._group_params = [g["params"] for g in self.param_groups]
         self._arenas = [_Arena(self, device, dtype, ms) for (device, dtype), ms in members.items()]
         self._names = {id(a): [name for _, _, name, _ in a.members] for a in self._arenas}
+        self._trainable = sum(len(a.params) for a in self._arenas)
 
     def _name(self, arena, i):
         return self._names[id(arena)][i]
@@ -263,23 +268,21 @@ class _TorchOptimizer(torch.optim.Optimizer):
 
     def _sync(self):
         """Bring each torch group's hyper-parameters (an LR scheduler's edits, any user edit)
-        into the fastopt groups; fastopt re-checks an edited group before it steps."""
-        hyper = self._rule.hyper
+        into the fastopt groups; fastopt re-checks an edited group before it steps. A value
+        still the same object as at the last step is skipped unread (the hot path)."""
+        keys = self._rule.hyper
         for arena in self._arenas:
             inner_groups = arena.inner.param_groups
             for k, j in arena.group_of.items():
-                group, mine = self.param_groups[k], inner_groups[j]
-                lr = group["lr"]
-                if not isinstance(lr, float):
-                    lr = _plain(lr)
-                if mine["lr"] != lr:
-                    mine["lr"] = lr
-                for key in hyper:
+                group, mine, seen = self.param_groups[k], inner_groups[j], arena.seen[j]
+                for key in keys:
                     value = group[key]
-                    if type(value) in (list, tuple) or isinstance(value, torch.Tensor):
-                        value = _plain(value)
-                    if key != "lr" and mine[key] != value:
-                        mine[key] = value
+                    if value is seen.get(key, _UNSEEN):
+                        continue
+                    seen[key] = value
+                    value = _plain(value)
+                    if mine[key] != value:
+                        mine[key] = value  # an lr edit is read as it is; any other edit flags a re-check
 
     # -- the step -------------------------------------------------------------------------
     def step(self, closure=None):
@@ -293,7 +296,7 @@ class _TorchOptimizer(torch.optim.Optimizer):
         live = sum(arena.gather(self._name) for arena in self._arenas)
         if not live and self._arenas:
             return loss  # no param has a gradient: torch changes nothing either
-        if live < sum(len(a.params) for a in self._arenas) and not self._warned_none:
+        if live < self._trainable and not self._warned_none:
             self._warned_none = True
             warnings.warn("some params have .grad None: fastopt.torch steps them with a zero gradient (momentum "
                           "and weight decay still move them), where torch.optim skips them", RuntimeWarning,
