@@ -157,8 +157,8 @@ class ShardedOptimizer:
         self.lo, self.hi = self.bounds[self.rank]
         S, total = self.shard_size, self.shard_size * self.size
         xp = self.xp
-        # the rank's slice of the params (updated in place by the wrapped optimizer) and of the
-        # averaged gradient; both S long, zero past the arena
+        # the rank's slice of the params (copied from the arena before each update, updated in
+        # place by the wrapped optimizer) and of the averaged gradient; both S long, zero past the arena
         self.param_shard, self.grad_shard = xp.zeros(S, self.dtype), xp.zeros(S, self.dtype)
         self.param_shard[:self.hi - self.lo] = buf.arena[self.lo:self.hi]
         padded = total != self.n
@@ -329,6 +329,8 @@ class ShardedOptimizer:
             if self.max_grad_norm is not None:
                 scale = clip_coefficient(total, self.max_grad_norm)  # applied inside the update kernel
         t2 = time.perf_counter()
+        # the arena is the params' truth between steps (a checkpoint load, an EMA swap may write it)
+        self.param_shard[:self.hi - self.lo] = arena[self.lo:self.hi]
         self.inner.step(self._grads, grad_scale=scale)
         self.last_step_skipped = False
         t3 = time.perf_counter()
