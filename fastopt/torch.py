@@ -41,6 +41,7 @@ import functools
 import inspect
 import itertools
 import math
+import operator
 import warnings
 from collections.abc import Mapping
 
@@ -165,18 +166,19 @@ class _Arena:
         """Check that every param still lives in the arena and bring in the gradients that
         are not the arena's views. Returns how many params have a gradient."""
         live = 0
-        for i, (p, ptr, view) in enumerate(zip(self.params, self.ptrs, self.grads)):
+        for p, ptr, view in zip(self.params, self.ptrs, self.grads):
             if p.data_ptr() != ptr:
                 raise ArenaError(
-                    f"param {names(self, i)} no longer lives in the optimizer's arena (model.to(...), .half(), "
-                    "or .data reassigned): build the optimizer again after moving or converting the model")
+                    f"param {names(self, self.params.index(p))} no longer lives in the optimizer's arena "
+                    "(model.to(...), .half(), or .data reassigned): build the optimizer again after moving or "
+                    "converting the model")
             g = p.grad
             if g is view:
                 live += 1
             elif g is None:
                 view.zero_()
             elif g.is_sparse:
-                raise SparseGradientError(f"param {names(self, i)} has a sparse gradient: "
+                raise SparseGradientError(f"param {names(self, self.params.index(p))} has a sparse gradient: "
                                           f"{SparseGradientError.__doc__}")
             else:  # a gradient the user (or set_to_none) replaced: copied in, one more pass
                 with torch.no_grad():  # a create_graph gradient must not make the arena part of a graph
@@ -257,8 +259,8 @@ class _TorchOptimizer(torch.optim.Optimizer):
         return self._names[id(arena)][i]
 
     def _check_structure(self):
-        if len(self.param_groups) != len(self._group_params) or any(
-                g["params"] is not kept for g, kept in zip(self.param_groups, self._group_params)):
+        groups, kept = self.param_groups, self._group_params
+        if len(groups) != len(kept) or not all(map(operator.is_, [g["params"] for g in groups], kept)):
             raise ArenaError("param_groups were changed by hand (a group or its params replaced): the arenas "
                              "are laid out for the params given; add params with add_param_group")
         for p, name in self._frozen:
@@ -293,7 +295,9 @@ class _TorchOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_structure()
-        live = sum(arena.gather(self._name) for arena in self._arenas)
+        live = 0
+        for arena in self._arenas:
+            live += arena.gather(self._name)
         if not live and self._arenas:
             return loss  # no param has a gradient: torch changes nothing either
         if live < self._trainable and not self._warned_none:
@@ -312,10 +316,13 @@ class _TorchOptimizer(torch.optim.Optimizer):
             if grad_scale is not None:
                 scale = 1.0 / float(grad_scale)
         self._sync()
+        skipped = False
         for arena in self._arenas:
             arena.inner.step(grad_scale=scale)
-        self.last_step_skipped = any(a.inner.last_step_skipped for a in self._arenas)
-        self.skipped_steps += self.last_step_skipped
+            skipped |= arena.inner.last_step_skipped  # the guard (nonfinite="skip") of one arena
+        self.last_step_skipped = skipped
+        if skipped:
+            self.skipped_steps += 1
         return loss
 
     def zero_grad(self, set_to_none=False):
