@@ -162,6 +162,9 @@ class _Arena:
         self.seen = [{} for _ in groups]  # per fastopt group: the torch group's values it last took
         self.index = [t for *_, t in members]  # fastopt's param index -> torch's state-dict index
 
+    def _position(self, p):
+        return next(i for i, q in enumerate(self.params) if q is p)  # list.index would compare tensors
+
     def gather(self, names):
         """Check that every param still lives in the arena and bring in the gradients that
         are not the arena's views. Returns how many params have a gradient."""
@@ -169,7 +172,7 @@ class _Arena:
         for p, ptr, view in zip(self.params, self.ptrs, self.grads):
             if p.data_ptr() != ptr:
                 raise ArenaError(
-                    f"param {names(self, self.params.index(p))} no longer lives in the optimizer's arena "
+                    f"param {names(self, self._position(p))} no longer lives in the optimizer's arena "
                     "(model.to(...), .half(), or .data reassigned): build the optimizer again after moving or "
                     "converting the model")
             g = p.grad
@@ -178,7 +181,7 @@ class _Arena:
             elif g is None:
                 view.zero_()
             elif g.is_sparse:
-                raise SparseGradientError(f"param {names(self, self.params.index(p))} has a sparse gradient: "
+                raise SparseGradientError(f"param {names(self, self._position(p))} has a sparse gradient: "
                                           f"{SparseGradientError.__doc__}")
             else:  # a gradient the user (or set_to_none) replaced: copied in, one more pass
                 with torch.no_grad():  # a create_graph gradient must not make the arena part of a graph
