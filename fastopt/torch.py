@@ -43,6 +43,7 @@ import itertools
 import math
 import operator
 import warnings
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -190,6 +191,12 @@ class _Arena:
         return live
 
 
+def _remove_all(handles):
+    for h in handles:
+        h.remove()
+    handles.clear()
+
+
 def _sparse_hook(name):
     def hook(grad):
         if grad.is_sparse:
@@ -212,7 +219,8 @@ class _TorchOptimizer(torch.optim.Optimizer):
         self._rule = self._fastopt_class.rule
         self._extras = extras
         self._arenas = None
-        self._hooks = []
+        self._hooks = []  # the sparse-gradient hooks on the params: removed with the optimizer
+        weakref.finalize(self, _remove_all, self._hooks)
         self.skipped_steps = 0        # steps skipped for an inf found by GradScaler (or the guard)
         self.last_step_skipped = False
         self._warned_none = False
@@ -223,9 +231,8 @@ class _TorchOptimizer(torch.optim.Optimizer):
     # -- the arenas -----------------------------------------------------------------------
     def _build(self):
         """Lay every trainable param out in the arenas (again after add_param_group)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks, self._frozen, members = [], [], {}
+        _remove_all(self._hooks)
+        self._frozen, members = [], {}
         index, seen, start = {}, set(), 0
         for k, group in enumerate(self.param_groups):
             names = group.get("param_names")

@@ -70,7 +70,7 @@ def groups(net, **second):
     return [{"params": decay}, {"params": rest, "weight_decay": 0.0, **second}]
 
 
-def train(net, opt, steps, *, start=0, scheduler=None, scaler=None, inf_at=None):
+def train(net, opt, steps, *, start=0, scheduler=None, scaler=None, inf_at=None, clip=None):
     for t in range(start, steps):
         img, tok, y = BATCHES[t]
         opt.zero_grad()
@@ -78,6 +78,9 @@ def train(net, opt, steps, *, start=0, scheduler=None, scaler=None, inf_at=None)
         (scaler.scale(loss) if scaler else loss).backward()
         if t == inf_at:
             net.fc.weight.grad[0, 0] = float("inf")
+        if scaler and clip:  # the documented way to clip under a scaler: unscale first
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
         if scaler:
             scaler.step(opt)
             scaler.update()
@@ -169,11 +172,12 @@ def test_lr_schedulers_as_torch(rule, hp, schedule):
     assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"]
 
 
-@pytest.mark.parametrize("rule,hp", [("Adam", dict(lr=1e-2)), ("SGD", dict(lr=0.05, momentum=0.9)),
-                                     ("RAdam", dict(lr=1e-2))])
-def test_grad_scaler_as_torch(rule, hp):
+@pytest.mark.parametrize("rule,hp,clip", [("Adam", dict(lr=1e-2), None), ("SGD", dict(lr=0.05, momentum=0.9), None),
+                                          ("RAdam", dict(lr=1e-2), None), ("AdamW", dict(lr=1e-2), 0.5)])
+def test_grad_scaler_as_torch(rule, hp, clip):
     """An inf gradient at step 7: the step is skipped (nothing written) and the scale halved,
-    as with torch; the other steps take the unscale inside the kernel."""
+    as with torch; the other steps take the unscale inside the kernel (or, with ``clip``,
+    the scaler's own unscale_ before torch's clip_grad_norm_)."""
     net_a, opt_a, net_b, opt_b = pair(rule, hp)
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) for _ in range(2)]
     before = None
@@ -182,12 +186,12 @@ def test_grad_scaler_as_torch(rule, hp):
         nonlocal before
         before = net_a.fc.bias.detach().clone()
     opt_a.register_step_pre_hook(spy)
-    train(net_a, opt_a, 8, scaler=scalers[0], inf_at=7)
+    train(net_a, opt_a, 8, scaler=scalers[0], inf_at=7, clip=clip)
     assert opt_a.last_step_skipped and torch.equal(net_a.fc.bias, before)
-    train(net_b, opt_b, 8, scaler=scalers[1], inf_at=7)
+    train(net_b, opt_b, 8, scaler=scalers[1], inf_at=7, clip=clip)
     assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0 ** 11
-    train(net_a, opt_a, STEPS, start=8, scaler=scalers[0])
-    train(net_b, opt_b, STEPS, start=8, scaler=scalers[1])
+    train(net_a, opt_a, STEPS, start=8, scaler=scalers[0], clip=clip)
+    train(net_b, opt_b, STEPS, start=8, scaler=scalers[1], clip=clip)
     assert_same(net_a, opt_a, net_b, opt_b)
     assert opt_a.state_dict()["state"][0]["step"] == STEPS - 1
 
@@ -211,6 +215,24 @@ def test_state_dict_crosses_over_mid_run(rule, hp, direction):
     train(net_c, opt_c, STEPS, start=half)
     train(net_b, opt_b, STEPS, start=0 if direction == "fastopt-to-torch" else half)  # torch's whole run
     assert_same(net_c, opt_c, net_b, opt_b)
+
+
+def test_two_dtypes_make_two_arenas():
+    """A float32 head on a float64 body: one arena (and one launch per group) per dtype."""
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        nets.append(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3).float()))
+    opt_a = ft.Adam(nets[0].parameters(), lr=1e-2, nonfinite="propagate")
+    opt_b = torch.optim.Adam(nets[1].parameters(), lr=1e-2, foreach=False)
+    assert len(opt_a._arenas) == 2
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(4))
+    for _ in range(STEPS):
+        for net, opt in zip(nets, (opt_a, opt_b)):
+            opt.zero_grad()
+            net[2](net[1](net[0](x)).float()).square().mean().backward()
+            opt.step()
+    assert_same(nets[0], opt_a, nets[1], opt_b, tol=1e-6)  # float32 arithmetic in the head
 
 
 def test_torch_save_round_trip():
