@@ -5,7 +5,7 @@ alternate: each block times every implementation back to back (the order rotated
 to block) and forms the ratios of that block; the report gives the median and quartiles of
 the per-block ratios over all blocks. Run it in short bursts (other jobs share the cores):
 
-    python benchmarks/torch_dropin_rounds.py [--blocks 9] [--only xfmr,tiny,rules,iter]
+    python benchmarks/torch_dropin_rounds.py [--blocks 9] [--only xfmr,tiny,rules,iter] [--threads N]
 """
 import argparse
 import statistics
@@ -67,7 +67,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=9)
     parser.add_argument("--only", default="xfmr,tiny,rules,iter")
+    parser.add_argument("--threads", type=int, default=None, help="torch's and numba's threads (default: theirs)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
     only = set(args.only.split(","))
     print(f"torch {torch.__version__}: {torch.get_num_threads()} threads; numba {numba.__version__}: "
           f"{numba.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M')}; {args.blocks} blocks")

@@ -9,7 +9,9 @@ Each class (``SGD, Adagrad, RMSprop, Adam, AdamW, Adadelta, Adamax, NAdam, RAdam
 LARS``) is a ``torch.optim.Optimizer`` built from its rule's declaration (``kernels/<rule>.py``):
 torch's argument names and defaults, fastopt's options (``max_grad_norm``, ``nonfinite``,
 ``l1``, ...) and torch's ``foreach`` / ``fused`` (accepted, no effect: the step is always
-fused; ``capturable`` and ``differentiable`` must stay False).
+fused; ``capturable`` and ``differentiable`` must stay False). ``nonfinite`` defaults to
+``"propagate"`` here, torch's behaviour (and no check pass); ``nonfinite="skip"`` skips a
+step whose gradients hold inf or NaN (``last_step_skipped``, ``skipped_steps``).
 
 The arena. At construction the parameters of each (device, dtype) move into one flat arena
 (``param.data`` becomes a view of it) and each ``param.grad`` becomes a view of a twin grad
@@ -57,6 +59,7 @@ __all__ = ["LAMB", "LARS", "SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adama
 
 # torch's constructor arguments that select an implementation: accepted for a drop-in, and
 # the values that ask for something fastopt does not do are refused
+TORCH_NONFINITE = "propagate"  # the default of ``nonfinite`` here (fastopt's own classes: "skip")
 _IMPLEMENTATION = {"foreach": None, "fused": None, "capturable": False, "differentiable": False}
 _REFUSED = {"capturable": "CUDA-graph capture (step and lr on the device)",
             "differentiable": "autograd through the step"}
@@ -513,7 +516,10 @@ def _make(fastopt_class, torch_class):
     params = list(base.parameters.values())
     params = params[:len(params) - len(extras)]
     params += [P(n, P.KEYWORD_ONLY, default=d) for n, d in implementation.items()]
-    params += [base.parameters[n] for n in extras]
+    # a drop-in keeps torch's semantics by default: an inf or NaN gradient propagates (GradScaler
+    # already checks for infs under AMP); nonfinite="skip" is one more read of the gradients
+    params += [base.parameters[n].replace(default=TORCH_NONFINITE) if n == "nonfinite" else base.parameters[n]
+               for n in extras]
     signature = inspect.Signature(params)
 
     def __init__(self, *args, **kwargs):

@@ -357,6 +357,18 @@ def test_lion_matches_reference():
         np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("nonfinite,skipped", [("skip", True), ("propagate", False)])
+def test_nonfinite_gradient(nonfinite, skipped):
+    """skip: nothing written, counted; propagate (the default here, torch's): NaN reaches the params."""
+    net = make()
+    opt = ft.Adam(net.parameters(), lr=1e-2, nonfinite=nonfinite)
+    train(net, opt, 2)
+    before = net.fc.weight.detach().clone()
+    train(net, opt, 3, start=2, inf_at=2)
+    assert opt.last_step_skipped is skipped and opt.skipped_steps == int(skipped)
+    assert torch.equal(net.fc.weight, before) if skipped else not torch.isfinite(net.fc.weight).all()
+
+
 def test_max_grad_norm_clips_as_torch_clip():
     net_a, opt_a, net_b, opt_b = pair("Adam", dict(lr=1e-2), max_grad_norm=0.5)
     for t in range(STEPS // 2):
@@ -472,7 +484,7 @@ def test_signatures_are_torch_defaults_from_the_rules():
                 if key not in ("self", "params"):
                     assert key in ours, (name, key)
                     assert ours[key].default == p.default, (name, key)
-        assert ours["nonfinite"].default == "skip" and ours["max_grad_norm"].default is None
+        assert ours["nonfinite"].default == "propagate" and ours["max_grad_norm"].default is None
 
 
 def test_import_fastopt_does_not_import_torch():
