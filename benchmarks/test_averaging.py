@@ -32,7 +32,7 @@ def test_update(record, rule, impl, n):
         one = np.float32(1)
 
         def run():
-            kernel(avg, buf.arena, None, None, None, (one, one))
+            kernel(avg, buf.arena, None, None, None, None, (one, None))
     elif impl == "numpy":
         avg, tmp = p.copy(), np.empty_like(p)
         t = [0]

@@ -51,5 +51,5 @@ def test_clip_then_adam(record, impl):
 
             def run():
                 norms.norm()
-                kernel(buf.arena, buf.grad_arena, m, v, None, (one, one))
+                kernel(buf.arena, buf.grad_arena, m, v, None, None, (one, None))
     record("clip+adam", n, impl, run, nbytes, 10)

@@ -48,7 +48,7 @@ def test_adam_step(record, model, impl):
             one = np.float32(1)
 
             def run():
-                kernel(buf.arena, buf.grad_arena, m, v, None, (one, one))
+                kernel(buf.arena, buf.grad_arena, m, v, None, None, (one, None))
         else:
             if impl in ("fastopt", "guarded"):
                 # "fastopt" has torch's semantics; "guarded" is the default, with the inf/NaN check pass

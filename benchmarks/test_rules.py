@@ -59,7 +59,7 @@ def test_step(record, rule, impl, n):
         one = np.float32(1)
 
         def run():
-            kernel(*args, (one, one))
+            kernel(*args, None, (one, None))
     elif impl == "numpy":
         def run():
             step[0] += 1

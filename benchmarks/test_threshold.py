@@ -14,5 +14,5 @@ def test_adam_threshold(record, n, parallel):
     p, g, m, v = (np.ones(n, np.float32) for _ in range(4))
     c = adam.ADAM.kernel_scalars(adam.ADAM.defaults, 1, 1e-3, p.dtype)
     kernel = adam.ADAM.kernels.cpu(parallel)
-    record("adam-thr", n, "fastopt" if parallel else "serial", lambda: kernel(p, g, m, v, None, c),
+    record("adam-thr", n, "fastopt" if parallel else "serial", lambda: kernel(p, g, m, v, None, None, c),
            28 * n, 2000 if n < 2**18 else 200)

@@ -24,7 +24,7 @@ import contextlib
 import numpy as np
 
 from .buffer import ParamBuffer, _numel, layout
-from .kernels import _dispatch, ema, polyak
+from .kernels import _dispatch, _formats, ema, polyak
 from .optimizer import _copy_in, _is_array, _Plan, _to_host, _zeros, check_disjoint
 
 
@@ -64,15 +64,16 @@ class _Averager:
 
     def _make_plan(self):
         kernels = self.rule.kernels
+        view = _formats.kernel_view  # a 16-bit float as its bits
         if self._buffer is not None:
             plan = _Plan(kernels, None, numel=self._arena.size)
-            plan.flat = [[self._arena, self._buffer.arena]] if self._arena.size else []
+            plan.flat = [[view(self._arena), view(self._buffer.arena), None]] if self._arena.size else []
             return plan
         plan = _Plan(kernels, None, numel=sum(self._sizes))
         if isinstance(self._arena, np.ndarray):
-            plan.set_lists(self._avg_flat, self._live_flat, [], [])
+            plan.set_lists([view(a) for a in self._avg_flat], [view(a) for a in self._live_flat], [], [None])
         else:
-            plan.flat = [[a, p] for a, p, n in zip(self._avg_flat, self._live_flat, self._sizes) if n]
+            plan.flat = [[view(a), view(p), None] for a, p, n in zip(self._avg_flat, self._live_flat, self._sizes) if n]
         return plan
 
     # -- the update ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import weakref
 import numpy as np
 
 from .kernels._dispatch import SUPPORTED_DTYPES, _Array
+from .kernels._formats import BY_NAME
 
 ALIGN = 64  # bytes: each view starts on a cache line (and so on a 16-byte boundary)
 
@@ -115,9 +116,9 @@ class ParamBuffer:
                     raise TypeError(f"arrays[{i}] has dtype {a.dtype} but arrays[0] has dtype {dtype}")
             shapes = [tuple(a.shape) for a in arrays]
         shapes = [_shape(s, i) for i, s in enumerate(shapes)]
-        self.dtype = np.dtype(dtype)
+        self.dtype = np.dtype(BY_NAME.get(dtype, dtype) if isinstance(dtype, str) else dtype)
         if self.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"dtype {self.dtype} is not supported; fastopt supports float32 and float64")
+            raise TypeError(f"dtype {self.dtype} is not supported; fastopt supports {', '.join(BY_NAME)}")
         if names is not None:
             names = list(names)
             if len(names) != len(shapes):

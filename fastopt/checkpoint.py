@@ -16,7 +16,8 @@ import numpy as np
 
 from .buffer import ParamBuffer
 from .kernels import _dispatch
-from .optimizer import MAX_STEPS, _copy_in, _to_host
+from .kernels._formats import kernel_dtype, kernel_view
+from .optimizer import MASTER, MAX_STEPS, _copy_in, _to_host
 
 FORMAT = "fastopt-checkpoint-1"
 
@@ -27,14 +28,15 @@ def save(path, optimizer, params=None):
     params = _as_kernel_arrays(params)
     with optimizer.lock:  # a consistent snapshot: no step runs while the arrays are copied
         state = optimizer.export_state()
-        arrays = {f"state.{name}": arena for name, arena in state.pop("arenas").items()}
+        # a 16-bit float is stored as its bits (.npy has no bfloat16), the format in the metadata
+        arrays = {f"state.{name}": kernel_view(arena) for name, arena in state.pop("arenas").items()}
         meta = {"format": FORMAT, "optimizer": state.pop("rule"), **state}
         if params is not None:
             meta["params"] = _params_meta(params)
             if isinstance(params, ParamBuffer):
-                arrays["params.arena"] = _to_host(params.arena)
+                arrays["params.arena"] = kernel_view(_to_host(params.arena))
             else:
-                arrays.update({f"params.{i}": _to_host(a) for i, a in enumerate(params)})
+                arrays.update({f"params.{i}": kernel_view(_to_host(a)) for i, a in enumerate(params)})
     arrays["meta"] = np.array(json.dumps(meta))
     atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
@@ -159,6 +161,7 @@ def load(path, optimizer, params=None):
             raise ValueError(f"{path} does not match: " + "; ".join(problems))
         wanted = [k for k in headers if k.startswith("state.") or params is not None]
         arrays = {k: f.read(k) for k in wanted}
+        arrays = {k: a.view(_stored_dtype(k, opt, params)) for k, a in arrays.items()}
         sizes = [_dispatch._size(sh) for sh in meta["shapes"]]
         state = {(i, name[len("state."):]): arena[o:o + n] for name, arena in arrays.items()
                  if name.startswith("state.") for i, (o, n) in enumerate(zip(meta["offsets"], sizes))}
@@ -274,9 +277,18 @@ def _read_meta(path, f):
     return meta
 
 
+def _stored_dtype(key, opt, params):
+    """The dtype of entry ``key`` (a 16-bit float is read as its bits, then viewed as it)."""
+    if key == f"state.{MASTER}":
+        return np.dtype(np.float32)
+    if key.startswith("state."):
+        return opt.state_dtype
+    return params.dtype if isinstance(params, ParamBuffer) else np.dtype(opt.dtype)
+
+
 def _expected_entries(meta, opt):
     """Every entry a checkpoint of this rule may hold."""
-    names = {f"state.{s}" for s in opt.rule.states}
+    names = {f"state.{s}" for s in opt.rule.states} | {f"state.{MASTER}"}  # a master copy: see _differences
     saved = meta.get("params")
     if saved is not None:
         names |= {"params.arena"} if saved["kind"] == "buffer" else {f"params.{i}" for i in range(len(saved["shapes"]))}
@@ -316,9 +328,17 @@ def _differences(meta, opt, params, headers):
     if counts != saved_counts:
         problems.append(f"params per group are {counts} here but {saved_counts} in the checkpoint")
     end = max([o + _dispatch._size(sh) for o, sh in zip(meta["offsets"], meta["shapes"])] + [0])
+    state_dtype = meta.get("state_dtype", dtype)
+    if state_dtype != opt.state_dtype.name:
+        problems.append(f"the state dtype is {opt.state_dtype.name} here but {state_dtype} in the checkpoint")
+    if f"state.{MASTER}" in headers and not opt.master_weights:
+        problems.append("the checkpoint holds master weights: load it into an optimizer with master_weights=True")
+    elif opt.master_weights and f"state.{MASTER}" not in headers:
+        problems.append(f"state.{MASTER} is missing (master_weights=True keeps the params' float32 copy)")
     for key, (shape, dt) in headers.items():
-        if key.startswith("state.") and (dt != np.dtype(dtype) or len(shape) != 1 or shape[0] < end):
-            problems.append(f"{key} is {dt}{list(shape)}, not a {dtype} arena of >= {end} elements")
+        want = _stored_dtype(key, opt, None)
+        if key.startswith("state.") and (dt != kernel_dtype(want) or len(shape) != 1 or shape[0] < end):
+            problems.append(f"{key} is {dt}{list(shape)}, not a {want} arena of >= {end} elements")
     if params is not None and not isinstance(params, ParamBuffer):
         try:  # the loaded values are written into them: each must take them in place
             ref = _dispatch.check_array(_dispatch._Array("params[0]", params[0]))
@@ -341,7 +361,7 @@ def _differences(meta, opt, params, headers):
             for key, shape in want.items():
                 if key not in headers:
                     problems.append(f"{key} is missing")
-                elif headers[key] != (shape, np.dtype(here["dtype"])):
+                elif headers[key] != (shape, kernel_dtype(here["dtype"])):
                     got_shape, got_dtype = headers[key]
                     problems.append(f"{key} is {got_dtype}{list(got_shape)}, not {here['dtype']}{list(shape)}")
     return problems

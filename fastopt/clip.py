@@ -10,7 +10,7 @@ import numbers
 import numpy as np
 
 from .buffer import ParamBuffer
-from .kernels import _dispatch, _reduce
+from .kernels import _dispatch, _formats, _reduce
 from .kernels._rule import Rule
 
 
@@ -20,7 +20,7 @@ class NormPlan:
     once, so a per-step guard allocates nothing."""
 
     def __init__(self, arrays):
-        self.arrays = [a.reshape(a.size) if hasattr(a, "reshape") else a for a in arrays]
+        self.arrays = [_formats.kernel_view(a.reshape(a.size) if hasattr(a, "reshape") else a) for a in arrays]
         self.sizes = [int(a.size) for a in self.arrays]
         self.chunks = _reduce.chunk_table(self.sizes)
         self.cpu = bool(self.arrays) and isinstance(self.arrays[0], np.ndarray)
@@ -66,7 +66,7 @@ class _CudaReduction:
 
     def __init__(self, arrays, chunks):
         from numba import config, cuda
-        self.dtype = np.dtype(_dispatch._Array("grads[0]", arrays[0]).dtype)
+        self.dtype = _formats.compute_dtype(_dispatch._Array("grads[0]", arrays[0]).dtype)
         self.kernel = _reduce.cuda_kernel(self.dtype)
         self.totals = cuda.device_array(chunks.shape[0], self.dtype)
         self.checks = cuda.device_array(chunks.shape[0], self.dtype)
@@ -99,16 +99,11 @@ def _grad_arrays(grads, name="grads", writeable=False):
         return [grads.grad_arena]
     grads = [grads] if hasattr(grads, "shape") else list(grads)
     grads = [_dispatch.as_kernel_array(g) for g in grads]
-    for i, g in enumerate(grads):
-        a = _dispatch._Array(f"{name}[{i}]", g)
-        if a.dtype not in _dispatch.SUPPORTED_DTYPES:
-            raise TypeError(f"{name}[{i}] has dtype {a.dtype}; fastopt supports float32 and float64")
-        if not a.contiguous:
-            raise ValueError(f"{name}[{i}] is not C-contiguous")
-        if writeable and not a.writeable:
-            raise ValueError(f"{name}[{i}] is read-only; clipping scales it in place")
-        if a.device != _dispatch._Array(f"{name}[0]", grads[0]).device:
-            raise ValueError(f"{name}[{i}] is on {a.device} but {name}[0] is not: all on one device")
+    if grads:  # the one array check: dtypes may differ between gradients, devices may not
+        first = _dispatch.check_array(_dispatch._Array(f"{name}[0]", grads[0]), written=writeable)
+        for i, g in enumerate(grads[1:], 1):
+            a = _dispatch.check_array(_dispatch._Array(f"{name}[{i}]", g), written=writeable)
+            _dispatch.check_array(a, like=first, written=False, dtype=False)
     return grads
 
 
@@ -140,7 +135,8 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
                 a *= a.dtype.type(coef)
             else:
                 flat = a.reshape(a.size)
-                _dispatch._launch_cuda(SCALE.kernels, [flat, flat], SCALE.kernels.scalars.pack({}, flat.dtype, coef))
+                scalars = SCALE.kernels.scalars.pack({}, flat.dtype, coef)
+                _dispatch._launch_cuda(SCALE.kernels, [flat, flat, None], scalars)
     return total
 
 

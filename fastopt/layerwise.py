@@ -23,7 +23,7 @@ import numpy as np
 
 from .buffer import ALIGN
 from .clip import NormPlan
-from .kernels import _args, _dispatch, _reduce, lamb, lars
+from .kernels import _args, _dispatch, _formats, _reduce, lamb, lars
 from .optimizer import Optimizer, _is_array, _runs
 
 CHUNK = 1 << 15       # elements per piece on the CPU: enough work per thread, few partial sums
@@ -218,26 +218,15 @@ def check_lists(params, grads, states):
     for name, arrays in lists.items():
         if arrays is not None and len(arrays) != n:
             raise ValueError(f"{name} has {len(arrays)} arrays for {n} params")
-    ref = _dispatch._Array("params[0]", lists["params"][0])
-    if ref.dtype not in _dispatch.SUPPORTED_DTYPES:
-        raise TypeError(f"params[0] has dtype {ref.dtype}; fastopt supports float32 and float64")
+    ref = _dispatch.check_array(_dispatch._Array("params[0]", lists["params"][0]))
     written, read = [], []
     for i in range(n):
-        shape = _dispatch._Array(f"params[{i}]", lists["params"][i]).shape
+        param = _dispatch._Array(f"params[{i}]", lists["params"][i])
         for name, arrays in lists.items():
             if arrays is None:
                 continue
-            a = _dispatch._Array(f"{name}[{i}]", arrays[i])
-            if a.device != ref.device:
-                raise ValueError(f"{a.name} is on {a.device} but params[0] is on {ref.device}")
-            if a.dtype != ref.dtype:
-                raise TypeError(f"{a.name} has dtype {a.dtype} but params[0] has dtype {ref.dtype}")
-            if a.shape != shape:
-                raise ValueError(f"{a.name} has shape {a.shape} but params[{i}] has shape {shape}")
-            if not a.contiguous:
-                raise ValueError(f"{a.name} is not C-contiguous")
-            if name != "grads" and not a.writeable:
-                raise ValueError(f"{a.name} is read-only; it is updated in place")
+            a = _dispatch.check_array(_dispatch._Array(f"{name}[{i}]", arrays[i]), like=ref, shape_of=param,
+                                      written=name != "grads")
             (read if name == "grads" else written).append(a)
     _dispatch.check_no_overlap(written, read)
     return lists["params"], lists["grads"], {k: lists[k] for k in states}
@@ -254,12 +243,19 @@ class _GroupPlan:
         self.ratios = None  # the trust ratios of the last step, one per tensor
         self.norms = None   # LARS: (the gradients it was built for, their NormPlan)
 
-    def run(self, scalars, grads):
-        return self.optimizer._run_group(self, scalars, grads)
+    def run(self, scalars, grads, rounding=None):
+        return self.optimizer._run_group(self, scalars, grads)  # float32/float64 only: nothing to round
 
 
 class _Layerwise(Optimizer):
     """What LAMB and LARS share: the layout of a group, and the ratios of the last step."""
+
+    def _check_precision(self):
+        if self.dtype in _formats.BITS or self.state_dtype in _formats.BITS:
+            raise TypeError(f"{type(self).__name__} takes float32 or float64 params and state (16-bit formats are "
+                            f"not supported by the layer-wise kernels yet), got params {self.dtype}, state "
+                            f"{self.state_dtype}")
+        super()._check_precision()
 
     def _plan(self, group):
         params, offsets = group["params"], self._offsets_of(group)

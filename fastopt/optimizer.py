@@ -25,12 +25,16 @@ import numpy as np
 
 from .buffer import ALIGN, ParamBuffer, _aligned_empty, find_segment, layout
 from .clip import NormPlan, clip_coefficient
-from .kernels import _dispatch
+from .kernels import _dispatch, _formats
 from .kernels._reduce import chunk_table
 
 CHUNK = 1 << 15  # elements per work item of the list kernel: big tensors are shared by threads
 NONFINITE = ("skip", "raise", "propagate")
 MAX_STEPS = 2 ** 53  # a float64 counts every whole number up to here
+#: fastopt's keyword options after a rule's hyper-parameters, with their defaults
+MASTER = "master"  # the float32 copy of 16-bit params (master_weights=True), saved beside the states
+OPTIONS = {"max_grad_norm": None, "nonfinite": "skip", "state_dtype": None, "master_weights": False,
+           "stochastic_rounding": False, "rounding_seed": 0}
 
 
 class Optimizer:
@@ -49,12 +53,25 @@ class Optimizer:
         if cls.rule is not None and "__init__" not in cls.__dict__:
             cls.__init__ = _constructor(cls.rule)
 
-    def __init__(self, params, defaults, *, max_grad_norm=None, nonfinite="skip"):
+    def __init__(self, params, defaults, *, max_grad_norm=None, nonfinite="skip", state_dtype=None,
+                 master_weights=False, stochastic_rounding=False, rounding_seed=0):
         if max_grad_norm is not None and not (_is_real(max_grad_norm) and 0 < max_grad_norm < math.inf):
             raise ValueError(f"max_grad_norm must be None or a positive number, got {max_grad_norm!r}")
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {', '.join(map(repr, NONFINITE))}, got {nonfinite!r}")
+        if state_dtype is not None and str(state_dtype) not in _formats.BY_NAME:
+            raise ValueError(f"state_dtype must be None or one of {', '.join(map(repr, _formats.BY_NAME))}, "
+                             f"got {state_dtype!r}")
+        for name, flag in (("master_weights", master_weights), ("stochastic_rounding", stochastic_rounding)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if not (isinstance(rounding_seed, numbers.Integral) and 0 <= rounding_seed < 2 ** 64):
+            raise ValueError(f"rounding_seed must be an integer in [0, 2**64), got {rounding_seed!r}")
         self.max_grad_norm, self.nonfinite = max_grad_norm, nonfinite
+        self._state_dtype = None if state_dtype is None else _formats.BY_NAME[str(state_dtype)]
+        self.master_weights, self.stochastic_rounding = bool(master_weights), bool(stochastic_rounding)
+        self.rounding_seed = int(rounding_seed)
+        self.masters = None   # master_weights: the float32 copy of the params (an arena)
         self.last_grad_norm = None     # the global gradient norm of the last step (when computed)
         self.last_step_skipped = False
         self.skipped_steps = 0         # steps skipped for a non-finite gradient (nonfinite="skip")
@@ -82,6 +99,23 @@ class Optimizer:
             params = [{"params": params}]
         for group in params:
             self.add_param_group(group)
+        self._check_precision()
+
+    def _check_precision(self):
+        narrow = self.dtype in _formats.BITS
+        if self.master_weights and not narrow:
+            raise ValueError(f"master_weights=True keeps a float32 copy of bfloat16 or float16 params; these params "
+                             f"are {self.dtype}")
+        if self.stochastic_rounding and not (narrow and not self.master_weights) and \
+                self.state_dtype not in _formats.BITS:
+            raise ValueError("stochastic_rounding=True rounds bfloat16 or float16 writes; with these options "
+                             f"nothing is stored in 16 bits (params {self.dtype}, state {self.state_dtype}"
+                             f"{', master weights' if self.master_weights else ''})")
+
+    @property
+    def state_dtype(self):
+        """The dtype of the state arenas: ``state_dtype`` if given, else the params' (torch's rule)."""
+        return self._state_dtype if self._state_dtype is not None else self.dtype
 
     # -- groups -----------------------------------------------------------------------
     def add_param_group(self, param_group):
@@ -176,7 +210,7 @@ class Optimizer:
         launch plans (rebuilt, step counts kept: a loaded state dict may change options)."""
         needed = {s for g in self.param_groups for s in self.states_needed(g)}
         offsets, size = self._layout()
-        dtype = self._params[0].dtype
+        dtype = self.state_dtype
         self._offsets = offsets
         steps = self._steps()
         restarts = [p.restart for p in self._plans] if self._plans else [False] * len(self.param_groups)
@@ -184,6 +218,10 @@ class Optimizer:
         for name in self.rule.states:
             if name in needed and name not in self.arenas:
                 self.arenas[name] = self._start_value(name, _zeros(self._params[0], size, dtype))
+        if self.master_weights and self.masters is None:
+            self.masters = _zeros(self._params[0], size, np.float32)
+            for a, o in zip(self._params, offsets):
+                _copy_in(self.masters, o, _to_host(a).reshape(-1).astype(np.float32))
         self._plans = [self._plan(g) for g in self.param_groups]
         for k, (plan, t, restart) in enumerate(zip(self._plans, steps, restarts)):
             plan.step, plan.restart = t, restart  # a restart a skipped step left pending still holds
@@ -209,16 +247,20 @@ class Optimizer:
         return self._offsets[first:first + len(group["params"])]
 
     def state_views(self, i):
-        """Param ``i``'s state arrays (views of the arenas, in the param's shape)."""
+        """Param ``i``'s state arrays (views of the arenas, in the param's shape), and its
+        float32 master copy as ``"master"`` with ``master_weights=True``."""
         if self.arenas is None:
             return {}
         a, o = self._params[i], self._offsets[i]
-        return {n: arena[o:o + a.size].reshape(a.shape) for n, arena in self.arenas.items()}
+        arenas = {**self.arenas, **({MASTER: self.masters} if self.masters is not None else {})}
+        return {n: arena[o:o + a.size].reshape(a.shape) for n, arena in arenas.items()}
 
     def _plan(self, group):
+        view = _formats.kernel_view  # a 16-bit float as its bits: converted once, here
         offsets = self._offsets_of(group)
         params = group["params"]
         slots = [self.arenas[n] if n in self.states_needed(group) else None for n in self.rule.states]
+        slots.append(self.masters)  # the kernels take the master copy (or None) after the states
         plan = _Plan(self.rule.kernels, group, numel=sum(a.size for a in params))
         cpu = isinstance(params[0], np.ndarray)
         if plan.numel == 0:
@@ -229,16 +271,19 @@ class Optimizer:
             runs = _runs([o for o, a in zip(offsets, params) if a.size], [a.size for a in params if a.size], align)
             arena, grad_arena = self._buffer.arena, self._buffer.grad_arena
             if len(runs) == 1 or not cpu:
-                plan.flat = [[x if x is None else x[lo:hi] for x in (arena, grad_arena, *slots)] for lo, hi in runs]
+                plan.flat = [[x if x is None else view(x[lo:hi]) for x in (arena, grad_arena, *slots)]
+                             for lo, hi in runs]
+                plan.offsets = [lo for lo, _ in runs]
                 return plan
             grads = [grad_arena[o:o + a.size] for o, a in zip(offsets, params)]
         else:
             grads = None  # given to each step
-        views = [[x if x is None else x[o:o + a.size] for x in slots] for o, a in zip(offsets, params)]
+        views = [[x if x is None else view(x[o:o + a.size]) for x in slots] for o, a in zip(offsets, params)]
         if cpu:
-            plan.set_lists([a.reshape(-1) for a in params], grads, list(zip(*views)) if views else [], slots)
+            plan.set_lists([view(a.reshape(-1)) for a in params], None if grads is None else [view(g) for g in grads],
+                           list(zip(*views)) if views else [], slots)
         else:
-            plan.tensors = [[a.reshape(a.size), *v] for a, v in zip(params, views)]
+            plan.tensors = [[view(a.reshape(a.size)), *v] for a, v in zip(params, views)]
         return plan
 
     # -- the update --------------------------------------------------------------------
@@ -300,8 +345,11 @@ class Optimizer:
                 plan.constants = self.rule.kernel_constants(group, dtype)
             work.append(self.rule.kernel_scalars(group, step, lr, dtype, scale, plan.constants))
         self.last_step_skipped = False
-        for plan, scalars in zip(self._plans, work):
-            self.launches += plan.run(scalars, grads)
+        for k, (plan, scalars) in enumerate(zip(self._plans, work)):
+            # stochastic rounding: keyed on (seed, group, update number), so a resumed run rounds alike
+            rounding = (_formats.rounding_key(self.rounding_seed, k), plan.step + 1) if self.stochastic_rounding \
+                else None
+            self.launches += plan.run(scalars, grads, rounding)
             plan.step += 1
             plan.restart = False
 
@@ -393,7 +441,7 @@ class Optimizer:
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": idx})
             if t:
                 for j in idx:
-                    views = {n: v for n, v in self.state_views(j).items() if n in self.states_needed(g)}
+                    views = {n: v for n, v in self.state_views(j).items() if n in self.states_needed(g) or n == MASTER}
                     state[j] = {"step": float(t), **{n: _to_host(v) for n, v in views.items()}}
                     if torch:
                         state[j] = self._to_torch_state(state[j], g)
@@ -407,7 +455,10 @@ class Optimizer:
     def _to_torch_state(self, entry, group):
         import torch
         out = {"step": torch.tensor(entry["step"], dtype=torch.float32)}
-        out.update({self.rule.torch_names.get(n, n): torch.from_numpy(v) for n, v in entry.items() if n != "step"})
+        for n, v in entry.items():
+            if n != "step":
+                out[self.rule.torch_names.get(n, n)] = (torch.from_numpy(v.view(np.int16)).view(torch.bfloat16)
+                                                        if v.dtype == _formats.BFLOAT16 else torch.from_numpy(v))
         return out
 
     def load_state_dict(self, state_dict):
@@ -422,15 +473,20 @@ class Optimizer:
         """A consistent snapshot (taken under :attr:`lock`): ``rule`` (the class name),
         ``dtype``, ``shapes`` and ``offsets`` of the params in the state arenas, ``steps``
         (per group), ``groups`` (hyper-parameters per group, a schedule as None: it is code)
-        and ``arenas`` (state name -> host copy of the whole arena). A snapshot before the
-        first step holds the zero state a fresh run starts from."""
+        and ``arenas`` (state name -> host copy of the whole arena, in ``state_dtype``; with
+        ``master_weights=True`` also ``"master"``, the float32 copy of the params). A snapshot
+        before the first step holds the zero state a fresh run starts from."""
         with self.lock:
             if self.arenas is None:
                 self._allocate()
+            arenas = {n: _to_host(a) for n, a in self.arenas.items()}
+            if self.masters is not None:
+                arenas[MASTER] = _to_host(self.masters)
             return {"rule": type(self).__name__, "dtype": self._params[0].dtype.name,
+                    "state_dtype": self.state_dtype.name,
                     "shapes": [list(a.shape) for a in self._params], "offsets": [int(o) for o in self._offsets],
                     "steps": self._steps(), "groups": [_group_meta(g) for g in self.param_groups],
-                    "arenas": {n: _to_host(a) for n, a in self.arenas.items()}}
+                    "arenas": arenas}
 
     def merged_groups(self, saved_groups, where):
         """The groups with the saved hyper-parameters (``saved_groups``: one mapping per group;
@@ -465,20 +521,24 @@ class Optimizer:
                              f"{len(self.param_groups)} param groups")
         for t in steps:
             _step_count(t, "restore: a step count")
+        names = set(self.rule.states) | ({MASTER} if self.master_weights else set())
         for (i, name), value in arrays.items():
-            if name not in self.rule.states or not 0 <= i < len(self._params) or value.size != self._params[i].size:
+            if name not in names or not 0 <= i < len(self._params) or value.size != self._params[i].size:
                 raise ValueError(f"restore: state {name!r} of param {i} does not fit this optimizer")
         with self.lock:
             for g, new in zip(self.param_groups, groups):
                 dict.update(g, {k: v for k, v in new.items() if k != "params"})
             self._edited[0] = False
             self._started = [set() for _ in self.param_groups]  # what was loaded is started below
+            self.masters = None  # a param with no saved master copy starts from its value
             self._allocate()
             for name, arena in self.arenas.items():
                 self._start_value(name, _zero(arena))
             for (i, name), value in arrays.items():
-                if name in self.arenas:
-                    _copy_in(self.arenas[name], self._offsets[i], value.astype(self._params[i].dtype, copy=False))
+                if name == MASTER:
+                    _copy_in(self.masters, self._offsets[i], value.astype(np.float32, copy=False))
+                elif name in self.arenas:
+                    _copy_in(self.arenas[name], self._offsets[i], value.astype(self.state_dtype, copy=False))
             for k, (plan, t) in enumerate(zip(self._plans, steps)):
                 plan.step = t
                 if not t:
@@ -499,6 +559,7 @@ class Optimizer:
         rule = self.rule
         renamed = {t: f for f, t in rule.torch_names.items()}
         known = set(rule.states) | set(rule.torch_names.values()) | set(rule.derived) | {"step"}
+        known |= {MASTER} if self.master_weights else set()
         # every state dict of the rule carries torch's positional arguments (the rules torch has)
         identity = [n for n, h in rule.hyper.items() if not h.keyword]
         new_groups, steps, arrays, listed = [], [], {}, set()
@@ -547,8 +608,9 @@ class Optimizer:
                                      f"{name} with these options keeps: the state dict is incomplete")
                 for n, value in entry.items():
                     n = renamed.get(n, n)
-                    if n in rule.states:
-                        arrays[(i, n)] = _state_array(value, p, f"state {n!r} of param {i}")
+                    if n in rule.states or (n == MASTER and self.master_weights):
+                        arrays[(i, n)] = _state_array(value, p, f"state {n!r} of param {i}",
+                                                      np.float32 if n == MASTER else self.state_dtype)
             if len(group_steps) > 1:
                 raise ValueError(f"param group {k}: params at different steps {sorted(group_steps)}; "
                                  "fastopt steps a group as one")
@@ -573,19 +635,26 @@ class _Plan:
         self.constants = None  # the constant tail of the kernel's scalars (Rule.kernel_constants)
         self.restart = False  # the next update starts a state from the gradient (scalars see step 1)
         self.flat = self.lists = self.tensors = self.entry = None
+        self.offsets = None  # of the flat runs in the arena (stochastic rounding keys each run on it)
         self.parallel = numel >= _dispatch.PARALLEL_THRESHOLD
 
     def set_lists(self, params, grads, state_views, slots):
-        """Typed lists of the tensors (``state_views``: per state, its views, one per tensor)."""
+        """Typed lists of the tensors (``state_views``: per state and then the master copy,
+        its views, one per tensor)."""
         from numba.typed import List
         self.lists = [List(params), None if grads is None else List(grads)]
         self.lists += [None if s is None else List(v) for s, v in zip(slots, state_views or [()] * len(slots))]
         self.chunks = chunk_table([a.size for a in params], CHUNK)
         self.kernel = self.kernels.cpu_multi(self.parallel)
 
-    def run(self, scalars, grads):
+    def run(self, scalars, grads, rounding=None):
+        """Launch the group's update; ``rounding``: None, or ``(key, step)`` of stochastic rounding."""
+        if rounding is not None:
+            key, step = rounding
         if self.flat is not None:
-            for arrays in self.flat:
+            for k, arrays in enumerate(self.flat):
+                if rounding is not None:
+                    scalars = (*scalars[:-1], _formats.rounding_key(key, step, self.offsets[k]))
                 if self.entry is not None:
                     self.entry(*arrays, scalars)
                 elif isinstance(arrays[0], np.ndarray):
@@ -599,11 +668,15 @@ class _Plan:
         if self.lists is not None:
             params, own_grads, *states = self.lists
             g = own_grads if own_grads is not None else grads.typed(self.group)
+            if rounding is not None:
+                scalars = (*scalars[:-1], _formats.rounding_key(key, step))
             self.kernel(params, g, *states, self.chunks, scalars)
             return 1
         g = grads.arrays(self.group)
-        for (p, *states), grad in zip(self.tensors, g):
-            _dispatch._launch_cuda(self.kernels, [p, grad.reshape(grad.size), *states], scalars)
+        for t, ((p, *states), grad) in enumerate(zip(self.tensors, g)):
+            if rounding is not None:
+                scalars = (*scalars[:-1], _formats.rounding_key(key, step, t))
+            _dispatch._launch_cuda(self.kernels, [p, _formats.kernel_view(grad.reshape(grad.size)), *states], scalars)
         return len(self.tensors)
 
 
@@ -639,7 +712,7 @@ class _GradLists:
     def typed(self, group):
         if id(group) not in self._typed:
             from numba.typed import List
-            self._typed[id(group)] = List([g.reshape(-1) for g in self._by_group[id(group)]])
+            self._typed[id(group)] = List([_formats.kernel_view(g.reshape(-1)) for g in self._by_group[id(group)]])
         return self._typed[id(group)]
 
 
@@ -738,7 +811,12 @@ def _cupy():
 def _from_torch_value(x):
     if type(x).__module__.startswith("torch"):
         x = x.detach().cpu()
-        return x.item() if x.ndim == 0 else x.numpy()
+        if x.ndim == 0:
+            return x.item()
+        if str(x.dtype) == "torch.bfloat16":  # NumPy's is ml_dtypes': the same bits
+            import torch
+            return x.view(torch.int16).numpy().view(_formats.BFLOAT16)
+        return x.numpy()
     return x
 
 
@@ -749,7 +827,7 @@ def _constructor(rule):
     params = [P("self", P.POSITIONAL_OR_KEYWORD), P("params", P.POSITIONAL_OR_KEYWORD)]
     params += [P(n, P.KEYWORD_ONLY if h.keyword else P.POSITIONAL_OR_KEYWORD, default=h.default)
                for n, h in rule.hyper.items()]
-    params += [P("max_grad_norm", P.KEYWORD_ONLY, default=None), P("nonfinite", P.KEYWORD_ONLY, default="skip")]
+    params += [P(n, P.KEYWORD_ONLY, default=d) for n, d in OPTIONS.items()]
     params.sort(key=lambda p: p.kind)  # keyword-only after the positional ones, in declared order
     signature = inspect.Signature(params)
 
@@ -759,7 +837,7 @@ def _constructor(rule):
         a = bound.arguments
         hyper = {n: tuple(a[n]) if isinstance(h.default, tuple) and isinstance(a[n], list) else a[n]
                  for n, h in rule.hyper.items()}
-        Optimizer.__init__(self, a["params"], hyper, max_grad_norm=a["max_grad_norm"], nonfinite=a["nonfinite"])
+        Optimizer.__init__(self, a["params"], hyper, **{n: a[n] for n in OPTIONS})
 
     __init__.__signature__ = signature
     __init__.__qualname__ = f"{rule.name}.__init__"
@@ -886,11 +964,11 @@ def _step_count(value, where):
     return int(value)
 
 
-def _state_array(value, param, where):
-    """A state array from a state dict, checked and converted to the param's dtype (flat)."""
+def _state_array(value, param, where, dtype):
+    """A state array from a state dict, checked and converted to ``dtype`` (flat)."""
     value = np.asarray(_from_torch_value(value))
-    if value.dtype.kind not in "fiu":
+    if value.dtype.kind not in "fiu" and value.dtype not in _formats.FLOATS:
         raise ValueError(f"{where} has dtype {value.dtype}: a state array holds real numbers")
     if value.shape != tuple(param.shape):
         raise ValueError(f"{where} has shape {value.shape}, the param {tuple(param.shape)}")
-    return value.reshape(-1).astype(param.dtype)
+    return value.reshape(-1).astype(dtype)

@@ -27,11 +27,11 @@ def main(argv=None):
     leaks = 0
     for kernel, states, dtype, cc, lines, f64 in itertools.chain(report(ccs), report_extra(ccs)):
         print(f"{kernel:<10} {states:<42} {dtype:<8} {cc[0]}{cc[1]:<3} {lines:>9} {f64:>5}", flush=True)
-        leaks += dtype == "float32" and f64 > 0
+        leaks += dtype != "float64" and f64 > 0
     if leaks:
-        print(f"FAIL: {leaks} float32 kernel(s) contain float64 instructions", file=sys.stderr)
+        print(f"FAIL: {leaks} float32/16-bit kernel(s) contain float64 instructions", file=sys.stderr)
         return 1
-    print("OK: no float32 kernel contains a float64 instruction")
+    print("OK: no float32 or 16-bit kernel contains a float64 instruction")
     return 0
 
 

@@ -6,6 +6,8 @@ import warnings
 
 from numba import config, cuda  # a module global: the simulator swaps it for its own
 
+from ._formats import load
+
 THREADS = 128  # threads per block of a block-per-chunk kernel (a power of two: the tree halves it)
 MAX_BLOCKS = 1024
 
@@ -14,9 +16,9 @@ def make_cuda_loop(apply, n_states):
     """The grid-stride CUDA loop around ``apply`` for a math of ``n_states`` states: any grid
     covers any size, and the simulator stays fast on a small grid."""
     states = "".join(f"s{k}, " for k in range(n_states))
-    src = (f"def cuda_loop(param, grad, {states}c):\n"
+    src = (f"def cuda_loop(param, grad, {states}master, c):\n"
            f"    for i in range(cuda.grid(1), param.size, cuda.gridsize(1)):\n"
-           f"        apply(i, param, grad, {states}c)\n")
+           f"        apply(i, param, grad, {states}master, c, 0)\n")
     scope = {"cuda": cuda, "apply": apply}  # cuda a global of the kernel: the simulator swaps it
     exec(compile(src, __file__, "exec"), scope)  # noqa: S102 - generated from the state count alone
     return scope["cuda_loop"]
@@ -104,7 +106,7 @@ def make_reduce(dtype_name, modes):
         for k in range(cuda.blockIdx.x, starts.size, cuda.gridDim.x):
             total, check = zero, zero
             for i in range(starts[k] + tid, stops[k], THREADS):
-                v = x[i]
+                v = load(x, i)
                 check += v * zero
                 if mode == squares:
                     total += v * v

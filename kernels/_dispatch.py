@@ -10,7 +10,11 @@ import warnings
 
 import numpy as np
 
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+from ._formats import BY_NAME, compute_dtype, kernel_view
+
+#: float64, float32, float16 and bfloat16 (``ml_dtypes.bfloat16``; see ``_formats``)
+SUPPORTED_DTYPES = tuple(BY_NAME.values())
+_SUPPORTED = ", ".join(BY_NAME)
 
 # Below this many elements the serial CPU loop wins: waking the thread pool costs a few
 # microseconds (benchmarks/test_threshold.py measures the crossover on a given machine).
@@ -92,16 +96,16 @@ def is_torch(a):
     return type(a).__module__.startswith("torch")
 
 
-def check_array(a, *, like=None, shape_of=None, written=True):
+def check_array(a, *, like=None, shape_of=None, written=True, dtype=True):
     """The one check of an array of an update (an :class:`_Array`), with one wording for
-    each kind of error: a supported dtype; ``like``'s device and dtype; ``shape_of``'s shape;
-    C-contiguous; writeable when it is ``written`` (updated in place)."""
-    if like is None and a.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{a.name} has dtype {a.dtype}; fastopt supports float32 and float64")
+    each kind of error: a supported dtype; ``like``'s device and (``dtype=True``) dtype;
+    ``shape_of``'s shape; C-contiguous; writeable when it is ``written`` (updated in place)."""
+    if (like is None or not dtype) and a.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{a.name} has dtype {a.dtype}; fastopt supports {_SUPPORTED}")
     if like is not None and a.device != like.device:
         raise ValueError(f"{a.name} is a {_where(a)} array but {like.name} is a {_where(like)} array: "
                          "the arrays of an update live on one device")
-    if like is not None and a.dtype != like.dtype:
+    if like is not None and dtype and a.dtype != like.dtype:
         raise TypeError(f"{a.name} has dtype {a.dtype} but {like.name} has dtype {like.dtype}")
     if shape_of is not None and tuple(a.shape) != tuple(shape_of.shape):
         raise ValueError(f"{a.name} has shape {tuple(a.shape)} but {shape_of.name} has shape {tuple(shape_of.shape)}")
@@ -161,20 +165,24 @@ def check_no_overlap(written, read=()):
                          "must be its own buffer")
 
 
-def launch(kernels, param, grad, states, values):
+def launch(kernels, param, grad, states, values, master=None, key=None):
     """Run ``kernels`` (a rule's, see ``_engine.Kernels``) over the arrays, already checked by
-    :func:`check_arrays`; ``values``: the math's scalars by name, from the rule's host code."""
-    arrays = [param, grad, *states]
+    :func:`check_arrays`; ``values``: the math's scalars by name, from the rule's host code;
+    ``master``: None, or the float32 copy the math reads and writes (``param`` then receives
+    it rounded); ``key``: None, or the rounding key of stochastic rounding."""
+    arrays = [kernel_view(a) for a in (param, grad, *states, master)]
+    dtype = compute_dtype(_Array("param", param).dtype if master is None else _Array("master", master).dtype)
     if isinstance(param, np.ndarray):
         flat = [None if a is None else a.reshape(-1) for a in arrays]
         kernel = kernels.cpu(parallel=param.size >= PARALLEL_THRESHOLD)
-        kernel(*flat, kernels.scalars.pack(values, param.dtype))
+        kernel(*flat, kernels.scalars.pack(values, dtype, key=key))
         return
-    _launch_cuda(kernels, arrays, kernels.scalars.pack(values, _Array("param", param).dtype))
+    _launch_cuda(kernels, arrays, kernels.scalars.pack(values, dtype, key=key))
 
 
 def _launch_cuda(kernels, arrays, scalars):
-    """Launch on CUDA arrays; ``scalars`` already cast to their dtype."""
+    """Launch on CUDA arrays ``(param, grad, *states, master)`` (kernel views: a 16-bit float
+    as its bits); ``scalars`` already packed."""
     from numba import config, cuda
     if config.ENABLE_CUDASIM:
         flat = [None if a is None else a.reshape(a.size) for a in arrays]

@@ -41,6 +41,9 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload, register_jitable
 
+from . import _formats
+from ._formats import compute_dtype, load, noise, store
+
 _CPU_OPTIONS = dict(error_model="numpy", nogil=True)  # "numpy": no ZeroDivision check, so loops vectorize
 
 
@@ -52,14 +55,6 @@ def nan_max(a, b):
     return a if a > b or a != a else b
 
 
-def load(array, i):
-    """Element ``i`` of ``array`` as the math sees it (the storage seam: plain floats today)."""
-    return array[i]
-
-
-def store(array, i, value):
-    """Write ``value`` as element ``i`` of ``array`` (the storage seam's other half)."""
-    array[i] = value
 
 
 class Scalars:
@@ -87,15 +82,18 @@ class Scalars:
         self._const_flags = _getter([n for n in split[1] if n in self.flags])
 
     def pack_constants(self, values, dtype):
-        """The tuple's tail: the constant scalars, floats in ``dtype``."""
-        return (*np.array(self._const_floats(values), dtype), *self._const_flags(values))
+        """The tuple's tail: the constant scalars, floats in the math's dtype for arrays of ``dtype``."""
+        return (*np.array(self._const_floats(values), compute_dtype(dtype)), *self._const_flags(values))
 
-    def pack(self, values, dtype, grad_scale=1.0, constants=None):
+    def pack(self, values, dtype, grad_scale=1.0, constants=None, key=None):
         """The kernel's tuple from ``values`` (every scalar by name, or with ``constants`` from
-        :meth:`pack_constants`, only the per-step ones)."""
+        :meth:`pack_constants`, only the per-step ones), floats in the math's dtype for arrays
+        of ``dtype`` (float32 for every 16-bit format); last the rounding ``key`` (None: to
+        nearest; else stochastic rounding of 16-bit writes, see ``_formats.rounding_key``)."""
         if constants is None:
             constants = self.pack_constants(values, dtype)
-        return (*np.array((grad_scale, *self._step_floats(values)), dtype), *self._step_flags(values), *constants)
+        return (*np.array((grad_scale, *self._step_floats(values)), compute_dtype(dtype)),
+                *self._step_flags(values), *constants, key)
 
     def check(self, values):
         """The names a host function returned must be exactly the math's: say which differ."""
@@ -117,31 +115,33 @@ def _getter(names):
 
 
 _TEMPLATE = '''
-def make(math, load, store, jit, prange, piece):
+def make(math, load, store, jit, prange, piece, noise):
     @jit
-    def apply(i, param, grad, {states}c):
+    def apply(i, param, grad, {states}master, c, base):
         g = load(grad, i) * c[0]
         # a missing state gets a dummy value: its result is dropped and the branch pruned
 {loads}
-        p, {outs} = math(load(param, i), g, {ins}{scalars})
-        store(param, i, p)
+        p, {outs} = math(load(master, i) if master is not None else load(param, i), g, {ins}{scalars})
+        if master is not None:
+            store(master, i, p)
+        store(param, i, p, noise(c[{key}], base + i, 0))
 {stores}
 
-    def flat_loop(param, grad, {states}c):
+    def flat_loop(param, grad, {states}master, c):
         for i in prange(param.size):
-            apply(i, param, grad, {states}c)
+            apply(i, param, grad, {states}master, c, 0)
 
     @jit
-    def segment_loop(param, grad, {states}c):
+    def segment_loop(param, grad, {states}master, c, base):
         # a loop from 0 over sliced arrays: LLVM vectorizes this form, not range(lo, hi)
         for i in range(param.size):
-            apply(i, param, grad, {states}c)
+            apply(i, param, grad, {states}master, c, base)
 
-    def multi_loop(params, grads, {states}chunks, c):
+    def multi_loop(params, grads, {states}masters, chunks, c):
         # chunks[k] = (tensor, start, stop): big tensors are split so that threads share them
         for k in prange(chunks.shape[0]):
             t, lo, hi = chunks[k, 0], chunks[k, 1], chunks[k, 2]
-            segment_loop(params[t][lo:hi], grads[t][lo:hi], {pieces}c)
+            segment_loop(params[t][lo:hi], grads[t][lo:hi], {pieces}piece(masters, t, lo, hi), c, (t << 32) + lo)
 
     return apply, flat_loop, segment_loop, multi_loop
 '''
@@ -149,7 +149,8 @@ def make(math, load, store, jit, prange, piece):
 
 def _generate(n_states, scalar_positions):
     """The source of the loops for a math of ``n_states`` states whose scalar arguments sit
-    at ``scalar_positions`` of the kernel tuple (after grad_scale)."""
+    at ``scalar_positions`` of the kernel tuple (after grad_scale; the rounding key last)."""
+    key = 1 + len(scalar_positions)
     s = [f"s{k}" for k in range(n_states)]
     x = [f"x{k}" for k in range(n_states)]
     src = _TEMPLATE.format(
@@ -159,8 +160,10 @@ def _generate(n_states, scalar_positions):
         outs="".join(f"{b}, " for b in x) or "_,",
         ins="".join(f"{b}, " for b in x),
         scalars=", ".join(f"c[{1 + k}]" for k in scalar_positions),
-        stores="\n".join(f"        if {a} is not None:\n            store({a}, i, {b})" for a, b in zip(s, x))
-        or "        pass",
+        stores="\n".join(f"        if {a} is not None:\n"
+                          f"            store({a}, i, {b}, noise(c[{key}], base + i, {k + 1}))"
+                          for k, (a, b) in enumerate(zip(s, x))) or "        pass",
+        key=key,
         pieces="".join(f"piece({a}, t, lo, hi), " for a in s))
     if not n_states:  # the math returns p alone
         src = src.replace("p, _, = math(", "p = math(")
@@ -342,8 +345,8 @@ class Kernels:
         self._make = _compile_factory(self.source) if self.source else None
         self._cpu, self._multi, self._layers, self._cuda_layers = {}, {}, {}, {}
         self._cuda = None
-        self._salt = hashlib.sha256((_sources(math) + inspect.getsource(inspect.getmodule(Kernels))).encode()
-                                    ).hexdigest()
+        self._salt = hashlib.sha256((_sources(math) + inspect.getsource(inspect.getmodule(Kernels))
+                                     + inspect.getsource(_formats)).encode()).hexdigest()
 
     def scalar(self, c, name):
         """The value of scalar ``name`` in the kernel tuple ``c``."""
@@ -351,14 +354,15 @@ class Kernels:
 
     def _forms(self, jit, loop_range):
         """(apply, flat loop, segment loop, multi loop) with the math, load and store jitted by ``jit``."""
-        return self._make(jit(self.math), jit(load), jit(store), jit, loop_range, _piece)
+        # load, store and noise are overloaded for every target: called as they are
+        return self._make(jit(self.math), load, store, jit, loop_range, _piece, noise)
 
     def _layer_forms(self, jit, loop_range):
         """(apply, layer loop) of the layer forms, the math, load and store jitted by ``jit``."""
         src = _generate_layers(len(self.states), self._positions, len(self.per_tensor),
                                [s in self.writes for s in self.states], "p" in self.writes, self.sums)
         make = _compile_factory(src)
-        return make(jit(self.math), jit(load), jit(store), jit, loop_range, _piece, _span, _SUM_JIT, BLOCK, np)
+        return make(jit(self.math), load, store, jit, loop_range, _piece, _span, _SUM_JIT, BLOCK, np)
 
     def cpu(self, parallel):
         if parallel not in self._cpu:

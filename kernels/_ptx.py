@@ -10,6 +10,7 @@ import re
 import numpy as np
 
 from ._cuda_cc import _target_cc
+from ._formats import BITS, compute_dtype, kernel_dtype
 
 _F64 = re.compile(r"\.f64\b")
 
@@ -26,37 +27,49 @@ def variants(rule):
         yield tuple(on.get(s, True) for s in rule.states)
 
 
-def example_scalars(rule, dtype):
-    """The kernel's scalar tuple at the rule's defaults (the types are what PTX depends on)."""
-    return rule.kernel_scalars(rule.defaults, 1, rule.defaults.get("lr"), np.dtype(dtype))
+def example_scalars(rule, dtype, key=None):
+    """The kernel's scalar tuple at the rule's defaults (the types are what PTX depends on);
+    ``key``: a stochastic-rounding key, or None."""
+    c = rule.kernel_scalars(rule.defaults, 1, rule.defaults.get("lr"), np.dtype(dtype))
+    return (*c[:-1], key)
 
 
-def compile_kernel(kernels, layout, scalars, dtype, cc):
-    """PTX of a rule's CUDA loop with the states of ``layout`` present (the others None)."""
+def compile_kernel(kernels, layout, scalars, dtype, cc, master=False):
+    """PTX of a rule's CUDA loop with the states of ``layout`` present (the others None), for
+    arrays stored as ``dtype``; ``master``: with a float32 master copy of the params."""
     import numba
     from numba import cuda, types
-    arr = types.Array(numba.from_dtype(np.dtype(dtype)), 1, "C")
+    arr = types.Array(numba.from_dtype(kernel_dtype(dtype)), 1, "C")
     states = [arr if on else types.none for on in layout]
+    copy = types.Array(types.float32, 1, "C") if master else types.none
     with _target_cc(cc):
-        ptx, _ = cuda.compile_ptx(kernels.cuda_loop(), (arr, arr, *states, numba.typeof(scalars)), cc=cc)
+        ptx, _ = cuda.compile_ptx(kernels.cuda_loop(), (arr, arr, *states, copy, numba.typeof(scalars)), cc=cc)
     return ptx
 
 
-def report(ccs, dtypes=(np.float32, np.float64)):
-    """Rows (kernel, states, dtype, cc, PTX lines, .f64 count) for every rule's kernels."""
+#: the storage formats of the report: float64 (the only one allowed .f64), float32 and the 16-bit ones
+DTYPES = (np.float32, np.float64, *BITS)
+
+
+def report(ccs, dtypes=DTYPES):
+    """Rows (kernel, states, dtype, cc, PTX lines, .f64 count) for every rule's kernels; a
+    16-bit format also with a float32 master copy and stochastic rounding (``+master+sr``)."""
     from . import RULES
     seen = set()
     for rule, _, _ in RULES.values():
         if rule.kernels in seen:  # adamw runs adam's kernels
             continue
         seen.add(rule.kernels)
-        for layout in variants(rule):
+        for n, layout in enumerate(variants(rule)):
             states = "+".join(s for s, on in zip(rule.states, layout) if on)
             for dtype in dtypes:
-                scalars = example_scalars(rule, dtype)
-                for cc in ccs:
-                    ptx = compile_kernel(rule.kernels, layout, scalars, dtype, cc)
-                    yield (rule.name, states, np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))
+                forms = [(False, None)] + ([(True, np.uint64(1))] if np.dtype(dtype) in BITS and n == 0 else [])
+                for master, key in forms:
+                    scalars = example_scalars(rule, dtype, key)
+                    for cc in ccs:
+                        ptx = compile_kernel(rule.kernels, layout, scalars, dtype, cc, master)
+                        yield (rule.name, states + ("+master+sr" if master else ""), np.dtype(dtype).name, cc,
+                               len(ptx.splitlines()), f64_count(ptx))
 
 
 def compile_reduce(dtype, cc):
@@ -66,11 +79,12 @@ def compile_reduce(dtype, cc):
 
     from . import _reduce
     from ._cuda import make_reduce
-    elem = numba.from_dtype(np.dtype(dtype))
-    arr, idx = types.Array(elem, 1, "C"), types.Array(types.int64, 1, "C")
-    fn = make_reduce(np.dtype(dtype).name, (_reduce.SQUARES, _reduce.MAX))
+    arr, idx = types.Array(numba.from_dtype(kernel_dtype(dtype)), 1, "C"), types.Array(types.int64, 1, "C")
+    acc = numba.from_dtype(compute_dtype(dtype))
+    out = types.Array(acc, 1, "C")
+    fn = make_reduce(compute_dtype(dtype).name, (_reduce.SQUARES, _reduce.MAX))
     with _target_cc(cc):
-        ptx, _ = cuda.compile_ptx(fn, (arr, idx, idx, types.int64, elem, elem, arr, arr), cc=cc)
+        ptx, _ = cuda.compile_ptx(fn, (arr, idx, idx, types.int64, acc, acc, out, out), cc=cc)
     return ptx
 
 
@@ -97,7 +111,7 @@ def layer_kernels(rule):
                 yield kernels, layout
 
 
-def report_extra(ccs, dtypes=(np.float32, np.float64)):
+def report_extra(ccs, dtypes=DTYPES):
     """The kernels outside RULES: the gradient-norm reduction, LAMB and LARS, the averages."""
     from . import ema, polyak
     for dtype in dtypes:
@@ -108,7 +122,7 @@ def report_extra(ccs, dtypes=(np.float32, np.float64)):
     for rule in (lamb.LAMB, lars.LARS):
         for kernels, layout in layer_kernels(rule):
             states = "+".join(s for s, on in zip(rule.states, layout) if on) or "-"
-            for dtype in dtypes:
+            for dtype in (np.float32, np.float64):  # fastopt.layerwise takes float32 and float64
                 scalars = example_scalars(rule, dtype)
                 for cc in ccs:
                     ptx = compile_layers(kernels, layout, scalars, dtype, cc)

@@ -18,9 +18,11 @@ import sys
 import numpy as np
 from numba import njit, prange
 
+from . import _formats
 from ._engine import _CPU_OPTIONS, _enable_cache
+from ._formats import compute_dtype, load
 
-_SALT = hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()
+_SALT = hashlib.sha256((inspect.getsource(sys.modules[__name__]) + inspect.getsource(_formats)).encode()).hexdigest()
 CHUNK = 1 << 15  # elements per chunk: enough work per thread, few partials to add up
 
 # mode of the reduction (a compile-time branch): p = 2, p = inf, any other p
@@ -35,7 +37,7 @@ _REDUCE_OPTIONS = dict(_CPU_OPTIONS, fastmath={"reassoc", "contract"})
 def _squares(x):
     total, check = 0.0, 0.0
     for i in range(x.size):
-        v = np.float64(x[i])
+        v = np.float64(load(x, i))
         check += v * 0.0
         total += v * v
     return total, check
@@ -45,7 +47,7 @@ def _squares(x):
 def _max_abs(x):
     total, check = 0.0, 0.0
     for i in range(x.size):
-        v = np.float64(x[i])
+        v = np.float64(load(x, i))
         check += v * 0.0
         total = max(total, abs(v))
     return total, check
@@ -55,7 +57,7 @@ def _max_abs(x):
 def _powers(x, p):
     total, check = 0.0, 0.0
     for i in range(x.size):
-        v = np.float64(x[i])
+        v = np.float64(load(x, i))
         check += v * 0.0
         total += abs(v) ** p
     return total, check
@@ -152,12 +154,12 @@ _CUDA = {}
 def cuda_kernel(dtype):
     """One block per chunk (grid-stride over chunks), the shared fixed tree (``_cuda``).
 
-    Sums in the arrays' dtype (no float64 in a float32 kernel); ``zero`` comes from the
-    host for the same reason."""
+    Sums in the math's dtype of the arrays (float32 for 16-bit formats: no float64 in a
+    float32 kernel); ``zero`` comes from the host for the same reason."""
     key = np.dtype(dtype)
     if key not in _CUDA:
         from numba import cuda
 
         from ._cuda import make_reduce
-        _CUDA[key] = cuda.jit(make_reduce(key.name, (SQUARES, MAX)))
+        _CUDA[key] = cuda.jit(make_reduce(compute_dtype(key).name, (SQUARES, MAX)))
     return _CUDA[key]

@@ -24,11 +24,16 @@ def test_ptx_command_reports_every_kernel_without_f64():
     for row in rows:
         dtype, cc, lines, f64 = row[-4], row[-3], int(row[-2]), int(row[-1])
         assert cc in ("80", "90") and lines > 100
-        if dtype == "float32":
-            assert f64 == 0, row
-        else:
+        if dtype == "float64":
             assert f64 > 0, row  # the float64 kernels really are float64: the count sees them
-    assert "OK: no float32 kernel" in out.stdout
+        else:
+            assert f64 == 0, row
+    # every rule in every storage format, the 16-bit ones also with master weights and stochastic rounding
+    formats = {(r[0], r[-4]) for r in rows}
+    every = ("float32", "float64", "bfloat16", "float16")
+    assert {(k, d) for k in kernels - {"lamb", "lars"} for d in every} <= formats
+    assert {r[0] for r in rows if r[1].endswith("+master+sr")} == kernels - {"norm", "lamb", "lars", "ema", "polyak"}
+    assert "OK: no float32 or 16-bit kernel" in out.stdout
 
 
 def leaky_math(p, g, lr, one):
