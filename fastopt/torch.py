@@ -78,7 +78,11 @@ class SparseGradientError(RuntimeError):
 
 
 def _numpy_dtype(dtype):
-    return torch.empty((), dtype=dtype).numpy().dtype
+    """NumPy's twin of a torch dtype (the arenas are NumPy on the CPU), None where NumPy has none (bfloat16)."""
+    try:
+        return torch.empty((), dtype=dtype).numpy().dtype
+    except TypeError:
+        return None
 
 
 _UNSEEN = object()
@@ -251,7 +255,8 @@ class _TorchOptimizer(torch.optim.Optimizer):
                 if p.is_sparse or p.layout != torch.strided:
                     raise TypeError(f"param {name} has layout {p.layout}: fastopt updates dense (strided) tensors")
                 if _numpy_dtype(p.dtype) not in SUPPORTED_DTYPES:
-                    raise TypeError(f"param {name} has dtype {p.dtype}; fastopt.torch supports float32 and float64")
+                    raise TypeError(f"param {name} has dtype {p.dtype}; fastopt.torch supports "
+                                    f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
                 members.setdefault((p.device, p.dtype), []).append((k, p, name, index[id(p)]))
                 self._hooks.append(p.register_hook(_sparse_hook(name)))
             start += len(group["params"])

@@ -442,7 +442,7 @@ def _shared_memory():
     return [a, nn.Parameter(a.data[1])]
 
 
-BAD_ARGS = [(lambda: [nn.Parameter(torch.zeros(3, dtype=torch.float16))], {}, TypeError, "dtype"),
+BAD_ARGS = [(lambda: [nn.Parameter(torch.zeros(3, dtype=torch.complex64))], {}, TypeError, "dtype"),
             (_shared_memory, {}, ft.ArenaError, "share memory"),
             (lambda: [nn.Parameter(torch.zeros(3))], {"capturable": True}, ValueError, "capturable"),
             (lambda: [nn.Parameter(torch.zeros(3))], {"lr": -1.0}, ValueError, "learning rate"),
@@ -451,7 +451,7 @@ BAD_ARGS = [(lambda: [nn.Parameter(torch.zeros(3, dtype=torch.float16))], {}, Ty
              {"max_grad_norm": 1.0}, ValueError, "max_grad_norm")]
 
 
-@pytest.mark.parametrize("params,kwargs,error,match", BAD_ARGS, ids=["float16", "shared-memory", "capturable",
+@pytest.mark.parametrize("params,kwargs,error,match", BAD_ARGS, ids=["complex", "shared-memory", "capturable",
                                                                      "negative-lr", "nonfinite", "clip-two-dtypes"])
 def test_bad_construction_is_refused(params, kwargs, error, match):
     with pytest.raises(error, match=match):
