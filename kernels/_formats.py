@@ -99,6 +99,39 @@ def _bits_from_f32(typingctx, x):
     return types.uint32(types.float32), codegen
 
 
+@intrinsic
+def _f32_from_half_bits(typingctx, bits):
+    """float16 bits -> float32 by the hardware conversion (x86 F16C, CUDA cvt.f32.f16): exact."""
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+        h = args[0] if bits.bitwidth == 16 else builder.trunc(args[0], ir.IntType(16))
+        return builder.fpext(builder.bitcast(h, ir.HalfType()), ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _half_bits_from_f32(typingctx, x):
+    """float32 -> float16 bits by the hardware conversion: round to nearest even."""
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+        value = args[0] if x == types.float32 else builder.fptrunc(args[0], ir.FloatType())
+        return builder.bitcast(builder.fptrunc(value, ir.HalfType()), ir.IntType(16))
+    return types.int16(x), codegen
+
+
+def _has_f16c():
+    try:
+        from llvmlite import binding
+        return bool(binding.get_host_cpu_features().get("f16c", False))
+    except Exception:  # pragma: no cover - no feature list: the bit form is always right
+        return False
+
+
+#: float16 through the hardware conversions (they vectorize; the bit form did not) where the
+#: host CPU has them; CUDA always has them. Both give the same bits (tests check the bit form).
+HALF_HARDWARE = _has_f16c()
+
+
 @overload(f32_from_bits, target="generic")
 def _f32_from_bits_impl(bits):
     return lambda bits: _f32_from_bits(bits)
@@ -123,8 +156,9 @@ _SHIFTED_EXP = _U(0x7C00 << 13)
 # would keep): the CPU loops stay vectorized.
 
 def _pick(condition, a, b):
-    """``a if condition else b`` for unsigned words, without a branch."""
-    return b + (a - b) * _U(condition)
+    """``a if condition else b`` for unsigned words, without a branch (a mask, not a
+    multiply: AVX2 has no 64-bit multiply, and Numba widens these words to 64 bits)."""
+    return b ^ ((a ^ b) & (_U(0) - _U(condition)))
 
 
 def _load_bf16(bits):
@@ -245,6 +279,8 @@ def _load_impl(array, i):
     if _is_bits(array, "uint16"):
         return lambda array, i: _load_bf16(array[i])
     if _is_bits(array, "int16"):
+        if HALF_HARDWARE:
+            return lambda array, i: _f32_from_half_bits(array[i])
         return lambda array, i: _load_f16(array[i])
     return lambda array, i: array[i]
 
@@ -256,6 +292,11 @@ def _store_impl(array, i, value, noise=None):
             array[i] = _store_bf16(value, noise)
         return store_bf16
     if _is_bits(array, "int16"):
+        if HALF_HARDWARE and (noise is None or isinstance(noise, (types.NoneType, types.Omitted))):
+            def store_f16_nearest(array, i, value, noise=None):
+                array[i] = _half_bits_from_f32(value)
+            return store_f16_nearest
+
         def store_f16(array, i, value, noise=None):
             array[i] = _store_f16(value, noise)
         return store_f16

@@ -113,6 +113,26 @@ def test_stochastic_rounding_compiled_equals_python(fmt):
     assert np.array_equal(py, got)
 
 
+@njit
+def _bit_form_f16(bits, x, loaded, stored):
+    for i in range(bits.size):
+        loaded[i] = _formats._load_f16(bits[i])
+    for i in range(x.size):
+        stored[i] = _formats._store_f16(x[i], None)
+
+
+def test_float16_bit_form_equals_numpy_too():
+    """The float16 conversions by bit operations (used where the CPU lacks F16C, and for
+    stochastic rounding) give NumPy's numbers as the hardware conversions do."""
+    bits = np.arange(2 ** 16, dtype=np.uint32).astype(np.uint16).view(np.int16)
+    x = _edge_values()
+    loaded, stored = np.zeros(bits.size, np.float32), np.zeros(x.size, np.int16)
+    _bit_form_f16(bits, x, loaded, stored)
+    assert _same(loaded, bits.view(F16).astype(np.float32)).all()
+    with np.errstate(all="ignore"):
+        assert _same(stored.view(F16).astype(np.float32), x.astype(F16).astype(np.float32)).all()
+
+
 # -- every rule, one step at a time against its float64 reference --------------------------
 
 RULE_CASES = [pytest.param(rule, i, id=f"{rule}-{i}") for rule in RULES for i in range(N_DRAWS)]
