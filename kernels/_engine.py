@@ -36,6 +36,7 @@ the ``.f64`` instructions that would betray it).
 import hashlib
 import inspect
 import operator
+import textwrap
 
 import numpy as np
 from numba import njit, prange, types
@@ -114,28 +115,35 @@ def _getter(names):
     return operator.itemgetter(*names)
 
 
+# The update of element i, written once: the body of ``apply`` (CUDA) and, pasted in, of the
+# CPU loops (LLVM's inliner declines a body as big as a stochastically rounded step, and a
+# call left in a loop stops it vectorizing). A missing state gets a dummy value: its result
+# is dropped and the branch pruned.
+_BODY = '''\
+g = load(grad, i) * c[0]
+{loads}
+p, {outs} = math(load(master, i) if master is not None else load(param, i), g, {ins}{scalars})
+if master is not None:
+    store(master, i, p)
+store(param, i, p, noise(c[{key}], base + i, 0))
+{stores}'''
+
 _TEMPLATE = '''
 def make(math, load, store, jit, prange, piece, noise):
     @jit
     def apply(i, param, grad, {states}master, c, base):
-        g = load(grad, i) * c[0]
-        # a missing state gets a dummy value: its result is dropped and the branch pruned
-{loads}
-        p, {outs} = math(load(master, i) if master is not None else load(param, i), g, {ins}{scalars})
-        if master is not None:
-            store(master, i, p)
-        store(param, i, p, noise(c[{key}], base + i, 0))
-{stores}
+{body8}
 
     def flat_loop(param, grad, {states}master, c):
+        base = 0
         for i in prange(param.size):
-            apply(i, param, grad, {states}master, c, 0)
+{body12}
 
     @jit
     def segment_loop(param, grad, {states}master, c, base):
         # a loop from 0 over sliced arrays: LLVM vectorizes this form, not range(lo, hi)
         for i in range(param.size):
-            apply(i, param, grad, {states}master, c, base)
+{body12}
 
     def multi_loop(params, grads, {states}masters, chunks, c):
         # chunks[k] = (tensor, start, stop): big tensors are split so that threads share them
@@ -153,21 +161,20 @@ def _generate(n_states, scalar_positions):
     key = 1 + len(scalar_positions)
     s = [f"s{k}" for k in range(n_states)]
     x = [f"x{k}" for k in range(n_states)]
-    src = _TEMPLATE.format(
-        states="".join(f"{a}, " for a in s),
-        loads="\n".join(f"        {b} = load({a}, i) if {a} is not None else g" for a, b in zip(s, x))
-        or "        pass",
+    body = _BODY.format(
+        loads="\n".join(f"{b} = load({a}, i) if {a} is not None else g" for a, b in zip(s, x)) or "pass",
         outs="".join(f"{b}, " for b in x) or "_,",
         ins="".join(f"{b}, " for b in x),
         scalars=", ".join(f"c[{1 + k}]" for k in scalar_positions),
-        stores="\n".join(f"        if {a} is not None:\n"
-                          f"            store({a}, i, {b}, noise(c[{key}], base + i, {k + 1}))"
-                          for k, (a, b) in enumerate(zip(s, x))) or "        pass",
-        key=key,
-        pieces="".join(f"piece({a}, t, lo, hi), " for a in s))
+        stores="\n".join(f"if {a} is not None:\n    store({a}, i, {b}, noise(c[{key}], base + i, {k + 1}))"
+                         for k, (a, b) in enumerate(zip(s, x))) or "pass",
+        key=key)
     if not n_states:  # the math returns p alone
-        src = src.replace("p, _, = math(", "p = math(")
-    return src
+        body = body.replace("p, _, = math(", "p = math(")
+    return _TEMPLATE.format(
+        states="".join(f"{a}, " for a in s),
+        body8=textwrap.indent(body, " " * 8), body12=textwrap.indent(body, " " * 12),
+        pieces="".join(f"piece({a}, t, lo, hi), " for a in s))
 
 
 def _generate_layers(n_states, scalar_positions, n_tensor, written, write_param, n_sums):

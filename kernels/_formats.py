@@ -100,6 +100,41 @@ def _bits_from_f32(typingctx, x):
 
 
 @intrinsic
+def _f32_from_bf16_bits(typingctx, bits):
+    """bfloat16 bits -> float32: the high half of its bits (exact), in 32-bit words."""
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+        i32 = ir.IntType(32)
+        word = builder.zext(builder.trunc(args[0], ir.IntType(16)), i32)
+        return builder.bitcast(builder.shl(word, ir.Constant(i32, 16)), ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _bf16_bits_from_f32(typingctx, x, noise):
+    """float32 -> bfloat16 bits, in 32-bit words (the vectorizer's unit): to nearest even,
+    or with ``noise`` (a uint32) up with probability (its low 16 bits) / 2**16; a NaN stays a
+    quiet NaN of the same sign. A float64 is first rounded to float32."""
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+        i32 = ir.IntType(32)
+
+        def c(v):
+            return ir.Constant(i32, v)
+        value = args[0] if x == types.float32 else builder.fptrunc(args[0], ir.FloatType())
+        b = builder.bitcast(value, i32)
+        if isinstance(noise, (types.NoneType, types.Omitted)):
+            add = builder.add(c(0x7FFF), builder.and_(builder.lshr(b, c(16)), c(1)))
+        else:
+            add = builder.and_(builder.trunc(args[1], i32) if args[1].type.width > 32 else args[1], c(0xFFFF))
+        rounded = builder.lshr(builder.add(b, add), c(16))
+        nan = builder.or_(builder.lshr(b, c(16)), c(0x40))
+        isnan = builder.fcmp_unordered("uno", value, value)
+        return builder.trunc(builder.select(isnan, nan, rounded), ir.IntType(16))
+    return types.uint16(x, noise), codegen
+
+
+@intrinsic
 def _f32_from_half_bits(typingctx, bits):
     """float16 bits -> float32 by the hardware conversion (x86 F16C, CUDA cvt.f32.f16): exact."""
     def codegen(context, builder, signature, args):
@@ -235,7 +270,47 @@ def noise(key, index, stream):
     launch writes; ``key`` (from :func:`rounding_key`) None: no noise, round to nearest."""
     if key is None:
         return None
-    return np.uint32(_mix(key, index, stream) & _U64(0xFFFFFFFF))
+    return np.uint32(_hash32(int(key), int(index), int(stream)))
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(key, index, stream):
+    """murmur3's 32-bit finalizer of the key, the index and the stream mixed in 32-bit words
+    (Python ints: the reference of the compiled :func:`_hash32_compiled`)."""
+    x = ((index & _M32) * 0x9E3779B9 + (index >> 32 & _M32) * 0x7FEB352D + ((key & _M32) ^ (key >> 32 & _M32))
+         + stream * 0x85EBCA6B) & _M32
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _M32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+@intrinsic
+def _hash32_compiled(typingctx, key, index, stream):
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+        i32 = ir.IntType(32)
+
+        def c(v):
+            return ir.Constant(i32, v)
+
+        def low(v):
+            return builder.trunc(v, i32) if v.type.width > 32 else builder.zext(v, i32) if v.type.width < 32 else v
+
+        def high(v):
+            return builder.trunc(builder.lshr(v, ir.Constant(v.type, 32)), i32) if v.type.width > 32 else c(0)
+        k, i, s = args
+        x = builder.add(builder.mul(low(i), c(0x9E3779B9)), builder.mul(high(i), c(0x7FEB352D)))
+        x = builder.add(builder.add(x, builder.xor(low(k), high(k))), builder.mul(low(s), c(0x85EBCA6B)))
+        x = builder.xor(x, builder.lshr(x, c(16)))
+        x = builder.mul(x, c(0x85EBCA6B))
+        x = builder.xor(x, builder.lshr(x, c(13)))
+        x = builder.mul(x, c(0xC2B2AE35))
+        return builder.xor(x, builder.lshr(x, c(16)))
+    return types.uint32(key, index, stream), codegen
 
 
 def rounding_key(seed, step, offset=0):
@@ -260,14 +335,7 @@ def _mix(key, index, stream):
 def _noise_impl(key, index, stream):
     if isinstance(key, types.NoneType):
         return lambda key, index, stream: None
-
-    def word(key, index, stream):  # _mix, compiled: uint64 arithmetic wraps as NumPy's does
-        z = np.uint64(key) + np.uint64(index) * np.uint64(0x9E3779B97F4A7C15) + \
-            np.uint64(stream) * np.uint64(0xD1B54A32D192ED03)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return np.uint32((z ^ (z >> np.uint64(31))) & np.uint64(0xFFFFFFFF))
-    return word
+    return lambda key, index, stream: _hash32_compiled(key, index, stream)
 
 
 def _is_bits(t, name):
@@ -277,7 +345,7 @@ def _is_bits(t, name):
 @overload(load, target="generic")
 def _load_impl(array, i):
     if _is_bits(array, "uint16"):
-        return lambda array, i: _load_bf16(array[i])
+        return lambda array, i: _f32_from_bf16_bits(array[i])
     if _is_bits(array, "int16"):
         if HALF_HARDWARE:
             return lambda array, i: _f32_from_half_bits(array[i])
@@ -289,7 +357,7 @@ def _load_impl(array, i):
 def _store_impl(array, i, value, noise=None):
     if _is_bits(array, "uint16"):
         def store_bf16(array, i, value, noise=None):
-            array[i] = _store_bf16(value, noise)
+            array[i] = _bf16_bits_from_f32(value, noise)
         return store_bf16
     if _is_bits(array, "int16"):
         if HALF_HARDWARE and (noise is None or isinstance(noise, (types.NoneType, types.Omitted))):
