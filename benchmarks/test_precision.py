@@ -140,7 +140,7 @@ def quality(steps=2000, n=4096, lr=1e-3, weight_decay=0.1):
                             state_dtype=None if state == param else state.name, master_weights=master,
                             stochastic_rounding=sr)
         for _ in range(steps):
-            x = (opt.masters[:n] if master else buf.params[0]).astype(np.float64)
+            x = (opt.masters[:n] if opt.masters is not None else buf.params[0]).astype(np.float64)
             buf.grads[0][...] = (d * x).astype(param)
             opt.step()
         out[name] = (opt.masters[:n] if master else buf.params[0]).astype(np.float64)
