@@ -88,20 +88,43 @@ def main(argv=None):
             report(f"TransformerEncoder, {rule} step vs torch's default",
                    alternate(step_impls(transformer, rule, ["fastopt", "torch"]), args.blocks, 2))
     if "iter" in only:
-        x = torch.randn(8, 32, 512, generator=torch.Generator().manual_seed(2))
-        impls = {}
-        for impl in ("fastopt", "torch_fused"):
-            net = transformer()
-            opt = optimizer(impl, "AdamW", net.parameters())
+        iteration(args.blocks)
 
-            def iteration(net=net, opt=opt):
-                opt.zero_grad()
-                net(x).square().mean().backward()
-                opt.step()
-            iteration()
-            impls[impl] = iteration
-        report("TransformerEncoder, forward + backward + AdamW step (batch 8 x 32 tokens)",
-               alternate(impls, args.blocks, 1))
+
+def iteration(blocks):
+    """forward + backward + AdamW step, by part: fastopt.torch with the arena (zero_grad()
+    zeroes it, backward accumulates into it), with set_to_none (backward allocates, the step
+    copies in), and torch fused (set_to_none, its default)."""
+    x = torch.randn(8, 32, 512, generator=torch.Generator().manual_seed(2))
+    parts = {}
+    for name, impl, none in (("in-place", "fastopt", False), ("set_to_none", "fastopt", True),
+                             ("torch_fused", "torch_fused", True)):
+        net = transformer()
+        opt = optimizer(impl, "AdamW", net.parameters())
+
+        def run(net=net, opt=opt, none=none):
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=none)
+            loss = net(x).square().mean()
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            opt.step()
+            return t1 - t0, t2 - t1, time.perf_counter() - t2
+        run()
+        parts[name] = run
+    out = {n: [] for n in parts}
+    for b in range(blocks):
+        names = list(parts)
+        for n in names[b % len(names):] + names[:b % len(names)]:
+            out[n].append(parts[n]())
+    print("\nTransformerEncoder, zero_grad + forward / backward / AdamW step (batch 8 x 32 tokens), median ms")
+    totals = {n: [sum(r) for r in rs] for n, rs in out.items()}
+    for n, rs in out.items():
+        zero_fwd, bwd, step = (1e3 * statistics.median(r[i] for r in rs) for i in range(3))
+        r = quartiles([t / f for t, f in zip(totals["torch_fused"], totals[n])])
+        print(f"  {n:<12} {zero_fwd:8.1f} {bwd:8.1f} {step:8.1f}   total {1e3 * statistics.median(totals[n]):8.1f}"
+              f"   torch_fused/{n} per block: median {r[1]:.2f}x (quartiles {r[0]:.2f}-{r[2]:.2f})")
 
 
 if __name__ == "__main__":

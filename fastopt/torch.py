@@ -14,16 +14,18 @@ fused; ``capturable`` and ``differentiable`` must stay False). ``nonfinite`` def
 step whose gradients hold inf or NaN (``last_step_skipped``, ``skipped_steps``).
 
 The arena. At construction the parameters of each (device, dtype) move into one flat arena
-(``param.data`` becomes a view of it) and each ``param.grad`` becomes a view of a twin grad
-arena, which autograd accumulates into in place. A step is then one fused launch per param
-group (fastopt's :class:`~fastopt.Optimizer` over a ParamBuffer); ``zero_grad()`` is one pass
-over the grad arena. What the arena changes, and how it is guarded:
+(``param.data`` becomes a view of it), with a twin arena for the gradients. A step is one
+fused launch per param group (fastopt's :class:`~fastopt.Optimizer` over a ParamBuffer,
+reading the grad arena). How gradients get there, and what the arena changes:
 
-* ``zero_grad()`` zeroes the grads and keeps them (``set_to_none=False`` is the default here,
-  torch's is True). A gradient that is not the arena's view at the step (``set_to_none=True``,
-  ``model.zero_grad()``, a hook or user code assigning ``.grad``) is copied in: correct, one
-  more pass. A ``.grad`` that is None counts as zero (torch would skip that param: see the
-  README's "From PyTorch" section); when every ``.grad`` is None the step does nothing, as torch.
+* ``zero_grad()`` (``set_to_none=True``, torch's default) sets every ``.grad`` to None; a
+  post-accumulate-grad hook per param copies each new gradient into the grad arena as
+  autograd makes it and makes ``.grad`` the arena's view, so later micro-batches accumulate
+  into it in place. ``zero_grad(set_to_none=False)`` zeroes the grad arena in one pass.
+  A ``.grad`` that is not the arena's view at the step (a user's own tensor, a
+  ``create_graph`` gradient) is copied in then. A ``.grad`` still None at the step counts
+  as zero (torch would skip that param: see the README's "From PyTorch" section); when every
+  ``.grad`` is None the step does nothing, as torch.
 * ``model.to(...)``, ``model.half()``, ``param.data = ...``: the param no longer lives in the
   arena; the next step raises :class:`ArenaError` instead of updating memory nobody reads.
 * Params with ``requires_grad=False`` stay out of the arena and are never updated (a grad
@@ -204,10 +206,28 @@ def _remove_all(handles):
     handles.clear()
 
 
-def _sparse_hook(name):
+def _no_sparse(name):
+    """A gradient hook: a sparse gradient would be summed into the dense grad arena unseen."""
     def hook(grad):
         if grad.is_sparse:
             raise SparseGradientError(f"param {name} got a sparse gradient: {SparseGradientError.__doc__}")
+    return hook
+
+
+def _into_arena(view, name):
+    """A post-accumulate-grad hook: a gradient autograd just made (``.grad`` was None) is
+    copied into the param's arena view while it is still in cache, and ``.grad`` becomes the
+    view; one already accumulated into the view is left. A sparse gradient is refused; a
+    ``create_graph`` gradient (it has a graph) stays as it is and the step copies it in."""
+    def hook(p):
+        g = p.grad
+        if g is view:
+            return
+        if g.is_sparse:
+            raise SparseGradientError(f"param {name} got a sparse gradient: {SparseGradientError.__doc__}")
+        if not g.requires_grad:
+            view.copy_(g)
+            p.grad = view
     return hook
 
 
@@ -258,7 +278,6 @@ class _TorchOptimizer(torch.optim.Optimizer):
                     raise TypeError(f"param {name} has dtype {p.dtype}; fastopt.torch supports "
                                     f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
                 members.setdefault((p.device, p.dtype), []).append((k, p, name, index[id(p)]))
-                self._hooks.append(p.register_hook(_sparse_hook(name)))
             start += len(group["params"])
         spans = sorted((*_span(p), name) for ms in members.values() for _, p, name, _ in ms if p.numel())
         for (_, end, a), (start_b, _, b) in itertools.pairwise(spans):
@@ -270,6 +289,10 @@ class _TorchOptimizer(torch.optim.Optimizer):
                              f"{len(members)} (device, dtype) pairs; clip with torch.nn.utils.clip_grad_norm_")
         self._group_params = [g["params"] for g in self.param_groups]
         self._arenas = [_Arena(self, device, dtype, ms) for (device, dtype), ms in members.items()]
+        for arena in self._arenas:
+            for p, view, (*_, name, _) in zip(arena.params, arena.grads, arena.members):
+                self._hooks.append(p.register_post_accumulate_grad_hook(_into_arena(view, name)))
+                self._hooks.append(p.register_hook(_no_sparse(name)))
         self._names = {id(a): [name for _, _, name, _ in a.members] for a in self._arenas}
         self._trainable = sum(len(a.params) for a in self._arenas)
 
@@ -343,11 +366,12 @@ class _TorchOptimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
         return loss
 
-    def zero_grad(self, set_to_none=False):
-        """Zero every gradient: one pass over each grad arena, and a param whose ``.grad``
-        was replaced or set to None gets its arena view back. ``set_to_none=True`` (torch's
-        default, not this class's) sets every ``.grad`` to None as torch does; the next step
-        then copies the new gradients in (one more pass)."""
+    def zero_grad(self, set_to_none=True):
+        """As torch's. ``set_to_none=True`` (the default): every ``.grad`` becomes None, no
+        pass over memory; the next backward's gradients are copied into the grad arena as
+        autograd makes them (a post-accumulate-grad hook per param). ``set_to_none=False``:
+        one pass zeroing each grad arena, every ``.grad`` the arena's view, which autograd
+        then accumulates into in place."""
         if set_to_none:
             for group in self.param_groups:
                 for p in group["params"]:

@@ -253,25 +253,41 @@ def test_torch_save_round_trip():
         assert torch.equal(a, b)
 
 
-def test_replaced_gradients_are_copied_in():
-    """set_to_none, model.zero_grad() and a hook assigning .grad give the arena path's result."""
+def _zero(mode, net, opt):
+    if mode == "model.zero_grad":
+        net.zero_grad()
+    elif mode != "user-grad":
+        opt.zero_grad(set_to_none=mode == "set_to_none")
+    else:
+        opt.zero_grad()
+
+
+GRAD_MODES = ["set_to_none", "in-place", "model.zero_grad", "user-grad", "create_graph"]
+
+
+@pytest.mark.filterwarnings(r"ignore:Using backward\(\) with create_graph=True:UserWarning")
+@pytest.mark.parametrize("micro", [1, 2], ids=["one-backward", "two-micro-batches"])
+@pytest.mark.parametrize("mode", GRAD_MODES)
+def test_every_way_of_making_gradients(mode, micro):
+    """zero_grad() (set_to_none: the hook copies each new gradient into the arena), zero_grad
+    (set_to_none=False: autograd accumulates into the arena), model.zero_grad(), a .grad the
+    user assigns, a create_graph backward (both copied in at the step), with one backward or
+    two accumulated micro-batches: all give torch's result."""
     net_a, opt_a, net_b, opt_b = pair("Adam", dict(lr=1e-2))
     for t in range(STEPS // 2):
         img, tok, y = BATCHES[t]
-        if t % 3 == 0:
-            opt_a.zero_grad(set_to_none=True)
-        elif t % 3 == 1:
-            net_a.zero_grad()
-        else:
-            opt_a.zero_grad()
-        nn.functional.cross_entropy(net_a(img, tok), y).backward()
-        if t % 3 == 2:
-            net_a.fc.weight.grad = net_a.fc.weight.grad.clone() * 1.0  # a user's own tensor
-        opt_a.step()
-    train(net_b, opt_b, STEPS // 2)
+        for net, opt in ((net_a, opt_a), (net_b, opt_b)):
+            _zero(mode, net, opt) if opt is opt_a else opt.zero_grad()
+            for part in range(micro):
+                rows = slice(part * 16 // micro, (part + 1) * 16 // micro)
+                loss = nn.functional.cross_entropy(net(img[rows], tok[rows]), y[rows]) / micro
+                loss.backward(create_graph=mode == "create_graph" and opt is opt_a)
+            if mode == "user-grad" and opt is opt_a:
+                net.fc.weight.grad = net.fc.weight.grad.clone() * 1.0  # a user's own tensor
+            if mode in ("set_to_none", "in-place") and opt is opt_a:  # the arena path: no copy at the step
+                assert all(p.grad is v for a in opt_a._arenas for p, v in zip(a.params, a.grads))
+            opt.step()
     assert_same(net_a, opt_a, net_b, opt_b)
-    opt_a.zero_grad()
-    assert all(p.grad is v for a in opt_a._arenas for p, v in zip(a.params, a.grads))
 
 
 def test_add_param_group_mid_run_keeps_state():
