@@ -122,9 +122,11 @@ def iteration(blocks):
     totals = {n: [sum(r) for r in rs] for n, rs in out.items()}
     for n, rs in out.items():
         zero_fwd, bwd, step = (1e3 * statistics.median(r[i] for r in rs) for i in range(3))
-        r = quartiles([t / f for t, f in zip(totals["torch_fused"], totals[n])])
-        print(f"  {n:<12} {zero_fwd:8.1f} {bwd:8.1f} {step:8.1f}   total {1e3 * statistics.median(totals[n]):8.1f}"
-              f"   torch_fused/{n} per block: median {r[1]:.2f}x (quartiles {r[0]:.2f}-{r[2]:.2f})")
+        line = f"  {n:<12} {zero_fwd:8.1f} {bwd:8.1f} {step:8.1f}   total {1e3 * statistics.median(totals[n]):8.1f}"
+        if n != "torch_fused":
+            r = quartiles([t / f for t, f in zip(totals["torch_fused"], totals[n])])
+            line += f"   torch_fused/{n} per block: median {r[1]:.2f}x (quartiles {r[0]:.2f}-{r[2]:.2f})"
+        print(line)
 
 
 if __name__ == "__main__":
