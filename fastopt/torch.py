@@ -50,6 +50,7 @@ import warnings
 import weakref
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from .buffer import _BUFFERS, ParamBuffer, layout
@@ -80,11 +81,24 @@ class SparseGradientError(RuntimeError):
 
 
 def _numpy_dtype(dtype):
-    """NumPy's twin of a torch dtype (the arenas are NumPy on the CPU), None where NumPy has none (bfloat16)."""
+    """NumPy's twin of a torch dtype (the arenas are NumPy on the CPU): bfloat16 is
+    ml_dtypes' (fastopt's), None where fastopt has none."""
+    if dtype == torch.bfloat16:
+        return next((d for d in SUPPORTED_DTYPES if d.name == "bfloat16"), None)
     try:
         return torch.empty((), dtype=dtype).numpy().dtype
     except TypeError:
         return None
+
+
+def _as_torch(array, device):
+    """A NumPy (CPU) or CUDA array as a torch tensor over the same memory; torch reads no
+    ml_dtypes bfloat16, so such an array goes through its 16-bit pattern."""
+    if device.type != "cpu":
+        return torch.as_tensor(array, device=device)
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 _UNSEEN = object()
@@ -140,7 +154,7 @@ class _Arena:
         shapes = [tuple(p.shape) for _, p, _, _ in members]
         if device.type == "cpu":
             self.buffer = ParamBuffer(shapes=shapes, dtype=_numpy_dtype(dtype), device="cpu")
-            arena, grad_arena = torch.from_numpy(self.buffer.arena), torch.from_numpy(self.buffer.grad_arena)
+            arena, grad_arena = _as_torch(self.buffer.arena, device), _as_torch(self.buffer.grad_arena, device)
         elif device.type == "cuda":
             self.buffer = _CudaBuffer(shapes, dtype, device)
             arena, grad_arena = self.buffer.torch_arenas
@@ -274,7 +288,7 @@ class _TorchOptimizer(torch.optim.Optimizer):
                     continue
                 if p.is_sparse or p.layout != torch.strided:
                     raise TypeError(f"param {name} has layout {p.layout}: fastopt updates dense (strided) tensors")
-                if _numpy_dtype(p.dtype) not in SUPPORTED_DTYPES:
+                if _numpy_dtype(p.dtype) is None or _numpy_dtype(p.dtype) not in SUPPORTED_DTYPES:  # None == float64
                     raise TypeError(f"param {name} has dtype {p.dtype}; fastopt.torch supports "
                                     f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
                 members.setdefault((p.device, p.dtype), []).append((k, p, name, index[id(p)]))
@@ -511,7 +525,7 @@ class _StateView(Mapping):
                 if steps[i]:
                     views = inner.state_views(i)
                     entry = {"step": torch.tensor(float(steps[i]))}
-                    entry.update({names.get(n, n): torch.as_tensor(v, device=p.device)
+                    entry.update({names.get(n, n): _as_torch(v, p.device)
                                   for n, v in views.items() if n in needed[i]})
                     self._entries[p] = entry
 

@@ -235,6 +235,41 @@ def test_two_dtypes_make_two_arenas():
     assert_same(nets[0], opt_a, nets[1], opt_b, tol=1e-6)  # float32 arithmetic in the head
 
 
+def _bits(t):
+    return t.detach().view(torch.int16).numpy().copy()
+
+
+@pytest.mark.parametrize("dtype,options", [("bfloat16", {}), ("float16", {}),
+                                           ("bfloat16", dict(master_weights=True, stochastic_rounding=True)),
+                                           ("bfloat16", dict(state_dtype="bfloat16"))],
+                         ids=["bf16", "fp16", "bf16-masters-sr", "bf16-state"])
+def test_16_bit_params_take_fastopts_formats(dtype, options):
+    """bf16 / fp16 params (and fastopt's precision options, derived into the signature):
+    the same bits as fastopt.AdamW over a ParamBuffer of the same arrays and gradients."""
+    import fastopt
+    from fastopt.kernels._dispatch import SUPPORTED_DTYPES
+    np_dtype = next((d for d in SUPPORTED_DTYPES if d.name == dtype), None)
+    if np_dtype is None:
+        pytest.skip(f"fastopt has no {dtype} here")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(getattr(torch, dtype))
+    start = [_bits(p).view(np_dtype) for p in net.parameters()]
+    opt = ft.AdamW(net.parameters(), lr=1e-2, **options)
+    buf = fastopt.ParamBuffer(start)
+    core = fastopt.AdamW(buf, lr=1e-2, nonfinite="propagate", **options)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(4)).to(net[0].weight.dtype)
+    for _ in range(5):
+        opt.zero_grad()
+        net(x).float().square().mean().backward()
+        for g, p in zip(buf.grads, net.parameters()):
+            g[...] = _bits(p.grad).view(np_dtype)
+        opt.step()
+        core.step()
+    for a, p in zip(buf.params, net.parameters()):
+        np.testing.assert_array_equal(a.view(np.int16), _bits(p))
+    assert not np.array_equal(buf.params[0].view(np.int16), start[0].view(np.int16))
+
+
 def test_torch_save_round_trip():
     net = make()
     opt = ft.AdamW(groups(net), lr=1e-2, amsgrad=True)
