@@ -1,0 +1,607 @@
+"""8-bit blockwise optimizer state (Dettmers et al., "8-bit Optimizers via Block-wise
+Quantization", ICLR 2022): a state array is cut into blocks of ``BLOCK`` = 256 values; each
+block keeps one float32 scale, its absolute maximum ``absmax``, and one 8-bit code per value,
+
+    x  ~  decode(code) * absmax,        decode: 256 values in [-1, 1] (signed) or [0, 1] (unsigned)
+
+signed codes for states that change sign (first moments, momentum buffers), unsigned for
+the second moments (``exp_avg_sq``, ``max_exp_avg_sq``, ``square_avg``). Two code maps:
+
+* ``"fp8"`` (the default): a small float relative to the block scale, computed with bit
+  operations, no table. Magnitude ``y = |x| / absmax`` in [0, 1] is stored with ``M = 3``
+  mantissa bits and exponents ``emin .. 0`` (``emin = -14`` signed, with a sign bit; ``-30``
+  unsigned), subnormal below ``2**emin``: ``decode(e * 8 + m) = 2**(emin - 1 + e) * (1 + m/8)``
+  (``e >= 1``), ``m * 2**(emin - 3)`` (``e = 0``). Relative error <= 1/16 per value, over
+  ``2**-17`` (signed) and ``2**-33`` (unsigned) of the block's range; 1 is exact, so the
+  block's absmax round-trips exactly. Encoding is a float add (the subnormal range rounds
+  at its spacing in hardware) or an integer add on the float's bits: it vectorizes.
+* ``"dynamic"``: the paper's dynamic tree map (bitsandbytes' ``create_dynamic_map``): for
+  decade ``i = 0..6``, ``2**i`` (signed, mirrored) or ``2**(i+1)`` (unsigned) values evenly
+  spaced in ``10**(i-6) * [0.1, 1]``, plus 0 and 1. Decoding is a table read; encoding a
+  branch-free binary search over the 255 midpoints (eight gathers). The signed map holds
+  +1 but not -1 (as the paper's): a block whose absmax is negative comes back 0.8% short.
+
+One fused pass per block (:func:`make_cpu` / :func:`make_cuda`): decode each state with
+the block's old scale, run the rule's own math (the ``Rule`` declaration's function,
+unchanged), write the parameter, find each state's new absmax, encode with it. On the CPU
+a thread owns whole blocks: the new state values wait in a per-chunk scratch row (in L1,
+allocated once per chunk of blocks, not per block) until the block's maximum is known. On
+CUDA a thread block is a quantization block: each thread keeps its values in registers and
+the maxima meet in shared memory.
+
+:func:`quantize` / :func:`dequantize` are the host (NumPy) forms, used to convert 32-bit
+state in and out; ``reference_*`` are float64 NumPy references for the tests.
+"""
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload, register_jitable
+
+from ._engine import _CPU_OPTIONS, _compile_factory, _enable_cache
+from ._formats import bits_from_f32, f32_from_bits, load, noise, store
+
+BLOCK = 256            # values per quantization block (one float32 scale each)
+MIN_SIZE = 4096        # tensors below this keep 32-bit state, as bitsandbytes
+CODES = ("fp8", "dynamic")
+DEFAULT_CODE = "fp8"
+#: the states that have an 8-bit form: signed (True) or unsigned (False) code
+SIGNED = {"exp_avg": True, "momentum_buffer": True, "grad_avg": True,
+          "exp_avg_sq": False, "max_exp_avg_sq": False, "square_avg": False}
+#: the rules (by kernel name) with an 8-bit form; AdamW runs Adam's kernels
+RULES = ("adam", "lion", "sgd", "rmsprop")
+
+_F = np.float32
+_U = np.uint32
+_I = np.int64  # the normal-range encode subtracts: signed words, no wrap-around
+
+# -- the fp8-like code: M mantissa bits, exponents emin..0 relative to the block scale --------
+_M = 3
+_EMIN_S, _EMIN_U = -14, -30
+
+
+def _fp8_constants(emin):
+    bias = _I((127 + emin - 1) << 23)                       # the bits of 2**(emin - 1), code 0's exponent
+    magic = _F(2.0 ** (emin - _M + 23))                     # ulp = 2**(emin - M): the subnormal spacing
+    return bias, magic, _I(np.array(magic).view(np.uint32)), _F(2.0 ** emin), _I((1 - emin) << _M)
+
+
+_BIAS_S, _MAGIC_S, _MAGIC_BITS_S, _SMALLEST_S, _TOP_S = _fp8_constants(_EMIN_S)
+_BIAS_U, _MAGIC_U, _MAGIC_BITS_U, _SMALLEST_U, _TOP_U = _fp8_constants(_EMIN_U)
+_ONE = _F(1.0)
+_ZERO = _F(0.0)
+_ROUND = _I(1 << (22 - _M))
+_SHIFT = _I(23 - _M)
+_SUB_CODES = _I(1 << _M)
+_EXP_ONE = _I(1 << 23)
+
+
+def _fp8_encode_mag(y, bias, magic, magic_bits, smallest, top):
+    """The code of ``y`` in [0, 1] (clamped): to nearest (ties up in the normal range)."""
+    y = y if y < _ONE else _ONE
+    normal = (_I(bits_from_f32(y)) - bias + _ROUND) >> _SHIFT
+    tiny = _I(bits_from_f32(y + magic)) - magic_bits  # the float add rounds at the subnormal spacing
+    code = tiny if y < smallest else normal
+    return code if code < top else top
+
+
+def _fp8_decode_mag(code, bias, smallest):
+    bits = (_I(code) << _SHIFT) + bias
+    normal = f32_from_bits(bits)
+    tiny = f32_from_bits(bits + _EXP_ONE) - smallest  # 2**emin * (1 + m/8) - 2**emin = m * 2**(emin-3)
+    return tiny if _I(code) < _SUB_CODES else normal
+
+
+# Python forms (the simulator, the host) and, compiled, LLVM intrinsics in 32-bit words: Numba
+# widens integer arithmetic to 64 bits, which halves the SIMD lanes of every step.
+
+def fp8_encode_signed(x, inv_scale):
+    y = _F(x * inv_scale)
+    mag = _fp8_encode_mag(abs(y), _BIAS_S, _MAGIC_S, _MAGIC_BITS_S, _SMALLEST_S, _TOP_S)
+    return np.uint8(mag | (_I(128) if y < _ZERO else _I(0)))
+
+
+def fp8_decode_signed(code, scale):
+    v = _F(_fp8_decode_mag(_I(code) & _I(127), _BIAS_S, _SMALLEST_S) * scale)
+    return -v if _I(code) >= _I(128) else v
+
+
+def fp8_encode_unsigned(x, inv_scale):
+    return np.uint8(_fp8_encode_mag(_F(x * inv_scale), _BIAS_U, _MAGIC_U, _MAGIC_BITS_U, _SMALLEST_U, _TOP_U))
+
+
+def fp8_decode_unsigned(code, scale):
+    return _F(_fp8_decode_mag(_I(code), _BIAS_U, _SMALLEST_U) * scale)
+
+
+def _encode_intrinsic(signed):
+    bias, magic, magic_bits, smallest, top = (
+        (_BIAS_S, _MAGIC_S, _MAGIC_BITS_S, _SMALLEST_S, _TOP_S) if signed else
+        (_BIAS_U, _MAGIC_U, _MAGIC_BITS_U, _SMALLEST_U, _TOP_U))
+
+    @intrinsic
+    def encode(typingctx, x, inv):
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
+            i32, f32 = ir.IntType(32), ir.FloatType()
+
+            def c(v):
+                return ir.Constant(i32, int(v))
+            y = builder.fmul(args[0], args[1])
+            b = builder.bitcast(y, i32)
+            a = builder.bitcast(builder.and_(b, c(0x7FFFFFFF)), f32)
+            a = builder.select(builder.fcmp_ordered("<", a, ir.Constant(f32, 1.0)), a, ir.Constant(f32, 1.0))
+            ab = builder.bitcast(a, i32)
+            normal = builder.lshr(builder.add(builder.sub(ab, c(bias)), c(_ROUND)), c(_SHIFT))
+            tiny = builder.sub(builder.bitcast(builder.fadd(a, ir.Constant(f32, float(magic))), i32), c(magic_bits))
+            code = builder.select(builder.fcmp_ordered("<", a, ir.Constant(f32, float(smallest))), tiny, normal)
+            code = builder.select(builder.icmp_unsigned("<", code, c(top)), code, c(top))
+            if signed:
+                code = builder.or_(code, builder.shl(builder.lshr(b, c(31)), c(7)))
+            return builder.trunc(code, ir.IntType(8))
+        return types.uint8(types.float32, types.float32), codegen
+    return encode
+
+
+def _decode_intrinsic(signed):
+    bias, smallest = (_BIAS_S, _SMALLEST_S) if signed else (_BIAS_U, _SMALLEST_U)
+
+    @intrinsic
+    def decode(typingctx, code, scale):
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
+            i32, f32 = ir.IntType(32), ir.FloatType()
+
+            def c(v):
+                return ir.Constant(i32, int(v))
+            w = args[0] if args[0].type.width == 8 else builder.trunc(args[0], ir.IntType(8))
+            w = builder.zext(w, i32)
+            mag = builder.and_(w, c(127)) if signed else w
+            bits = builder.add(builder.shl(mag, c(_SHIFT)), c(bias))
+            normal = builder.bitcast(bits, f32)
+            tiny = builder.fsub(builder.bitcast(builder.add(bits, c(_EXP_ONE)), f32), ir.Constant(f32, float(smallest)))
+            v = builder.select(builder.icmp_unsigned("<", mag, c(_SUB_CODES)), tiny, normal)
+            v = builder.fmul(v, args[1])
+            if signed:  # the code's sign bit becomes the float's
+                sign = builder.shl(builder.lshr(w, c(7)), c(31))
+                v = builder.bitcast(builder.xor(builder.bitcast(v, i32), sign), f32)
+            return v
+        return types.float32(code, types.float32), codegen
+    return decode
+
+
+def _register(py, fn):
+    @overload(py, target="generic")
+    def _impl(a, b):
+        return lambda a, b: fn(a, b)
+
+
+for _py, _make, _signed in ((fp8_encode_signed, _encode_intrinsic, True),
+                            (fp8_encode_unsigned, _encode_intrinsic, False),
+                            (fp8_decode_signed, _decode_intrinsic, True),
+                            (fp8_decode_unsigned, _decode_intrinsic, False)):
+    _register(_py, _make(_signed))
+
+
+@register_jitable
+def fp8_enc_s(x, inv_scale):
+    return fp8_encode_signed(x, inv_scale)
+
+
+@register_jitable
+def fp8_dec_s(code, scale):
+    return fp8_decode_signed(code, scale)
+
+
+@register_jitable
+def fp8_enc_u(x, inv_scale):
+    return fp8_encode_unsigned(x, inv_scale)
+
+
+@register_jitable
+def fp8_dec_u(code, scale):
+    return fp8_decode_unsigned(code, scale)
+
+
+# -- the dynamic (tree) map of the paper ----------------------------------------------------
+
+def dynamic_map(signed):
+    """The 256 values of the dynamic map, ascending (bitsandbytes' ``create_dynamic_map`` with
+    ``max_exponent_bits=7``): per decade ``i`` of ``10**(i-6) * [0.1, 1]`` the midpoints of
+    ``2**i`` (signed, and their negatives) or ``2**(i+1)`` (unsigned) equal intervals; 0 and 1."""
+    data = []
+    for i in range(7):
+        items = 2 ** i + 1 if signed else 2 ** (i + 1) + 1
+        bounds = np.linspace(0.1, 1, items, dtype=np.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2
+        data += list(10.0 ** (i - 6) * means.astype(np.float64))
+        if signed:
+            data += list(-(10.0 ** (i - 6)) * means.astype(np.float64))
+    data += [0.0, 1.0]
+    assert len(data) == 256
+    return np.array(sorted(np.float32(data)), np.float32)
+
+
+_DYN_S, _DYN_U = dynamic_map(True), dynamic_map(False)
+# the search keys: the 255 midpoints (in float32), padded with +inf to a power of two
+_MID_S = np.append((_DYN_S[:-1] + _DYN_S[1:]) / _F(2), _F(np.inf)).astype(np.float32)
+_MID_U = np.append((_DYN_U[:-1] + _DYN_U[1:]) / _F(2), _F(np.inf)).astype(np.float32)
+
+
+@register_jitable
+def _search(mid, y):
+    """The number of midpoints below ``y``: the index of the nearest map value (8 steps, no branch)."""
+    k = 0
+    for step in (128, 64, 32, 16, 8, 4, 2, 1):
+        k = k + step if mid[k + step - 1] < y else k
+    return k
+
+
+@register_jitable
+def dynamic_encode_signed(x, inv_scale):
+    y = x * inv_scale
+    y = y if y < _ONE else _ONE
+    return np.uint8(_search(_MID_S, y))
+
+
+@register_jitable
+def dynamic_decode_signed(code, scale):
+    return _DYN_S[code] * scale
+
+
+@register_jitable
+def dynamic_encode_unsigned(x, inv_scale):
+    y = x * inv_scale
+    y = y if y < _ONE else _ONE
+    return np.uint8(_search(_MID_U, y))
+
+
+@register_jitable
+def dynamic_decode_unsigned(code, scale):
+    return _DYN_U[code] * scale
+
+
+#: code name -> signed -> (encode(x, 1/absmax) -> uint8, decode(code, absmax) -> float32)
+CODEC = {"fp8": {True: (fp8_enc_s, fp8_dec_s), False: (fp8_enc_u, fp8_dec_u)},
+         "dynamic": {True: (dynamic_encode_signed, dynamic_decode_signed),
+                     False: (dynamic_encode_unsigned, dynamic_decode_unsigned)}}
+
+
+def code_table(code, signed):
+    """The 256 decoded values of a code map (by code), float64: the reference's view of it."""
+    if code == "dynamic":
+        return (_DYN_S if signed else _DYN_U).astype(np.float64)
+    _, decode = CODEC[code][signed]
+    table = np.array([decode(np.uint8(c), _ONE) for c in range(256)], np.float64)
+    top = int(_TOP_S if signed else _TOP_U)
+    unused = np.arange(256) % (128 if signed else 256) > top
+    return np.where(unused, np.inf, table)  # codes above 1 are never written
+
+
+# -- host conversions -----------------------------------------------------------------------
+
+def n_blocks(n):
+    return -(-int(n) // BLOCK)
+
+
+def _host_forms(code, signed):
+    encode, decode = CODEC[code][signed]
+    enc, dec, inv = njit(**_CPU_OPTIONS)(encode), njit(**_CPU_OPTIONS)(decode), njit(**_CPU_OPTIONS)(inv_scale)
+
+    @njit(**_CPU_OPTIONS)
+    def quant(x, codes, absmax):
+        for b in range(absmax.size):
+            lo, hi = b * BLOCK, min(b * BLOCK + BLOCK, x.size)
+            m = _ZERO
+            for i in range(lo, hi):
+                a = abs(x[i])
+                m = a if a > m else m
+            absmax[b] = m
+            s = inv(m)
+            for i in range(lo, hi):
+                codes[i] = enc(x[i], s)
+
+    @njit(**_CPU_OPTIONS)
+    def dequant(codes, absmax, out):
+        for i in range(codes.size):
+            out[i] = dec(codes[i], absmax[i // BLOCK])
+    return quant, dequant
+
+
+_HOST = {}
+
+
+def _host(code, signed):
+    if (code, signed) not in _HOST:
+        _HOST[code, signed] = _host_forms(code, signed)
+    return _HOST[code, signed]
+
+
+def quantize(x, signed, code=DEFAULT_CODE):
+    """``(codes uint8, absmax float32 per block)`` of the values ``x`` (flat, rounded to float32 first)."""
+    x = np.ascontiguousarray(np.asarray(x, np.float32).reshape(-1))
+    codes, absmax = np.empty(x.size, np.uint8), np.empty(n_blocks(x.size), np.float32)
+    _host(code, signed)[0](x, codes, absmax)
+    return codes, absmax
+
+
+def dequantize(codes, absmax, signed, code=DEFAULT_CODE):
+    """The float32 values of ``codes`` (flat) with their blocks' ``absmax``."""
+    codes = np.ascontiguousarray(codes).reshape(-1)
+    out = np.empty(codes.size, np.float32)
+    _host(code, signed)[1](codes, np.ascontiguousarray(absmax, np.float32), out)
+    return out
+
+
+def reference_quantize(x, signed, code=DEFAULT_CODE):
+    """Float64 NumPy reference: absmax per block, then the code of the nearest map value."""
+    x = np.asarray(x, np.float64).reshape(-1)
+    nb = n_blocks(x.size)
+    padded = np.zeros(nb * BLOCK)
+    padded[:x.size] = x
+    absmax = np.abs(padded.reshape(nb, BLOCK)).max(axis=1)
+    y = padded / np.repeat(np.where(absmax > 0, absmax, 1.0), BLOCK)
+    table = code_table(code, signed)
+    codes = np.abs(y[:, None] - table[None, :]).argmin(axis=1).astype(np.uint8)
+    return codes[:x.size], absmax.astype(np.float32)
+
+
+def reference_dequantize(codes, absmax, signed, code=DEFAULT_CODE):
+    table = code_table(code, signed)
+    return table[np.asarray(codes).reshape(-1)] * np.repeat(np.asarray(absmax, np.float64), BLOCK)[:codes.size]
+
+
+# -- the fused kernels ----------------------------------------------------------------------
+
+_CPU_TEMPLATE = '''
+def make(math, load, store, jit, prange, item, noise, np, inv, absmax, block_size{codecs}):
+    # Indices are unsigned (no negative-index wrap-around, which stops the vectorizer) and
+    # the arrays are whole, never sliced per block: a slice costs an atomic reference count,
+    # which all threads would bounce between them on every block.
+    @jit
+    def block(param, grad, {qa}master, c, base, lo, hi, b{rows}):
+        # one quantization block: decode with the old scales, the rule's math, store p, and
+        # keep the new states in the scratch rows (a loop that vectorizes: no reduction in it)
+{olds}
+        for i in range(lo, hi):
+            g = load(grad, i) * c[0]
+{loads}
+            p, {outs} = math(load(master, i) if master is not None else load(param, i), g, {ins}{scalars})
+            if master is not None:
+                store(master, i, p)
+            store(param, i, p, noise(c[{key}], base + np.int64(i), 0))
+{keeps}
+
+{requants}
+
+    @jit
+    def chunk(param, grad, {qa}master, b0, b1, c, base, scratch):
+        n = param.size
+{row_views}
+        for b in range(b0, b1):
+            lo = np.uint64(b * block_size)
+            hi = np.uint64(min(b * block_size + block_size, n))
+            block(param, grad, {qa}master, c, base, lo, hi, b{row_args})
+{writes}
+
+    def multi_loop(params, grads, {qas}masters, table, c):
+        # table[k] = (tensor, first block, end block): a thread owns whole blocks
+        for k in prange(table.shape[0]):
+            t = table[k, 0]
+            scratch = np.empty(({n_rows}, block_size), np.float32)  # once per chunk of blocks
+            chunk(params[t], grads[t], {items}item(masters, t), table[k, 1], table[k, 2], c, t << 32, scratch)
+
+    return multi_loop
+'''
+
+
+def _states_args(n):
+    return "".join(f"q{k}, a{k}, " for k in range(n))
+
+
+def generate_cpu(n_states, scalar_positions):
+    """The CPU source for a math of ``n_states`` states (each as codes ``q`` and per-block
+    scales ``a``, or both None) with its scalars at ``scalar_positions`` of the kernel tuple."""
+    key = 1 + len(scalar_positions)
+    ks = range(n_states)
+    ind = " " * 12
+    return _CPU_TEMPLATE.format(
+        codecs="".join(f", enc{k}, dec{k}" for k in ks),
+        qa=_states_args(n_states),
+        rows="".join(f", r{k}" for k in ks),
+        olds="\n".join(f"        old{k} = a{k}[b] if q{k} is not None else c[0]" for k in ks) or "        pass",
+        loads="\n".join(f"{ind}x{k} = dec{k}(q{k}[i], old{k}) if q{k} is not None else g" for k in ks) or f"{ind}pass",
+        outs="".join(f"x{k}, " for k in ks) or "_,",
+        ins="".join(f"x{k}, " for k in ks),
+        scalars=", ".join(f"c[{1 + p}]" for p in scalar_positions),
+        key=key,
+        keeps="\n".join(f"{ind}if q{k} is not None:\n{ind}    r{k}[i - lo] = x{k}" for k in ks) or f"{ind}pass",
+        requants="\n".join(
+            f"    @jit\n    def requant{k}(q, r, lo, hi, m):\n        s = inv(m)\n        for i in range(lo, hi):\n"
+            f"            q[i] = enc{k}(r[i - lo], s)\n" for k in ks),
+        row_views="\n".join(f"        r{k} = scratch[{k}]" for k in ks) or "        pass",
+        row_args="".join(f", r{k}" for k in ks),
+        writes="\n".join(f"{ind}if q{k} is not None:\n{ind}    m{k} = absmax(r{k}, hi - lo)\n"
+                         f"{ind}    a{k}[b] = m{k}\n{ind}    requant{k}(q{k}, r{k}, lo, hi, m{k})"
+                         for k in ks) or f"{ind}pass",
+        qas="".join(f"q{k}s, a{k}s, " for k in ks),
+        items="".join(f"item(q{k}s, t), item(a{k}s, t), " for k in ks),
+        n_rows=max(n_states, 1)).replace("p, _, = math(", "p = math(")
+
+
+@register_jitable
+def absmax_of(r, n):
+    """The largest ``|r[i]|`` of the first ``n``, as the largest of the float bits with the sign cleared: an
+    integer maximum, which vectorizes where a float one needs fast-math (a NaN wins: the
+    block's scale becomes NaN, as the state would be)."""
+    m = np.int32(0)
+    for i in range(n):
+        b = np.int32(bits_from_f32(r[i]) & _U(0x7FFFFFFF))
+        m = b if b > m else m
+    return f32_from_bits(_U(m))
+
+
+def _item(arrays, t):
+    """``arrays[t]``, or None where the state slot is unused."""
+
+
+@overload(_item)
+def _item_impl(arrays, t):
+    if isinstance(arrays, types.NoneType):
+        return lambda arrays, t: None
+    return lambda arrays, t: arrays[t]
+
+
+_CUDA_TEMPLATE = '''
+def make(math, load, store, cuda, noise, float32, inv, block_size{codecs}):
+    def kernel(param, grad, {qa}master, c):
+        # a thread block per quantization block (block_size threads): values in registers,
+        # the block's maxima meet in shared memory
+        sh = cuda.shared.array(({n_rows}, block_size), float32)
+        tid = cuda.threadIdx.x
+        n = param.size
+        for b in range(cuda.blockIdx.x, (n + block_size - 1) // block_size, cuda.gridDim.x):
+            i = b * block_size + tid
+            inside = i < n
+{inits}
+            if inside:
+                g = load(grad, i) * c[0]
+{loads}
+                p, {outs} = math(load(master, i) if master is not None else load(param, i), g, {ins}{scalars})
+                if master is not None:
+                    store(master, i, p)
+                store(param, i, p, noise(c[{key}], i, 0))
+{shares}
+            cuda.syncthreads()  # every thread has read the old scales and shared its value
+            s = block_size // 2
+            while s > 0:
+                if tid < s:
+{reduce}
+                cuda.syncthreads()
+                s //= 2
+{encode}
+            cuda.syncthreads()  # the maxima are read before the next block reuses the rows
+    return kernel
+'''
+
+
+def generate_cuda(n_states, scalar_positions):
+    key = 1 + len(scalar_positions)
+    ks = range(n_states)
+    return _CUDA_TEMPLATE.format(
+        codecs="".join(f", enc{k}, dec{k}" for k in ks),
+        qa=_states_args(n_states),
+        n_rows=max(n_states, 1),
+        inits="\n".join(f"            x{k} = float32(0.0)" for k in ks) or "            pass",
+        loads="\n".join(f"                x{k} = dec{k}(q{k}[i], a{k}[b]) if q{k} is not None else g" for k in ks)
+        or "                pass",
+        outs="".join(f"x{k}, " for k in ks) or "_,",
+        ins="".join(f"x{k}, " for k in ks),
+        scalars=", ".join(f"c[{1 + p}]" for p in scalar_positions),
+        key=key,
+        shares="\n".join(f"            if q{k} is not None:\n                sh[{k}, tid] = abs(x{k})" for k in ks)
+        or "            pass",
+        reduce="\n".join(f"                    if q{k} is not None:\n                        u = sh[{k}, tid + s]\n"
+                         f"                        sh[{k}, tid] = u if u > sh[{k}, tid] else sh[{k}, tid]" for k in ks)
+        or "                    pass",
+        encode="\n".join(f"            if q{k} is not None:\n                m{k} = sh[{k}, 0]\n"
+                         f"                if inside:\n                    q{k}[i] = enc{k}(x{k}, inv(m{k}))\n"
+                         f"                if tid == 0:\n                    a{k}[b] = m{k}" for k in ks)
+        or "            pass").replace("p, _, = math(", "p = math(")
+
+
+@register_jitable
+def inv_scale(m):
+    """``1 / absmax``, 0 for an all-zero block (its codes then encode 0)."""
+    return _ONE / m if m > _ZERO else _ZERO
+
+
+class Blockwise:
+    """The 8-bit forms of one rule's :class:`~._engine.Kernels` with code map ``code``:
+    ``cpu(parallel)(params, grads, *(codes, scales) per state, masters, table, c)`` over typed
+    lists (a state's lists None: not kept), ``cuda()`` over one tensor ``(param, grad, *(codes,
+    scales), master, c)``, launched with ``BLOCK`` threads a block."""
+
+    def __init__(self, kernels, code=DEFAULT_CODE):
+        if code not in CODES:
+            raise ValueError(f"code must be one of {', '.join(map(repr, CODES))}, got {code!r}")
+        self.kernels, self.code = kernels, code
+        unknown = [s for s in kernels.states if s not in SIGNED]
+        if unknown:
+            raise ValueError(f"{kernels.name}: no 8-bit form for states {unknown}")
+        self.signed = tuple(SIGNED[s] for s in kernels.states)
+        self._cpu, self._cuda = {}, None
+
+    def _codecs(self):
+        return [f for s in self.signed for f in CODEC[self.code][s]]
+
+    def cpu(self, parallel):
+        if parallel not in self._cpu:
+            n, jit = len(self.kernels.states), njit(**_CPU_OPTIONS)
+            make = _compile_factory(generate_cpu(n, self.kernels._positions))
+            loop = make(jit(self.kernels.math), load, store, jit, prange, _item, noise, np, jit(inv_scale),
+                        jit(absmax_of), BLOCK, *[jit(f) for f in self._codecs()])
+            kind = "parallel" if parallel else "serial"
+            self._cpu[parallel] = _enable_cache(njit(parallel=parallel, **_CPU_OPTIONS)(loop),
+                                                f"{self.kernels.name}_8bit_{self.code}_{kind}",
+                                                self.kernels._salt + _SALT)
+        return self._cpu[parallel]
+
+    def cuda_loop(self):
+        """The Python CUDA kernel (not compiled), for ``cuda.jit`` or ``compile_ptx``."""
+        from numba import cuda, float32
+        n, dev = len(self.kernels.states), cuda.jit(device=True)
+        make = _compile_factory(generate_cuda(n, self.kernels._positions))
+        return make(dev(self.kernels.math), load, store, cuda, noise, float32, dev(inv_scale), BLOCK,
+                    *[dev(f) for f in self._codecs()])
+
+    def cuda(self):
+        if self._cuda is None:
+            from numba import cuda
+            self._cuda = cuda.jit(self.cuda_loop())
+        return self._cuda
+
+    def launch_cuda(self, arrays, scalars):
+        """Launch on one tensor's CUDA arrays ``(param, grad, *(codes, scales), master)``."""
+        from numba import config, cuda
+
+        from ._dispatch import _stream_of
+        if config.ENABLE_CUDASIM:
+            flat, stream, blocks = [None if a is None else a.reshape(a.size) for a in arrays], 0, 2
+        else:
+            stream = _stream_of(arrays[0], cuda)
+            flat = [None if a is None else cuda.as_cuda_array(a, sync=False).reshape(-1) for a in arrays]
+            blocks = min(n_blocks(flat[0].size), 65535)
+        self.cuda()[max(1, min(blocks, n_blocks(flat[0].size))), BLOCK, stream](*flat, scalars)
+
+
+_BLOCKWISE = {}
+
+
+def blockwise(kernels, code=DEFAULT_CODE):
+    """The (cached) :class:`Blockwise` of ``kernels`` with ``code``."""
+    key = (id(kernels), code)
+    if key not in _BLOCKWISE:
+        _BLOCKWISE[key] = Blockwise(kernels, code)
+    return _BLOCKWISE[key]
+
+
+def _source_salt():
+    import hashlib
+    import inspect
+    import sys
+    return hashlib.sha256(inspect.getsource(sys.modules[__name__]).encode()).hexdigest()
+
+
+_SALT = _source_salt()
+
+
+def block_table(sizes, chunk_blocks=128):
+    """Rows ``(tensor, first block, end block)`` for every tensor of ``sizes`` that is not
+    None: whole blocks, at most ``chunk_blocks`` a row, so threads share a big tensor."""
+    rows = []
+    for t, n in enumerate(sizes):
+        if n is None:
+            continue
+        nb = n_blocks(n)
+        rows += [(t, b, min(b + chunk_blocks, nb)) for b in range(0, nb, chunk_blocks)]
+    return np.array(rows, np.int64).reshape(-1, 3)
+
