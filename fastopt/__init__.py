@@ -9,11 +9,61 @@ from .layerwise import LAMB, LARS
 from .lbfgs import LBFGS
 from .newton import Newton
 from .optimizer import Optimizer
-from .optimizers import OPTIMIZERS, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam, RAdam, RMSprop
+from .optimizers import (
+    OPTIMIZERS,
+    SGD,
+    Adadelta,
+    Adagrad,
+    Adam,
+    Adam8bit,
+    Adamax,
+    AdamW,
+    AdamW8bit,
+    Lion,
+    Lion8bit,
+    NAdam,
+    RAdam,
+    RMSprop,
+    RMSprop8bit,
+    SGD8bit,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["EMA", "LAMB", "LARS", "LBFGS", "OPTIMIZERS", "SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax",
-           "GradcheckReport", "Lion", "NAdam", "Newton", "Optimizer", "ParamBuffer", "PolyakAverage", "RAdam",
-           "RMSprop", "check_layer", "clip_grad_norm_", "functional", "grad_norm", "gradcheck", "load", "nn",
-           "preprocessing", "save", "schedules"]
+__all__ = [
+    "EMA",
+    "LAMB",
+    "LARS",
+    "LBFGS",
+    "OPTIMIZERS",
+    "SGD",
+    "Adadelta",
+    "Adagrad",
+    "Adam",
+    "Adam8bit",
+    "AdamW",
+    "AdamW8bit",
+    "Adamax",
+    "GradcheckReport",
+    "Lion",
+    "Lion8bit",
+    "NAdam",
+    "Newton",
+    "Optimizer",
+    "ParamBuffer",
+    "PolyakAverage",
+    "RAdam",
+    "RMSprop",
+    "RMSprop8bit",
+    "SGD8bit",
+    "check_layer",
+    "clip_grad_norm_",
+    "functional",
+    "grad_norm",
+    "gradcheck",
+    "load",
+    "nn",
+    "preprocessing",
+    "save",
+    "schedules",
+]

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from . import state8bit
 from .buffer import ALIGN, ParamBuffer, _aligned_empty, find_segment, layout
 from .clip import NormPlan, clip_coefficient
 from .kernels import _dispatch, _formats
@@ -34,7 +35,7 @@ MAX_STEPS = 2 ** 53  # a float64 counts every whole number up to here
 #: fastopt's keyword options after a rule's hyper-parameters, with their defaults
 MASTER = "master"  # the float32 copy of 16-bit params (master_weights=True), saved beside the states
 OPTIONS = {"max_grad_norm": None, "nonfinite": "skip", "state_dtype": None, "master_weights": False,
-           "stochastic_rounding": False, "rounding_seed": 0}
+           "stochastic_rounding": False, "rounding_seed": 0, "state_bits": None, "state_code": "fp8"}
 
 
 class Optimizer:
@@ -54,7 +55,7 @@ class Optimizer:
             cls.__init__ = _constructor(cls.rule)
 
     def __init__(self, params, defaults, *, max_grad_norm=None, nonfinite="skip", state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, rounding_seed=0):
+                 master_weights=False, stochastic_rounding=False, rounding_seed=0, state_bits=None, state_code="fp8"):
         if max_grad_norm is not None and not (_is_real(max_grad_norm) and 0 < max_grad_norm < math.inf):
             raise ValueError(f"max_grad_norm must be None or a positive number, got {max_grad_norm!r}")
         if nonfinite not in NONFINITE:
@@ -71,6 +72,9 @@ class Optimizer:
         self._state_dtype = None if state_dtype is None else _formats.BY_NAME[str(state_dtype)]
         self.master_weights, self.stochastic_rounding = bool(master_weights), bool(stochastic_rounding)
         self.rounding_seed = int(rounding_seed)
+        # 8-bit blockwise state (fastopt/state8bit.py): checked before anything is allocated
+        state8bit.check_options(self, state_bits, state_code)
+        self.state_bits, self.state_code, self._state8 = state_bits, state_code, None
         self.masters = None   # master_weights: the float32 copy of the params (an arena)
         self.last_grad_norm = None     # the global gradient norm of the last step (when computed)
         self.last_step_skipped = False
@@ -111,10 +115,13 @@ class Optimizer:
             raise ValueError("stochastic_rounding=True rounds bfloat16 or float16 writes; with these options "
                              f"nothing is stored in 16 bits (params {self.dtype}, state {self.state_dtype}"
                              f"{', master weights' if self.master_weights else ''})")
+        state8bit.check_params(self)
 
     @property
     def state_dtype(self):
         """The dtype of the state arenas: ``state_dtype`` if given, else the params' (torch's rule)."""
+        if self.state_bits == 8:  # the state of tensors too small for 8 bits
+            return np.dtype(np.float32)
         return self._state_dtype if self._state_dtype is not None else self.dtype
 
     # -- groups -----------------------------------------------------------------------
@@ -215,14 +222,18 @@ class Optimizer:
         steps = self._steps()
         restarts = [p.restart for p in self._plans] if self._plans else [False] * len(self.param_groups)
         self.arenas = self.arenas or {}
-        for name in self.rule.states:
+        for name in self.rule.states if self.state_bits != 8 else ():
             if name in needed and name not in self.arenas:
                 self.arenas[name] = self._start_value(name, _zeros(self._params[0], size, dtype))
         if self.master_weights and self.masters is None:
             self.masters = _zeros(self._params[0], size, np.float32)
             for a, o in zip(self._params, offsets):
                 _copy_in(self.masters, o, _to_host(a).reshape(-1).astype(np.float32))
-        self._plans = [self._plan(g) for g in self.param_groups]
+        if self.state_bits == 8 and self._state8 is None:
+            self._state8 = state8bit.State8(self)
+            self.arenas = self._state8.arenas
+        self._plans = [self._state8.plan(g, k) if self._state8 is not None else self._plan(g)
+                       for k, g in enumerate(self.param_groups)]
         for k, (plan, t, restart) in enumerate(zip(self._plans, steps, restarts)):
             plan.step, plan.restart = t, restart  # a restart a skipped step left pending still holds
             self._started[k].update(self.states_needed(self.param_groups[k]))
@@ -252,6 +263,10 @@ class Optimizer:
         if self.arenas is None:
             return {}
         a, o = self._params[i], self._offsets[i]
+        if self._state8 is not None:  # 8-bit state: dequantized copies (the codes: state_dict())
+            views = {n: self._state8.dequantized(i, n).reshape(a.shape) for n in self._state8.names}
+            return {**views, **({MASTER: self.masters[o:o + a.size].reshape(a.shape)}
+                                if self.masters is not None else {})}
         arenas = {**self.arenas, **({MASTER: self.masters} if self.masters is not None else {})}
         return {n: arena[o:o + a.size].reshape(a.shape) for n, arena in arenas.items()}
 
@@ -443,6 +458,9 @@ class Optimizer:
                 for j in idx:
                     views = {n: v for n, v in self.state_views(j).items() if n in self.states_needed(g) or n == MASTER}
                     state[j] = {"step": float(t), **{n: _to_host(v) for n, v in views.items()}}
+                    if self._state8 is not None and not torch:  # the codes and scales, exactly
+                        for n in self.states_needed(g):
+                            state[j].update(self._state8.saved(j, n))
                     if torch:
                         state[j] = self._to_torch_state(state[j], g)
             if torch:
@@ -484,6 +502,7 @@ class Optimizer:
                 arenas[MASTER] = _to_host(self.masters)
             return {"rule": type(self).__name__, "dtype": self._params[0].dtype.name,
                     "state_dtype": self.state_dtype.name,
+                    **({"state_bits": 8, "state_code": self.state_code} if self.state_bits == 8 else {}),
                     "shapes": [list(a.shape) for a in self._params], "offsets": [int(o) for o in self._offsets],
                     "steps": self._steps(), "groups": [_group_meta(g) for g in self.param_groups],
                     "arenas": arenas}
@@ -511,6 +530,13 @@ class Optimizer:
         """The states ``group``'s options read and write (the others stay None)."""
         return self.rule.states_needed(group)
 
+    def split_saved(self, arenas):
+        """``{(param, name): value}`` of whole saved 8-bit arenas (a checkpoint's), for :meth:`restore`."""
+        with self.lock:
+            if self.arenas is None:
+                self._allocate()
+            return self._state8.split(arenas)
+
     def restore(self, groups, steps, arrays):
         """Write a checked state: ``groups`` from :meth:`merged_groups`, ``steps`` per group,
         ``arrays``: ``{(param index, state name): flat values}`` (a param with no entry starts
@@ -537,6 +563,8 @@ class Optimizer:
             for (i, name), value in arrays.items():
                 if name == MASTER:
                     _copy_in(self.masters, self._offsets[i], value.astype(np.float32, copy=False))
+                elif self._state8 is not None:
+                    self._state8.write(i, name, value)
                 elif name in self.arenas:
                     _copy_in(self.arenas[name], self._offsets[i], value.astype(self.state_dtype, copy=False))
             for k, (plan, t) in enumerate(zip(self._plans, steps)):
@@ -560,6 +588,7 @@ class Optimizer:
         renamed = {t: f for f, t in rule.torch_names.items()}
         known = set(rule.states) | set(rule.torch_names.values()) | set(rule.derived) | {"step"}
         known |= {MASTER} if self.master_weights else set()
+        known |= {s + state8bit.ABSMAX for s in rule.states} if self.state_bits == 8 else set()
         # every state dict of the rule carries torch's positional arguments (the rules torch has)
         identity = [n for n, h in rule.hyper.items() if not h.keyword]
         new_groups, steps, arrays, listed = [], [], {}, set()
@@ -591,6 +620,9 @@ class Optimizer:
                     raise ValueError(f"the state of param {i} must be a mapping, got {type(entry).__name__}")
                 entry = {n: v for n, v in entry.items() if v is not None or n == "step"}  # old torch: None buffers
                 unknown = sorted(set(entry) - known)
+                if any(n.endswith(state8bit.ABSMAX) for n in unknown):
+                    raise ValueError(f"the state of param {i} holds 8-bit state ({', '.join(map(repr, unknown))}): "
+                                     f"load it into {name} with state_bits=8")
                 if unknown:
                     raise ValueError(f"the state of param {i} holds {', '.join(map(repr, unknown))}, which "
                                      f"{name} does not keep (it keeps {', '.join(map(repr, rule.states))}): "
@@ -608,7 +640,12 @@ class Optimizer:
                                      f"{name} with these options keeps: the state dict is incomplete")
                 for n, value in entry.items():
                     n = renamed.get(n, n)
-                    if n in rule.states or (n == MASTER and self.master_weights):
+                    if self.state_bits == 8 and n in rule.states and n + state8bit.ABSMAX in entry:
+                        arrays[(i, n)] = state8bit.read_saved(value, entry[n + state8bit.ABSMAX], p,
+                                                              f"state {n!r} of param {i}")
+                    elif self.state_bits == 8 and n.endswith(state8bit.ABSMAX):
+                        continue
+                    elif n in rule.states or (n == MASTER and self.master_weights):
                         arrays[(i, n)] = _state_array(value, p, f"state {n!r} of param {i}",
                                                       np.float32 if n == MASTER else self.state_dtype)
             if len(group_steps) > 1:

@@ -84,6 +84,21 @@ class Lion(Optimizer):
     rule = lion.LION
 
 
+def _eight_bit(base):
+    """``base`` with ``state_bits=8`` by default: 8-bit blockwise state (fastopt/state8bit.py)."""
+    init = base.__init__
+
+    def __init__(self, *args, state_bits=8, **kwargs):
+        init(self, *args, state_bits=state_bits, **kwargs)
+
+    __init__.__signature__ = init.__signature__.replace(parameters=[
+        p.replace(default=8) if p.name == "state_bits" else p for p in init.__signature__.parameters.values()])
+    doc = f"{base.__name__} with 8-bit blockwise state (``state_bits=8``; see ``fastopt/state8bit.py``)."
+    return type(f"{base.__name__}8bit", (base,), {"__init__": __init__, "__doc__": doc})
+
+
+Adam8bit, AdamW8bit, Lion8bit, SGD8bit, RMSprop8bit = map(_eight_bit, (Adam, AdamW, Lion, SGD, RMSprop))
+
 from .layerwise import LAMB, LARS  # noqa: E402  (they build on the Optimizer base, not on this file)
 
 # name -> class, for the training script and the tests' tables
