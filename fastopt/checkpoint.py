@@ -163,8 +163,15 @@ def load(path, optimizer, params=None):
         arrays = {k: f.read(k) for k in wanted}
         arrays = {k: a.view(_stored_dtype(k, opt, params)) for k, a in arrays.items()}
         sizes = [_dispatch._size(sh) for sh in meta["shapes"]]
-        state = {(i, name[len("state."):]): arena[o:o + n] for name, arena in arrays.items()
-                 if name.startswith("state.") for i, (o, n) in enumerate(zip(meta["offsets"], sizes))}
+        if opt.state_bits == 8:  # 8-bit state: codes and scales in the optimizer's own layout, exactly
+            state = opt.split_saved({k[len("state."):]: a for k, a in arrays.items()
+                                     if k.startswith("state.") and k != f"state.{MASTER}"})
+            if f"state.{MASTER}" in arrays:
+                state.update({(i, MASTER): arrays[f"state.{MASTER}"][o:o + n]
+                              for i, (o, n) in enumerate(zip(meta["offsets"], sizes))})
+        else:
+            state = {(i, name[len("state."):]): arena[o:o + n] for name, arena in arrays.items()
+                     if name.startswith("state.") for i, (o, n) in enumerate(zip(meta["offsets"], sizes))}
         opt.restore(merged, meta["steps"], state)
         if params is not None:  # checked with the rest (_differences): contiguous, writeable
             if isinstance(params, ParamBuffer):
@@ -281,6 +288,8 @@ def _stored_dtype(key, opt, params):
     """The dtype of entry ``key`` (a 16-bit float is read as its bits, then viewed as it)."""
     if key == f"state.{MASTER}":
         return np.dtype(np.float32)
+    if key.startswith("state.") and opt.state_bits == 8 and not key.endswith((".absmax", ".small")):
+        return np.dtype(np.uint8)  # 8-bit codes
     if key.startswith("state."):
         return opt.state_dtype
     return params.dtype if isinstance(params, ParamBuffer) else np.dtype(opt.dtype)
@@ -289,6 +298,8 @@ def _stored_dtype(key, opt, params):
 def _expected_entries(meta, opt):
     """Every entry a checkpoint of this rule may hold."""
     names = {f"state.{s}" for s in opt.rule.states} | {f"state.{MASTER}"}  # a master copy: see _differences
+    if opt.state_bits == 8:  # 8-bit state: codes, block scales, and the small tensors' 32-bit state
+        names |= {f"state.{s}{x}" for s in opt.rule.states for x in (".absmax", ".small")}
     saved = meta.get("params")
     if saved is not None:
         names |= {"params.arena"} if saved["kind"] == "buffer" else {f"params.{i}" for i in range(len(saved["shapes"]))}
@@ -331,13 +342,20 @@ def _differences(meta, opt, params, headers):
     state_dtype = meta.get("state_dtype", dtype)
     if state_dtype != opt.state_dtype.name:
         problems.append(f"the state dtype is {opt.state_dtype.name} here but {state_dtype} in the checkpoint")
+    if meta.get("state_bits") != (8 if opt.state_bits == 8 else None):
+        problems.append(f"the state is {meta.get('state_bits') or 32}-bit in the checkpoint but "
+                        f"{8 if opt.state_bits == 8 else 32}-bit here (state_bits)")
+        return problems
     if f"state.{MASTER}" in headers and not opt.master_weights:
         problems.append("the checkpoint holds master weights: load it into an optimizer with master_weights=True")
     elif opt.master_weights and f"state.{MASTER}" not in headers:
         problems.append(f"state.{MASTER} is missing (master_weights=True keeps the params' float32 copy)")
     for key, (shape, dt) in headers.items():
         want = _stored_dtype(key, opt, None)
-        if key.startswith("state.") and (dt != kernel_dtype(want) or len(shape) != 1 or shape[0] < end):
+        if opt.state_bits == 8 and key.startswith("state.") and key != f"state.{MASTER}":
+            if dt != want or len(shape) != 1:  # sizes: checked against the 8-bit layout on restore
+                problems.append(f"{key} is {dt}{list(shape)}, not a {want} arena")
+        elif key.startswith("state.") and (dt != kernel_dtype(want) or len(shape) != 1 or shape[0] < end):
             problems.append(f"{key} is {dt}{list(shape)}, not a {want} arena of >= {end} elements")
     if params is not None and not isinstance(params, ParamBuffer):
         try:  # the loaded values are written into them: each must take them in place
