@@ -451,7 +451,7 @@ def _item_impl(arrays, t):
 
 
 _CUDA_TEMPLATE = '''
-def make(math, load, store, cuda, noise, float32, inv, block_size{codecs}):
+def make(math, load, store, noise, float32, inv, block_size{codecs}):
     def kernel(param, grad, {qa}master, c):
         # a thread block per quantization block (block_size threads): values in registers,
         # the block's maxima meet in shared memory
@@ -549,8 +549,9 @@ class Blockwise:
         """The Python CUDA kernel (not compiled), for ``cuda.jit`` or ``compile_ptx``."""
         from numba import cuda, float32
         n, dev = len(self.kernels.states), cuda.jit(device=True)
-        make = _compile_factory(generate_cuda(n, self.kernels._positions))
-        return make(dev(self.kernels.math), load, store, cuda, noise, float32, dev(inv_scale), BLOCK,
+        scope = {"__name__": __name__, "cuda": cuda}  # cuda a global of the kernel: the simulator swaps it
+        exec(compile(generate_cuda(n, self.kernels._positions), __file__, "exec"), scope)  # noqa: S102
+        return scope["make"](dev(self.kernels.math), load, store, noise, float32, dev(inv_scale), BLOCK,
                     *[dev(f) for f in self._codecs()])
 
     def cuda(self):

@@ -58,8 +58,8 @@ def _reference_step(rule, p, g, states, step, hp, code):
 @pytest.mark.parametrize("draw", range(4))
 def test_step_matches_blockwise_reference(rule, draw, backend):
     hp = hparams(rule, draw)
-    if backend == "cuda" and draw % 2:
-        pytest.skip("the simulator runs two draws of each rule")
+    if backend == "cuda" and draw:
+        pytest.skip("the simulator (about 4 s a step here) runs the defaults of each rule")
     code = "dynamic" if draw == 3 else "fp8"
     rng = np.random.default_rng(draw)
     p = (rng.standard_normal(N) * 0.5).astype(np.float32)
@@ -67,7 +67,7 @@ def test_step_matches_blockwise_reference(rule, draw, backend):
     opt = CLASSES[rule]([p_dev], state_bits=8, state_code=code, **hp)
     if not _needed_states(rule, hp):
         pytest.skip("no state with these options")
-    for step in range(1, 4):
+    for step in range(1, 3 if backend == "cuda" else 4):
         g = rng.standard_normal(N).astype(np.float32) * np.float32(10.0 ** rng.uniform(-3, 0))
         before = to_host(p_dev).copy()
         state = {}
