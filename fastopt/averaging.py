@@ -23,9 +23,9 @@ import contextlib
 
 import numpy as np
 
-from .buffer import ParamBuffer, _numel, layout
+from .buffer import ParamBuffer, _copy_in, _numel, _to_host, _zeros, layout
 from .kernels import _dispatch, _formats, ema, polyak
-from .optimizer import _copy_in, _is_array, _Plan, _to_host, _zeros, check_disjoint
+from .optimizer import _is_array, _Plan, check_disjoint
 
 
 class _Averager:

@@ -6,7 +6,7 @@ import weakref
 import numpy as np
 
 from .kernels._dispatch import SUPPORTED_DTYPES, _Array
-from .kernels._formats import BY_NAME
+from .kernels._formats import BFLOAT16, BY_NAME
 
 ALIGN = 64  # bytes: each view starts on a cache line (and so on a 16-byte boundary)
 
@@ -78,6 +78,69 @@ def _aligned_empty(xp, n, dtype):
     ptr = raw.data.ptr if xp is not np else raw.ctypes.data
     skip = (-ptr % ALIGN) // itemsize
     return raw[skip:skip + n]
+
+
+# Arrays on any device: NumPy, CuPy, Numba device arrays (torch CUDA tensors arrive as those)
+
+
+def _zeros(like, n, dtype):
+    """A zeroed arena of ``n`` elements on ``like``'s device, cache-line aligned."""
+    if isinstance(like, np.ndarray) or type(like).__module__.startswith("cupy"):
+        xp = np if isinstance(like, np.ndarray) else _cupy()
+        arena = _aligned_empty(xp, n, dtype)
+        arena.fill(0)
+        return arena
+    from numba import cuda  # torch CUDA tensors, Numba device arrays (and the simulator's)
+    return cuda.to_device(np.zeros(n, dtype))
+
+
+def _all_zero(arena):
+    """Whether every element is zero (NumPy, CuPy; False where it cannot be asked cheaply)."""
+    return bool(not arena.any()) if hasattr(arena, "any") else False
+
+
+def _zero(arena):
+    if hasattr(arena, "fill"):  # NumPy, CuPy
+        arena.fill(0)
+    else:                       # Numba device arrays
+        arena.copy_to_device(np.zeros(arena.shape, arena.dtype))
+    return arena
+
+
+def _to_host(a):
+    if isinstance(a, np.ndarray):
+        return a.copy()
+    if hasattr(a, "get"):
+        return a.get()
+    if hasattr(a, "copy_to_host"):
+        return a.copy_to_host()
+    return np.asarray(a.detach().cpu())
+
+
+def _copy_in(arena, offset, host):
+    if isinstance(arena, np.ndarray):
+        arena[offset:offset + host.size] = host
+    elif hasattr(arena, "get"):
+        arena[offset:offset + host.size] = _cupy().asarray(host)
+    else:
+        arena[offset:offset + host.size].copy_to_device(np.ascontiguousarray(host))
+
+
+def _cupy():
+    import cupy
+    return cupy
+
+
+def _from_torch_value(x):
+    if type(x).__module__.startswith("torch"):
+        x = x.detach().cpu()
+        if x.ndim == 0:
+            return x.item()
+        if str(x.dtype) == "torch.bfloat16":  # NumPy's is ml_dtypes': the same bits
+            import torch
+            return x.view(torch.int16).numpy().view(BFLOAT16)
+        return x.numpy()
+    return x
 
 
 class ParamBuffer:

@@ -14,10 +14,10 @@ import zipfile
 
 import numpy as np
 
-from .buffer import ParamBuffer
+from .buffer import ParamBuffer, _copy_in, _to_host
 from .kernels import _dispatch
 from .kernels._formats import kernel_dtype, kernel_view
-from .optimizer import MASTER, MAX_STEPS, _copy_in, _to_host
+from .optimizer import MASTER, MAX_STEPS
 
 FORMAT = "fastopt-checkpoint-1"
 

@@ -58,7 +58,7 @@ import uuid
 
 import numpy as np
 
-from .buffer import ALIGN, ParamBuffer, find_segment
+from .buffer import ALIGN, ParamBuffer, _cupy, find_segment
 from .checkpoint import atomic_write
 from .clip import NormPlan, clip_coefficient
 from .optimizer import NONFINITE, Optimizer
@@ -480,11 +480,6 @@ def _cuda_aware(MPI):
         return bool(MPI.Query_cuda_support())
     except (AttributeError, NotImplementedError):
         return False
-
-
-def _cupy():
-    import cupy
-    return cupy
 
 
 # -- checkpoints ---------------------------------------------------------------------------------

@@ -24,7 +24,18 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import state8bit
-from .buffer import ALIGN, ParamBuffer, _aligned_empty, find_segment, layout
+from .buffer import (
+    ALIGN,
+    ParamBuffer,
+    _all_zero,
+    _copy_in,
+    _from_torch_value,
+    _to_host,
+    _zero,
+    _zeros,
+    find_segment,
+    layout,
+)
 from .clip import NormPlan, clip_coefficient
 from .kernels import _dispatch, _formats
 from .kernels._reduce import chunk_table
@@ -795,66 +806,6 @@ def _is_array(x):
     if isinstance(x, np.ndarray) or _dispatch.is_torch(x):  # a torch tensor that requires grad raises on
         return hasattr(x, "shape")                           # __cuda_array_interface__: do not ask it
     return hasattr(x, "__cuda_array_interface__") or hasattr(x, "copy_to_host")
-
-
-def _zeros(like, n, dtype):
-    """A zeroed arena of ``n`` elements on ``like``'s device, cache-line aligned."""
-    if isinstance(like, np.ndarray) or type(like).__module__.startswith("cupy"):
-        xp = np if isinstance(like, np.ndarray) else _cupy()
-        arena = _aligned_empty(xp, n, dtype)
-        arena.fill(0)
-        return arena
-    from numba import cuda  # torch CUDA tensors, Numba device arrays (and the simulator's)
-    return cuda.to_device(np.zeros(n, dtype))
-
-
-def _all_zero(arena):
-    """Whether every element is zero (NumPy, CuPy; False where it cannot be asked cheaply)."""
-    return bool(not arena.any()) if hasattr(arena, "any") else False
-
-
-def _zero(arena):
-    if hasattr(arena, "fill"):  # NumPy, CuPy
-        arena.fill(0)
-    else:                       # Numba device arrays
-        arena.copy_to_device(np.zeros(arena.shape, arena.dtype))
-    return arena
-
-
-def _to_host(a):
-    if isinstance(a, np.ndarray):
-        return a.copy()
-    if hasattr(a, "get"):
-        return a.get()
-    if hasattr(a, "copy_to_host"):
-        return a.copy_to_host()
-    return np.asarray(a.detach().cpu())
-
-
-def _copy_in(arena, offset, host):
-    if isinstance(arena, np.ndarray):
-        arena[offset:offset + host.size] = host
-    elif hasattr(arena, "get"):
-        arena[offset:offset + host.size] = _cupy().asarray(host)
-    else:
-        arena[offset:offset + host.size].copy_to_device(np.ascontiguousarray(host))
-
-
-def _cupy():
-    import cupy
-    return cupy
-
-
-def _from_torch_value(x):
-    if type(x).__module__.startswith("torch"):
-        x = x.detach().cpu()
-        if x.ndim == 0:
-            return x.item()
-        if str(x.dtype) == "torch.bfloat16":  # NumPy's is ml_dtypes': the same bits
-            import torch
-            return x.view(torch.int16).numpy().view(_formats.BFLOAT16)
-        return x.numpy()
-    return x
 
 
 def _constructor(rule):

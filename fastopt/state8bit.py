@@ -15,6 +15,7 @@ launch per tensor). Conversions: :meth:`State8.dequantized` (``state_dict(torch=
 """
 import numpy as np
 
+from .buffer import _copy_in, _from_torch_value, _to_host, _zeros
 from .kernels import _blockwise, _dispatch, _formats
 from .kernels._reduce import chunk_table
 
@@ -59,7 +60,6 @@ class State8:
     """The 8-bit arenas and launch plans of one optimizer (see the module docstring)."""
 
     def __init__(self, opt):
-        from .optimizer import _zeros
         self.opt, self.code = opt, opt.state_code
         params = opt._params
         self.names = [s for s in opt.rule.states if any(s in opt.states_needed(g) for g in opt.param_groups)]
@@ -94,7 +94,6 @@ class State8:
 
     def dequantized(self, i, name):
         """Param ``i``'s state ``name`` as float32 values (a host copy)."""
-        from .optimizer import _to_host
         parts = [_to_host(x) for x in self.parts(i, name)]
         if len(parts) == 1:
             return parts[0]
@@ -103,14 +102,12 @@ class State8:
     def saved(self, i, name):
         """Param ``i``'s state as a state dict keeps it: ``{name: codes, name.absmax: scales}``
         (exact), or ``{name: float32 values}`` for a small param."""
-        from .optimizer import _to_host
         parts = [_to_host(x) for x in self.parts(i, name)]
         return {name: parts[0], name + ABSMAX: parts[1]} if len(parts) == 2 else {name: parts[0]}
 
     def write(self, i, name, value):
         """Set param ``i``'s state: a :class:`Quantized` (exact) or float values (quantized
         here for a large param)."""
-        from .optimizer import _copy_in
         parts = self.parts(i, name)
         if len(parts) == 1:
             values = value.codes if isinstance(value, Quantized) else value
@@ -239,7 +236,6 @@ class Plan8:
 
 def read_saved(codes, absmax, param, where):
     """A state dict's 8-bit entry (codes and scales), checked: a :class:`Quantized`."""
-    from .optimizer import _from_torch_value
     codes, absmax = np.asarray(_from_torch_value(codes)), np.asarray(_from_torch_value(absmax))
     if codes.dtype != np.uint8 or codes.size != param.size:
         raise ValueError(f"{where}: 8-bit codes must be {param.size} uint8 values, "
