@@ -10,6 +10,8 @@ from ._formats import load
 
 THREADS = 128  # threads per block of a block-per-chunk kernel (a power of two: the tree halves it)
 MAX_BLOCKS = 1024
+STRIDE_THREADS = 256  # threads per block of a grid-stride element kernel
+SIM_GRID = (2, 16)    # the simulator runs each thread in Python: few threads, strided
 
 
 def make_cuda_loop(apply, n_states):
@@ -81,16 +83,41 @@ tree_reduce = cuda.jit(device=True)(_tree_reduce)
 def blocks(n_chunks):
     """Blocks for a block-per-chunk kernel over ``n_chunks`` chunks (the kernel strides over
     chunks): few on the simulator, which runs each thread in Python."""
-    return max(1, min(n_chunks, 2 if config.ENABLE_CUDASIM else MAX_BLOCKS))
+    return max(1, min(n_chunks, SIM_GRID[0] if config.ENABLE_CUDASIM else MAX_BLOCKS))
 
 
 def launch(kernel, n_chunks, stream, *args):
     """``kernel[blocks(n_chunks), THREADS, stream](*args)``: the launch of every
-    block-per-chunk kernel. Small models give small grids; Numba's occupancy warning about
-    them is expected and silenced."""
+    block-per-chunk kernel."""
+    _launch(kernel, blocks(n_chunks), THREADS, stream, args)
+
+
+def launch_stride(kernel, n, stream, *args):
+    """The launch of a grid-stride element kernel over ``n`` elements: enough blocks of
+    ``STRIDE_THREADS`` to cover them, at most 32 per multiprocessor (the loop strides over the
+    rest); the simulator's small grid."""
+    if config.ENABLE_CUDASIM:
+        grid, threads = SIM_GRID
+    else:
+        grid, threads = max(1, min(-(-n // STRIDE_THREADS), 32 * _sm_count())), STRIDE_THREADS
+    _launch(kernel, grid, threads, stream, args)
+
+
+def _launch(kernel, grid, threads, stream, args):
+    # small models give small grids: Numba's occupancy warning about them is expected
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Gg]rid size.*")
-        kernel[blocks(n_chunks), THREADS, stream](*args)
+        kernel[grid, threads, stream](*args)
+
+
+_SM_COUNT = {}
+
+
+def _sm_count():
+    dev = cuda.get_current_device()
+    if dev.id not in _SM_COUNT:
+        _SM_COUNT[dev.id] = dev.MULTIPROCESSOR_COUNT
+    return _SM_COUNT[dev.id]
 
 
 def make_reduce(dtype_name, modes):

@@ -6,7 +6,6 @@ Every check runs before any kernel does, so a rejected call writes nothing.
 """
 import os
 import sys
-import warnings
 
 import numpy as np
 
@@ -184,29 +183,14 @@ def _launch_cuda(kernels, arrays, scalars):
     """Launch on CUDA arrays ``(param, grad, *states, master)`` (kernel views: a 16-bit float
     as its bits); ``scalars`` already packed."""
     from numba import config, cuda
+
+    from . import _cuda
     if config.ENABLE_CUDASIM:
-        flat = [None if a is None else a.reshape(a.size) for a in arrays]
-        grid, stream = (2, 16), 0  # the simulator runs each thread in Python: few threads, strided
+        flat, stream = [None if a is None else a.reshape(a.size) for a in arrays], 0
     else:
         stream = _stream_of(arrays[0], cuda)
         flat = [None if a is None else cuda.as_cuda_array(a, sync=False).reshape(-1) for a in arrays]
-        n = flat[0].size
-        threads = 256
-        grid = (max(1, min((n + threads - 1) // threads, 32 * _sm_count(cuda))), threads)
-    with warnings.catch_warnings():
-        # Small tensors give small grids; Numba warns about occupancy, which is expected here.
-        warnings.filterwarnings("ignore", message=".*[Gg]rid size.*")
-        kernels.cuda()[grid[0], grid[1], stream](*flat, scalars)
-
-
-_SM_COUNT = {}
-
-
-def _sm_count(cuda):
-    dev = cuda.get_current_device()
-    if dev.id not in _SM_COUNT:
-        _SM_COUNT[dev.id] = dev.MULTIPROCESSOR_COUNT
-    return _SM_COUNT[dev.id]
+    _cuda.launch_stride(kernels.cuda(), flat[0].size, stream, *flat, scalars)
 
 
 def _stream_of(obj, cuda):
