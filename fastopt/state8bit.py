@@ -103,7 +103,9 @@ class State8:
         """Param ``i``'s state as a state dict keeps it: ``{name: codes, name.absmax: scales}``
         (exact), or ``{name: float32 values}`` for a small param."""
         parts = [_to_host(x) for x in self.parts(i, name)]
-        return {name: parts[0], name + ABSMAX: parts[1]} if len(parts) == 2 else {name: parts[0]}
+        if len(parts) == 1:  # 32-bit values, shaped as the param as any 32-bit state
+            return {name: parts[0].reshape(self.opt._params[i].shape)}
+        return {name: parts[0], name + ABSMAX: parts[1]}
 
     def write(self, i, name, value):
         """Set param ``i``'s state: a :class:`Quantized` (exact) or float values (quantized
