@@ -112,11 +112,20 @@ def test_threads_flag_and_its_old_name(capsys):
     assert build_parser().parse_args(["train"]).threads == 1
 
 
-@pytest.mark.parametrize("model,schedule", [("mlp", "constant"), ("conv", "exp")])
-def test_resume_is_bit_exact(tmp_path, capsys, model, schedule):
+PRECISION_RUNS = [["--precision", "bf16", "--stochastic-rounding", "--optimizer", "adamw"],
+                  ["--precision", "fp16", "--master-weights"],
+                  ["--precision", "bf16", "--master-weights", "--state-bits", 8, "--optimizer", "adamw"],
+                  ["--state-bits", 8, "--optimizer", "lion"]]
+
+
+@pytest.mark.parametrize("model,schedule,precision", [("mlp", "constant", []), ("conv", "exp", [])]
+                         + [("mlp", "constant", p) for p in PRECISION_RUNS],
+                         ids=lambda v: " ".join(map(str, v)) if isinstance(v, list) else v)
+def test_resume_is_bit_exact(tmp_path, capsys, model, schedule, precision):
     """Two epochs in one go == one epoch, stop, --resume to two: parameters, optimizer
-    state, BatchNorm statistics (conv), Dropout masks (mlp) and every metric but the clock."""
-    common = ["--model", model, "--schedule", schedule, "--checkpoint", *TINY]
+    state, BatchNorm statistics (conv), Dropout masks (mlp) and every metric but the clock;
+    with 16-bit params (their bits saved), master weights, stochastic rounding, 8-bit state."""
+    common = ["--model", model, "--schedule", schedule, "--checkpoint", *precision, *TINY]
     assert run(["train", *common, "--epochs", 2, "--out", tmp_path / "a"], capsys)[0] == 0
     assert run(["train", *common, "--epochs", 1, "--out", tmp_path / "b"], capsys)[0] == 0
     code, out, err = run(["train", *common, "--epochs", 2, "--resume", "--out", tmp_path / "b"], capsys)
@@ -131,6 +140,9 @@ def test_resume_is_bit_exact(tmp_path, capsys, model, schedule):
     with np.load(tmp_path / "a" / name) as a:
         assert any(k.startswith("model/") and "running_" in k for k in a.files) == (model == "conv")
         assert any(k.startswith("optimizer/state/") for k in a.files)
+        kept = json.loads(str(a["meta"]))["bfloat16"]
+        assert ("model/1.weight" in kept) == ("bf16" in precision), kept
+        assert all(a[k].dtype == np.uint16 for k in kept)
     ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "ab")
     strip = lambda m: [{k: v for k, v in r.items() if k not in L.CLOCK_FIELDS} for r in m["epochs"]]  # noqa: E731
     assert strip(ma) == strip(mb) and ma["step_loss"] == mb["step_loss"]
@@ -309,6 +321,14 @@ BAD = [
     (["bench", "-n", "1e999"], "argument -n: expected an integer, got '1e999'"),
     (["train", "--threads", "0"], "argument --threads/--kernel-threads: must be >= 1"),
     (["fly"], "invalid choice: 'fly'"),
+    (["train", "--precision", "bf8"], "argument --precision: invalid choice: 'bf8'"),
+    (["train", "--master-weights"], "--master-weights is for 16-bit params: add --precision bf16 or fp16"),
+    (["train", "--stochastic-rounding"], "--stochastic-rounding is for 16-bit params"),
+    (["train", "--precision", "bf16", "--dtype", "float64"], "computes in float32: drop --dtype float64"),
+    (["train", "--precision", "fp16", "--optimizer", "lamb"], "--optimizer lamb: "),
+    (["train", "--state-bits", "4"], "argument --state-bits: invalid choice: 4"),
+    (["train", "--state-bits", "8", "--optimizer", "adagrad"], "--optimizer adagrad: "),
+    (["train", "--optimizer", "lbfgs", "--precision", "bf16"], "--precision does not apply to --model logreg"),
 ]
 
 

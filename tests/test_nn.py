@@ -508,3 +508,48 @@ def test_maxpool_with_padding_on_negative_inputs(kernel, stride, padding, device
     assert (y_direct < 0).all()
     # overlapping windows add in another order: a few ulps
     np.testing.assert_allclose(_host(pool.backward(_on(device, dout))), dx_direct, rtol=1e-13, atol=1e-16)
+
+
+# -- 16-bit storage: params and grads kept narrow, the layers computing in float32 -----------------
+@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
+def test_storage_keeps_params_and_grads_narrow_and_computes_in_float32(storage):
+    import fastopt
+    from fastopt.kernels._formats import BY_NAME
+
+    def net(**kw):
+        return Sequential(Conv2d(1, 3, 3, padding=1), BatchNorm2d(3), ReLU(), Flatten(), Linear(48, 5), seed=4, **kw)
+
+    narrow, wide = net(storage=storage), net()
+    narrow_dtype = BY_NAME[storage]
+    # the same initial weights, rounded once to the storage format
+    for p, q in zip(narrow.buffer.params, wide.buffer.params):
+        assert p.dtype == narrow_dtype and np.array_equal(p, q.astype(narrow_dtype))
+        q[...] = p  # from here the two nets start from the same (representable) weights
+    x = np.random.default_rng(0).normal(size=(6, 1, 4, 4))
+    out_n, out_w = narrow(x), wide(x)
+    assert out_n.dtype == np.float32 and np.array_equal(out_n, out_w)  # float32 compute on the same weights
+    dout = np.random.default_rng(1).normal(size=out_w.shape)
+    narrow.backward(dout)
+    wide.backward(dout)
+    for g, h in zip(narrow.buffer.grads, wide.buffer.grads):  # the float32 gradient, rounded to nearest
+        assert g.dtype == narrow_dtype and np.array_equal(g, h.astype(narrow_dtype))
+    # the optimizer updates the stored params in place; the next forward sees them
+    fastopt.SGD(narrow.buffer, lr=0.5).step()
+    for p, q in zip(narrow.buffer.params, wide.buffer.params):
+        q[...] = p
+    assert np.array_equal(narrow(x), wide(x))
+    state = narrow.state_dict()
+    assert state["0.weight"].dtype == narrow_dtype and state["1.running_mean"].dtype == np.float32
+    narrow.load_state_dict({k: v.astype(np.float32) for k, v in wide.state_dict().items()})
+    assert all(np.array_equal(p, q.astype(narrow_dtype)) for p, q in zip(narrow.buffer.params, wide.buffer.params))
+    assert "kept in " + storage in repr(narrow)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(storage="float64"), "storage must be None or a float narrower than dtype float32"),
+    (dict(storage="int8"), "storage must be None or a float narrower"),
+    (dict(storage="float32", dtype=np.float16), "narrower than dtype float16"),
+])
+def test_storage_errors_name_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Sequential(Linear(2, 3), **kwargs)

@@ -24,6 +24,11 @@ class Config:
     max_grad_norm: float = None
     nonfinite: str = "propagate"  # the optimizer's guard: skip and raise read a norm on the host every step
     ema: float = None
+    precision: str = "fp32"       # the params' and grads' storage: fp32 (as --dtype), bf16 or fp16 (compute in float32)
+    master_weights: bool = False  # bf16/fp16: the optimizer keeps float32 copies of the params
+    stochastic_rounding: bool = False  # bf16/fp16: params (and 16-bit state) rounded stochastically
+    state_dtype: str = None       # the optimizer state's dtype; None: the params'
+    state_bits: int = None        # 8: 8-bit blockwise optimizer state (adam, adamw, lion, sgd, rmsprop)
     batch_size: int = 32
     epochs: int = 15
     seed: int = 0

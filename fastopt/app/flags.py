@@ -21,7 +21,7 @@ from .fullbatch import (
     MODEL,
     SECOND_ORDER,
 )
-from .recipes import DEFAULT_LR, EXEMPT, HYPER, MODELS, OPTIMIZER_NAMES, SCHEDULES
+from .recipes import DEFAULT_LR, EXEMPT, HYPER, MODELS, OPTIMIZER_NAMES, PRECISIONS, SCHEDULES, STATE_DTYPES
 from .valley import LECTURE_OPTIMIZERS
 from .valley import OPTIMIZERS as VALLEY_OPTIMIZERS
 
@@ -112,6 +112,7 @@ def flag(*names, commands=TRAINING, group="run", help, default=CONFIG, **options
 GROUPS = {
     "optimizer": ("optimizer", None),
     "schedule": ("learning-rate schedule (t counts steps; an epoch is ceil(N / batch size) steps)", None),
+    "precision": ("precision (storage of params, gradients and optimizer state)", None),
     "run": ("run", None),
     "full batch": (f"full batch (--model {MODEL})", """\
 f(W) = mean cross-entropy of softmax(x W) + L2/2 |W|^2, x the flattened standardized image
@@ -273,6 +274,20 @@ FLAGS = [
     flag("--nonfinite", group="optimizer", choices=("propagate", "skip", "raise"),
          help="a step whose gradient holds inf or NaN: propagate it (no check), skip the step, or stop; "
               "skip and raise read the gradient norm on the host each step (default: %(default)s)"),
+    flag("--precision", group="precision", choices=tuple(PRECISIONS),
+         help="the dtype the params and gradients are kept in: fp32 (--dtype), bf16 or fp16; the layers compute "
+              "in float32 on a copy, the optimizer updates the 16-bit params in place (default: %(default)s)"),
+    flag("--master-weights", group="precision", action="store_true",
+         help="bf16/fp16: the optimizer keeps a float32 copy of the params, updates it and writes the rounded "
+              "params in the same pass (default: off)"),
+    flag("--stochastic-rounding", group="precision", action="store_true",
+         help="bf16/fp16 without master weights: round the written params (and 16-bit state) stochastically, "
+              "so that updates smaller than the params' spacing are kept on average (default: off)"),
+    flag("--state-dtype", group="precision", choices=STATE_DTYPES,
+         help="the optimizer state's dtype (default: the params')"),
+    flag("--state-bits", group="precision", type=int, choices=(8,),
+         help="8: 8-bit blockwise optimizer state (adam, adamw, lion, sgd with momentum, rmsprop; tensors below "
+              "4096 elements keep 32-bit state) (default: 32-bit)"),
     flag("--ema", group="optimizer", type=open_unit_float, metavar="DECAY",
          help="evaluate with an exponential moving average of the weights, updated after every step with "
               "decay min(DECAY, (1+k)/(10+k)) at update k, e.g. 0.999 (default: off)"),

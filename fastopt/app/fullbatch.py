@@ -174,7 +174,10 @@ def uses_full_batch(cfg, optimizers, strict):
             if value is not None:
                 raise UsageError(f"{flag} applies to --model {MODEL} only (full batch), got --model {cfg.model}")
         return False
-    for flag, on in (("--ema", cfg.ema is not None), ("--checkpoint", cfg.checkpoint), ("--resume", cfg.resume)):
+    for flag, on in (("--ema", cfg.ema is not None), ("--checkpoint", cfg.checkpoint), ("--resume", cfg.resume),
+                     ("--precision", cfg.precision != "fp32"), ("--master-weights", cfg.master_weights),
+                     ("--stochastic-rounding", cfg.stochastic_rounding), ("--state-dtype", cfg.state_dtype),
+                     ("--state-bits", cfg.state_bits)):
         if on:
             raise UsageError(f"{flag} does not apply to --model {MODEL} (a full-batch run)")
     if strict:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import atomic_write
+from ..kernels._formats import BFLOAT16, kernel_view
 from ..nn._array import to_numpy
 from ..plots import centred_mean, plot_accuracy, plot_curves
 from .config import UsageError
@@ -158,8 +159,11 @@ def save_checkpoint(out, cfg, model, opt, ema, history, step_losses):
         ema_tree, ema_arrays = _flatten(ema.state_dict(), "ema")
         arrays.update(ema_arrays)
     arrays["step_losses"] = np.asarray(step_losses, dtype=np.float64)
+    # NumPy's npz writes ml_dtypes' bfloat16 as raw bytes of no dtype: such arrays go as their bits
+    bits = sorted(k for k, v in arrays.items() if v.dtype == BFLOAT16)
+    arrays.update({k: kernel_view(arrays[k]) for k in bits})
     meta = dict(format=CHECKPOINT_FORMAT, epoch=len(history), config=_fingerprint(cfg), history=history,
-                device=model.device, optimizer=opt_tree, ema=ema_tree, arrays=sorted(arrays))
+                device=model.device, optimizer=opt_tree, ema=ema_tree, arrays=sorted(arrays), bfloat16=bits)
     arrays["meta"] = np.array(json.dumps(json_safe(meta)))
     atomic_write(Path(out) / CHECKPOINT, lambda f: np.savez(f, **arrays))
 
@@ -217,6 +221,11 @@ def _read_checkpoint(path):
         raise UsageError(f"--resume: {path} is damaged: " + "; ".join(
             [f"missing array(s) {', '.join(missing)}"] * bool(missing) + [f"unknown array(s) {', '.join(unknown)}"]
             * bool(unknown)))
+    bits = meta.get("bfloat16", [])  # absent before bfloat16 params existed
+    for k in bits if isinstance(bits, list) else [None]:
+        if k not in arrays or arrays[k].dtype != np.uint16:
+            raise UsageError(f"--resume: {path} is damaged: {k} should hold bfloat16 bits (uint16)")
+        arrays[k] = arrays[k].view(BFLOAT16)
     return arrays, meta
 
 

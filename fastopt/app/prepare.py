@@ -14,7 +14,7 @@ import numpy as np
 from ..preprocessing import Standardize
 from .config import UsageError
 from .data import DataError, load_digits, load_mnist
-from .recipes import build_model, make_optimizer
+from .recipes import build_model, make_optimizer, storage_dtype
 
 DIGITS_SPLIT_SEED = 0  # one fixed train/test split: runs with different --seed see the same test set
 
@@ -135,6 +135,7 @@ def build(cfg, data, device, steps, name=None, strict=True):
     """``(model, optimizer, ema)``: model ``cfg.model`` for ``data`` with the initial weights
     of ``cfg.seed`` (every call: the same weights), and optimizer ``name`` (default
     ``cfg.optimizer``) over it, its schedule laid over ``cfg.epochs`` epochs of ``steps``."""
-    model = build_model(cfg.model, data.in_shape, data.n_classes, np.dtype(cfg.dtype), device, cfg.seed)
+    model = build_model(cfg.model, data.in_shape, data.n_classes, np.dtype(cfg.dtype), device, cfg.seed,
+                        storage_dtype(cfg))
     opt, ema = make_optimizer(cfg, model, steps, name=name, strict=strict)
     return model, opt, ema

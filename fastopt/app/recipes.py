@@ -39,8 +39,34 @@ REGULARIZERS = ("weight_decay", "l1")
 EXEMPT = {"weight_decay": 0.0, "l1": 0.0, "layer_adaptation": False}
 
 
+# -- precision ---------------------------------------------------------------------------------
+#: --precision: the params' storage dtype (None: --dtype's)
+PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+STATE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def precision_options(cfg):
+    """The optimizer's precision keywords the run sets (none by default: every optimizer takes
+    the defaults, LBFGS and Newton too)."""
+    options = {"master_weights": cfg.master_weights, "stochastic_rounding": cfg.stochastic_rounding,
+               "state_dtype": cfg.state_dtype, "state_bits": cfg.state_bits}
+    return {k: v for k, v in options.items() if v}
+
+
+def storage_dtype(cfg):
+    """The model's ``storage`` for ``cfg.precision`` (None: ``cfg.dtype``), checked against --dtype."""
+    storage = PRECISIONS[cfg.precision]
+    if storage is not None and cfg.dtype != "float32":
+        raise UsageError(f"--precision {cfg.precision} keeps the params in {storage} and computes in float32: "
+                         f"drop --dtype {cfg.dtype}")
+    if storage is None and (cfg.master_weights or cfg.stochastic_rounding):
+        flag = "--master-weights" if cfg.master_weights else "--stochastic-rounding"
+        raise UsageError(f"{flag} is for 16-bit params: add --precision bf16 or fp16")
+    return storage
+
+
 # -- models ----------------------------------------------------------------------------------
-def build_model(name, in_shape, n_classes, dtype=np.float32, device="cpu", seed=0):
+def build_model(name, in_shape, n_classes, dtype=np.float32, device="cpu", seed=0, storage=None):
     """A model for images of ``in_shape`` (C, H, W) (an MLP also takes (D,)), sized for the 8x8
     digits and for 28x28 MNIST, its initial weights a function of ``seed``:
 
@@ -62,7 +88,10 @@ def build_model(name, in_shape, n_classes, dtype=np.float32, device="cpu", seed=
                   nn.Flatten(), nn.Linear(32 * (h // 4) * (w // 4), 64), nn.ReLU(), nn.Linear(64, n_classes)]
     else:
         raise UsageError(f"--model must be one of {', '.join(MODELS)}, got {name!r}")
-    return nn.Sequential(*layers, dtype=dtype, device=device, seed=seed)
+    try:
+        return nn.Sequential(*layers, dtype=dtype, device=device, seed=seed, storage=storage)
+    except ValueError as e:  # a storage the device cannot keep
+        raise UsageError(f"--precision: {e}") from None
 
 
 def describe_model(model):
@@ -229,10 +258,10 @@ def make_optimizer(cfg, model, steps_per_epoch, name=None, strict=True):
     kwargs["lr"] = make_schedule(cfg, kwargs["lr"], steps_per_epoch)
     defaults = accepted_hyper(cls)
     penalties = {k: kwargs.get(k, defaults[k]) for k in REGULARIZERS if k in defaults}
-    kwargs.update(max_grad_norm=cfg.max_grad_norm, nonfinite=cfg.nonfinite)
+    kwargs.update(max_grad_norm=cfg.max_grad_norm, nonfinite=cfg.nonfinite, **precision_options(cfg))
     try:
         opt = cls(param_groups(model, penalties, defaults), **kwargs)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: a params dtype the optimizer does not take
         raise UsageError(f"--optimizer {name}: {e}") from None
     # warm-up (decay min(DECAY, (1 + k) / (10 + k)) at update k): without it the first weights,
     # which are random, keep a weight of DECAY^k in the average for thousands of steps

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..buffer import ParamBuffer, _array_module
+from ..kernels._formats import BFLOAT16, BY_NAME
 from ._array import to_numpy
 
 if TYPE_CHECKING:
@@ -107,10 +108,17 @@ class Sequential(Layer):
     ``model(x)`` / ``model.forward(x)`` casts ``x`` to the model's dtype and device.
     ``model.backward(dout)`` overwrites ``model.buffer.grads`` with d(loss)/d(params) and
     returns d(loss)/d(x) (``need_dx=False`` skips that last product and returns None).
+
+    ``storage``: the dtype the parameters and gradients are kept in, when narrower than
+    ``dtype`` (``"bfloat16"``, ``"float16"``; None: ``dtype``), as mixed-precision training
+    keeps them: ``model.buffer`` (what the optimizer updates) holds them in ``storage``; the
+    layers compute in ``dtype`` on a copy that ``forward`` refreshes from the buffer, and
+    ``backward`` rounds the gradients into ``storage`` (to nearest even). bfloat16 is
+    ml_dtypes' (NumPy): CPU only.
     """
 
     def __init__(self, *layers: Layer, dtype: DTypeLike = np.float32, device: str = "cpu",
-                 seed: int = 0) -> None:
+                 seed: int = 0, storage: DTypeLike | None = None) -> None:
         super().__init__()
         for i, layer in enumerate(layers):
             if not isinstance(layer, Layer) or isinstance(layer, Sequential):
@@ -120,6 +128,7 @@ class Sequential(Layer):
             raise ValueError("layers must be distinct objects: a layer instance holds its own views and caches")
         self.layers = list(layers)
         self.dtype = np.dtype(dtype)
+        self.storage = _storage(storage, self.dtype, device)
         self.device = device
         self._xp = _array_module(device)
         names, shapes = [], []
@@ -127,17 +136,20 @@ class Sequential(Layer):
             for name, shape in layer.param_shapes().items():
                 names.append(f"{i}.{name}")
                 shapes.append(tuple(shape))
-        self.buffer = ParamBuffer(shapes=shapes, names=names, dtype=self.dtype, device=device)
+        self.buffer = ParamBuffer(shapes=shapes, names=names, dtype=self.storage, device=device)
+        # the layers' params and grads: the buffer's own views, or a compute-dtype copy of them
+        self._compute = self.buffer if self.storage == self.dtype else \
+            ParamBuffer(shapes=shapes, names=names, dtype=self.dtype, device=device)
         rng = np.random.default_rng(seed)
-        pairs = iter(zip(self.buffer.params, self.buffer.grads))
+        pairs = iter(zip(self._compute.params, self._compute.grads, self.buffer.params))
         for i, layer in enumerate(self.layers):
             layer.build_state(self._xp, self.dtype)
             own = [(name, *next(pairs)) for name in layer.param_shapes()]
             if own:
                 values = layer.init_params(rng, self._nonlinearity_after(i))
-                for name, p, _ in own:
-                    p[...] = self._xp.asarray(values[name], dtype=self.dtype)
-                layer.bind({name: p for name, p, _ in own}, {name: g for name, _, g in own})
+                for name, _, _, stored in own:
+                    stored[...] = self._xp.asarray(values[name], dtype=self.storage)
+                layer.bind({name: p for name, p, _, _ in own}, {name: g for name, _, g, _ in own})
         self.reseed(int(rng.integers(2**31)))
         self.params = dict(zip(names, self.buffer.params))
         self.grads = dict(zip(names, self.buffer.grads))
@@ -154,6 +166,9 @@ class Sequential(Layer):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = self._xp.asarray(x, dtype=self.dtype)
+        if self._compute is not self.buffer:  # the optimizer wrote the stored params since
+            for work, stored in zip(self._compute.params, self.buffer.params):  # the arenas' paddings differ
+                work[...] = stored
         for layer in self.layers:
             x = layer.forward(x)
         return x
@@ -165,6 +180,9 @@ class Sequential(Layer):
         stop = 0 if need_dx else self._first_with_params
         for i in range(len(self.layers) - 1, stop - 1, -1):
             dout = self.layers[i].backward(dout, need_dx=need_dx or i > stop)
+        if self._compute is not self.buffer:
+            for stored, work in zip(self.buffer.grads, self._compute.grads):
+                stored[...] = work
         return dout if need_dx else None
 
     def train(self, mode: bool = True) -> Sequential:
@@ -205,7 +223,7 @@ class Sequential(Layer):
             value = state[name]
             if self._xp is np:  # np.asarray refuses CuPy arrays: fetch them to the host first
                 value = to_numpy(value)
-            value = self._xp.asarray(value, dtype=self.dtype)
+            value = self._xp.asarray(value, dtype=self.storage if name in self.params else self.dtype)
             if value.shape != targets[name].shape:
                 raise ValueError(f"state[{name!r}] has shape {value.shape}, the model has {targets[name].shape}")
             targets[name][...] = value
@@ -221,4 +239,19 @@ class Sequential(Layer):
 
     def __repr__(self) -> str:
         inner = "\n".join(f"  ({i}) {layer!r}" for i, layer in enumerate(self.layers))
-        return f"Sequential(\n{inner}\n) on {self.device}, {self.dtype.name}, {self.buffer.numel:,} parameters"
+        kept = f" (params and grads kept in {self.storage.name})" if self.storage != self.dtype else ""
+        return f"Sequential(\n{inner}\n) on {self.device}, {self.dtype.name}{kept}, {self.buffer.numel:,} parameters"
+
+
+def _storage(storage, dtype, device):
+    """The parameters' stored dtype: ``dtype`` or a narrower float (named errors otherwise)."""
+    if storage is None:
+        return dtype
+    name = str(np.dtype(storage) if not isinstance(storage, str) else storage)
+    if name not in BY_NAME or (BY_NAME[name].itemsize >= dtype.itemsize and BY_NAME[name] != dtype):
+        raise ValueError(f"storage must be None or a float narrower than dtype {dtype.name} "
+                         f"({', '.join(n for n, d in BY_NAME.items() if d.itemsize < dtype.itemsize)}), "
+                         f"got {storage!r}")
+    if BY_NAME[name] == BFLOAT16 and device != "cpu":
+        raise ValueError("storage='bfloat16' is NumPy's (ml_dtypes): device must be 'cpu'")
+    return BY_NAME[name]
