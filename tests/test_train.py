@@ -583,3 +583,19 @@ def test_a_loss_that_stops_being_finite_is_warned_about(tmp_path):
     warnings = [line for line in lines if line.startswith("warning: ")]
     assert len(warnings) == 1 and ("became nan" in warnings[0] or "became inf" in warnings[0]
                                    or "exploded" in warnings[0]), lines
+
+
+@pytest.mark.parametrize("settings,params,state,master", [
+    ({}, np.float32, np.float32, False),
+    (dict(precision="bf16"), "bfloat16", "bfloat16", False),  # torch's rule: state in the params' dtype
+    (dict(precision="bf16", master_weights=True, state_dtype="float32"), "bfloat16", np.float32, True),
+    (dict(precision="fp16"), np.float16, np.float32, False),  # float16 state would flush small v to zero
+    (dict(precision="fp16", state_dtype="float16"), np.float16, np.float16, False),
+])
+def test_precision_settings_reach_the_model_and_optimizer(tmp_path, settings, params, state, master):
+    from fastopt.kernels._formats import BY_NAME
+    cfg = tiny_config(tmp_path, optimizer="adamw", **settings)
+    model, opt, _ = P.build(cfg, DIGITS, "cpu", 5)
+    params, state = (BY_NAME[d] if isinstance(d, str) else np.dtype(d) for d in (params, state))
+    assert model.buffer.dtype == params and all(p.dtype == params for p in model.buffer.params)
+    assert opt.state_dtype == state and opt.master_weights == master

@@ -284,7 +284,8 @@ FLAGS = [
          help="bf16/fp16 without master weights: round the written params (and 16-bit state) stochastically, "
               "so that updates smaller than the params' spacing are kept on average (default: off)"),
     flag("--state-dtype", group="precision", choices=STATE_DTYPES,
-         help="the optimizer state's dtype (default: the params')"),
+         help="the optimizer state's dtype (default: the params', but float32 with --precision fp16, whose "
+              "range flushes small squared gradients to zero)"),
     flag("--state-bits", group="precision", type=int, choices=(8,),
          help="8: 8-bit blockwise optimizer state (adam, adamw, lion, sgd with momentum, rmsprop; tensors below "
               "4096 elements keep 32-bit state) (default: 32-bit)"),
