@@ -6,8 +6,10 @@ the same tensors (bf16 and fp32) and each format's own same-traffic roof.
 Two ways to run it: ``pytest benchmarks/test_precision.py`` (pytest-benchmark, the table at
 the end), and ``python benchmarks/test_precision.py [--blocks 9]``, which alternates the
 implementations block by block and reports the median and quartiles of the per-block
-ratios: this VM's bandwidth drifts, and only ratios taken side by side are trusted. The
-second also runs the quality check (``--quality``): 2,000 AdamW steps on an ill-conditioned
+ratios: this VM's bandwidth drifts, and only ratios taken side by side are trusted
+(``--model``: the 195-tensor model of test_models.py through ``fastopt.AdamW`` in each
+format, 8-bit state too, against torch fused on the same tensors). The second also runs the
+quality check (``--quality``): 2,000 AdamW steps on an ill-conditioned
 quadratic in each format, the distance to the float32 iterate."""
 import statistics
 import sys
@@ -124,6 +126,58 @@ def test_adamw_formats(record, name, impl):
     record(f"adamw {name}", N, impl, run, nbytes, 10)
 
 
+# -- the 195-tensor model (benchmarks/test_models.py) in each format, through the optimizer class --
+MODEL_FORMATS = {name: dict(params=param, state_dtype=None if state == param else state.name,
+                            master_weights=master, stochastic_rounding=sr)
+                 for name, (param, state, master, sr) in FORMATS.items()}
+MODEL_FORMATS["fp32+8-bit state"] = dict(params=F32, state_bits=8)
+MODEL_FORMATS["bf16+fp32 master+8-bit state"] = dict(params=BF16, master_weights=True, state_bits=8)
+
+
+def model_step(name):
+    """fastopt.AdamW over the 195-tensor model's ParamBuffer in format ``name``: one launch per step."""
+    import fastopt
+    from test_models import UNGUARDED, _arrays, transformer_shapes
+    options = dict(MODEL_FORMATS[name])
+    dtype = options.pop("params")
+    shapes = transformer_shapes()
+    buf = fastopt.ParamBuffer([a.astype(dtype) for a in _arrays(shapes, 0)])
+    for g, a in zip(buf.grads, _arrays(shapes, 1)):
+        g[...] = a.astype(dtype)
+    opt = fastopt.AdamW(buf, lr=1e-3, **UNGUARDED, **options)
+    return opt.step
+
+
+def model_torch_step(dtype):
+    """torch.optim.AdamW(fused=True) over the same tensors (torch's multi-tensor apply)."""
+    import numba
+    import torch
+
+    from test_models import _arrays, transformer_shapes
+    torch.set_num_threads(numba.get_num_threads())
+    shapes = transformer_shapes()
+    params = [torch.from_numpy(a).to(dtype) for a in _arrays(shapes, 0)]
+    for p, g in zip(params, _arrays(shapes, 1)):
+        p.grad = torch.from_numpy(g).to(dtype)
+    return torch.optim.AdamW(params, lr=1e-3, fused=True).step
+
+
+@pytest.mark.parametrize("impl", ["fastopt", "torch_fused_bf16", "torch_fused_fp32"])
+@pytest.mark.parametrize("name", list(MODEL_FORMATS))
+def test_model_200_formats(record, name, impl):
+    from test_models import transformer_shapes
+    n = sum(int(np.prod(s)) for s in transformer_shapes())
+    if impl == "fastopt":
+        run = model_step(name)
+    else:
+        torch = pytest.importorskip("torch", reason="torch not installed")
+        if name != "bf16":
+            pytest.skip("torch rows sit beside the bf16 row")
+        run = model_torch_step(torch.bfloat16 if impl.endswith("bf16") else torch.float32)
+    run()
+    record(f"model-200 adamw {name}", n, impl, run, 0, 10)
+
+
 # -- quality: a long horizon on an ill-conditioned quadratic ------------------------------
 
 def quality(steps=2000, n=4096, lr=1e-3, weight_decay=0.1):
@@ -155,18 +209,14 @@ def _quartiles(xs):
     return q[0], statistics.median(xs), q[2]
 
 
-def main(argv):
-    blocks = int(argv[argv.index("--blocks") + 1]) if "--blocks" in argv else 9
-    import torch
-    impls = {name: fastopt_step(name) for name in FORMATS}
-    impls.update({f"roof {name}": roof_step(name) for name in FORMATS})
-    impls["torch bf16"] = torch_step(torch.bfloat16)
-    impls["torch fp32"] = torch_step(torch.float32)
+def alternate(impls, blocks):
+    """Seconds per step of each implementation, one median of 3 per block, every
+    implementation once per block in a rotated order."""
     for fn in impls.values():
         fn()
     names = list(impls)
     times = {k: [] for k in names}
-    for b in range(blocks):  # every implementation once per block, the order rotated
+    for b in range(blocks):
         for k in names[b % len(names):] + names[:b % len(names)]:
             ts = []
             for _ in range(3):
@@ -174,17 +224,40 @@ def main(argv):
                 impls[k]()
                 ts.append(time.perf_counter() - t)
             times[k].append(statistics.median(ts))
+    return times
+
+
+def _ratio(times, peer, name):
+    q = _quartiles([r / t for r, t in zip(times[peer], times[name])])
+    return f"{q[1]:.2f} ({q[0]:.2f}-{q[2]:.2f})"
+
+
+def main(argv):
+    blocks = int(argv[argv.index("--blocks") + 1]) if "--blocks" in argv else 9
+    import torch
+    if "--model" in argv:  # the 195-tensor model, through fastopt.AdamW, per format
+        impls = {name: model_step(name) for name in MODEL_FORMATS}
+        impls["torch bf16"], impls["torch fp32"] = model_torch_step(torch.bfloat16), model_torch_step(torch.float32)
+        times = alternate(impls, blocks)
+        print(f"AdamW on the 195-tensor model (1.0e7 params), {blocks} blocks; per-block ratios: median (quartiles)")
+        for name in MODEL_FORMATS:
+            lo, med, hi = _quartiles(times[name])
+            print(f"  {name:<30} {1e3 * med:7.2f} ms ({1e3 * lo:.2f}-{1e3 * hi:.2f})"
+                  f"  torch bf16/this {_ratio(times, 'torch bf16', name)}"
+                  f"  torch fp32/this {_ratio(times, 'torch fp32', name)}")
+        return
+    impls = {name: fastopt_step(name) for name in FORMATS}
+    impls.update({f"roof {name}": roof_step(name) for name in FORMATS})
+    impls["torch bf16"] = torch_step(torch.bfloat16)
+    impls["torch fp32"] = torch_step(torch.float32)
+    times = alternate(impls, blocks)
     print(f"AdamW, {N:.0e} params, {blocks} blocks; per-block ratios: median (quartiles)")
     for name in FORMATS:
-        f = times[name]
-        lo, med, hi = _quartiles(f)
-        roof = _quartiles([r / t for r, t in zip(times[f"roof {name}"], f)])
-        tb = _quartiles([r / t for r, t in zip(times["torch bf16"], f)])
-        t32 = _quartiles([r / t for r, t in zip(times["torch fp32"], f)])
+        lo, med, hi = _quartiles(times[name])
         print(f"  {name:<18} {bytes_per_param(name):>3} B/param {1e3 * med:7.2f} ms ({1e3 * lo:.2f}-{1e3 * hi:.2f})"
-              f"  roof/this {roof[1]:.2f} ({roof[0]:.2f}-{roof[2]:.2f})"
-              f"  torch bf16/this {tb[1]:.2f} ({tb[0]:.2f}-{tb[2]:.2f})"
-              f"  torch fp32/this {t32[1]:.2f} ({t32[0]:.2f}-{t32[2]:.2f})")
+              f"  roof/this {_ratio(times, f'roof {name}', name)}"
+              f"  torch bf16/this {_ratio(times, 'torch bf16', name)}"
+              f"  torch fp32/this {_ratio(times, 'torch fp32', name)}")
     if "--quality" in argv:
         print("quality: AdamW lr=1e-3, weight_decay=0.1, 2000 steps on 0.5*sum(d*x^2), d in [1e-2, 1e2]")
         for name, (dist, flat, ref) in quality().items():
