@@ -36,7 +36,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload, register_jitable
 
-from ._engine import _CPU_OPTIONS, _compile_factory, _enable_cache
+from ._engine import _CPU_OPTIONS, _compile_factory, _enable_cache, cuda_salt, enable_cuda_cache
 from ._formats import bits_from_f32, f32_from_bits, load, noise, store
 
 BLOCK = 256            # values per quantization block (one float32 scale each)
@@ -557,20 +557,20 @@ class Blockwise:
     def cuda(self):
         if self._cuda is None:
             from numba import cuda
-            self._cuda = cuda.jit(self.cuda_loop())
+            self._cuda = enable_cuda_cache(cuda.jit(self.cuda_loop()), f"{self.kernels.name}_8bit_{self.code}_cuda",
+                                           cuda_salt(self.kernels._salt + _SALT))
         return self._cuda
 
     def launch_cuda(self, arrays, scalars):
         """Launch on one tensor's CUDA arrays ``(param, grad, *(codes, scales), master)``."""
         from numba import config, cuda
 
-        from ._dispatch import _stream_of
+        from ._dispatch import _stream_of, device_views
+        flat = device_views(arrays)
         if config.ENABLE_CUDASIM:
-            flat, stream, blocks = [None if a is None else a.reshape(a.size) for a in arrays], 0, 2
+            stream, blocks = 0, 2
         else:
-            stream = _stream_of(arrays[0], cuda)
-            flat = [None if a is None else cuda.as_cuda_array(a, sync=False).reshape(-1) for a in arrays]
-            blocks = min(n_blocks(flat[0].size), 65535)
+            stream, blocks = _stream_of(arrays[0], cuda), min(n_blocks(flat[0].size), 65535)
         self.cuda()[max(1, min(blocks, n_blocks(flat[0].size))), BLOCK, stream](*flat, scalars)
 
 

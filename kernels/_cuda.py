@@ -89,35 +89,42 @@ def blocks(n_chunks):
 def launch(kernel, n_chunks, stream, *args):
     """``kernel[blocks(n_chunks), THREADS, stream](*args)``: the launch of every
     block-per-chunk kernel."""
-    _launch(kernel, blocks(n_chunks), THREADS, stream, args)
+    _configured(kernel, blocks(n_chunks), THREADS, stream)(*args)
 
 
 def launch_stride(kernel, n, stream, *args):
     """The launch of a grid-stride element kernel over ``n`` elements: enough blocks of
     ``STRIDE_THREADS`` to cover them, at most 32 per multiprocessor (the loop strides over the
     rest); the simulator's small grid."""
-    if config.ENABLE_CUDASIM:
-        grid, threads = SIM_GRID
-    else:
-        grid, threads = max(1, min(-(-n // STRIDE_THREADS), 32 * _sm_count())), STRIDE_THREADS
-    _launch(kernel, grid, threads, stream, args)
+    launcher = _BY_SIZE.get((kernel, n, stream))
+    if launcher is None:
+        if config.ENABLE_CUDASIM:
+            grid, threads = SIM_GRID
+        else:
+            grid, threads = max(1, min(-(-n // STRIDE_THREADS), 32 * _sm_count())), STRIDE_THREADS
+        launcher = _BY_SIZE[(kernel, n, stream)] = _configured(kernel, grid, threads, stream)
+    launcher(*args)
 
 
-def _launch(kernel, grid, threads, stream, args):
-    # small models give small grids: Numba's occupancy warning about them is expected
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Gg]rid size.*")
-        kernel[grid, threads, stream](*args)
+# (kernel, grid, threads, stream) -> kernel[grid, threads, stream], and (kernel, n, stream) -> the
+# same for a grid-stride kernel over n elements: a step re-launches the same configurations, and
+# configuring one costs an object, a warnings filter and (grid-stride) a device query
+_CONFIGURED, _BY_SIZE = {}, {}
 
 
-_SM_COUNT = {}
+def _configured(kernel, grid, threads, stream):
+    key = (kernel, grid, threads, stream)
+    launcher = _CONFIGURED.get(key)
+    if launcher is None:
+        # small models give small grids: Numba's occupancy warning (given when configuring) is expected
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Gg]rid size.*")
+            launcher = _CONFIGURED[key] = kernel[grid, threads, stream]
+    return launcher
 
 
 def _sm_count():
-    dev = cuda.get_current_device()
-    if dev.id not in _SM_COUNT:
-        _SM_COUNT[dev.id] = dev.MULTIPROCESSOR_COUNT
-    return _SM_COUNT[dev.id]
+    return cuda.get_current_device().MULTIPROCESSOR_COUNT
 
 
 def make_reduce(dtype_name, modes):

@@ -6,6 +6,7 @@ Every check runs before any kernel does, so a rejected call writes nothing.
 """
 import os
 import sys
+import weakref
 
 import numpy as np
 
@@ -181,26 +182,96 @@ def launch(kernels, param, grad, states, values, master=None, key=None):
 
 def _launch_cuda(kernels, arrays, scalars):
     """Launch on CUDA arrays ``(param, grad, *states, master)`` (kernel views: a 16-bit float
-    as its bits); ``scalars`` already packed."""
+    as its bits); ``scalars`` already packed. The arrays' device views come from
+    :func:`device_views` and the stream from :func:`_stream_of`, so a plan's steps convert
+    nothing and allocate nothing but the scalars."""
     from numba import config, cuda
 
     from . import _cuda
-    if config.ENABLE_CUDASIM:
-        flat, stream = [None if a is None else a.reshape(a.size) for a in arrays], 0
-    else:
-        stream = _stream_of(arrays[0], cuda)
-        flat = [None if a is None else cuda.as_cuda_array(a, sync=False).reshape(-1) for a in arrays]
+    flat = device_views(arrays)
+    stream = 0 if config.ENABLE_CUDASIM else _stream_of(arrays[0], cuda)
     _cuda.launch_stride(kernels.cuda(), flat[0].size, stream, *flat, scalars)
 
 
+# id(array) per argument -> (weak references to the arrays, their flat Numba device views)
+_VIEWS = {}
+
+
+def device_views(arrays):
+    """Flat Numba device views of CUDA ``arrays`` (None stays None), converted once per tuple
+    of arrays and reused while every one of them lives: an optimizer's plan launches on the
+    same arrays every step, and a conversion (``cuda.as_cuda_array``) costs microseconds of
+    host time per array. The views do not own the memory (the arrays do): the entry goes
+    when any of its arrays is collected. Arrays that take no weak reference are converted at
+    every call."""
+    key = tuple(map(id, arrays))
+    hit = _VIEWS.get(key)
+    if hit is not None and all(r is None if a is None else r is not None and r() is a for r, a in zip(hit[0], arrays)):
+        return hit[1]
+    try:
+        refs = _weak_refs(arrays, key)
+    except TypeError:  # no weak references: a view that owns a reference, every call
+        return [None if a is None else _flat_view(a, owned=True) for a in arrays]
+    views = [None if a is None else _flat_view(a, owned=False) for a in arrays]
+    _VIEWS[key] = (refs, views)
+    return views
+
+
+def _weak_refs(arrays, key):
+    def drop(_):
+        entry = _VIEWS.get(key)
+        if entry is not None and entry[0] is refs:  # not a newer entry under a reused id
+            del _VIEWS[key]
+    refs = [None if a is None else weakref.ref(a, drop) for a in arrays]
+    return refs
+
+
+def _flat_view(a, owned):
+    """``a`` as a 1-D Numba device array over the same memory; ``owned``: the view keeps ``a``
+    alive (else the caller must)."""
+    if not hasattr(a, "__cuda_array_interface__") or _is_numba_device_array(a):
+        return a.reshape(a.size)  # a Numba device array (or the simulator's): a view of its own
+    from numba import cuda
+    view = cuda.from_cuda_array_interface(a.__cuda_array_interface__, owner=a if owned else None, sync=False)
+    return view.reshape(view.size)
+
+
+def _is_numba_device_array(a):
+    return type(a).__module__.startswith(("numba.cuda", "numba_cuda"))
+
+
+_STREAMS = {}  # stream handle -> Numba stream object (one process, one device: fastopt's GPU scope)
+
+
 def _stream_of(obj, cuda):
-    """Launch on the stream the producer of the array names (CUDA array interface v3)."""
-    ptr = getattr(obj, "__cuda_array_interface__", {}).get("stream")
-    if ptr in (None, 1):
-        return cuda.default_stream()
-    if ptr == 2:
-        return cuda.per_thread_default_stream()
-    return cuda.external_stream(ptr)
+    """The stream the producer of ``obj`` launches on now: CuPy's current stream for a CuPy
+    array, torch's current stream for memory a torch tensor owns (its array interface, v2,
+    names none), a Numba array's own stream, else the stream its array interface names (v3)."""
+    module = type(obj).__module__
+    if module.startswith("cupy"):
+        ptr = sys.modules["cupy"].cuda.get_current_stream().ptr
+    elif _is_numba_device_array(obj):
+        owner = getattr(getattr(obj, "gpu_data", None), "owner", None)
+        if type(owner).__module__.startswith("torch"):
+            ptr = sys.modules["torch"].cuda.current_stream(owner.device).cuda_stream
+        elif obj.stream:
+            return obj.stream
+        else:
+            ptr = None
+    else:
+        ptr = getattr(obj, "__cuda_array_interface__", {}).get("stream")
+    stream = _STREAMS.get(ptr)
+    if stream is None:
+        if ptr is None:
+            stream = cuda.default_stream()
+        elif ptr in (0, 1):  # 0: CuPy's and torch's null stream, 1: the interface's name for it
+            stream = cuda.legacy_default_stream()
+        elif ptr == 2:
+            stream = cuda.per_thread_default_stream()
+        else:
+            stream = cuda.external_stream(ptr)
+        _STREAMS[ptr] = stream
+    return stream
 
 
 def update(kernels, param, grad, states, values):

@@ -318,6 +318,43 @@ def _enable_cache(dispatcher, name, salt):
     return dispatcher
 
 
+def enable_cuda_cache(dispatcher, name, salt):
+    """Cache a generated CUDA kernel on disk (PTX and the device's cubin) under its own name:
+    the CPU cache's keying (:func:`_enable_cache`) for ``numba.cuda.jit``.
+
+    numba-cuda keys its cache on the kernel's bytecode and closure cells, and names the file
+    after the function: every rule's generated ``cuda_loop`` has the same name, file, line
+    and bytecode (only its global ``apply`` differs), so a plain ``cache=True`` would hand one
+    rule's kernel to another. ``salt`` (the source of everything the kernel is generated from)
+    takes the bytecode's place; the launch-config part of numba-cuda's key is kept. A no-op on
+    the simulator and on a numba-cuda whose cache internals moved (compiled every run)."""
+    try:
+        from numba import config
+        if config.ENABLE_CUDASIM:
+            return dispatcher
+        import numba_cuda
+        from numba.cuda.dispatcher import CUDACache
+
+        class _RuleCudaCache(CUDACache):
+            def _index_key(self, sig, codegen):
+                key = (sig, codegen.magic_tuple(), numba_cuda.__version__, salt)
+                if self._launch_config_key is not None:
+                    key += (("launch_config", self._launch_config_key),)
+                return key
+
+        dispatcher.py_func.__qualname__ = name
+        dispatcher._cache = _RuleCudaCache(dispatcher.py_func)
+    except Exception:
+        pass
+    return dispatcher
+
+
+def cuda_salt(salt):
+    """``salt`` with the source of the CUDA pieces (``_cuda``) and of the storage formats."""
+    from . import _cuda
+    return hashlib.sha256((salt + inspect.getsource(_cuda) + inspect.getsource(_formats)).encode()).hexdigest()
+
+
 def math_arguments(math, states):
     """The scalar names of ``math``: its arguments after ``p, g`` and the ``states``, which
     must be named as the rule names them."""
@@ -409,7 +446,7 @@ class Kernels:
     def cuda(self):
         if self._cuda is None:
             from numba import cuda
-            self._cuda = cuda.jit(self.cuda_loop())
+            self._cuda = enable_cuda_cache(cuda.jit(self.cuda_loop()), f"{self.name}_cuda", cuda_salt(self._salt))
         return self._cuda
 
     def layers_cuda_loop(self, dtype):
@@ -426,5 +463,6 @@ class Kernels:
         key = np.dtype(dtype)
         if key not in self._cuda_layers:
             from numba import cuda
-            self._cuda_layers[key] = cuda.jit(self.layers_cuda_loop(key))
+            self._cuda_layers[key] = enable_cuda_cache(cuda.jit(self.layers_cuda_loop(key)),
+                                                       f"{self.name}_cuda_layers_{key.name}", cuda_salt(self._salt))
         return self._cuda_layers[key]

@@ -19,7 +19,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import _formats
-from ._engine import _CPU_OPTIONS, _enable_cache
+from ._engine import _CPU_OPTIONS, _enable_cache, cuda_salt, enable_cuda_cache
 from ._formats import compute_dtype, load
 
 _SALT = hashlib.sha256((inspect.getsource(sys.modules[__name__]) + inspect.getsource(_formats)).encode()).hexdigest()
@@ -161,5 +161,6 @@ def cuda_kernel(dtype):
         from numba import cuda
 
         from ._cuda import make_reduce
-        _CUDA[key] = cuda.jit(make_reduce(compute_dtype(key).name, (SQUARES, MAX)))
+        _CUDA[key] = enable_cuda_cache(cuda.jit(make_reduce(compute_dtype(key).name, (SQUARES, MAX))),
+                                       f"norm_{key.name}_cuda", cuda_salt(_SALT))
     return _CUDA[key]
