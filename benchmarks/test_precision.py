@@ -115,15 +115,18 @@ def test_adamw_formats(record, name, impl):
     if impl == "fastopt":
         check_adamw_is_the_benchmarked_step()
         run = fastopt_step(name)
-    elif impl == "roof":
-        run = roof_step(name)
     else:
-        torch = pytest.importorskip("torch", reason="torch not installed")
-        if name != "bf16":
-            pytest.skip("torch rows sit beside the bf16 row")
-        run = torch_step(torch.bfloat16 if impl.endswith("bf16") else torch.float32)
+        run = roof_step(name) if impl == "roof" else torch_peer(impl, name, torch_step)
     run()
     record(f"adamw {name}", N, impl, run, nbytes, 10)
+
+
+def torch_peer(impl, name, make):
+    """``make(torch dtype)`` for a torch row (``impl`` ends with bf16 or fp32), beside the bf16 row only."""
+    torch = pytest.importorskip("torch", reason="torch not installed")
+    if name != "bf16":
+        pytest.skip("torch rows sit beside the bf16 row")
+    return make(torch.bfloat16 if impl.endswith("bf16") else torch.float32)
 
 
 # -- the 195-tensor model (benchmarks/test_models.py) in each format, through the optimizer class --
@@ -167,13 +170,7 @@ def model_torch_step(dtype):
 def test_model_200_formats(record, name, impl):
     from test_models import transformer_shapes
     n = sum(int(np.prod(s)) for s in transformer_shapes())
-    if impl == "fastopt":
-        run = model_step(name)
-    else:
-        torch = pytest.importorskip("torch", reason="torch not installed")
-        if name != "bf16":
-            pytest.skip("torch rows sit beside the bf16 row")
-        run = model_torch_step(torch.bfloat16 if impl.endswith("bf16") else torch.float32)
+    run = model_step(name) if impl == "fastopt" else torch_peer(impl, name, model_torch_step)
     run()
     record(f"model-200 adamw {name}", n, impl, run, 0, 10)
 

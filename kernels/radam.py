@@ -18,6 +18,7 @@ import numpy as np
 
 from . import _args
 from ._rule import Hyper, Rule, State
+from .nadam import constants  # the same moments, eps and (coupled or decoupled) weight decay as NAdam
 
 
 def radam_math(p, g, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_minus_beta2, coef, eps, l2, decay,
@@ -52,14 +53,6 @@ def scalars(h, step, lr):
     rectify, r = rectification(step, beta2)
     return {"coef": lr / (1 - beta1 ** step) * (r * math.sqrt(1 - beta2 ** step) if rectify else 1.0),
             "decay": 1 - lr * h["weight_decay"] if h["decoupled_weight_decay"] else 1.0, "rectify": rectify}
-
-
-def constants(h):
-    beta1, beta2 = h["betas"]
-    weight_decay, decoupled = h["weight_decay"], bool(h["decoupled_weight_decay"])
-    return {"beta1": beta1, "one_minus_beta1": 1 - beta1, "beta2": beta2, "one_minus_beta2": 1 - beta2,
-            "eps": h["eps"], "l2": 0.0 if decoupled else weight_decay, "maximize": bool(h["maximize"]),
-            "coupled": weight_decay != 0 and not decoupled, "decoupled": weight_decay != 0 and decoupled}
 
 
 RADAM = Rule(
