@@ -361,14 +361,19 @@ def test_fastopt_train_data_parallel_resumes_bit_exact(tmp_path):
     assert runs[0]["ranks"] == 2 and runs[0]["summary"]["final_test_acc"] > 0.9
 
 
+def _python(code):
+    """``code`` run by a fresh interpreter outside the checkout, importing this tree's fastopt."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd="/tmp", env=dict(os.environ, PYTHONPATH=str(HERE.parents[1])))
+
+
 def test_importable_without_mpi_and_refusals():
     """The module imports without touching MPI; LAMB and LARS are refused by name."""
     code = ("import sys; sys.modules['mpi4py'] = None\n"
             "import fastopt, fastopt.distributed as d\n"
             "try:\n    d.ShardedOptimizer(fastopt.AdamW, fastopt.ParamBuffer(shapes=[(3,)]))\n"
             "except d.MPIUnavailable as e:\n    print('MPIUnavailable', e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd="/tmp", env=dict(os.environ, PYTHONPATH=str(HERE.parents[1])))
+    out = _python(code)
     assert "MPIUnavailable" in out.stdout and "fastopt[mpi]" in out.stdout, out.stdout + out.stderr
 
 
@@ -378,8 +383,7 @@ def test_lamb_and_lars_refused():
             "for cls in (fastopt.LAMB, fastopt.LARS):\n"
             "    try:\n        d.ShardedOptimizer(cls, fastopt.ParamBuffer(shapes=[(3,)]))\n"
             "    except d.NotShardable as e:\n        print('NotShardable', cls.__name__, 'per-tensor' in str(e))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd="/tmp", env=dict(os.environ, PYTHONPATH=str(HERE.parents[1])))
+    out = _python(code)
     assert "NotShardable LAMB True" in out.stdout and "NotShardable LARS True" in out.stdout, out.stdout + out.stderr
 
 
