@@ -80,6 +80,22 @@ def test_compare_end_to_end(tmp_path, capsys):
         assert [r["optimizer"] for r in csv.DictReader(f)] == [n for n in names for _ in range(2)]
 
 
+def test_compare_runs_precision_variants_side_by_side(tmp_path, capsys):
+    """NAME:VARIANT runs the optimizer with the variant's settings on its own model, from the
+    same initial weights (rounded to the variant's storage) and the same batches."""
+    names = ["adamw", "adamw:bf16", "adamw:bf16:sr", "adamw:8bit"]
+    code, _, err = run(["compare", "--optimizers", ",".join(names), "--model", "mlp", "--epochs", 2,
+                          "--out", tmp_path, *TINY], capsys)
+    assert code == 0, err
+    runs = json.loads((tmp_path / "metrics.json").read_text())["runs"]
+    assert list(runs) == names and all(r["hyper"]["lr"] == R.DEFAULT_LR["adamw"] for r in runs.values())
+    losses = {name: r["step_loss"] for name, r in runs.items()}
+    assert len({tuple(v) for v in losses.values()}) == len(names)  # each variant changed the run
+    # a variant's first step sees the fp32 run's loss to within bfloat16's rounding of the weights
+    assert abs(losses["adamw:bf16"][0] - losses["adamw"][0]) < 0.05 * losses["adamw"][0]
+    assert losses["adamw:8bit"][0] == losses["adamw"][0]  # the same params: only the state differs
+
+
 def test_valley_end_to_end(tmp_path, capsys):
     code, out, err = run(["valley", "--optimizers", "sgd,momentum,adam", "--steps", 60, "--out", tmp_path], capsys)
     assert code == 0, err
@@ -321,6 +337,10 @@ BAD = [
     (["bench", "-n", "1e999"], "argument -n: expected an integer, got '1e999'"),
     (["train", "--threads", "0"], "argument --threads/--kernel-threads: must be >= 1"),
     (["fly"], "invalid choice: 'fly'"),
+    (["compare", "--optimizers", "adamw:bf8"], "unknown optimizer 'adamw:bf8'; choose from"),
+    (["compare", "--optimizers", "lamb:bf16"], "--optimizers lamb:bf16: --optimizer lamb: LAMB takes float32"),
+    (["compare", "--optimizers", "adamw:master"], "--optimizers adamw:master: --master-weights is for 16-bit"),
+    (["compare", "--optimizers", "lbfgs,adam:bf16", "--model", "logreg"], "take no :variants"),
     (["train", "--precision", "bf8"], "argument --precision: invalid choice: 'bf8'"),
     (["train", "--master-weights"], "--master-weights is for 16-bit params: add --precision bf16 or fp16"),
     (["train", "--stochastic-rounding"], "--stochastic-rounding is for 16-bit params"),

@@ -21,7 +21,17 @@ from .fullbatch import (
     MODEL,
     SECOND_ORDER,
 )
-from .recipes import DEFAULT_LR, EXEMPT, HYPER, MODELS, OPTIMIZER_NAMES, PRECISIONS, SCHEDULES, STATE_DTYPES
+from .recipes import (
+    DEFAULT_LR,
+    EXEMPT,
+    HYPER,
+    MODELS,
+    OPTIMIZER_NAMES,
+    PRECISIONS,
+    SCHEDULES,
+    STATE_DTYPES,
+    VARIANTS,
+)
 from .valley import LECTURE_OPTIMIZERS
 from .valley import OPTIMIZERS as VALLEY_OPTIMIZERS
 
@@ -66,13 +76,19 @@ finite_float = _number(float, lambda v: True, "a finite number")
 finite_int = _number(int, lambda v: True, "an integer")
 
 
-def _name_list(valid, what):
+def _name_list(valid, what, variants=()):
+    """Comma-separated names from ``valid``, each followed by any ``:VARIANT`` of ``variants``."""
+    def known(name):
+        base, *rest = name.split(":")
+        return base in valid and all(v in variants for v in rest)
+
     def parse(text):
         names = [n.strip() for n in text.split(",") if n.strip()]
-        unknown = [n for n in names if n not in valid]
+        unknown = [n for n in names if not known(n)]
         if unknown or not names:
-            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, unknown)) or '(none given)'}; "
-                                             f"choose from {', '.join(valid)}")
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(map(repr, unknown)) or '(none given)'}; choose from {', '.join(valid)}"
+                + (f", each optionally followed by :VARIANT from {', '.join(variants)}" if variants else ""))
         if len(set(names)) != len(names):
             raise argparse.ArgumentTypeError(f"{what} listed twice in {text!r}")
         return names
@@ -262,9 +278,13 @@ FLAGS = [
               "with momentum 0.9, nesterov = the same with Nesterov's correction; lars starts from "
               "momentum 0.9 and weight decay 5e-4. Biases and BatchNorm get neither weight decay, "
               "L1 nor a layer-wise trust ratio"),
-    flag("--optimizers", commands=["compare"], group="optimizer", type=_name_list(TRAINING_OPTIMIZERS, "optimizer"),
+    flag("--optimizers", commands=["compare"], group="optimizer",
+         type=_name_list(TRAINING_OPTIMIZERS, "optimizer", tuple(VARIANTS)),
          default="sgd,momentum,nesterov,adagrad,rmsprop,adam",
-         help=f"comma-separated, from {', '.join(TRAINING_OPTIMIZERS)} (default: %(default)s)"),
+         help=f"comma-separated, from {', '.join(TRAINING_OPTIMIZERS)}; a name may be followed by variants "
+              f"(:{', :'.join(VARIANTS)}), e.g. adamw,adamw:bf16,adamw:bf16:sr,adamw:8bit runs AdamW in fp32, "
+              "with bf16 params rounded to nearest, with stochastic rounding and with 8-bit state, side by side "
+              "(default: %(default)s)"),
     flag("--lr", group="optimizer", type=positive_float,
          help="learning rate, in compare the same for every optimizer (default: each optimizer's own: "
               + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")"),

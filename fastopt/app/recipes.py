@@ -58,6 +58,22 @@ def precision_options(cfg):
     return {k: v for k, v in options.items() if v}
 
 
+#: ``fastopt compare``'s variants of an optimizer: ``NAME:VARIANT[:VARIANT...]``, e.g. ``adamw:bf16:sr``
+VARIANTS = {"bf16": {"precision": "bf16"}, "fp16": {"precision": "fp16"}, "master": {"master_weights": True},
+            "sr": {"stochastic_rounding": True}, "8bit": {"state_bits": 8},
+            "state-bf16": {"state_dtype": "bfloat16"}, "state-fp32": {"state_dtype": "float32"}}
+
+
+def split_variant(name):
+    """``("adamw", {"precision": "bf16", "stochastic_rounding": True})`` for ``"adamw:bf16:sr"``:
+    the optimizer and the settings its variant changes."""
+    base, *variants = name.split(":")
+    changes = {}
+    for v in variants:
+        changes.update(VARIANTS[v])
+    return base, changes
+
+
 def storage_dtype(cfg):
     """The model's ``storage`` for ``cfg.precision`` (None: ``cfg.dtype``), checked against --dtype."""
     storage = PRECISIONS[cfg.precision]

@@ -10,6 +10,7 @@ allowed and continues the run, but not bit for bit (other kernels, other roundin
     cfg = Config(model="mlp", optimizer="sgd", lr=0.1, hyper={"momentum": 0.9}, epochs=20)
     metrics = train(cfg)      # writes cfg.out/metrics.json, metrics.csv, loss.png, accuracy.png
 """
+import dataclasses
 from pathlib import Path
 
 from ..distributed import MPIUnavailable, ShardedOptimizer, in_mpi_launch, mpi
@@ -27,7 +28,7 @@ from .outputs import (
     write_metrics,
 )
 from .prepare import build, describe_data, open_run, steps_per_epoch, thread_limits
-from .recipes import describe_model, optimizer_kwargs
+from .recipes import describe_model, optimizer_kwargs, split_variant
 
 COMPARE_FIELDS = ("optimizer", *EPOCH_FIELDS)
 COMPARE_HEADERS = ("optimizer", "lr", "train loss", "test acc", "best test acc", "s/epoch", "seconds")
@@ -137,12 +138,21 @@ def compare(cfg, optimizers, log=print):
     loss.png, accuracy.png, metrics.json, metrics.csv in ``cfg.out``; returns the metrics
     dict, whose ``table`` rows go with COMPARE_HEADERS. Model "logreg": the full-batch comparison
     of :mod:`.fullbatch`, with its own headers (lbfgs and newton need it)."""
-    if uses_full_batch(cfg, optimizers, strict=False):
+    bases = {name: split_variant(name)[0] for name in optimizers}
+    if uses_full_batch(cfg, list(bases.values()), strict=False):
+        if bases != {name: name for name in optimizers}:
+            raise UsageError(f"--optimizers: the full-batch runs (--model {cfg.model}) take no :variants")
         return full_batch(cfg, optimizers, log)
     device, data = open_run(cfg, log)
     log(f"data: {describe_data(data)}")
     steps = steps_per_epoch(cfg, data)
-    built = {name: build(cfg, data, device, steps, name=name, strict=False) for name in optimizers}
+    built = {}
+    for name in optimizers:  # a variant's settings apply to its own model and optimizer
+        try:
+            built[name] = build(dataclasses.replace(cfg, **split_variant(name)[1]), data, device, steps,
+                                name=bases[name], strict=False)
+        except UsageError as e:
+            raise UsageError(f"--optimizers {name}: {e}") from None
     notes(cfg, len(data.x_train), log)
     out = Path(cfg.out)
     open_out(out, log)
@@ -155,7 +165,7 @@ def compare(cfg, optimizers, log=print):
             log(f"{name}: {describe_optimizer(opt, cfg.schedule, cfg.epochs * steps)}")
             history, step_losses, diverged = fit(cfg, data, model, opt, ema, log, label=f"{name}: ")
             summary = summarize(history, diverged)
-            _, kwargs = optimizer_kwargs(name, cfg.lr, cfg.hyper, strict=False)
+            _, kwargs = optimizer_kwargs(bases[name], cfg.lr, cfg.hyper, strict=False)
             runs[name] = dict(hyper=kwargs, initial=dict(test_loss=init_loss, test_acc=init_acc), epochs=history,
                               step_loss=step_losses, summary=summary)
             rows += [{"optimizer": name, **r} for r in history]
