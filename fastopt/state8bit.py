@@ -215,7 +215,8 @@ class Plan8:
         launches = 0
         if len(self.table8):
             flat = [x for q in self.q8 for x in ((None, None) if q is None else q)]
-            self.blockwise.cpu(self.parallel)(params, g, *flat, self.m, self.table8, scalars)
+            self.blockwise.cpu(self.parallel)(params, g, *flat, self.m, self.table8,
+                                              self.blockwise.cpu_scalars(scalars))
             launches += 1
         if len(self.table32):
             self.kernels.cpu_multi(self.parallel)(params, g, *self.s32, self.m, self.table32, scalars)

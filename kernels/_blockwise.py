@@ -32,6 +32,8 @@ the maxima meet in shared memory.
 :func:`quantize` / :func:`dequantize` are the host (NumPy) forms, used to convert 32-bit
 state in and out; ``reference_*`` are float64 NumPy references for the tests.
 """
+import textwrap
+
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload, register_jitable
@@ -91,7 +93,12 @@ def _fp8_decode_mag(code, bias, smallest):
 
 
 # Python forms (the simulator, the host) and, compiled, LLVM intrinsics in 32-bit words: Numba
-# widens integer arithmetic to 64 bits, which halves the SIMD lanes of every step.
+# widens integer arithmetic to 64 bits, which halves the SIMD lanes of every step. The CPU pass
+# is bound by vector instructions (not memory) at 2 threads, so the intrinsics take the fewest:
+# no clamps that cannot fire (x / absmax <= 1 up to the rounding of 1 / absmax, and a value a
+# few ulps above 1 still rounds to the top code), one compare-and-select for the subnormal
+# range, the sign moved with one mask. For |x * inv_scale| <= 1 they give the Python forms'
+# codes and values, bit for bit (tests/test_state8bit.py).
 
 def fp8_encode_signed(x, inv_scale):
     y = _F(x * inv_scale)
@@ -113,9 +120,8 @@ def fp8_decode_unsigned(code, scale):
 
 
 def _encode_intrinsic(signed):
-    bias, magic, magic_bits, smallest, top = (
-        (_BIAS_S, _MAGIC_S, _MAGIC_BITS_S, _SMALLEST_S, _TOP_S) if signed else
-        (_BIAS_U, _MAGIC_U, _MAGIC_BITS_U, _SMALLEST_U, _TOP_U))
+    bias, magic, magic_bits, smallest = (
+        (_BIAS_S, _MAGIC_S, _MAGIC_BITS_S, _SMALLEST_S) if signed else (_BIAS_U, _MAGIC_U, _MAGIC_BITS_U, _SMALLEST_U))
 
     @intrinsic
     def encode(typingctx, x, inv):
@@ -124,18 +130,16 @@ def _encode_intrinsic(signed):
             i32, f32 = ir.IntType(32), ir.FloatType()
 
             def c(v):
-                return ir.Constant(i32, int(v))
+                return ir.Constant(i32, int(v) & 0xFFFFFFFF)
             y = builder.fmul(args[0], args[1])
             b = builder.bitcast(y, i32)
-            a = builder.bitcast(builder.and_(b, c(0x7FFFFFFF)), f32)
-            a = builder.select(builder.fcmp_ordered("<", a, ir.Constant(f32, 1.0)), a, ir.Constant(f32, 1.0))
-            ab = builder.bitcast(a, i32)
-            normal = builder.lshr(builder.add(builder.sub(ab, c(bias)), c(_ROUND)), c(_SHIFT))
+            ab = builder.and_(b, c(0x7FFFFFFF)) if signed else b
+            a = builder.bitcast(ab, f32)
+            normal = builder.lshr(builder.add(ab, c(int(_ROUND) - int(bias))), c(_SHIFT))
             tiny = builder.sub(builder.bitcast(builder.fadd(a, ir.Constant(f32, float(magic))), i32), c(magic_bits))
             code = builder.select(builder.fcmp_ordered("<", a, ir.Constant(f32, float(smallest))), tiny, normal)
-            code = builder.select(builder.icmp_unsigned("<", code, c(top)), code, c(top))
-            if signed:
-                code = builder.or_(code, builder.shl(builder.lshr(b, c(31)), c(7)))
+            if signed:  # the float's sign bit becomes the code's
+                code = builder.or_(code, builder.and_(builder.lshr(b, c(24)), c(128)))
             return builder.trunc(code, ir.IntType(8))
         return types.uint8(types.float32, types.float32), codegen
     return encode
@@ -151,19 +155,23 @@ def _decode_intrinsic(signed):
             i32, f32 = ir.IntType(32), ir.FloatType()
 
             def c(v):
-                return ir.Constant(i32, int(v))
+                return ir.Constant(i32, int(v) & 0xFFFFFFFF)
             w = args[0] if args[0].type.width == 8 else builder.trunc(args[0], ir.IntType(8))
-            w = builder.zext(w, i32)
-            mag = builder.and_(w, c(127)) if signed else w
-            bits = builder.add(builder.shl(mag, c(_SHIFT)), c(bias))
+            if signed:  # sign-extended and shifted: the code's sign bit lands on the float's
+                t = builder.shl(builder.sext(w, i32), c(_SHIFT))
+                bits = builder.add(builder.and_(t, c(127 << _SHIFT)), c(bias))
+                sub = builder.icmp_unsigned("==", builder.and_(t, c(120 << _SHIFT)), c(0))
+            else:
+                t = builder.shl(builder.zext(w, i32), c(_SHIFT))
+                bits = builder.add(t, c(bias))
+                sub = builder.icmp_unsigned("<", t, c(_SUB_CODES << _SHIFT))
             normal = builder.bitcast(bits, f32)
-            tiny = builder.fsub(builder.bitcast(builder.add(bits, c(_EXP_ONE)), f32), ir.Constant(f32, float(smallest)))
-            v = builder.select(builder.icmp_unsigned("<", mag, c(_SUB_CODES)), tiny, normal)
-            v = builder.fmul(v, args[1])
-            if signed:  # the code's sign bit becomes the float's
-                sign = builder.shl(builder.lshr(w, c(7)), c(31))
-                v = builder.bitcast(builder.xor(builder.bitcast(v, i32), sign), f32)
-            return v
+            # 2**emin * (1 + m/8) - 2**emin = m * 2**(emin-3), exact
+            tiny = builder.fma(normal, ir.Constant(f32, 2.0), ir.Constant(f32, -float(smallest)))
+            v = builder.select(sub, tiny, normal)
+            if signed:
+                v = builder.bitcast(builder.or_(builder.bitcast(v, i32), builder.and_(t, c(0x80000000))), f32)
+            return builder.fmul(v, args[1])
         return types.float32(code, types.float32), codegen
     return decode
 
@@ -352,26 +360,12 @@ def reference_dequantize(codes, absmax, signed, code=DEFAULT_CODE):
 # -- the fused kernels ----------------------------------------------------------------------
 
 _CPU_TEMPLATE = '''
-def make(math, load, store, jit, prange, item, noise, np, inv, absmax, block_size{codecs}):
+def make(math, load, store, jit, prange, item, noise, np, inv, abs_bits, from_bits, block_size{codecs}):
     # Indices are unsigned (no negative-index wrap-around, which stops the vectorizer) and
     # the arrays are whole, never sliced per block: a slice costs an atomic reference count,
-    # which all threads would bounce between them on every block.
-    @jit
-    def block(param, grad, {qa}master, c, base, lo, hi, b{rows}):
-        # one quantization block: decode with the old scales, the rule's math, store p, and
-        # keep the new states in the scratch rows (a loop that vectorizes: no reduction in it)
-{olds}
-        for i in range(lo, hi):
-            g = load(grad, i) * c[0]
-{loads}
-            p, {outs} = math(load(master, i) if master is not None else load(param, i), g, {ins}{scalars})
-            if master is not None:
-                store(master, i, p)
-            store(param, i, p, noise(c[{key}], base + np.int64(i), 0))
-{keeps}
-
-{requants}
-
+    # which all threads would bounce between them on every block. Both loops of a block are
+    # here, not in functions of their own: a call per block (LLVM declined to inline it)
+    # passed every argument through the stack.
     @jit
     def chunk(param, grad, {qa}master, b0, b1, c, base, scratch):
         n = param.size
@@ -379,7 +373,19 @@ def make(math, load, store, jit, prange, item, noise, np, inv, absmax, block_siz
         for b in range(b0, b1):
             lo = np.uint64(b * block_size)
             hi = np.uint64(min(b * block_size + block_size, n))
-            block(param, grad, {qa}master, c, base, lo, hi, b{row_args})
+            # decode with the old scales, the rule's math, store p, keep the new states in the
+            # scratch rows (in L1) and their maxima: an integer maximum of the float bits with the
+            # sign cleared vectorizes where a float one needs fast-math (a NaN wins: the block's
+            # scale becomes NaN, as the state would be)
+{olds}
+            for i in range(lo, hi):
+                g = load(grad, i) * c[0]
+{loads}
+                p, {outs} = math(load(master, i) if master is not None else load(param, i), g, {ins}{scalars})
+                if master is not None:
+                    store(master, i, p)
+                store(param, i, p, noise(c[{key}], base + np.int64(i), 0))
+{keeps}
 {writes}
 
     def multi_loop(params, grads, {qas}masters, table, c):
@@ -402,40 +408,38 @@ def generate_cpu(n_states, scalar_positions):
     scales ``a``, or both None) with its scalars at ``scalar_positions`` of the kernel tuple."""
     key = 1 + len(scalar_positions)
     ks = range(n_states)
-    ind = " " * 12
+    ind = " " * 16
     return _CPU_TEMPLATE.format(
         codecs="".join(f", enc{k}, dec{k}" for k in ks),
         qa=_states_args(n_states),
-        rows="".join(f", r{k}" for k in ks),
-        olds="\n".join(f"        old{k} = a{k}[b] if q{k} is not None else c[0]" for k in ks) or "        pass",
+        olds="\n".join(f"            old{k} = a{k}[b] if q{k} is not None else c[0]\n            m{k} = np.int32(0)"
+                       for k in ks) or "            pass",
         loads="\n".join(f"{ind}x{k} = dec{k}(q{k}[i], old{k}) if q{k} is not None else g" for k in ks) or f"{ind}pass",
         outs="".join(f"x{k}, " for k in ks) or "_,",
         ins="".join(f"x{k}, " for k in ks),
         scalars=", ".join(f"c[{1 + p}]" for p in scalar_positions),
         key=key,
-        keeps="\n".join(f"{ind}if q{k} is not None:\n{ind}    r{k}[i - lo] = x{k}" for k in ks) or f"{ind}pass",
-        requants="\n".join(
-            f"    @jit\n    def requant{k}(q, r, lo, hi, m):\n        s = inv(m)\n        for i in range(lo, hi):\n"
-            f"            q[i] = enc{k}(r[i - lo], s)\n" for k in ks),
+        keeps="\n".join(f"{ind}if q{k} is not None:\n{ind}    r{k}[i - lo] = x{k}\n{ind}    a = abs_bits(x{k})\n"
+                        f"{ind}    m{k} = a if a > m{k} else m{k}" for k in ks) or f"{ind}pass",
+        writes="\n".join(textwrap.indent(
+            f"if q{k} is not None:  # encode with the new scale: one loop per state\n"
+            f"    m = from_bits(m{k})\n    a{k}[b] = m\n    s = inv(m)\n"
+            f"    for i in range(lo, hi):\n        q{k}[i] = enc{k}(r{k}[i - lo], s)", " " * 12) for k in ks)
+        or "            pass",
         row_views="\n".join(f"        r{k} = scratch[{k}]" for k in ks) or "        pass",
-        row_args="".join(f", r{k}" for k in ks),
-        writes="\n".join(f"{ind}if q{k} is not None:\n{ind}    m{k} = absmax(r{k}, hi - lo)\n"
-                         f"{ind}    a{k}[b] = m{k}\n{ind}    requant{k}(q{k}, r{k}, lo, hi, m{k})"
-                         for k in ks) or f"{ind}pass",
         qas="".join(f"q{k}s, a{k}s, " for k in ks),
         items="".join(f"item(q{k}s, t), item(a{k}s, t), " for k in ks),
         n_rows=max(n_states, 1)).replace("p, _, = math(", "p = math(")
 
 
 @register_jitable
-def absmax_of(r, n):
-    """The largest ``|r[i]|`` of the first ``n``, as the largest of the float bits with the sign cleared: an
-    integer maximum, which vectorizes where a float one needs fast-math (a NaN wins: the
-    block's scale becomes NaN, as the state would be)."""
-    m = np.int32(0)
-    for i in range(n):
-        b = np.int32(bits_from_f32(r[i]) & _U(0x7FFFFFFF))
-        m = b if b > m else m
+def abs_bits(x):
+    """The bits of ``|x|`` (float32) as an int32: their order is the values' (a NaN above all)."""
+    return np.int32(bits_from_f32(x) & _U(0x7FFFFFFF))
+
+
+@register_jitable
+def from_bits(m):
     return f32_from_bits(_U(m))
 
 
@@ -529,21 +533,34 @@ class Blockwise:
             raise ValueError(f"{kernels.name}: no 8-bit form for states {unknown}")
         self.signed = tuple(SIGNED[s] for s in kernels.states)
         self._cpu, self._cuda = {}, None
+        sc = kernels.scalars  # where the constant flags sit in the kernel tuple
+        self._false_flags = frozenset(1 + sc.order.index(n) for n in sc.constant if n in sc.flags)
 
     def _codecs(self):
         return [f for s in self.signed for f in CODEC[self.code][s]]
 
     def cpu(self, parallel):
+        """The CPU pass; call it with :meth:`cpu_scalars` of the kernel tuple."""
         if parallel not in self._cpu:
             n, jit = len(self.kernels.states), njit(**_CPU_OPTIONS)
             make = _compile_factory(generate_cpu(n, self.kernels._positions))
-            loop = make(jit(self.kernels.math), load, store, jit, prange, _item, noise, np, jit(inv_scale),
-                        jit(absmax_of), BLOCK, *[jit(f) for f in self._codecs()])
+            # "contract": a * b + c in one FMA (the pass is bound by vector instructions); the
+            # 8-bit state rounds far more than the last bit this moves
+            math = njit(fastmath={"contract"}, **_CPU_OPTIONS)(self.kernels.math)
+            loop = make(math, load, store, jit, prange, _item, noise, np, jit(inv_scale),
+                        jit(abs_bits), jit(from_bits), BLOCK, *[jit(f) for f in self._codecs()])
             kind = "parallel" if parallel else "serial"
             self._cpu[parallel] = _enable_cache(njit(parallel=parallel, **_CPU_OPTIONS)(loop),
                                                 f"{self.kernels.name}_8bit_{self.code}_{kind}",
                                                 self.kernels._salt + _SALT)
         return self._cpu[parallel]
+
+    def cpu_scalars(self, c):
+        """The kernel tuple ``c`` with each constant flag that is False passed as None: the
+        math's branch on it is pruned when it compiles (one specialization per set of options).
+        A runtime False flag still costs its branch: the vectorizer computes both sides, such
+        as the division of a proximal step nobody asked for."""
+        return tuple(None if k in self._false_flags and v is False else v for k, v in enumerate(c))
 
     def cuda_loop(self):
         """The Python CUDA kernel (not compiled), for ``cuda.jit`` or ``compile_ptx``."""
