@@ -43,6 +43,7 @@ from ._formats import bits_from_f32, f32_from_bits, load, noise, store
 
 BLOCK = 256            # values per quantization block (one float32 scale each)
 MIN_SIZE = 4096        # tensors below this keep 32-bit state, as bitsandbytes
+PREFETCH_AHEAD = 2048  # elements between a block and the data the CPU pass prefetches for (measured)
 CODES = ("fp8", "dynamic")
 DEFAULT_CODE = "fp8"
 #: the states that have an 8-bit form: signed (True) or unsigned (False) code
@@ -360,7 +361,8 @@ def reference_dequantize(codes, absmax, signed, code=DEFAULT_CODE):
 # -- the fused kernels ----------------------------------------------------------------------
 
 _CPU_TEMPLATE = '''
-def make(math, load, store, jit, prange, item, noise, np, inv, abs_bits, from_bits, block_size{codecs}):
+def make(math, load, store, jit, prange, item, noise, np, inv, abs_bits, from_bits, prefetch, ahead,
+         block_size{codecs}):
     # Indices are unsigned (no negative-index wrap-around, which stops the vectorizer) and
     # the arrays are whole, never sliced per block: a slice costs an atomic reference count,
     # which all threads would bounce between them on every block. Both loops of a block are
@@ -373,6 +375,13 @@ def make(math, load, store, jit, prange, item, noise, np, inv, abs_bits, from_bi
         for b in range(b0, b1):
             lo = np.uint64(b * block_size)
             hi = np.uint64(min(b * block_size + block_size, n))
+            # the hardware prefetchers alone left the pass ~15% short of its speed at 2 threads
+            # (many streams, each crossing a page every 4 blocks)
+            far = hi + np.uint64(ahead)
+            for k in range(np.uint64(0), np.uint64(block_size), np.uint64(16)):  # a line: 16 floats
+                prefetch(param, far + k)
+                prefetch(grad, far + k)
+{prefetch_codes}
             # decode with the old scales, the rule's math, store p, keep the new states in the
             # scratch rows (in L1) and their maxima: an integer maximum of the float bits with the
             # sign cleared vectorizes where a float one needs fast-math (a NaN wins: the block's
@@ -427,9 +436,31 @@ def generate_cpu(n_states, scalar_positions):
             f"    for i in range(lo, hi):\n        q{k}[i] = enc{k}(r{k}[i - lo], s)", " " * 12) for k in ks)
         or "            pass",
         row_views="\n".join(f"        r{k} = scratch[{k}]" for k in ks) or "        pass",
+        prefetch_codes=textwrap.indent(
+            "for k in range(np.uint64(0), np.uint64(block_size), np.uint64(64)):  # a line: 64 codes\n"
+            + "\n".join(f"    if q{k} is not None:\n        prefetch(q{k}, far + k)" for k in ks), " " * 12)
+        if n_states else "",
         qas="".join(f"q{k}s, a{k}s, " for k in ks),
         items="".join(f"item(q{k}s, t), item(a{k}s, t), " for k in ks),
         n_rows=max(n_states, 1)).replace("p, _, = math(", "p = math(")
+
+
+@intrinsic
+def prefetch(typingctx, array, index):
+    """Ask for the cache line of ``array[index]`` ahead of use (x86 ``prefetcht0``); it never
+    faults, so an index past the end is harmless."""
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+        from numba.core import cgutils
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        # read, keep in all levels, data cache
+        builder.call(fn, [builder.bitcast(builder.gep(data, [args[1]]), i8p), ir.Constant(i32, 0),
+                          ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.void(array, index), codegen
 
 
 @register_jitable
@@ -547,8 +578,8 @@ class Blockwise:
             # "contract": a * b + c in one FMA (the pass is bound by vector instructions); the
             # 8-bit state rounds far more than the last bit this moves
             math = njit(fastmath={"contract"}, **_CPU_OPTIONS)(self.kernels.math)
-            loop = make(math, load, store, jit, prange, _item, noise, np, jit(inv_scale),
-                        jit(abs_bits), jit(from_bits), BLOCK, *[jit(f) for f in self._codecs()])
+            loop = make(math, load, store, jit, prange, _item, noise, np, jit(inv_scale), jit(abs_bits),
+                        jit(from_bits), prefetch, PREFETCH_AHEAD, BLOCK, *[jit(f) for f in self._codecs()])
             kind = "parallel" if parallel else "serial"
             self._cpu[parallel] = _enable_cache(njit(parallel=parallel, **_CPU_OPTIONS)(loop),
                                                 f"{self.kernels.name}_8bit_{self.code}_{kind}",
