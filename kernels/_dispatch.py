@@ -10,7 +10,7 @@ import weakref
 
 import numpy as np
 
-from ._formats import BY_NAME, compute_dtype, kernel_view
+from ._formats import BFLOAT16, BY_NAME, _dtype_or_none, compute_dtype, kernel_view
 
 #: float64, float32, float16 and bfloat16 (``ml_dtypes.bfloat16``; see ``_formats``)
 SUPPORTED_DTYPES = tuple(BY_NAME.values())
@@ -36,7 +36,7 @@ class _Array:
         elif hasattr(obj, "__cuda_array_interface__"):
             cai = obj.__cuda_array_interface__
             self.device = "cuda"
-            self.dtype, self.shape = np.dtype(cai["typestr"]), tuple(cai["shape"])
+            self.dtype, self.shape = _cuda_dtype(obj, cai), tuple(cai["shape"])
             c_strides = _c_strides(self.shape, self.dtype.itemsize)
             strides = cai.get("strides")
             self.contiguous = strides is None or tuple(strides) == c_strides or _size(self.shape) <= 1
@@ -62,6 +62,15 @@ class _Array:
         return ptr, ptr + _size(self.shape) * self.dtype.itemsize
 
 
+def _cuda_dtype(obj, cai):
+    """The dtype of a CUDA array: its own NumPy ``dtype`` where it has one of the interface's
+    width (a Numba view of bfloat16 memory: the interface can only say ``<V2``), else the
+    interface's ``typestr``."""
+    typestr = np.dtype(cai["typestr"])
+    own = _dtype_or_none(getattr(obj, "dtype", None))
+    return own if own is not None and own.itemsize == typestr.itemsize else typestr
+
+
 def _c_strides(shape, itemsize):
     strides, step = [], itemsize
     for d in reversed(shape):
@@ -85,10 +94,17 @@ def _is_simulated_device_array(obj):
 def as_kernel_array(a):
     """A PyTorch CUDA tensor as a Numba device array over the same memory (its ``size`` is a
     method, its ``reshape`` a copy-or-view, and a tensor that requires grad raises on
-    ``__cuda_array_interface__``); every other array as it is."""
+    ``__cuda_array_interface__``); every other array as it is.
+
+    torch refuses ``__cuda_array_interface__`` for bfloat16, so a bfloat16 tensor crosses as
+    its 16-bit pattern (``view(torch.int16)``, no copy) and the Numba array is viewed back
+    as ``ml_dtypes.bfloat16``: the dtype the checks and the kernels expect of bf16 memory."""
     if is_torch(a) and getattr(a, "is_cuda", False):
         from numba import cuda
-        return cuda.as_cuda_array(a.detach(), sync=False)
+        t = a.detach()
+        if str(t.dtype) == "torch.bfloat16" and BFLOAT16 is not None:
+            return cuda.as_cuda_array(t.view(sys.modules["torch"].int16), sync=False).view(BFLOAT16)
+        return cuda.as_cuda_array(t, sync=False)
     return a
 
 

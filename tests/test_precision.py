@@ -6,6 +6,8 @@ The conversions are checked against NumPy's and ml_dtypes' casts (every 16-bit p
 read, random and edge values written), every rule against its float64 reference one step
 at a time (the reference fed the stored values, its result rounded to the format), and the
 options against float32 runs that they must equal bit for bit."""
+import re
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -361,3 +363,40 @@ def test_bf16_optimizer_with_masters_and_rounding_on_each_backend(backend):
 def test_formats_table_names_the_user_dtypes():
     assert set(_formats.BY_NAME) == {"float64", "float32", "float16", "bfloat16"}
     assert _formats.kernel_dtype("bfloat16") == np.uint16 and _formats.kernel_dtype(np.float16) == np.int16
+
+
+class _CudaArrayLike:
+    """A CUDA array as the interface describes it (no memory behind it: only the checks read it)."""
+
+    def __init__(self, typestr, dtype=None, shape=(5,)):
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (1 << 20, False),
+                                         "strides": None, "version": 3}
+        if dtype is not None:
+            self.dtype = dtype
+
+
+@pytest.mark.parametrize("array, seen", [
+    (_CudaArrayLike("<V2", BF16), BF16),        # a Numba view of a torch bf16 tensor's bits
+    (_CudaArrayLike("<f2", F16), F16),
+    (_CudaArrayLike("<f4", "torch.float32"), np.dtype(np.float32)),  # a dtype NumPy cannot read
+    (_CudaArrayLike("<f4", BF16), np.dtype(np.float32)),  # not the interface's width: the interface wins
+])
+def test_a_cuda_array_s_own_dtype_names_its_format(array, seen):
+    from fastopt.kernels._dispatch import _Array
+    assert _Array("param", array).dtype == seen
+
+
+def test_bf16_cuda_kernels_need_no_bf16_instructions():
+    """bfloat16 is converted with integer bit operations, so the kernels run on every GPU
+    numba-cuda targets (sm_75 and up), not only on sm_80+ where bf16 arithmetic exists."""
+    pytest.importorskip("numba_cuda", reason="numba-cuda is not installed")
+    if SIMULATOR:
+        pytest.skip("compile_ptx does not exist under the simulator")
+    from fastopt.kernels import _ptx
+    rule = RULES["adamw"][0]
+    layout = next(_ptx.variants(rule))
+    ptx = _ptx.compile_kernel(rule.kernels, layout, _ptx.example_scalars(rule, BF16), BF16, (7, 5))
+    body = [line for line in ptx.splitlines() if not line.lstrip().startswith((".common", "//", ".globl"))]
+    assert ".target sm_75" in ptx and len(body) > 100
+    assert not [line for line in body if re.search(r"\.bf16(x2)?\b", line)]
+    assert _ptx.f64_count(ptx) == 0
