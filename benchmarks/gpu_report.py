@@ -317,6 +317,10 @@ def markdown(report):
     train = report.get("train")
     if train:
         lines += ["", "## fastopt train --device cuda --epochs 3", "", train["summary"]]
+    torch_train = report.get("torch_train")
+    if torch_train:
+        lines += ["", "## The same conv net in torch CUDA (examples/torch_digits.py --device cuda --net train-conv "
+                  "--epochs 3)", "", "```", torch_train["summary"], "```"]
     rows = report.get("benchmarks") or []
     if rows:
         lines += ["", "## Benchmarks", "",
@@ -391,12 +395,16 @@ def main(argv):
     bench_json = outdir / "benchmarks.json"
     bench_env = {**env, "FASTOPT_GPU_BENCH_JSON": str(bench_json)}
     step("benchmarks", [py, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "benchmarks/test_gpu.py"],
-         170, 150, bench_env)
+         170, 200, bench_env)
     report["benchmarks"] = json.loads(bench_json.read_text()) if bench_json.exists() else []
 
     train_out = outdir / "train"
-    step("train", [py, "-m", "fastopt", "train", "--device", "cuda", "--epochs", "3", "--out", train_out], 60, 110)
+    step("train", [py, "-m", "fastopt", "train", "--device", "cuda", "--epochs", "3", "--out", train_out], 60, 160)
     report["train"] = train_summary(train_out / "metrics.json")
+
+    step("torch-digits-cuda", [py, "examples/torch_digits.py", "--device", "cuda", "--net", "train-conv",
+                               "--epochs", "3"], 60, 100)
+    report["torch_train"] = torch_train_summary(report["steps"][-1])
 
     step("nn-cupy", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_nn.py",
                      "tests/test_preprocessing.py", "tests/test_data.py", "-k", "cuda or cupy"], 45, 60)
@@ -437,8 +445,14 @@ def train_summary(path):
     s = json.loads(path.read_text()).get("summary", {})
     return {**s, "summary": f"{s.get('examples_per_s', 0):,.0f} train examples/s, test accuracy "
                             f"{s.get('final_test_acc', 0):.2%} after {s.get('epochs')} epochs, "
-                            f"{s.get('seconds', 0):.1f} s. The same net in torch CUDA: not done (no torch "
-                            "twin of fastopt's conv net in this repository)."}
+                            f"{s.get('seconds', 0):.1f} s."}
+
+
+def torch_train_summary(step):
+    """The lines of examples/torch_digits.py (the torch twin of the conv net, on CUDA, stepped by
+    fastopt.torch.AdamW and by torch.optim.AdamW) that carry the figures."""
+    kept = [line for line in step["tail"] if line.startswith(("fastopt.torch", "torch.optim", "largest"))]
+    return {"summary": "\n".join(kept) if kept else f"not measured: {step['reason'] or 'no output'}"}
 
 
 if __name__ == "__main__":

@@ -114,3 +114,12 @@ def test_without_a_gpu_the_command_says_why_and_exits_0(tmp_path, monkeypatch):
     assert out.returncode == 0, out.stderr
     assert "skipped, no GPU" in out.stdout
     assert not (tmp_path / "report").exists()  # nothing written
+
+
+def test_the_torch_twin_s_lines_are_kept():
+    tail = ["digits: 1438 training ...", "fastopt.torch.AdamW  test accuracy  97.2%  (9,000 examples/s)",
+            "torch.optim.AdamW    test accuracy  97.0%  (8,000 examples/s)", "largest weight difference 1e-2"]
+    summary = gpu_report.torch_train_summary({"tail": tail, "reason": None})["summary"]
+    assert summary.splitlines() == tail[1:]
+    assert "not measured: exit status 1" in gpu_report.torch_train_summary({"tail": [], "reason": "exit status 1"})[
+        "summary"]
