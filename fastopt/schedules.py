@@ -1,5 +1,7 @@
 """Learning-rate schedules: callables of ``t``, the number of updates done before this one
-(0 for the first update; optax's ``count``). Evaluated on the host, once per step.
+(0 for the first update; optax's ``count``). Evaluated on the host, once per step, or on the
+device from the device's step count by an optimizer built with ``capturable=True`` (any
+schedule built here, joins of them included: :attr:`Schedule.rows`).
 
     constant(a0)                          a0
     step_decay(a0, factor, every)         a0 * factor ** (t // every)      (lecture notes: "halve every few epochs")
@@ -13,7 +15,67 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+
+from numba.extending import register_jitable
+
+# The kinds of built-in schedule, and the one formula of each: the host's callables and the
+# device's evaluation (``value``, compiled into an optimizer's step kernel) both call these.
+CONSTANT, STEP, EXPONENTIAL, INVERSE_TIME, COSINE, WARMUP = range(6)
+#: a device row: (first update it applies to, the update its own t counts from, kind, a, b, c)
+Row = tuple[int, int, int, float, float, float]
+
+
+@register_jitable
+def _step_decay(t, init, factor, every):
+    return init * factor ** (t // every)
+
+
+@register_jitable
+def _exponential(t, init, k):
+    return init * math.exp(-k * t)
+
+
+@register_jitable
+def _inverse_time(t, init, k):
+    return init / (1 + k * t)
+
+
+@register_jitable
+def _cosine(t, init, steps, final):
+    return final + (init - final) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps))
+
+
+@register_jitable
+def _warmup(t, peak, steps, start):
+    return start + (peak - start) * min(t, steps) / steps
+
+
+@register_jitable
+def value(kind, t, a, b, c):
+    """The value after ``t`` updates of a built-in schedule of ``kind`` with parameters a, b, c."""
+    if kind == STEP:
+        return _step_decay(t, a, b, c)
+    if kind == EXPONENTIAL:
+        return _exponential(t, a, b)
+    if kind == INVERSE_TIME:
+        return _inverse_time(t, a, b)
+    if kind == COSINE:
+        return _cosine(t, a, b, c)
+    if kind == WARMUP:
+        return _warmup(t, a, b, c)
+    return a  # CONSTANT
+
+
+@register_jitable
+def lr_on_device(table, first, count, t):
+    """The value after ``t`` updates of the schedule held in rows ``first .. first + count``
+    of ``table`` (rows of :attr:`Schedule.rows` as float64): the last row that has started."""
+    k = first
+    for j in range(first + 1, first + count):
+        if table[j, 0] <= t:
+            k = j
+    return value(int(table[k, 2]), t - int(table[k, 1]), table[k, 3], table[k, 4], table[k, 5])
 
 
 def _number(name: str, value: float, lo: float = 0.0, hi: float = math.inf, hi_closed: bool = False) -> None:
@@ -33,11 +95,13 @@ def _count(name: str, value: int) -> None:
 class Schedule:
     """A named schedule; ``repr`` shows how it was built (for logs and checkpoints).
 
-    fn: ``fn(t) -> number``, the value after ``t`` updates (t >= 0); description: the ``repr``.
-    Calling it checks ``t >= 0`` and returns ``float(fn(t))``."""
+    fn: ``fn(t) -> number``, the value after ``t`` updates (t >= 0); description: the ``repr``;
+    rows: the same schedule as device rows (:data:`Row`), or None (default) for one that only
+    the host can evaluate. Calling it checks ``t >= 0`` and returns ``float(fn(t))``."""
 
-    def __init__(self, fn: Callable[[int], float], description: str) -> None:
+    def __init__(self, fn: Callable[[int], float], description: str, rows: Sequence[Row] | None = None) -> None:
         self._fn, self._description = fn, description
+        self.rows = None if rows is None else tuple(rows)
 
     def __call__(self, t: int) -> float:
         if t < 0:
@@ -51,7 +115,7 @@ class Schedule:
 def constant(value: float) -> Schedule:
     """``value`` at every step. value: a number >= 0."""
     _number("value", value)
-    return Schedule(lambda t: value, f"constant({value})")
+    return Schedule(lambda t: value, f"constant({value})", [(0, 0, CONSTANT, value, 0.0, 0.0)])
 
 
 def step_decay(init: float, factor: float, every: int) -> Schedule:
@@ -61,21 +125,24 @@ def step_decay(init: float, factor: float, every: int) -> Schedule:
     _number("init", init)
     _number("factor", factor, 0.0, 1.0, hi_closed=True)
     _count("every", every)
-    return Schedule(lambda t: init * factor ** (t // every), f"step_decay({init}, {factor}, {every})")
+    return Schedule(lambda t: _step_decay(t, init, factor, every), f"step_decay({init}, {factor}, {every})",
+                    [(0, 0, STEP, init, factor, every)])
 
 
 def exponential_decay(init: float, k: float) -> Schedule:
     """``init * exp(-k t)``. init, k: numbers >= 0."""
     _number("init", init)
     _number("k", k)
-    return Schedule(lambda t: init * math.exp(-k * t), f"exponential_decay({init}, {k})")
+    return Schedule(lambda t: _exponential(t, init, k), f"exponential_decay({init}, {k})",
+                    [(0, 0, EXPONENTIAL, init, k, 0.0)])
 
 
 def inverse_time_decay(init: float, k: float) -> Schedule:
     """``init / (1 + k t)`` (1/t decay). init, k: numbers >= 0."""
     _number("init", init)
     _number("k", k)
-    return Schedule(lambda t: init / (1 + k * t), f"inverse_time_decay({init}, {k})")
+    return Schedule(lambda t: _inverse_time(t, init, k), f"inverse_time_decay({init}, {k})",
+                    [(0, 0, INVERSE_TIME, init, k, 0.0)])
 
 
 def cosine_decay(init: float, steps: int, final: float = 0.0) -> Schedule:
@@ -84,8 +151,8 @@ def cosine_decay(init: float, steps: int, final: float = 0.0) -> Schedule:
     _number("init", init)
     _count("steps", steps)
     _number("final", final)
-    return Schedule(lambda t: final + (init - final) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)),
-                    f"cosine_decay({init}, {steps}, final={final})")
+    return Schedule(lambda t: _cosine(t, init, steps, final), f"cosine_decay({init}, {steps}, final={final})",
+                    [(0, 0, COSINE, init, steps, final)])
 
 
 def linear_warmup(peak: float, steps: int, start: float = 0.0) -> Schedule:
@@ -94,8 +161,8 @@ def linear_warmup(peak: float, steps: int, start: float = 0.0) -> Schedule:
     _number("peak", peak)
     _count("steps", steps)
     _number("start", start)
-    return Schedule(lambda t: start + (peak - start) * min(t, steps) / steps,
-                    f"linear_warmup({peak}, {steps}, start={start})")
+    return Schedule(lambda t: _warmup(t, peak, steps, start), f"linear_warmup({peak}, {steps}, start={start})",
+                    [(0, 0, WARMUP, peak, steps, start)])
 
 
 def join(schedules: Iterable[Callable[[int], float]], boundaries: Iterable[int]) -> Schedule:
@@ -116,7 +183,20 @@ def join(schedules: Iterable[Callable[[int], float]], boundaries: Iterable[int])
     def fn(t: int) -> float:
         i = bisect.bisect_right(boundaries, t)
         return schedules[i](t - (boundaries[i - 1] if i else 0))
-    return Schedule(fn, f"join({schedules}, {boundaries})")
+    return Schedule(fn, f"join({schedules}, {boundaries})", _joined_rows(schedules, boundaries))
+
+
+def _joined_rows(schedules: list, boundaries: list[int]) -> list[Row] | None:
+    """The device rows of a join: each part's rows moved to where it starts (a nested join
+    flattens), those that would start after the part ends dropped; None if a part has none."""
+    rows = []
+    for i, s in enumerate(schedules):
+        lo = boundaries[i - 1] if i else 0
+        hi = boundaries[i] if i < len(boundaries) else math.inf
+        if getattr(s, "rows", None) is None:
+            return None
+        rows += [(lo + start, lo + origin, *rest) for start, origin, *rest in s.rows if lo + start < hi]
+    return rows
 
 
 def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, final: float = 0.0) -> Schedule:

@@ -66,3 +66,25 @@ JOIN_AT_BOUNDARIES = [
 def test_join_at_its_boundaries(schedule, values):
     for t, expected in values.items():
         assert schedule(t) == pytest.approx(expected, rel=1e-12, abs=1e-15), t
+
+
+# -- the device rows (capturable=True): the same values from the rows table ----------------
+NESTED = S.join([S.warmup_cosine(0.2, 3, 20, final=0.01), S.step_decay(0.05, 0.5, 4),
+                 S.join([S.exponential_decay(0.02, 0.1), S.inverse_time_decay(0.01, 0.3)], [5])], [12, 30])
+ROWS_CASES = [schedule for schedule, _ in CASES] + [NESTED]
+
+
+@pytest.mark.parametrize("schedule", ROWS_CASES, ids=[repr(s)[:40] for s in ROWS_CASES])
+def test_device_rows_give_the_host_values(schedule):
+    """``lr_on_device`` over a table holding the schedule's rows after another schedule's
+    (as an optimizer's table of several groups) equals the host callable, bit for bit."""
+    import numpy as np
+    other = S.constant(7.0).rows
+    table = np.array([*other, *schedule.rows], np.float64)
+    for t in [*range(60), 99, 100, 101, 1000, 123457]:
+        assert S.lr_on_device(table, len(other), len(schedule.rows), t) == schedule(t), t
+
+
+def test_a_join_of_a_host_only_callable_has_no_rows():
+    assert S.join([S.constant(1.0), lambda t: 0.5], [3]).rows is None
+    assert len(NESTED.rows) == 5  # a row per part: warm-up, cosine, step, exponential, inverse time
