@@ -555,9 +555,11 @@ def _make(fastopt_class, torch_class):
     base = inspect.signature(fastopt_class.__init__)
     P = inspect.Parameter
     implementation = _torch_signature(torch_class)
-    extras = [n for n, q in base.parameters.items() if q.kind == P.KEYWORD_ONLY and n not in rule.hyper]
-    params = list(base.parameters.values())
-    params = params[:len(params) - len(extras)]
+    # torch's implementation arguments come from torch's signature, even where fastopt's class
+    # has one of the same name (capturable): the drop-in decides what it accepts of them
+    extras = [n for n, q in base.parameters.items()
+              if q.kind == P.KEYWORD_ONLY and n not in rule.hyper and n not in _IMPLEMENTATION]
+    params = [q for q in base.parameters.values() if not (q.kind == P.KEYWORD_ONLY and q.name not in rule.hyper)]
     params += [P(n, P.KEYWORD_ONLY, default=d) for n, d in implementation.items()]
     # a drop-in keeps torch's semantics by default: an inf or NaN gradient propagates (GradScaler
     # already checks for infs under AMP); nonfinite="skip" is one more read of the gradients
