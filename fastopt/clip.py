@@ -45,6 +45,16 @@ class NormPlan:
         totals, checks = self._cuda.partials(mode, p)
         return (*_reduce.combine(totals, checks, mode), totals, checks, mode)
 
+    def device_partials(self, norm_type=2.0):
+        """CUDA: launch the reduction and return ``(totals, checks, mode, p)``, the per-chunk
+        partials left in device memory (no copy, no sync) for a device-side combination
+        (``kernels._device``); None for an empty plan."""
+        mode = _reduce.mode_of(norm_type)
+        p = float(norm_type) if mode == _reduce.POWER else 2.0
+        if self.cpu or not self.chunks.shape[0]:
+            return None
+        return (*self._cuda.launch(mode, p), mode, p)
+
     def norm(self, norm_type=2.0):
         """``(total norm, all finite)``: one pass, one compiled call on the CPU."""
         total, check, _, _, mode = self._run(norm_type)
@@ -81,12 +91,17 @@ class _CudaReduction:
                 self.launches.append((x, cuda.to_device(np.ascontiguousarray(chunks[lo:hi, 1])),
                                       cuda.to_device(np.ascontiguousarray(chunks[lo:hi, 2])), lo, hi))
 
-    def partials(self, mode, p):
+    def launch(self, mode, p):
+        """Launch the reductions; the per-chunk partials stay on the device (``totals``, ``checks``)."""
         from .kernels import _cuda
         p, zero = self.dtype.type(p), self.dtype.type(0)
         for x, starts, stops, lo, hi in self.launches:
             _cuda.launch(self.kernel, hi - lo, self.stream, x, starts, stops, mode, p, zero,
                          self.totals[lo:hi], self.checks[lo:hi])
+        return self.totals, self.checks
+
+    def partials(self, mode, p):
+        self.launch(mode, p)
         totals = self.totals.copy_to_host(stream=self.stream)
         checks = self.checks.copy_to_host(stream=self.stream)
         if hasattr(self.stream, "synchronize"):  # not the simulator's 0

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from . import state8bit
+from . import schedules, state8bit
 from .buffer import (
     ALIGN,
     ParamBuffer,
@@ -37,8 +37,8 @@ from .buffer import (
     layout,
 )
 from .clip import NormPlan, clip_coefficient
-from .kernels import _dispatch, _formats
-from .kernels._reduce import chunk_table
+from .kernels import _device, _dispatch, _formats
+from .kernels._reduce import SQUARES, chunk_table
 
 CHUNK = 1 << 15  # elements per work item of the list kernel: big tensors are shared by threads
 NONFINITE = ("skip", "raise", "propagate")
@@ -46,13 +46,19 @@ MAX_STEPS = 2 ** 53  # a float64 counts every whole number up to here
 #: fastopt's keyword options after a rule's hyper-parameters, with their defaults
 MASTER = "master"  # the float32 copy of 16-bit params (master_weights=True), saved beside the states
 OPTIONS = {"max_grad_norm": None, "nonfinite": "skip", "state_dtype": None, "master_weights": False,
-           "stochastic_rounding": False, "rounding_seed": 0, "state_bits": None, "state_code": "fp8"}
+           "stochastic_rounding": False, "rounding_seed": 0, "state_bits": None, "state_code": "fp8",
+           "capturable": False}
 
 
 class Optimizer:
     """Base class; a subclass names its ``rule`` (a ``fastopt.kernels`` :class:`Rule`), whose
     declaration gives the constructor (torch's arguments and defaults, then fastopt's
     keyword options ``max_grad_norm`` and ``nonfinite``), the states and their checks.
+
+    ``capturable=True`` (torch's name; CUDA arrays only): the step counts and the learning
+    rate live on the device (a number, or a built-in schedule evaluated there from the step
+    count), so a whole ``step()`` launches kernels only and can be captured in a CUDA graph;
+    see :meth:`step`. Anything that would need the host per step is a named ValueError.
 
     A state the rule starts from the gradient on its first update (``rule.start_from_grad``:
     SGD's momentum buffer, as torch) may be turned on after the first step, the group's next
@@ -66,7 +72,8 @@ class Optimizer:
             cls.__init__ = _constructor(cls.rule)
 
     def __init__(self, params, defaults, *, max_grad_norm=None, nonfinite="skip", state_dtype=None,
-                 master_weights=False, stochastic_rounding=False, rounding_seed=0, state_bits=None, state_code="fp8"):
+                 master_weights=False, stochastic_rounding=False, rounding_seed=0, state_bits=None, state_code="fp8",
+                 capturable=False):
         if max_grad_norm is not None and not (_is_real(max_grad_norm) and 0 < max_grad_norm < math.inf):
             raise ValueError(f"max_grad_norm must be None or a positive number, got {max_grad_norm!r}")
         if nonfinite not in NONFINITE:
@@ -74,7 +81,8 @@ class Optimizer:
         if state_dtype is not None and str(state_dtype) not in _formats.BY_NAME:
             raise ValueError(f"state_dtype must be None or one of {', '.join(map(repr, _formats.BY_NAME))}, "
                              f"got {state_dtype!r}")
-        for name, flag in (("master_weights", master_weights), ("stochastic_rounding", stochastic_rounding)):
+        for name, flag in (("master_weights", master_weights), ("stochastic_rounding", stochastic_rounding),
+                           ("capturable", capturable)):
             if not isinstance(flag, (bool, np.bool_)):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         if not (isinstance(rounding_seed, numbers.Integral) and 0 <= rounding_seed < 2 ** 64):
@@ -87,9 +95,11 @@ class Optimizer:
         state8bit.check_options(self, state_bits, state_code)
         self.state_bits, self.state_code, self._state8 = state_bits, state_code, None
         self.masters = None   # master_weights: the float32 copy of the params (an arena)
-        self.last_grad_norm = None     # the global gradient norm of the last step (when computed)
-        self.last_step_skipped = False
-        self.skipped_steps = 0         # steps skipped for a non-finite gradient (nonfinite="skip")
+        # CUDA: the step counts, the lr and the guard's decision live on the device (_DeviceSteps)
+        self.capturable, self._dev = bool(capturable), None
+        self._last_grad_norm = None     # the global gradient norm of the last step (when computed)
+        self._last_step_skipped = False
+        self._skipped_steps = 0         # steps skipped for a non-finite gradient (nonfinite="skip")
         self._norm_plan = None
         self.defaults = dict(defaults)
         self._edited = [False]  # set by an edit of param_groups: re-check before the next step
@@ -115,6 +125,70 @@ class Optimizer:
         for group in params:
             self.add_param_group(group)
         self._check_precision()
+        if self.capturable:
+            self._check_capturable()
+
+    def _check_capturable(self):
+        """capturable=True: every per-step value on the device, or a named ValueError."""
+        why = None
+        if isinstance(self._params[0], np.ndarray):
+            why = "the params are NumPy arrays (on the CPU); it needs CUDA arrays"
+        elif self.nonfinite == "raise":
+            why = "nonfinite='raise' reads the gradient norm on the host each step (use 'skip' or 'propagate')"
+        elif self.stochastic_rounding:
+            why = "stochastic_rounding=True keys its noise on a host-side step count"
+        elif self.state_bits == 8:
+            why = "8-bit state (state_bits=8) launches its own kernels, which take host-side scalars"
+        elif type(self)._plan is not Optimizer._plan:
+            why = f"{type(self).__name__}'s layer-wise passes take host-side scalars"
+        elif _device.unsupported(self.rule):
+            why = f"{self.rule.name}'s per-step scalars cannot run on the device ({_device.unsupported(self.rule)})"
+        if why:
+            raise ValueError(f"capturable=True keeps the step count and lr on the device so that a step "
+                             f"launches kernels only: {why}")
+
+    # -- what a step leaves: on CUDA, device values read (with a sync) only when asked ------
+    @property
+    def last_grad_norm(self):
+        """The global gradient norm of the last step (when one was computed), else None."""
+        self._pull()
+        return self._last_grad_norm
+
+    @last_grad_norm.setter
+    def last_grad_norm(self, value):
+        self._pull()
+        self._last_grad_norm = value
+
+    @property
+    def last_step_skipped(self):
+        """Whether the last step was skipped for an inf or NaN gradient (nonfinite="skip")."""
+        self._pull()
+        return self._last_step_skipped
+
+    @last_step_skipped.setter
+    def last_step_skipped(self, value):
+        self._pull()
+        self._last_step_skipped = bool(value)
+        if self._dev is not None:
+            self._dev.push_status(self)
+
+    @property
+    def skipped_steps(self):
+        """Steps skipped for a non-finite gradient (nonfinite="skip")."""
+        self._pull()
+        return self._skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value):
+        self._pull()
+        self._skipped_steps = value
+        if self._dev is not None:
+            self._dev.push_status(self)
+
+    def _pull(self):
+        """After CUDA steps decided on the device: their step counts and status to the host."""
+        if self._dev is not None and self._dev.stale:
+            self._dev.pull(self)
 
     def _check_precision(self):
         narrow = self.dtype in _formats.BITS
@@ -180,6 +254,11 @@ class Optimizer:
                 raise ValueError(f"{where}: {key} is {value!r} in {type(self).__name__}, it cannot be "
                                  f"{group.get(key)!r}")
         lr = group["lr"]
+        if callable(lr) and getattr(lr, "rows", None) is None and getattr(self, "capturable", False):
+            raise ValueError(f"{where}: lr is a callable that only the host can evaluate; capturable=True "
+                             "evaluates the lr on the device: pass a number or a fastopt.schedules schedule "
+                             "(constant, step_decay, exponential_decay, inverse_time_decay, cosine_decay, "
+                             "linear_warmup, join, warmup_cosine)")
         value = lr(0) if callable(lr) else lr
         try:
             self.rule.check({**group, "lr": value})
@@ -213,6 +292,7 @@ class Optimizer:
         return self._steps()[0]
 
     def _steps(self):
+        self._pull()
         return [p.step for p in self._plans] if self._plans else [0] * len(self.param_groups)
 
     # -- state ---------------------------------------------------------------------------
@@ -232,6 +312,7 @@ class Optimizer:
         self._offsets = offsets
         steps = self._steps()
         restarts = [p.restart for p in self._plans] if self._plans else [False] * len(self.param_groups)
+        self._dev = None  # its counts are the plans' now; rebuilt for the new plans at the next device step
         self.arenas = self.arenas or {}
         for name in self.rule.states if self.state_bits != 8 else ():
             if name in needed and name not in self.arenas:
@@ -324,7 +405,19 @@ class Optimizer:
 
         ``grad_scale`` (default 1.0): a factor the kernels apply to every gradient as they read
         it, e.g. an AMP loss scaler's ``1 / scale`` (``fastopt.torch`` passes GradScaler's), so
-        unscaling costs no pass; clipping and ``last_grad_norm`` see the scaled gradients."""
+        unscaling costs no pass; clipping and ``last_grad_norm`` see the scaled gradients.
+
+        On CUDA a guarded (``nonfinite="skip"``) or clipped step is decided on the device
+        (``kernels/_device.py``): the norm reduction, a one-thread prologue (norm, skip flag,
+        clip factor, lr and per-step scalars from the device step count) and the updates,
+        with no copy to the host; ``skipped_steps``, ``last_grad_norm``, ``last_step_skipped``,
+        ``steps`` and ``lr`` read the device (one sync) when asked. ``nonfinite="raise"`` reads
+        the norm on the host (it must raise before anything is written), as do a rule whose
+        per-step scalars cannot run on the device (NAdam), stochastic rounding, 8-bit state,
+        LAMB/LARS and an lr callable that is not a ``fastopt.schedules`` schedule.
+        With ``capturable=True`` every step runs so, guarded or not: it launches kernels only,
+        with the same arguments each step, so it can be captured in a CUDA graph and replayed
+        (``grad_scale`` is then captured by value, as every launch argument is)."""
         with self.lock:
             self._step(grads, grad_scale)
 
@@ -343,19 +436,24 @@ class Optimizer:
                 warnings.warn("the first step found every gradient zero: did the backward pass write into "
                               "the ParamBuffer's grads (buf.grads / buf.grad_arena)?", RuntimeWarning, stacklevel=3)
         elif self._edited[0]:
+            self._pull()  # the checks read the step counts
             self._apply_edits()
+        if self._device_decides():
+            self._device_step(grads, grad_scale)
+            return
+        self._pull()  # a host step after device ones: their counts and status first
         scale = grad_scale  # the caller's factor (an AMP unscale), times the clip factor below
         if self.max_grad_norm is not None or self.nonfinite != "propagate":
             # one reduction pass: the global norm, and whether any gradient is inf or NaN
             norms = self._norm_plan if grads is None else grads.norm_plan()
             total, finite = norms.norm(2.0)
             total *= grad_scale
-            self.last_grad_norm = total
+            self._last_grad_norm = total
             if not finite and self.nonfinite == "raise":
                 raise FloatingPointError("a gradient holds inf or NaN (nonfinite='raise'): nothing was updated")
             if not finite and self.nonfinite == "skip":
-                self.last_step_skipped = True
-                self.skipped_steps += 1
+                self._last_step_skipped = True
+                self._skipped_steps += 1
                 return
             if self.max_grad_norm is not None:
                 scale = grad_scale * clip_coefficient(total, self.max_grad_norm)  # applied inside the kernel
@@ -370,7 +468,7 @@ class Optimizer:
             if plan.constants is None:  # packed once per group, again after an edit of the group
                 plan.constants = self.rule.kernel_constants(group, dtype)
             work.append(self.rule.kernel_scalars(group, step, lr, dtype, scale, plan.constants))
-        self.last_step_skipped = False
+        self._last_step_skipped = False
         for k, (plan, scalars) in enumerate(zip(self._plans, work)):
             # stochastic rounding: keyed on (seed, group, update number), so a resumed run rounds alike
             rounding = (_formats.rounding_key(self.rounding_seed, k), plan.step + 1) if self.stochastic_rounding \
@@ -378,6 +476,31 @@ class Optimizer:
             self.launches += plan.run(scalars, grads, rounding)
             plan.step += 1
             plan.restart = False
+
+    def _device_decides(self):
+        """Whether this step runs decided on the device (CUDA): a capturable optimizer, or a
+        guarded ("skip") or clipped step whose rule, options and lr the device can evaluate.
+        Otherwise the host decides (nonfinite="raise" must raise before anything is written;
+        a callable lr that is not a built-in schedule, stochastic rounding and 8-bit state
+        need host-side values; unguarded unclipped steps need no norm at all)."""
+        if self.capturable:
+            return True
+        if self.nonfinite == "raise" or (self.nonfinite == "propagate" and self.max_grad_norm is None):
+            return False
+        if isinstance(self._params[0], np.ndarray) or self.stochastic_rounding or self._state8 is not None:
+            return False
+        if any(type(p) is not _Plan for p in self._plans) or _device.unsupported(self.rule):
+            return False
+        return all(not callable(g["lr"]) or getattr(g["lr"], "rows", None) is not None for g in self.param_groups)
+
+    def _device_step(self, grads, grad_scale):
+        if self._dev is None:
+            self._dev = _DeviceSteps(self)
+        guard = self.nonfinite == "skip"
+        norms = None
+        if guard or self.max_grad_norm is not None:
+            norms = self._norm_plan if grads is None else grads.norm_plan()
+        self.launches += self._dev.step(self, norms, guard, grads, grad_scale)
 
     def _apply_edits(self):
         """After ``param_groups`` were edited: re-check every group as the constructor does,
@@ -726,6 +849,115 @@ class _Plan:
                 scalars = (*scalars[:-1], _formats.rounding_key(key, step, t))
             _dispatch._launch_cuda(self.kernels, [p, _formats.kernel_view(grad.reshape(grad.size)), *states], scalars)
         return len(self.tensors)
+
+
+class _DeviceSteps:
+    """The device side of an optimizer's CUDA steps decided on the device (see
+    ``kernels/_device.py``): per group its step count, restart flag, hyper-parameter slots,
+    lr rows and the prologue's output row; the status slots (last norm, last skipped, skips).
+    A step launches the norm reduction, the prologue and the updates, and copies nothing to
+    the host; the host uploads only what it changed (an edited group, a new lr) and reads
+    the counts and status back (one sync) when asked (:meth:`pull`)."""
+
+    def __init__(self, opt):
+        from numba import config, cuda
+        self.rule, self.spec = opt.rule, _device.step_scalars(opt.rule)
+        self.stream = 0 if config.ENABLE_CUDASIM else _dispatch._stream_of(opt._params[0], cuda)
+        plans, n = opt._plans, len(opt._plans)
+        up = self._upload
+        self.steps = up(np.array([p.step for p in plans], np.int64))
+        self.restarts = up(np.array([int(p.restart) for p in plans], np.int64))
+        self.status = up(np.zeros(_device.STATUS))
+        self.push_status(opt)
+        dtype = _formats.compute_dtype(opt.dtype)
+        self.out = up(np.zeros((n, _device.HEAD + len(self.spec.names)), dtype))
+        self.rows_of = [self.out[k] for k in range(n)]  # each group's row, sliced once
+        self.hyper = up(np.zeros((n, max(1, self.spec.slots))))
+        self.no_partials = up(np.zeros(1, dtype))  # the reduction's place in a step with no norm
+        self.lr_keys, self.table, self.lr_rows = None, None, None
+        self.c = [None] * n
+        self.stale = False  # the device's counts and status are newer than the host's
+        self.norm_ran = False
+
+    def _upload(self, host):
+        from numba import cuda
+        return cuda.to_device(host, stream=self.stream)
+
+    def push_status(self, opt):
+        status = np.array([np.nan if opt._last_grad_norm is None else opt._last_grad_norm,
+                           float(opt._last_step_skipped), float(opt._skipped_steps)])
+        self.status.copy_to_device(status, stream=self.stream)
+
+    def pull(self, opt):
+        """The device's step counts and status into the plans and ``opt`` (one sync)."""
+        steps = self.steps.copy_to_host(stream=self.stream)
+        restarts = self.restarts.copy_to_host(stream=self.stream)
+        status = self.status.copy_to_host(stream=self.stream)
+        if hasattr(self.stream, "synchronize"):  # not the simulator's 0
+            self.stream.synchronize()
+        for plan, t, r in zip(opt._plans, steps, restarts):
+            plan.step, plan.restart = int(t), bool(r)
+        if self.norm_ran:
+            opt._last_grad_norm = float(status[_device.NORM])
+        opt._last_step_skipped = bool(status[_device.SKIPPED])
+        opt._skipped_steps = int(status[_device.SKIPS])
+        self.stale = False
+
+    def refresh(self, opt):
+        """Upload what the host changed: a group's constants and hyper slots after an edit,
+        the lr rows after a new lr (a number is one constant row)."""
+        dtype = opt._params[0].dtype
+        if any(c is None or p.constants is None for c, p in zip(self.c, opt._plans)):
+            for k, plan in enumerate(opt._plans):
+                if plan.constants is None:
+                    plan.constants = opt.rule.kernel_constants(plan.group, dtype)
+                # the update reads only the constant tail: the per-step head comes from its row
+                self.c[k] = opt.rule.kernel_scalars(plan.group, 1, 0.0, dtype, 1.0, plan.constants)
+            hyper = np.zeros((len(opt._plans), max(1, self.spec.slots)))
+            for k, plan in enumerate(opt._plans):
+                hyper[k, :self.spec.slots] = self.spec.hyper_row(plan.group)
+            self.hyper.copy_to_device(hyper, stream=self.stream)
+        keys = [g["lr"] for g in opt.param_groups]
+        if self.lr_keys is None or any(a is not b and a != b for a, b in zip(keys, self.lr_keys)):
+            table, spans = [], []
+            for k, lr in enumerate(keys):
+                if not callable(lr) and not 0 <= lr < math.inf:
+                    raise ValueError(f"param group {k}: the learning rate is {lr}")
+                rows = lr.rows if callable(lr) else [(0, 0, schedules.CONSTANT, lr, 0.0, 0.0)]
+                spans.append((len(table), len(rows)))
+                table += rows
+            self.table = self._upload(np.array(table, np.float64).reshape(-1, 6))
+            self.lr_rows = self._upload(np.array(spans, np.int64))
+            self.lr_keys = keys
+
+    def step(self, opt, norms, guard, grads, grad_scale):
+        """Launch one step: the reduction (``norms``, or None), the prologue, the updates;
+        returns the number of update launches."""
+        self.refresh(opt)
+        partials = norms.device_partials(2.0) if norms is not None else None
+        if partials is None:  # no norm, or the norm of no elements: 0
+            totals = checks = self.no_partials
+            mode, p = SQUARES, 2.0
+        else:
+            totals, checks, mode, p = partials
+        clip = opt.max_grad_norm is not None
+        _device.launch_prologue(self.rule, schedules.lr_on_device, self.stream, totals, checks, mode, p,
+                                norms is not None, guard, guard, clip, float(opt.max_grad_norm or 0.0),
+                                float(grad_scale), self.status, self.steps, self.restarts, self.hyper, self.table,
+                                self.lr_rows, self.out)
+        launches = 0
+        for k, plan in enumerate(opt._plans):
+            d, c = self.rows_of[k], self.c[k]
+            if plan.flat is not None:
+                arrays = plan.flat
+            else:
+                arrays = [[p, _formats.kernel_view(g.reshape(g.size)), *states]
+                          for (p, *states), g in zip(plan.tensors, grads.arrays(plan.group))]
+            for a in arrays:
+                _device.launch_update(self.rule, a, c, d, self.stream)
+            launches += len(arrays)
+        self.stale, self.norm_ran = True, self.norm_ran or norms is not None
+        return launches
 
 
 def _entry_point(dispatcher, args):
