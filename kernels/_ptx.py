@@ -133,3 +133,46 @@ def report_extra(ccs, dtypes=DTYPES):
             for cc in ccs:
                 ptx = compile_kernel(rule.kernels, (), scalars, dtype, cc)
                 yield (rule.name, "-", np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))
+    yield from report_8bit(ccs)
+
+
+def compile_blockwise(blockwise, layout, scalars, dtype, cc, master=False):
+    """PTX of an 8-bit blockwise kernel (``_blockwise``) with the states of ``layout`` kept as
+    codes and block scales (the others None), params stored as ``dtype``."""
+    import numba
+    from numba import cuda, types
+    arr = types.Array(numba.from_dtype(kernel_dtype(dtype)), 1, "C")
+    codes, scales = types.Array(types.uint8, 1, "C"), types.Array(types.float32, 1, "C")
+    states = [t for on in layout for t in ((codes, scales) if on else (types.none, types.none))]
+    copy = scales if master else types.none
+    with _target_cc(cc):
+        ptx, _ = cuda.compile_ptx(blockwise.cuda_loop(), (arr, arr, *states, copy, numba.typeof(scalars)), cc=cc)
+    return ptx
+
+
+def report_8bit(ccs):
+    """Rows (``<rule>8bit``, states and code map, param dtype, ...) for every rule with an 8-bit
+    form: every state layout with float32 params and the default code; the first layout also
+    with the other code map, with 16-bit params, and with 16-bit params + float32 masters +
+    stochastic rounding (8-bit state takes no float64 params: there is no float64 form)."""
+    from . import RULES, _blockwise
+    seen = set()
+    for rule, _, _ in RULES.values():
+        if rule.kernels in seen or rule.kernels.name not in _blockwise.RULES:
+            continue
+        seen.add(rule.kernels)
+        for n, layout in enumerate(variants(rule)):
+            states = "+".join(s for s, on in zip(rule.states, layout) if on) or "-"
+            forms = [(np.float32, code, False, None) for code in _blockwise.CODES if n == 0 or
+                     code == _blockwise.DEFAULT_CODE]
+            if n == 0:
+                forms += [(d, _blockwise.DEFAULT_CODE, master, key) for d in BITS
+                          for master, key in ((False, None), (True, np.uint64(1)))]
+            for dtype, code, master, key in forms:
+                scalars = example_scalars(rule, dtype, key)
+                for cc in ccs:
+                    ptx = compile_blockwise(_blockwise.blockwise(rule.kernels, code), layout, scalars, dtype, cc,
+                                            master)
+                    yield (f"{rule.name}8bit", f"{states}:{code}" + ("+master+sr" if master else ""),
+                           np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))
+

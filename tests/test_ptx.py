@@ -19,8 +19,9 @@ def test_ptx_command_reports_every_kernel_without_f64():
     assert out.returncode == 0, out.stdout + out.stderr
     rows = [line.split() for line in out.stdout.splitlines()[1:-1]]
     kernels = {r[0] for r in rows}
+    eight_bit = {"adam8bit", "lion8bit", "sgd8bit", "rmsprop8bit"}  # the rules with 8-bit state
     assert kernels == {"sgd", "adagrad", "rmsprop", "adam", "adadelta", "adamax", "nadam", "radam", "lion", "norm",
-                       "lamb", "lars", "ema", "polyak"}
+                       "lamb", "lars", "ema", "polyak"} | eight_bit
     for row in rows:
         dtype, cc, lines, f64 = row[-4], row[-3], int(row[-2]), int(row[-1])
         assert cc in ("80", "90") and lines > 100
@@ -31,7 +32,12 @@ def test_ptx_command_reports_every_kernel_without_f64():
     # every rule in every storage format, the 16-bit ones also with master weights and stochastic rounding
     formats = {(r[0], r[-4]) for r in rows}
     every = ("float32", "float64", "bfloat16", "float16")
-    assert {(k, d) for k in kernels - {"lamb", "lars"} for d in every} <= formats
+    assert {(k, d) for k in kernels - {"lamb", "lars"} - eight_bit for d in every} <= formats
+    # 8-bit state: float32 and 16-bit params (no float64 form), each code map, masters and stochastic rounding
+    assert {(k, d) for k in eight_bit for d in every[:1] + every[2:]} <= formats
+    assert {(r[0], r[1].split(":")[1]) for r in rows if r[0] in eight_bit} == {
+        (k, c) for k in eight_bit for c in ("fp8", "dynamic", "fp8+master+sr")}
+    assert "float64" not in {r[-4] for r in rows if r[0] in eight_bit}
     assert {r[0] for r in rows if r[1].endswith("+master+sr")} == kernels - {"norm", "lamb", "lars", "ema", "polyak"}
     assert "OK: no float32 or 16-bit kernel" in out.stdout
 
