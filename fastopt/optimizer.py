@@ -941,7 +941,7 @@ class _DeviceSteps:
         else:
             totals, checks, mode, p = partials
         clip = opt.max_grad_norm is not None
-        _device.launch_prologue(self.rule, schedules.lr_on_device, self.stream, totals, checks, mode, p,
+        _device.launch_prologue(self.rule, self.stream, totals, checks, mode, p,
                                 norms is not None, guard, guard, clip, float(opt.max_grad_norm or 0.0),
                                 float(grad_scale), self.status, self.steps, self.restarts, self.hyper, self.table,
                                 self.lr_rows, self.out)

@@ -17,65 +17,24 @@ import bisect
 import math
 from collections.abc import Callable, Iterable, Sequence
 
-from numba.extending import register_jitable
-
-# The kinds of built-in schedule, and the one formula of each: the host's callables and the
-# device's evaluation (``value``, compiled into an optimizer's step kernel) both call these.
-CONSTANT, STEP, EXPONENTIAL, INVERSE_TIME, COSINE, WARMUP = range(6)
-#: a device row: (first update it applies to, the update its own t counts from, kind, a, b, c)
-Row = tuple[int, int, int, float, float, float]
-
-
-@register_jitable
-def _step_decay(t, init, factor, every):
-    return init * factor ** (t // every)
-
-
-@register_jitable
-def _exponential(t, init, k):
-    return init * math.exp(-k * t)
-
-
-@register_jitable
-def _inverse_time(t, init, k):
-    return init / (1 + k * t)
-
-
-@register_jitable
-def _cosine(t, init, steps, final):
-    return final + (init - final) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps))
-
-
-@register_jitable
-def _warmup(t, peak, steps, start):
-    return start + (peak - start) * min(t, steps) / steps
-
-
-@register_jitable
-def value(kind, t, a, b, c):
-    """The value after ``t`` updates of a built-in schedule of ``kind`` with parameters a, b, c."""
-    if kind == STEP:
-        return _step_decay(t, a, b, c)
-    if kind == EXPONENTIAL:
-        return _exponential(t, a, b)
-    if kind == INVERSE_TIME:
-        return _inverse_time(t, a, b)
-    if kind == COSINE:
-        return _cosine(t, a, b, c)
-    if kind == WARMUP:
-        return _warmup(t, a, b, c)
-    return a  # CONSTANT
-
-
-@register_jitable
-def lr_on_device(table, first, count, t):
-    """The value after ``t`` updates of the schedule held in rows ``first .. first + count``
-    of ``table`` (rows of :attr:`Schedule.rows` as float64): the last row that has started."""
-    k = first
-    for j in range(first + 1, first + count):
-        if table[j, 0] <= t:
-            k = j
-    return value(int(table[k, 2]), t - int(table[k, 1]), table[k, 3], table[k, 4], table[k, 5])
+# The kinds of built-in schedule and the one formula of each live beside the device step
+# (the bottom floor), which evaluates them from the device step count; the host's callables
+# call the same functions.
+from .kernels._device import (  # noqa: F401 - the rows' kinds and lr_on_device, re-exported
+    CONSTANT,
+    COSINE,
+    EXPONENTIAL,
+    INVERSE_TIME,
+    STEP,
+    WARMUP,
+    Row,
+    _cosine,
+    _exponential,
+    _inverse_time,
+    _step_decay,
+    _warmup,
+    lr_on_device,
+)
 
 
 def _number(name: str, value: float, lo: float = 0.0, hi: float = math.inf, hi_closed: bool = False) -> None:

@@ -34,6 +34,7 @@ import textwrap
 import types as pytypes
 
 import numpy as np
+from numba.extending import register_jitable
 
 from ._formats import compute_dtype
 
@@ -43,6 +44,66 @@ STATUS = 3
 # the columns of a group's row of ``out`` before its per-step scalars: skip (0/1), gradient factor
 SKIP, SCALE = 0, 1
 HEAD = 2
+
+
+# -- the learning-rate schedules on the device ------------------------------------------
+# The kinds of built-in schedule (``fastopt.schedules``), and the one formula of each: the
+# host's callables and the prologue (``lr_on_device``, from the device step count) both call these.
+CONSTANT, STEP, EXPONENTIAL, INVERSE_TIME, COSINE, WARMUP = range(6)
+#: a device row: (first update it applies to, the update its own t counts from, kind, a, b, c)
+Row = tuple[int, int, int, float, float, float]
+
+
+@register_jitable
+def _step_decay(t, init, factor, every):
+    return init * factor ** (t // every)
+
+
+@register_jitable
+def _exponential(t, init, k):
+    return init * math.exp(-k * t)
+
+
+@register_jitable
+def _inverse_time(t, init, k):
+    return init / (1 + k * t)
+
+
+@register_jitable
+def _cosine(t, init, steps, final):
+    return final + (init - final) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps))
+
+
+@register_jitable
+def _warmup(t, peak, steps, start):
+    return start + (peak - start) * min(t, steps) / steps
+
+
+@register_jitable
+def schedule_value(kind, t, a, b, c):
+    """The value after ``t`` updates of a built-in schedule of ``kind`` with parameters a, b, c."""
+    if kind == STEP:
+        return _step_decay(t, a, b, c)
+    if kind == EXPONENTIAL:
+        return _exponential(t, a, b)
+    if kind == INVERSE_TIME:
+        return _inverse_time(t, a, b)
+    if kind == COSINE:
+        return _cosine(t, a, b, c)
+    if kind == WARMUP:
+        return _warmup(t, a, b, c)
+    return a  # CONSTANT
+
+
+@register_jitable
+def lr_on_device(table, first, count, t):
+    """The value after ``t`` updates of the schedule held in rows ``first .. first + count``
+    of ``table`` (rows of ``fastopt.schedules.Schedule.rows`` as float64): the last row that has started."""
+    k = first
+    for j in range(first + 1, first + count):
+        if table[j, 0] <= t:
+            k = j
+    return schedule_value(int(table[k, 2]), t - int(table[k, 1]), table[k, 3], table[k, 4], table[k, 5])
 
 
 class Unsupported(TypeError):
@@ -210,10 +271,9 @@ def unsupported(rule):
 
 # -- the kernels ------------------------------------------------------------------------
 
-def make_prologue(rule, lr_at, squares, maximum):
+def make_prologue(rule, squares, maximum):
     """The prologue kernel of ``rule`` (see the module docstring), a Python function for
-    ``cuda.jit`` or ``compile_ptx``; ``lr_at(table, first, count, t)``: the schedule
-    evaluation (``fastopt.schedules.lr_on_device``); ``squares``, ``maximum``: the norm modes.
+    ``cuda.jit`` or ``compile_ptx``; ``squares``, ``maximum``: the norm modes.
 
     ``(totals, checks, mode, p, norm_on, guard, count, clip, max_norm, grad_scale, status,
     steps, restarts, hyper, table, rows, out)``: the reduction's partials and its mode and
@@ -260,7 +320,7 @@ def make_prologue(rule, lr_at, squares, maximum):
     for j, flag in enumerate(spec.flags):
         lines.append(f"            out[g, HEAD + {j}] = " + (f"1.0 if v[{j}] else 0.0" if flag else f"v[{j}]"))
     lines += ["            steps[g] += 1", "            restarts[g] = 0"]
-    scope = {"math": math, "lr_at": device(lr_at), "scalars": spec.function(device), "NORM": NORM,
+    scope = {"math": math, "lr_at": device(lr_on_device), "scalars": spec.function(device), "NORM": NORM,
              "SKIPPED": SKIPPED, "SKIPS": SKIPS, "SKIP": SKIP, "SCALE": SCALE, "HEAD": HEAD, "SQUARES": squares,
              "MAXIMUM": maximum}
     exec(compile("\n".join(lines) + "\n", __file__, "exec"), scope)  # noqa: S102 - generated from the declaration
@@ -296,14 +356,14 @@ def make_update(kernels, rule):
 _PROLOGUES, _UPDATES = {}, {}
 
 
-def prologue(rule, lr_at):
+def prologue(rule):
     """The compiled prologue of ``rule`` (cached)."""
-    key = (rule.kernels, lr_at)
+    key = rule.kernels
     if key not in _PROLOGUES:
         from numba import cuda
 
         from ._reduce import MAX, SQUARES
-        _PROLOGUES[key] = cuda.jit(make_prologue(rule, lr_at, SQUARES, MAX))
+        _PROLOGUES[key] = cuda.jit(make_prologue(rule, SQUARES, MAX))
     return _PROLOGUES[key]
 
 
@@ -323,7 +383,7 @@ def launch_update(rule, arrays, c, d, stream):
     _cuda.launch_stride(update(rule), flat[0].size, stream, *flat, c, d, compute_dtype(d.dtype).type(0))
 
 
-def launch_prologue(rule, lr_at, stream, *args):
+def launch_prologue(rule, stream, *args):
     """One thread of :func:`prologue` on ``stream`` (arguments: see :func:`make_prologue`)."""
     from . import _cuda
-    _cuda._configured(prologue(rule, lr_at), 1, 1, stream)(*args)
+    _cuda._configured(prologue(rule), 1, 1, stream)(*args)

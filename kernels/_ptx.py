@@ -134,6 +134,7 @@ def report_extra(ccs, dtypes=DTYPES):
                 ptx = compile_kernel(rule.kernels, (), scalars, dtype, cc)
                 yield (rule.name, "-", np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))
     yield from report_8bit(ccs)
+    yield from report_device(ccs, dtypes)
 
 
 def compile_blockwise(blockwise, layout, scalars, dtype, cc, master=False):
@@ -176,3 +177,64 @@ def report_8bit(ccs):
                     yield (f"{rule.name}8bit", f"{states}:{code}" + ("+master+sr" if master else ""),
                            np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))
 
+
+# -- the steps decided on the device (kernels/_device.py) -----------------------------------
+
+def compile_update(rule, layout, dtype, cc, master=False):
+    """PTX of ``rule``'s device-row update kernel (``_device.make_update``) for ``dtype``."""
+    import numba
+    from numba import cuda, types
+
+    from . import _device
+    arr = types.Array(numba.from_dtype(kernel_dtype(dtype)), 1, "C")
+    states = [arr if on else types.none for on in layout]
+    copy = types.Array(types.float32, 1, "C") if master else types.none
+    acc = numba.from_dtype(compute_dtype(dtype))
+    sig = (arr, arr, *states, copy, numba.typeof(example_scalars(rule, dtype)), types.Array(acc, 1, "C"), acc)
+    with _target_cc(cc):
+        ptx, _ = cuda.compile_ptx(_device.make_update(rule.kernels, rule), sig, cc=cc)
+    return ptx
+
+
+def compile_prologue(rule, dtype, cc):
+    """PTX of ``rule``'s one-thread prologue for params of ``dtype`` (partials and output rows
+    in its math's dtype; the norm, status and scalars in float64, as the host computes them)."""
+    import numba
+    from numba import cuda, types
+
+    from . import _device, _reduce
+    acc = numba.from_dtype(compute_dtype(dtype))
+    f64, i64 = types.float64, types.int64
+    flag = types.boolean
+    sig = (types.Array(acc, 1, "C"), types.Array(acc, 1, "C"), i64, f64, flag, flag, flag, flag, f64, f64,
+           types.Array(f64, 1, "C"), types.Array(i64, 1, "C"), types.Array(i64, 1, "C"), types.Array(f64, 2, "C"),
+           types.Array(f64, 2, "C"), types.Array(i64, 2, "C"), types.Array(acc, 2, "C"))
+    with _target_cc(cc):
+        ptx, _ = cuda.compile_ptx(_device.make_prologue(rule, _reduce.SQUARES, _reduce.MAX),
+                                  sig, cc=cc)
+    return ptx
+
+
+def report_device(ccs, dtypes=DTYPES):
+    """Rows of the device-decided steps' kernels: per rule that supports them, its update
+    (every storage format, a 16-bit one also with a float32 master copy) and its prologue.
+    The prologue is float64 by design (the host's precision for the norm and the per-step
+    scalars, in one thread per step: its ``.f64`` cost nothing measurable): its row says
+    ``float64``, so the float64 leak count leaves it out, as every float64 kernel."""
+    from . import RULES, _device
+    seen = set()
+    for rule, _, _ in RULES.values():
+        if rule.kernels in seen or _device.unsupported(rule):
+            continue
+        seen.add(rule.kernels)
+        layout = next(variants(rule))
+        states = "+".join(s for s, on in zip(rule.states, layout) if on)
+        for dtype in dtypes:
+            for master in (False, True) if np.dtype(dtype) in BITS else (False,):
+                for cc in ccs:
+                    ptx = compile_update(rule, layout, dtype, cc, master)
+                    yield (rule.name, f"{states}{'+master' if master else ''}:device-row", np.dtype(dtype).name, cc,
+                           len(ptx.splitlines()), f64_count(ptx))
+        for cc in ccs:
+            ptx = compile_prologue(rule, np.float32, cc)
+            yield (rule.name, "prologue:float64-by-design", "float64", cc, len(ptx.splitlines()), f64_count(ptx))
