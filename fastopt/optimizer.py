@@ -923,6 +923,9 @@ class _DeviceSteps:
             for k, lr in enumerate(keys):
                 if not callable(lr) and not 0 <= lr < math.inf:
                     raise ValueError(f"param group {k}: the learning rate is {lr}")
+                if callable(lr) and getattr(lr, "rows", None) is None:  # set after construction (capturable)
+                    raise ValueError(f"param group {k}: lr is a callable that only the host can evaluate; "
+                                     "capturable=True needs a number or a fastopt.schedules schedule")
                 rows = lr.rows if callable(lr) else [(0, 0, schedules.CONSTANT, lr, 0.0, 0.0)]
                 spans.append((len(table), len(rows)))
                 table += rows

@@ -67,10 +67,15 @@ def device_buffers(monkeypatch):
 
     def make(arrays):
         buf = buffer.ParamBuffer(shapes=[a.shape for a in arrays], dtype=arrays[0].dtype, device="cuda")
-        for view, a in zip(buf.params, arrays):
-            view.copy_to_device(a) if hasattr(view, "copy_to_device") else view.set(a)
+        _write(buf.params, arrays)
         return buf
     return make
+
+
+def _write(views, arrays):
+    """Host arrays into device views: a simulated array's copy, CuPy's ``set`` on a GPU."""
+    for view, a in zip(views, arrays):
+        view.copy_to_device(a) if hasattr(view, "copy_to_device") else view.set(a)
 
 
 class DeviceToHost:
@@ -122,12 +127,11 @@ def _data(seed, nan_at=None):
 
 
 def _host(a):
-    return a if isinstance(a, np.ndarray) else a.copy_to_host()
+    return a if isinstance(a, np.ndarray) else a.copy_to_host() if hasattr(a, "copy_to_host") else a.get()
 
 
 def _write_grads(buf, grads):
-    for view, g in zip(buf.grads, grads):
-        view.copy_to_device(g)
+    _write(buf.grads, grads)
 
 
 CASES = [(rule, mode, nan) for rule in RULES for mode in MODES for nan in (False, True)]
@@ -317,3 +321,13 @@ def test_capturable_is_refused_with_a_named_reason(options, names):
     with pytest.raises(ValueError, match=names) as e:
         fastopt.AdamW([np.zeros(5, np.float32)], **options, capturable=True)
     assert "capturable=True" in str(e.value)
+
+
+@cuda
+def test_a_host_only_lr_set_after_construction_is_refused_before_any_launch():
+    from numba import cuda as numba_cuda
+    opt = fastopt.AdamW([numba_cuda.to_device(np.ones(7, np.float32))], lr=0.01, capturable=True)
+    opt.param_groups[0]["lr"] = lambda t: 0.01
+    with pytest.raises(ValueError, match="param group 0: lr is a callable"):
+        opt.step([numba_cuda.to_device(np.ones(7, np.float32))])
+    assert opt.launches == 0 and opt.steps == 0

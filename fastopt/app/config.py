@@ -22,7 +22,7 @@ class Config:
     decay_every: int = None       # step: epochs between drops; None = a third of the epochs
     final_lr: float = 0.0         # cosine, warmup_cosine: the lr at the last step
     max_grad_norm: float = None
-    nonfinite: str = "propagate"  # the optimizer's guard: skip and raise read a norm on the host every step
+    nonfinite: str = "skip"       # the optimizer's guard; on CUDA "skip" is decided on the device (no sync)
     ema: float = None
     precision: str = "fp32"       # the params' and grads' storage: fp32 (as --dtype), bf16 or fp16 (compute in float32)
     master_weights: bool = False  # bf16/fp16: the optimizer keeps float32 copies of the params

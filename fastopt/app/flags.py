@@ -293,7 +293,8 @@ FLAGS = [
          help="clip the gradient to this global L2 norm, fused into the step (default: no clipping)"),
     flag("--nonfinite", group="optimizer", choices=("propagate", "skip", "raise"),
          help="a step whose gradient holds inf or NaN: propagate it (no check), skip the step, or stop; "
-              "skip and raise read the gradient norm on the host each step (default: %(default)s)"),
+              "on CUDA skip is decided on the device, raise reads the norm on the host each step "
+              "(default: %(default)s)"),
     flag("--precision", group="precision", choices=tuple(PRECISIONS),
          help="the dtype the params and gradients are kept in: fp32 (--dtype), bf16 or fp16; the layers compute "
               "in float32 on a copy, the optimizer updates the 16-bit params in place (default: %(default)s)"),
