@@ -306,7 +306,7 @@ def test_capturable_steps_equal_the_cpu_with_a_schedule(device_buffers):
         cpu.step()
         _write_grads(buf, g)
         dev.step()
-    assert dev.steps == cpu.steps and dev.lr == cpu.lr
+    assert dev._dev is not None and dev.steps == cpu.steps and dev.lr == cpu.lr
     for a, b in zip(dev._buffer.params, cpu._buffer.params):
         np.testing.assert_allclose(_host(a), b, rtol=1e-6, atol=1e-7)
 
