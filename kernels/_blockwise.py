@@ -362,7 +362,7 @@ def reference_dequantize(codes, absmax, signed, code=DEFAULT_CODE):
 
 _CPU_TEMPLATE = '''
 def make(math, load, store, jit, prange, item, noise, np, inv, abs_bits, from_bits, prefetch, ahead,
-         block_size{codecs}):
+         block_size, wide{codecs}):
     # Indices are unsigned (no negative-index wrap-around, which stops the vectorizer) and
     # the arrays are whole, never sliced per block: a slice costs an atomic reference count,
     # which all threads would bounce between them on every block. Both loops of a block are
@@ -370,6 +370,7 @@ def make(math, load, store, jit, prange, item, noise, np, inv, abs_bits, from_bi
     # passed every argument through the stack.
     @jit
     def chunk(param, grad, {qa}master, b0, b1, c, base, scratch):
+        wide()
         n = param.size
 {row_views}
         for b in range(b0, b1):
@@ -461,6 +462,21 @@ def prefetch(typingctx, array, index):
                           ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
     return types.void(array, index), codegen
+
+
+@intrinsic
+def wide_vectors(typingctx):
+    """Let LLVM vectorize the calling function with 512-bit registers where the CPU has them
+    (AVX-512): its default on such CPUs is 256 bits, the right choice for memory-bound loops,
+    but this pass is bound by vector instructions, and 512-bit ones halve their count.
+    Without AVX-512 the attributes change nothing; the values are the same bits either way
+    (elementwise math, an exact integer maximum). Measured, AdamW 8-bit at 1e7 on 2 threads:
+    4.51 -> 4.16 ms. llvmlite knows no string attributes: they go into its set directly."""
+    def codegen(context, builder, signature, args):
+        for attribute in ('"prefer-vector-width"="512"', '"min-legal-vector-width"="512"'):
+            set.add(builder.function.attributes, attribute)
+        return context.get_dummy_value()
+    return types.void(), codegen
 
 
 @register_jitable
@@ -579,7 +595,8 @@ class Blockwise:
             # 8-bit state rounds far more than the last bit this moves
             math = njit(fastmath={"contract"}, **_CPU_OPTIONS)(self.kernels.math)
             loop = make(math, load, store, jit, prange, _item, noise, np, jit(inv_scale), jit(abs_bits),
-                        jit(from_bits), prefetch, PREFETCH_AHEAD, BLOCK, *[jit(f) for f in self._codecs()])
+                        jit(from_bits), prefetch, PREFETCH_AHEAD, BLOCK, wide_vectors,
+                        *[jit(f) for f in self._codecs()])
             kind = "parallel" if parallel else "serial"
             self._cpu[parallel] = _enable_cache(njit(parallel=parallel, **_CPU_OPTIONS)(loop),
                                                 f"{self.kernels.name}_8bit_{self.code}_{kind}",
