@@ -125,6 +125,7 @@ class Optimizer:
         for group in params:
             self.add_param_group(group)
         self._check_precision()
+        self._on_cuda = not isinstance(self._params[0], np.ndarray)  # add_param_group keeps one device
         if self.capturable:
             self._check_capturable()
 
@@ -438,10 +439,11 @@ class Optimizer:
         elif self._edited[0]:
             self._pull()  # the checks read the step counts
             self._apply_edits()
-        if self._device_decides():
-            self._device_step(grads, grad_scale)
-            return
-        self._pull()  # a host step after device ones: their counts and status first
+        if self._on_cuda:  # (the CPU's steps skip both checks: a tiny model's step is a few us)
+            if self._device_decides():
+                self._device_step(grads, grad_scale)
+                return
+            self._pull()  # a host step after device ones: their counts and status first
         scale = grad_scale  # the caller's factor (an AMP unscale), times the clip factor below
         if self.max_grad_norm is not None or self.nonfinite != "propagate":
             # one reduction pass: the global norm, and whether any gradient is inf or NaN
