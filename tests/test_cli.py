@@ -131,7 +131,7 @@ def test_threads_flag_and_its_old_name(capsys):
 PRECISION_RUNS = [["--precision", "bf16", "--stochastic-rounding", "--optimizer", "adamw"],
                   ["--precision", "fp16", "--master-weights"],
                   ["--precision", "bf16", "--master-weights", "--state-bits", 8, "--optimizer", "adamw"],
-                  ["--state-bits", 8, "--optimizer", "lion"]]
+                  ["--state-bits", 8, "--state-code", "dynamic", "--optimizer", "lion"]]
 
 
 @pytest.mark.parametrize("model,schedule,precision", [("mlp", "constant", []), ("conv", "exp", [])]
@@ -348,6 +348,8 @@ BAD = [
     (["train", "--precision", "fp16", "--optimizer", "lamb"], "--optimizer lamb: "),
     (["train", "--state-bits", "4"], "argument --state-bits: invalid choice: 4"),
     (["train", "--state-bits", "8", "--optimizer", "adagrad"], "--optimizer adagrad: "),
+    (["train", "--state-code", "dynamic"], "--state-code chooses the code of 8-bit state: add --state-bits 8"),
+    (["train", "--state-bits", "8", "--state-code", "tree"], "argument --state-code: invalid choice: 'tree'"),
     (["train", "--optimizer", "lbfgs", "--precision", "bf16"], "--precision does not apply to --model logreg"),
 ]
 

@@ -599,3 +599,10 @@ def test_precision_settings_reach_the_model_and_optimizer(tmp_path, settings, pa
     params, state = (BY_NAME[d] if isinstance(d, str) else np.dtype(d) for d in (params, state))
     assert model.buffer.dtype == params and all(p.dtype == params for p in model.buffer.params)
     assert opt.state_dtype == state and opt.master_weights == master
+
+
+@pytest.mark.parametrize("settings,bits,code", [({}, None, "fp8"), (dict(state_bits=8), 8, "fp8"),
+                                                (dict(state_bits=8, state_code="dynamic"), 8, "dynamic")])
+def test_8bit_settings_reach_the_optimizer(tmp_path, settings, bits, code):
+    _, opt, _ = P.build(tiny_config(tmp_path, optimizer="adamw", **settings), DIGITS, "cpu", 5)
+    assert (opt.state_bits, opt.state_code) == (bits, code)

@@ -29,6 +29,7 @@ class Config:
     stochastic_rounding: bool = False  # bf16/fp16: params (and 16-bit state) rounded stochastically
     state_dtype: str = None       # the optimizer state's dtype; None: the params'
     state_bits: int = None        # 8: 8-bit blockwise optimizer state (adam, adamw, lion, sgd, rmsprop)
+    state_code: str = None        # with state_bits 8: the code map, "fp8" (the optimizer's default) or "dynamic"
     batch_size: int = 32
     epochs: int = 15
     seed: int = 0

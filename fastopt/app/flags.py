@@ -310,6 +310,9 @@ FLAGS = [
     flag("--state-bits", group="precision", type=int, choices=(8,),
          help="8: 8-bit blockwise optimizer state (adam, adamw, lion, sgd with momentum, rmsprop; tensors below "
               "4096 elements keep 32-bit state) (default: 32-bit)"),
+    flag("--state-code", group="precision", choices=("fp8", "dynamic"),
+         help="with --state-bits 8, the 8-bit code: fp8 (an exponent/mantissa code computed with bit operations) "
+              "or dynamic (Dettmers et al.'s dynamic tree map, searched) (default: fp8)"),
     flag("--ema", group="optimizer", type=open_unit_float, metavar="DECAY",
          help="evaluate with an exponential moving average of the weights, updated after every step with "
               "decay min(DECAY, (1+k)/(10+k)) at update k, e.g. 0.999 (default: off)"),

@@ -177,7 +177,7 @@ def uses_full_batch(cfg, optimizers, strict):
     for flag, on in (("--ema", cfg.ema is not None), ("--checkpoint", cfg.checkpoint), ("--resume", cfg.resume),
                      ("--precision", cfg.precision != "fp32"), ("--master-weights", cfg.master_weights),
                      ("--stochastic-rounding", cfg.stochastic_rounding), ("--state-dtype", cfg.state_dtype),
-                     ("--state-bits", cfg.state_bits)):
+                     ("--state-bits", cfg.state_bits), ("--state-code", cfg.state_code)):
         if on:
             raise UsageError(f"{flag} does not apply to --model {MODEL} (a full-batch run)")
     if strict:

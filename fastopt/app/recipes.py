@@ -54,13 +54,14 @@ def precision_options(cfg):
         # alone (measured: params at 768 after two steps on the digits); bfloat16's range has no such gap
         state_dtype = "float32"
     options = {"master_weights": cfg.master_weights, "stochastic_rounding": cfg.stochastic_rounding,
-               "state_dtype": state_dtype, "state_bits": cfg.state_bits}
+               "state_dtype": state_dtype, "state_bits": cfg.state_bits, "state_code": cfg.state_code}
     return {k: v for k, v in options.items() if v}
 
 
 #: ``fastopt compare``'s variants of an optimizer: ``NAME:VARIANT[:VARIANT...]``, e.g. ``adamw:bf16:sr``
 VARIANTS = {"bf16": {"precision": "bf16"}, "fp16": {"precision": "fp16"}, "master": {"master_weights": True},
             "sr": {"stochastic_rounding": True}, "8bit": {"state_bits": 8},
+            "8bit-dynamic": {"state_bits": 8, "state_code": "dynamic"},
             "state-bf16": {"state_dtype": "bfloat16"}, "state-fp32": {"state_dtype": "float32"}}
 
 
@@ -83,6 +84,8 @@ def storage_dtype(cfg):
     if storage is None and (cfg.master_weights or cfg.stochastic_rounding):
         flag = "--master-weights" if cfg.master_weights else "--stochastic-rounding"
         raise UsageError(f"{flag} is for 16-bit params: add --precision bf16 or fp16")
+    if cfg.state_code is not None and cfg.state_bits != 8:
+        raise UsageError("--state-code chooses the code of 8-bit state: add --state-bits 8")
     return storage
 
 
