@@ -149,42 +149,26 @@ class Optimizer:
                              f"launches kernels only: {why}")
 
     # -- what a step leaves: on CUDA, device values read (with a sync) only when asked ------
-    @property
-    def last_grad_norm(self):
-        """The global gradient norm of the last step (when one was computed), else None."""
-        self._pull()
-        return self._last_grad_norm
+    def _status(name, doc, convert=lambda v: v):  # a property factory, run in the class body
+        attr = "_" + name
 
-    @last_grad_norm.setter
-    def last_grad_norm(self, value):
-        self._pull()
-        self._last_grad_norm = value
+        def get(self):
+            self._pull()
+            return getattr(self, attr)
 
-    @property
-    def last_step_skipped(self):
-        """Whether the last step was skipped for an inf or NaN gradient (nonfinite="skip")."""
-        self._pull()
-        return self._last_step_skipped
+        def put(self, value):
+            self._pull()
+            setattr(self, attr, convert(value))
+            if self._dev is not None:  # the device's copy follows the host's edit
+                self._dev.push_status(self)
+        return property(get, put, doc=doc)
 
-    @last_step_skipped.setter
-    def last_step_skipped(self, value):
-        self._pull()
-        self._last_step_skipped = bool(value)
-        if self._dev is not None:
-            self._dev.push_status(self)
-
-    @property
-    def skipped_steps(self):
-        """Steps skipped for a non-finite gradient (nonfinite="skip")."""
-        self._pull()
-        return self._skipped_steps
-
-    @skipped_steps.setter
-    def skipped_steps(self, value):
-        self._pull()
-        self._skipped_steps = value
-        if self._dev is not None:
-            self._dev.push_status(self)
+    last_grad_norm = _status("last_grad_norm", "The global gradient norm of the last step (when one was "
+                                               "computed), else None.")
+    last_step_skipped = _status("last_step_skipped", 'Whether the last step was skipped for an inf or NaN '
+                                                     'gradient (nonfinite="skip").', bool)
+    skipped_steps = _status("skipped_steps", 'Steps skipped for a non-finite gradient (nonfinite="skip").')
+    del _status
 
     def _pull(self):
         """After CUDA steps decided on the device: their step counts and status to the host."""
