@@ -184,6 +184,7 @@ class _Arena:
             groups.append({"params": views, **{n: _plain(owner.param_groups[k][n]) for n in owner._rule.hyper}})
         self.inner = owner._fastopt_class(groups, **owner._extras)
         self.seen = [{} for _ in groups]  # per fastopt group: the torch group's values it last took
+        self.seen_values = [None] * len(groups)  # the same values as one tuple, in the rule's order
         self.index = [t for *_, t in members]  # fastopt's param index -> torch's state-dict index
 
     def _position(self, p):
@@ -258,6 +259,8 @@ class _TorchOptimizer(torch.optim.Optimizer):
             if value and key in _REFUSED:
                 raise ValueError(f"{key}=True is not supported by fastopt.torch ({_REFUSED[key]}): pass False")
         self._rule = self._fastopt_class.rule
+        names = tuple(self._rule.hyper)  # a group's hyper-parameter values as one tuple, read in C
+        self._hyper_values = operator.itemgetter(*names) if len(names) > 1 else lambda g: (g[names[0]],)
         self._extras = extras
         self._arenas = None
         self._hooks = []  # the sparse-gradient hooks on the params: removed with the optimizer
@@ -327,11 +330,16 @@ class _TorchOptimizer(torch.optim.Optimizer):
         """Bring each torch group's hyper-parameters (an LR scheduler's edits, any user edit)
         into the fastopt groups; fastopt re-checks an edited group before it steps. A value
         still the same object as at the last step is skipped unread (the hot path)."""
-        keys = self._rule.hyper
+        keys, values_of = self._rule.hyper, self._hyper_values
         for arena in self._arenas:
             inner_groups = arena.inner.param_groups
             for k, j in arena.group_of.items():
-                group, mine, seen = self.param_groups[k], inner_groups[j], arena.seen[j]
+                group = self.param_groups[k]
+                values, last = values_of(group), arena.seen_values[j]
+                if last is not None and all(map(operator.is_, values, last)):
+                    continue  # every value the same object as at the last step: nothing to read
+                arena.seen_values[j] = values
+                mine, seen = inner_groups[j], arena.seen[j]
                 for key in keys:
                     value = group[key]
                     if value is seen.get(key, _UNSEEN):

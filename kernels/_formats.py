@@ -50,10 +50,17 @@ def _dtype_or_none(dtype):
         return None
 
 
+_COMPUTE = {}  # dtype (as given) -> its compute dtype: asked at every step, np.dtype(...) costs
+
+
 def compute_dtype(dtype):
     """The dtype the math runs in for arrays stored as ``dtype``: float64 stays, every
     narrower float computes in float32."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+    found = _COMPUTE.get(dtype)
+    if found is None:
+        found = np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+        _COMPUTE[dtype] = found
+    return found
 
 
 def kernel_dtype(dtype):
