@@ -27,21 +27,58 @@ HostConstants = Callable[[Mapping[str, Any]], Any]
 class Hyper:
     """One hyper-parameter: ``name``, ``default`` (its type is the type a value must have),
     ``check(value)`` raising ValueError with torch's message, ``keyword``: keyword-only in
-    torch's constructor (after ``*``), ``torch``: torch.optim's rule has it too, ``doc``.
-    Defaults: ``check=None`` (no check), ``keyword=False``, ``torch=True``, ``doc=""``."""
+    torch's constructor (after ``*``), ``torch``: torch.optim's rule has it too, ``doc``,
+    ``sample``: the range the tests draw it from (see :data:`SAMPLE_KINDS`; a bool needs
+    none, it is toggled; an option without one and not a bool keeps its default in the tests).
+    Defaults: ``check=None`` (no check), ``keyword=False``, ``torch=True``, ``doc=""``,
+    ``sample=None``."""
 
-    __slots__ = ("check", "default", "doc", "keyword", "name", "torch")
+    __slots__ = ("check", "default", "doc", "keyword", "name", "sample", "torch")
     name: str
     default: Any
     check: Callable[[Any], None] | None
     keyword: bool
     torch: bool
     doc: str
+    sample: tuple | None
 
     def __init__(self, name: str, default: Any, check: Callable[[Any], None] | None = None, *,
-                 keyword: bool = False, torch: bool = True, doc: str = "") -> None:
+                 keyword: bool = False, torch: bool = True, doc: str = "", sample: tuple | None = None) -> None:
         self.name, self.default, self.check = name, default, check
         self.keyword, self.torch, self.doc = keyword, torch, doc
+        if sample is not None:
+            _check_sample(name, default, sample)
+        self.sample = sample
+
+
+#: A :class:`Hyper`'s ``sample``: ``("uniform", lo, hi)`` a float uniform in [lo, hi);
+#: ``("log", lo, hi)`` a float whose logarithm is uniform (0 < lo < hi); ``("choice", a, b, ...)``
+#: the values in turn; for a tuple-valued option (``betas``), a tuple of those, one per element.
+#: An option whose default is 0 (off) is drawn as 0 in some of the tests' draws, as its range
+#: in the others; the tests (``tests/cases.py``) derive every draw from these declarations.
+SAMPLE_KINDS = ("uniform", "log", "choice")
+#: the ranges most rules share
+WEIGHT_DECAY_SAMPLE = ("uniform", 1e-3, 1e-1)
+BETAS_SAMPLE = (("uniform", 0.5, 0.95), ("uniform", 0.9, 0.9999))
+
+
+def _check_sample(name: str, default: Any, sample: tuple) -> None:
+    if isinstance(default, tuple):
+        if not (isinstance(sample, tuple) and len(sample) == len(default)):
+            raise TypeError(f"{name}: sample must be one range per element of {default!r}, got {sample!r}")
+        for element, part in zip(default, sample):
+            _check_sample(name, element, part)
+        return
+    kind = sample[0] if isinstance(sample, tuple) and sample else None
+    if kind == "choice":
+        if len(sample) < 2:
+            raise TypeError(f"{name}: ('choice', ...) needs at least one value, got {sample!r}")
+        return
+    if kind not in ("uniform", "log") or len(sample) != 3 or not sample[1] < sample[2]:
+        raise TypeError(f"{name}: sample must be ('uniform'|'log', lo, hi) with lo < hi, "
+                        f"or ('choice', value, ...), got {sample!r}")
+    if kind == "log" and not sample[1] > 0:
+        raise TypeError(f"{name}: a log range needs lo > 0, got {sample!r}")
 
 
 class State:
@@ -134,7 +171,7 @@ class Rule:
     def variant(self, name: str, *, fixed: Mapping[str, Any], defaults: Mapping[str, Any]) -> Rule:
         """The same math and kernels with some values fixed and other defaults (AdamW)."""
         hyper = [Hyper(h.name, defaults.get(h.name, h.default), h.check, keyword=h.keyword, torch=h.torch,
-                       doc=h.doc) for h in self.hyper.values() if h.name not in fixed]
+                       doc=h.doc, sample=h.sample) for h in self.hyper.values() if h.name not in fixed]
         return Rule(name, self.math, self.host_scalars, constants=self.host_constants, states=self.state_list,
                     hyper=hyper, check=self._check,
                     fixed={**self.fixed, **fixed}, derived=self.derived, start_from_grad=self.start_from_grad,

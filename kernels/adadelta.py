@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from . import _args
-from ._rule import Hyper, Rule, State
+from ._rule import WEIGHT_DECAY_SAMPLE, Hyper, Rule, State
 
 
 def adadelta_math(p, g, square_avg, acc_delta, lr, rho, one_minus_rho, eps, weight_decay, maximize, coupled):
@@ -39,8 +39,11 @@ def constants(h):
 ADADELTA = Rule(
     "adadelta", adadelta_math, scalars, constants=constants,
     states=[State("square_avg"), State("acc_delta")],
-    hyper=[Hyper("lr", 1.0, _args.lr), Hyper("rho", 0.9, _args.unit_of("rho")), Hyper("eps", 1e-6, _args.eps),
-           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")), Hyper("maximize", False, keyword=True)])
+    hyper=[Hyper("lr", 1.0, _args.lr, sample=("uniform", 0.1, 1.0)),
+           Hyper("rho", 0.9, _args.unit_of("rho"), sample=("uniform", 0.8, 0.99)),
+           Hyper("eps", 1e-6, _args.eps, sample=("log", 1e-7, 1e-5)),
+           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay"), sample=WEIGHT_DECAY_SAMPLE),
+           Hyper("maximize", False, keyword=True)])
 
 adadelta_ = ADADELTA.function("adadelta_", "One Adadelta step in place on ``param``, ``square_avg`` and ``acc_delta``.")
 

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from . import _args
-from ._rule import Hyper, Rule, State
+from ._rule import WEIGHT_DECAY_SAMPLE, Hyper, Rule, State
 
 
 def adagrad_math(p, g, state_sum, clr, weight_decay, eps, maximize, coupled):
@@ -35,10 +35,11 @@ def constants(h):
 ADAGRAD = Rule(
     "adagrad", adagrad_math, scalars, constants=constants,
     states=[State("state_sum", start="initial_accumulator_value", torch_name="sum")],
-    hyper=[Hyper("lr", 1e-2, _args.lr), Hyper("lr_decay", 0.0, _args.nonneg_of("lr_decay")),
-           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")),
+    hyper=[Hyper("lr", 1e-2, _args.lr, sample=("uniform", 1e-3, 1e-1)),
+           Hyper("lr_decay", 0.0, _args.nonneg_of("lr_decay"), sample=("uniform", 0.0, 0.1)),
+           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay"), sample=WEIGHT_DECAY_SAMPLE),
            Hyper("initial_accumulator_value", 0.0, _args.nonneg_of("initial_accumulator_value")),
-           Hyper("eps", 1e-10, _args.eps), Hyper("maximize", False, keyword=True)])
+           Hyper("eps", 1e-10, _args.eps, sample=("log", 1e-10, 1e-6)), Hyper("maximize", False, keyword=True)])
 
 adagrad_ = ADAGRAD.function("adagrad_", "One Adagrad step in place on ``param`` and ``state_sum``.")
 

@@ -25,7 +25,7 @@ from numba.extending import register_jitable
 
 from . import _args
 from ._engine import nan_max
-from ._rule import Hyper, Rule, State
+from ._rule import BETAS_SAMPLE, WEIGHT_DECAY_SAMPLE, Hyper, Rule, State
 
 
 @register_jitable  # a piece of math: LAMB's first pass calls it too (the same moments, bit for bit)
@@ -86,16 +86,19 @@ ADAM = Rule(
     "adam", adam_math, scalars, constants=constants,
     states=[State("exp_avg"), State("exp_avg_sq"),
             State("max_exp_avg_sq", lambda h: h["amsgrad"], "when amsgrad=True")],
-    hyper=[Hyper("lr", 1e-3, _args.lr), Hyper("betas", (0.9, 0.999), _args.betas),
-           Hyper("eps", 1e-8, _args.eps), Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")),
+    hyper=[Hyper("lr", 1e-3, _args.lr, sample=("log", 1e-4, 1e-2)),
+           Hyper("betas", (0.9, 0.999), _args.betas, sample=BETAS_SAMPLE),
+           Hyper("eps", 1e-8, _args.eps, sample=("log", 1e-8, 1e-5)),
+           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay"), sample=WEIGHT_DECAY_SAMPLE),
            Hyper("amsgrad", False),
-           Hyper("eps_root", 0.0, _args.nonneg_of("eps_root"), keyword=True, torch=False,
+           Hyper("eps_root", 0.0, _args.nonneg_of("eps_root"), keyword=True, torch=False, sample=("log", 1e-10, 1e-6),
                  doc="optax's epsilon inside the square root: sqrt(v_hat + eps_root) + eps"),
            Hyper("maximize", False, keyword=True), Hyper("decoupled_weight_decay", False, keyword=True),
            Hyper("bias_correction", True, keyword=True, torch=False,
                  doc='False drops both 1 - beta**t factors: the lecture notes\' "Adam (almost)"'),
-           Hyper("l1", 0.0, _args.nonneg_of("l1"), keyword=True, torch=False),
-           Hyper("l1_mode", "subgradient", _args.l1_mode, keyword=True, torch=False)])
+           Hyper("l1", 0.0, _args.nonneg_of("l1"), keyword=True, torch=False, sample=("uniform", 1e-3, 1e-1)),
+           Hyper("l1_mode", "subgradient", _args.l1_mode, keyword=True, torch=False,
+                 sample=("choice", *_args.L1_MODES))])
 ADAMW = ADAM.variant("adamw", fixed={"decoupled_weight_decay": True}, defaults={"weight_decay": 1e-2})
 
 adam_ = ADAM.function("adam_", "One Adam step, in place on ``param`` and the state arrays (see the module docstring).")

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _args
 from ._engine import nan_max
-from ._rule import Hyper, Rule, State
+from ._rule import BETAS_SAMPLE, WEIGHT_DECAY_SAMPLE, Hyper, Rule, State
 
 
 def adamax_math(p, g, exp_avg, exp_inf, beta1, one_minus_beta1, beta2, clr, eps, weight_decay, maximize, coupled):
@@ -36,8 +36,11 @@ def constants(h):
 ADAMAX = Rule(
     "adamax", adamax_math, scalars, constants=constants,
     states=[State("exp_avg"), State("exp_inf")],
-    hyper=[Hyper("lr", 2e-3, _args.lr), Hyper("betas", (0.9, 0.999), _args.betas), Hyper("eps", 1e-8, _args.eps),
-           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")), Hyper("maximize", False, keyword=True)])
+    hyper=[Hyper("lr", 2e-3, _args.lr, sample=("log", 1e-4, 1e-2)),
+           Hyper("betas", (0.9, 0.999), _args.betas, sample=BETAS_SAMPLE),
+           Hyper("eps", 1e-8, _args.eps, sample=("log", 1e-8, 1e-5)),
+           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay"), sample=WEIGHT_DECAY_SAMPLE),
+           Hyper("maximize", False, keyword=True)])
 
 adamax_ = ADAMAX.function("adamax_", "One Adamax step in place on ``param``, ``exp_avg`` and ``exp_inf``.")
 

@@ -8,7 +8,7 @@
 import numpy as np
 
 from . import _args
-from ._rule import Hyper, Rule, State
+from ._rule import BETAS_SAMPLE, WEIGHT_DECAY_SAMPLE, Hyper, Rule, State
 
 
 def lion_math(p, g, exp_avg, lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, zero, maximize, decoupled):
@@ -35,8 +35,10 @@ def constants(h):
 LION = Rule(
     "lion", lion_math, scalars, constants=constants,
     states=[State("exp_avg")],
-    hyper=[Hyper("lr", 1e-4, _args.lr), Hyper("betas", (0.9, 0.99), _args.betas),
-           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")), Hyper("maximize", False, keyword=True)])
+    hyper=[Hyper("lr", 1e-4, _args.lr, sample=("log", 1e-4, 1e-2)),
+           Hyper("betas", (0.9, 0.99), _args.betas, sample=BETAS_SAMPLE),
+           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay"), sample=WEIGHT_DECAY_SAMPLE),
+           Hyper("maximize", False, keyword=True)])
 
 lion_ = LION.function("lion_", "One Lion step in place on ``param`` and ``exp_avg``.")
 

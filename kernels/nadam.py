@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from . import _args
-from ._rule import Hyper, Rule, State
+from ._rule import BETAS_SAMPLE, WEIGHT_DECAY_SAMPLE, Hyper, Rule, State
 
 
 def nadam_math(p, g, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_minus_beta2, inv_sqrt_bc2, eps,
@@ -75,9 +75,11 @@ def constants(h):
 NADAM = Rule(
     "nadam", nadam_math, scalars, constants=constants,
     states=[State("exp_avg"), State("exp_avg_sq")],
-    hyper=[Hyper("lr", 2e-3, _args.lr), Hyper("betas", (0.9, 0.999), _args.betas), Hyper("eps", 1e-8, _args.eps),
-           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")),
-           Hyper("momentum_decay", 4e-3, _args.nonneg_of("momentum_decay")),
+    hyper=[Hyper("lr", 2e-3, _args.lr, sample=("log", 1e-4, 1e-2)),
+           Hyper("betas", (0.9, 0.999), _args.betas, sample=BETAS_SAMPLE),
+           Hyper("eps", 1e-8, _args.eps, sample=("log", 1e-8, 1e-5)),
+           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay"), sample=WEIGHT_DECAY_SAMPLE),
+           Hyper("momentum_decay", 4e-3, _args.nonneg_of("momentum_decay"), sample=("uniform", 1e-3, 1e-2)),
            Hyper("decoupled_weight_decay", False), Hyper("maximize", False, keyword=True)],
     derived=("mu_product",))  # torch keeps the schedule's running product; fastopt derives it from the step
 

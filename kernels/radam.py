@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from . import _args
-from ._rule import Hyper, Rule, State
+from ._rule import BETAS_SAMPLE, WEIGHT_DECAY_SAMPLE, Hyper, Rule, State
 from .nadam import constants  # the same moments, eps and (coupled or decoupled) weight decay as NAdam
 
 
@@ -58,8 +58,10 @@ def scalars(h, step, lr):
 RADAM = Rule(
     "radam", radam_math, scalars, constants=constants,
     states=[State("exp_avg"), State("exp_avg_sq")],
-    hyper=[Hyper("lr", 1e-3, _args.lr), Hyper("betas", (0.9, 0.999), _args.betas), Hyper("eps", 1e-8, _args.eps),
-           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")),
+    hyper=[Hyper("lr", 1e-3, _args.lr, sample=("log", 1e-4, 1e-2)),
+           Hyper("betas", (0.9, 0.999), _args.betas, sample=BETAS_SAMPLE),
+           Hyper("eps", 1e-8, _args.eps, sample=("log", 1e-8, 1e-5)),
+           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay"), sample=WEIGHT_DECAY_SAMPLE),
            Hyper("decoupled_weight_decay", False), Hyper("maximize", False, keyword=True)])
 
 radam_ = RADAM.function("radam_", "One RAdam step in place on ``param``, ``exp_avg`` and ``exp_avg_sq``.")

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from . import _args
-from ._rule import Hyper, Rule, State
+from ._rule import WEIGHT_DECAY_SAMPLE, Hyper, Rule, State
 
 
 def rmsprop_math(p, g, square_avg, momentum_buffer, grad_avg, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
@@ -51,9 +51,11 @@ RMSPROP = Rule(
     "rmsprop", rmsprop_math, scalars, constants=constants,
     states=[State("square_avg"), State("momentum_buffer", lambda h: h["momentum"] > 0, "when momentum > 0"),
             State("grad_avg", lambda h: h["centered"], "when centered=True")],
-    hyper=[Hyper("lr", 1e-2, _args.lr), Hyper("alpha", 0.99, _args.unit_of("alpha")), Hyper("eps", 1e-8, _args.eps),
-           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")),
-           Hyper("momentum", 0.0, _args.nonneg_of("momentum")), Hyper("centered", False),
+    hyper=[Hyper("lr", 1e-2, _args.lr, sample=("uniform", 1e-3, 1e-2)),
+           Hyper("alpha", 0.99, _args.unit_of("alpha"), sample=("uniform", 0.8, 0.999)),
+           Hyper("eps", 1e-8, _args.eps, sample=("log", 1e-8, 1e-4)),
+           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay"), sample=WEIGHT_DECAY_SAMPLE),
+           Hyper("momentum", 0.0, _args.nonneg_of("momentum"), sample=("uniform", 0.5, 0.95)), Hyper("centered", False),
            Hyper("maximize", False, keyword=True)])
 
 rmsprop_ = RMSPROP.function("rmsprop_", """One RMSprop step in place. ``momentum_buffer`` is needed when

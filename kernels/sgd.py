@@ -17,7 +17,7 @@ import numpy as np
 from numba.extending import register_jitable
 
 from . import _args
-from ._rule import Hyper, Rule, State
+from ._rule import WEIGHT_DECAY_SAMPLE, Hyper, Rule, State
 
 
 @register_jitable  # a piece of math: LARS calls it too, on its ratio-scaled gradient
@@ -76,11 +76,14 @@ def _finite_dampening(value):
 SGD = Rule(
     "sgd", sgd_math, scalars, constants=constants,
     states=[State("momentum_buffer", lambda h: h["momentum"] != 0, "when momentum != 0")],
-    hyper=[Hyper("lr", 1e-3, _args.lr), Hyper("momentum", 0.0, _args.nonneg_of("momentum")),
-           Hyper("dampening", 0.0, _finite_dampening), Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay")),
+    hyper=[Hyper("lr", 1e-3, _args.lr),
+           Hyper("momentum", 0.0, _args.nonneg_of("momentum"), sample=("uniform", 0.5, 0.99)),
+           Hyper("dampening", 0.0, _finite_dampening, sample=("uniform", 0.0, 0.5)),
+           Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay"), sample=WEIGHT_DECAY_SAMPLE),
            Hyper("nesterov", False), Hyper("maximize", False, keyword=True),
-           Hyper("l1", 0.0, _args.nonneg_of("l1"), keyword=True, torch=False),
-           Hyper("l1_mode", "subgradient", _args.l1_mode, keyword=True, torch=False)],
+           Hyper("l1", 0.0, _args.nonneg_of("l1"), keyword=True, torch=False, sample=("uniform", 1e-3, 1e-1)),
+           Hyper("l1_mode", "subgradient", _args.l1_mode, keyword=True, torch=False,
+                 sample=("choice", *_args.L1_MODES))],
     check=_check,
     start_from_grad=("momentum_buffer",))  # as torch: momentum turned on mid-run starts from g
 

@@ -1,78 +1,117 @@
 """The table every kernel test draws from: for each rule, seeded random hyper-parameter
-sets that between them turn every option on and off."""
+sets that between them turn every option on and off, derived from the rules' declarations
+(``Hyper(..., sample=...)`` in ``kernels/<rule>.py``: adding an option adds its range there).
+
+Draw 0 is the defaults. In draws 1..N_DRAWS-1, an option with a range and a non-zero default
+(lr, betas, eps) is drawn from its range every time; an on/off option (a bool, or a number
+whose default 0 means off, as weight decay) is on in the draws ``ON_IN`` gives for its place
+among the rule's on/off options. An option torch.optim lacks (``torch=False``) moves only in
+the last draw, which the torch parity tests skip. A draw the rule's own checks reject (SGD's
+Nesterov with dampening) gives back its options, the last declared first, until they pass.
+Draws 1.. name every option they may move, at its default where it is off.
+"""
 import zlib
 
 import numpy as np
 
 from fastopt.kernels import RULES
 
-
-def _betas(rng):
-    return (float(rng.uniform(0.5, 0.95)), float(rng.uniform(0.9, 0.9999)))
-
-
-def _wd(rng, i):
-    return 0.0 if i % 2 == 0 else float(rng.uniform(1e-3, 1e-1))
-
-
-def _l1(rng, i, mode):
-    """L1 and optax's eps_root on the last draw only (torch has neither: the parity tests
-    skip that draw)."""
-    return dict(l1=float(rng.uniform(1e-3, 1e-1)), l1_mode=mode) if i == 3 else {}
-
-
-def _eps_root(rng, i):
-    return dict(eps_root=float(10 ** rng.uniform(-10, -6))) if i == 3 else {}
-
-
-# rule -> draw(rng, i) -> hyper-parameters; i = 0 always gives the defaults (plus lr for sgd)
-DRAWS = {
-    "sgd": lambda rng, i: {} if i == 0 else dict(
-        momentum=[0.0, float(rng.uniform(0.5, 0.99)), float(rng.uniform(0.5, 0.99))][i % 3],
-        dampening=float(rng.uniform(0, 0.5)) if i % 3 == 2 else 0.0,
-        nesterov=(i % 3 == 1), weight_decay=_wd(rng, i), maximize=(i % 4 == 3),
-        **_l1(rng, i, "proximal")),
-    "adagrad": lambda rng, i: {} if i == 0 else dict(
-        lr=float(rng.uniform(1e-3, 1e-1)), lr_decay=float(rng.uniform(0, 0.1)) if i % 2 else 0.0,
-        weight_decay=_wd(rng, i + 1), eps=float(10 ** rng.uniform(-10, -6)), maximize=(i == 3)),
-    "rmsprop": lambda rng, i: {} if i == 0 else dict(
-        lr=float(rng.uniform(1e-3, 1e-2)), alpha=float(rng.uniform(0.8, 0.999)),
-        eps=float(10 ** rng.uniform(-8, -4)), weight_decay=_wd(rng, i), centered=(i % 2 == 1),
-        momentum=float(rng.uniform(0.5, 0.95)) if i >= 2 else 0.0, maximize=(i == 3)),
-    "adam": lambda rng, i: {} if i == 0 else dict(
-        lr=float(10 ** rng.uniform(-4, -2)), betas=_betas(rng), eps=float(10 ** rng.uniform(-8, -5)),
-        weight_decay=_wd(rng, i), amsgrad=(i % 2 == 1), maximize=(i == 2), bias_correction=(i != 3),
-        decoupled_weight_decay=(i == 1), **_l1(rng, i, "proximal"), **_eps_root(rng, i)),
-    "adamw": lambda rng, i: {} if i == 0 else dict(
-        lr=float(10 ** rng.uniform(-4, -2)), betas=_betas(rng), eps=float(10 ** rng.uniform(-8, -5)),
-        weight_decay=float(rng.uniform(0, 0.2)), amsgrad=(i % 2 == 0), maximize=(i == 3),
-        bias_correction=(i != 3), **_l1(rng, i, "subgradient"), **_eps_root(rng, i)),
-    "adadelta": lambda rng, i: {} if i == 0 else dict(
-        lr=float(rng.uniform(0.1, 1.0)), rho=float(rng.uniform(0.8, 0.99)),
-        eps=float(10 ** rng.uniform(-7, -5)), weight_decay=_wd(rng, i), maximize=(i == 2)),
-    "adamax": lambda rng, i: {} if i == 0 else dict(
-        lr=float(10 ** rng.uniform(-4, -2)), betas=_betas(rng), eps=float(10 ** rng.uniform(-8, -5)),
-        weight_decay=_wd(rng, i), maximize=(i == 3)),
-    "nadam": lambda rng, i: {} if i == 0 else dict(
-        lr=float(10 ** rng.uniform(-4, -2)), betas=_betas(rng), eps=float(10 ** rng.uniform(-8, -5)),
-        weight_decay=_wd(rng, i), momentum_decay=float(rng.uniform(1e-3, 1e-2)),
-        decoupled_weight_decay=(i == 3), maximize=(i == 2)),
-    "radam": lambda rng, i: {} if i == 0 else dict(
-        lr=float(10 ** rng.uniform(-4, -2)), betas=_betas(rng), eps=float(10 ** rng.uniform(-8, -5)),
-        weight_decay=_wd(rng, i), decoupled_weight_decay=(i == 3), maximize=(i == 2)),
-    "lion": lambda rng, i: {} if i == 0 else dict(
-        lr=float(10 ** rng.uniform(-4, -2)), betas=_betas(rng), weight_decay=_wd(rng, i),
-        maximize=(i == 2)),
-}
-assert set(DRAWS) == set(RULES), "every rule needs a row in the table"
 N_DRAWS = 4
+LAST = N_DRAWS - 1
+# The draws an on/off option is on in, by its place among the rule's on/off options (in
+# declaration order), turning round after the last. The first three are each off once, so
+# any two of them meet in a draw (SGD's momentum and dampening in draw 1; Adam's weight
+# decay with and without decoupled_weight_decay); the next two are on once. Each is on in
+# draw 1 or 2, which the torch parity tests run, and off in draw 0.
+ON_IN = ({1, 2}, {1, 3}, {2, 3}, {2}, {1})
+# SGD's default lr (1e-3) barely moves a parameter in the tests' few steps
+FIXED = {"sgd": {"lr": 0.05}}
+
+
+def _value(sample, rng):
+    """A value from a declared range; the "choice" kind is not drawn here (see _choice)."""
+    if isinstance(sample[0], tuple):
+        return tuple(_value(part, rng) for part in sample)
+    kind, lo, hi = sample
+    if kind == "log":
+        return float(10 ** rng.uniform(np.log10(lo), np.log10(hi)))
+    return float(rng.uniform(lo, hi))
+
+
+def _choice(rule, h, i):
+    """The values of a ("choice", ...) option in turn over the draws it moves in, starting
+    with the first that is not its default; rules sharing one compiled math (Adam, AdamW)
+    carry on each other's turn, so between them they reach every value."""
+    values = [v for v in h.sample[1:] if v != h.default] + [v for v in h.sample[1:] if v == h.default]
+    moving = [LAST] if not h.torch else list(range(1, N_DRAWS))
+    kernels = RULES[rule][0].kernels
+    pool = [r for r, (m, _, _) in RULES.items() if m.kernels is kernels]
+    turn = pool.index(rule) * len(moving) + moving.index(i)
+    return values[turn % len(values)]
+
+
+def _on_off(h):
+    return isinstance(h.default, bool) or (h.sample is not None and h.sample[0] != "choice" and h.default == 0)
+
+
+def _derive(rule, i):
+    declared = RULES[rule][0]
+    if i == 0:
+        return {}
+    rng = np.random.default_rng([zlib.crc32(rule.encode()), i])
+    hp, place, named = {}, 0, []
+    for name, h in declared.hyper.items():
+        if h.sample is None and not isinstance(h.default, bool):
+            continue
+        # every range is drawn whether used or not: a draw's values do not hang on its neighbours'
+        value = _value(h.sample, rng) if h.sample is not None and h.sample[0] != "choice" else None
+        if not h.torch and i != LAST:
+            continue
+        named.append(name)
+        if h.sample is not None and h.sample[0] == "choice":
+            hp[name] = _choice(rule, h, i)
+        elif not _on_off(h):
+            hp[name] = value
+        else:
+            on = not h.torch or i in ON_IN[place % len(ON_IN)]
+            if h.torch:
+                place += 1
+            if on:
+                hp[name] = (not h.default) if isinstance(h.default, bool) else value
+    kept = _within_checks(declared, hp)
+    # the options left off are named too: one draw written over another (an edit mid-run in
+    # test_restore) turns them off rather than keeping the other's (dampening under nesterov)
+    return {name: kept.get(name, declared.hyper[name].default) for name in named}
+
+
+def _within_checks(declared, hp):
+    """``hp``, or if the rule's checks reject it, ``hp`` less the fewest options dropped last
+    declared first: one option if one suffices, else the last ones until the checks pass."""
+    def passes(candidate):
+        try:
+            declared.check({**declared.defaults, **candidate})
+        except ValueError:
+            return False
+        return True
+
+    if passes(hp):
+        return hp
+    for name in reversed(list(hp)):
+        fewer = {k: v for k, v in hp.items() if k != name}
+        if passes(fewer):
+            return fewer
+    names = list(hp)
+    while names and not passes({k: hp[k] for k in names}):
+        names.pop()
+    return {k: hp[k] for k in names}
+
+
+# rule -> draw(i) -> hyper-parameters; draw 0 gives the defaults (plus FIXED)
+DRAWS = {rule: (lambda i, rule=rule: _derive(rule, i)) for rule in RULES}
 
 
 def hparams(rule, i):
-    hp = DRAWS[rule](np.random.default_rng([zlib.crc32(rule.encode()), i]), i)
-    if rule == "sgd":
-        hp.setdefault("lr", 0.05)
-    return hp
+    return {**FIXED.get(rule, {}), **DRAWS[rule](i)}
 
 
 def states(rule, shape, dtype=np.float64):
