@@ -168,10 +168,17 @@ class Rule:
                                         writes=first.writes, sums=first.sums)
         self.kernels, self.first_kernels = kernels, first_kernels
 
-    def variant(self, name: str, *, fixed: Mapping[str, Any], defaults: Mapping[str, Any]) -> Rule:
-        """The same math and kernels with some values fixed and other defaults (AdamW)."""
+    def variant(self, name: str, *, fixed: Mapping[str, Any], defaults: Mapping[str, Any],
+                samples: Mapping[str, tuple] | None = None) -> Rule:
+        """The same math and kernels with some values fixed and other defaults (AdamW), and
+        ``samples``: other test ranges (see :class:`Hyper`; default None: the same)."""
+        samples = samples or {}
+        dropped = set(samples) - (set(self.hyper) - set(fixed))
+        if dropped:
+            raise TypeError(f"{name}: samples for {sorted(dropped)}, which the variant does not keep")
         hyper = [Hyper(h.name, defaults.get(h.name, h.default), h.check, keyword=h.keyword, torch=h.torch,
-                       doc=h.doc, sample=h.sample) for h in self.hyper.values() if h.name not in fixed]
+                       doc=h.doc, sample=samples.get(h.name, h.sample))
+                 for h in self.hyper.values() if h.name not in fixed]
         return Rule(name, self.math, self.host_scalars, constants=self.host_constants, states=self.state_list,
                     hyper=hyper, check=self._check,
                     fixed={**self.fixed, **fixed}, derived=self.derived, start_from_grad=self.start_from_grad,

@@ -99,7 +99,8 @@ ADAM = Rule(
            Hyper("l1", 0.0, _args.nonneg_of("l1"), keyword=True, torch=False, sample=("uniform", 1e-3, 1e-1)),
            Hyper("l1_mode", "subgradient", _args.l1_mode, keyword=True, torch=False,
                  sample=("choice", *_args.L1_MODES))])
-ADAMW = ADAM.variant("adamw", fixed={"decoupled_weight_decay": True}, defaults={"weight_decay": 1e-2})
+ADAMW = ADAM.variant("adamw", fixed={"decoupled_weight_decay": True}, defaults={"weight_decay": 1e-2},
+                     samples={"weight_decay": ("uniform", 0.0, 0.2)})
 
 adam_ = ADAM.function("adam_", "One Adam step, in place on ``param`` and the state arrays (see the module docstring).")
 adamw_ = ADAMW.function("adamw_", "One AdamW step: Adam with decoupled weight decay, ``p *= 1 - lr * weight_decay``.")

@@ -97,3 +97,10 @@ BAD_SAMPLES = [
 def test_a_malformed_sample_fails_at_declaration(default, sample):
     with pytest.raises(TypeError, match=r"^x: "):
         Hyper("x", default, sample=sample)
+
+
+@pytest.mark.parametrize("samples", [{"decoupled_weight_decay": ("choice", True)}, {"nope": ("uniform", 0.0, 1.0)}],
+                         ids=["fixed", "undeclared"])
+def test_a_variant_rejects_ranges_for_options_it_does_not_keep(samples):
+    with pytest.raises(TypeError, match="which the variant does not keep"):
+        RULES["adam"][0].variant("x", fixed={"decoupled_weight_decay": True}, defaults={}, samples=samples)
