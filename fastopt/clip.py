@@ -4,13 +4,13 @@ the one-pass norm + non-finite check the optimizers run before a guarded or clip
     total = (sum_i sum_j |g_ij|**p) ** (1/p)       (max |g_ij| for p = inf)
     coef  = min(1, max_norm / (total + 1e-6));  g *= coef
 """
-import math
 import numbers
 
 import numpy as np
 
 from .buffer import ParamBuffer
 from .kernels import _dispatch, _formats, _reduce
+from .kernels._reduce import clip_coefficient
 from .kernels._rule import Rule
 
 
@@ -153,12 +153,6 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
                 scalars = SCALE.kernels.scalars.pack({}, flat.dtype, coef)
                 _dispatch._launch_cuda(SCALE.kernels, [flat, flat, None], scalars)
     return total
-
-
-def clip_coefficient(total, max_norm):
-    """torch's factor ``min(1, max_norm / (total + 1e-6))`` (NaN for a NaN norm)."""
-    coef = max_norm / (total + 1e-6)
-    return coef if math.isnan(coef) else min(coef, 1.0)
 
 
 def scale_math(p, g):

@@ -271,9 +271,10 @@ def unsupported(rule):
 
 # -- the kernels ------------------------------------------------------------------------
 
-def make_prologue(rule, squares, maximum):
+def make_prologue(rule):
     """The prologue kernel of ``rule`` (see the module docstring), a Python function for
-    ``cuda.jit`` or ``compile_ptx``; ``squares``, ``maximum``: the norm modes.
+    ``cuda.jit`` or ``compile_ptx``: the partials combined, the norm finished and the clip
+    factor taken by the host's own functions (``_reduce``), compiled for the device.
 
     ``(totals, checks, mode, p, norm_on, guard, count, clip, max_norm, grad_scale, status,
     steps, restarts, hyper, table, rows, out)``: the reduction's partials and its mode and
@@ -283,6 +284,8 @@ def make_prologue(rule, squares, maximum):
     starts a state: its scalars see step 1), hyper slots, schedule rows ``(first, count)``
     of ``table``, and its ``out`` row."""
     from numba import cuda
+
+    from ._reduce import clip_coefficient, combine_in_order, finish
     spec = step_scalars(rule)
     device = cuda.jit(device=True)
     args = ", ".join(f"hyper[g, {j}]" for j in range(spec.slots))
@@ -292,20 +295,13 @@ def make_prologue(rule, squares, maximum):
         "    skip = False",
         "    scale = grad_scale",
         "    if norm_on:",
-        "        total, check = 0.0, 0.0",
-        "        for k in range(totals.size):",
-        "            check += checks[k]",
-        "            total = max(total, totals[k]) if mode == MAXIMUM else total + totals[k]",
-        "        if mode == SQUARES:",
-        "            total = math.sqrt(total)",
-        "        elif mode != MAXIMUM:",
-        "            total = total ** (1.0 / p)",
+        "        total, check = combine(totals, checks, mode)",
+        "        total, finite = finish(total, check, mode, p)",
         "        total *= grad_scale",
         "        status[NORM] = total",
-        "        skip = guard and check != check",
-        "        if clip:  # torch's min(1, max_norm / (total + 1e-6)); NaN stays NaN",
-        "            coef = max_norm / (total + 1e-6)",
-        "            scale = grad_scale * (coef if coef != coef else min(coef, 1.0))",
+        "        skip = guard and not finite",
+        "        if clip:",
+        "            scale = grad_scale * clip_coefficient(total, max_norm)",
         "    status[SKIPPED] = 1.0 if skip else 0.0",
         "    if skip and count:",
         "        status[SKIPS] += 1.0",
@@ -320,9 +316,9 @@ def make_prologue(rule, squares, maximum):
     for j, flag in enumerate(spec.flags):
         lines.append(f"            out[g, HEAD + {j}] = " + (f"1.0 if v[{j}] else 0.0" if flag else f"v[{j}]"))
     lines += ["            steps[g] += 1", "            restarts[g] = 0"]
-    scope = {"math": math, "lr_at": device(lr_on_device), "scalars": spec.function(device), "NORM": NORM,
-             "SKIPPED": SKIPPED, "SKIPS": SKIPS, "SKIP": SKIP, "SCALE": SCALE, "HEAD": HEAD, "SQUARES": squares,
-             "MAXIMUM": maximum}
+    scope = {"lr_at": device(lr_on_device), "scalars": spec.function(device), "combine": combine_in_order,
+             "finish": finish, "clip_coefficient": clip_coefficient, "NORM": NORM, "SKIPPED": SKIPPED,
+             "SKIPS": SKIPS, "SKIP": SKIP, "SCALE": SCALE, "HEAD": HEAD}
     exec(compile("\n".join(lines) + "\n", __file__, "exec"), scope)  # noqa: S102 - generated from the declaration
     return scope["prologue"]
 
@@ -361,9 +357,7 @@ def prologue(rule):
     key = rule.kernels
     if key not in _PROLOGUES:
         from numba import cuda
-
-        from ._reduce import MAX, SQUARES
-        _PROLOGUES[key] = cuda.jit(make_prologue(rule, SQUARES, MAX))
+        _PROLOGUES[key] = cuda.jit(make_prologue(rule))
     return _PROLOGUES[key]
 
 

@@ -202,7 +202,7 @@ def compile_prologue(rule, dtype, cc):
     import numba
     from numba import cuda, types
 
-    from . import _device, _reduce
+    from . import _device
     acc = numba.from_dtype(compute_dtype(dtype))
     f64, i64 = types.float64, types.int64
     flag = types.boolean
@@ -210,7 +210,7 @@ def compile_prologue(rule, dtype, cc):
            types.Array(f64, 1, "C"), types.Array(i64, 1, "C"), types.Array(i64, 1, "C"), types.Array(f64, 2, "C"),
            types.Array(f64, 2, "C"), types.Array(i64, 2, "C"), types.Array(acc, 2, "C"))
     with _target_cc(cc):
-        ptx, _ = cuda.compile_ptx(_device.make_prologue(rule, _reduce.SQUARES, _reduce.MAX),
+        ptx, _ = cuda.compile_ptx(_device.make_prologue(rule),
                                   sig, cc=cc)
     return ptx
 

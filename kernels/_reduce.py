@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 from numba import njit, prange
+from numba.extending import register_jitable
 
 from . import _formats
 from ._engine import _CPU_OPTIONS, _enable_cache, cuda_salt, enable_cuda_cache
@@ -79,19 +80,24 @@ def _make_cpu(parallel):
         for k in prange(chunks.shape[0]):
             t, lo, hi = chunks[k, 0], chunks[k, 1], chunks[k, 2]
             totals[k], checks[k] = _chunk(arrays[t][lo:hi], mode, p)
-        return combine(totals, checks, mode)
+        return combine_in_order(totals, checks, mode)
     kind = "parallel" if parallel else "serial"
     return _enable_cache(njit(parallel=parallel, **_CPU_OPTIONS)(reduce_chunks), f"reduce_{kind}", _SALT)
 
 
-@njit(cache=True, **_CPU_OPTIONS)
-def combine(totals, checks, mode):
-    # in chunk order, inside the compiled call: no NumPy round trip for a small model
+@register_jitable
+def combine_in_order(totals, checks, mode):
+    """The per-chunk partials added up in chunk order (the max for ``MAX``): ``(total, check)``.
+    Compiled into the CPU reduction and into the CUDA step prologue (``_device``)."""
     total, check = 0.0, 0.0
     for k in range(totals.size):
         check += checks[k]
         total = max(total, totals[k]) if mode == MAX else total + totals[k]
     return total, check
+
+
+# the host's combination of a CUDA reduction's partials: compiled, no NumPy round trip
+combine = njit(cache=True, **_CPU_OPTIONS)(combine_in_order)
 
 
 _CPU = {}
@@ -127,6 +133,7 @@ def mode_of(norm_type):
     return POWER
 
 
+@register_jitable
 def finish(total, check, mode, norm_type):
     """``(norm, all finite)`` from the combined sum (or max) and check."""
     if mode == SQUARES:
@@ -164,3 +171,10 @@ def cuda_kernel(dtype):
         _CUDA[key] = enable_cuda_cache(cuda.jit(make_reduce(compute_dtype(key).name, (SQUARES, MAX))),
                                        f"norm_{key.name}_cuda", cuda_salt(_SALT))
     return _CUDA[key]
+
+
+@register_jitable
+def clip_coefficient(total, max_norm):
+    """torch's factor ``min(1, max_norm / (total + 1e-6))`` (NaN for a NaN norm)."""
+    coef = max_norm / (total + 1e-6)
+    return coef if math.isnan(coef) else min(coef, 1.0)
