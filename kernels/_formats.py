@@ -44,6 +44,9 @@ def kernel_view(a):
 
 
 def _dtype_or_none(dtype):
+    """``dtype`` as a NumPy dtype, or None for None (NumPy would say float64) or a torch dtype."""
+    if dtype is None:
+        return None
     try:
         return np.dtype(dtype)
     except TypeError:  # a torch dtype

@@ -380,6 +380,7 @@ class _CudaArrayLike:
     (_CudaArrayLike("<f2", F16), F16),
     (_CudaArrayLike("<f4", "torch.float32"), np.dtype(np.float32)),  # a dtype NumPy cannot read
     (_CudaArrayLike("<f4", BF16), np.dtype(np.float32)),  # not the interface's width: the interface wins
+    (_CudaArrayLike("<i8"), np.dtype(np.int64)),  # no dtype of its own: the interface's (not NumPy's float64)
 ])
 def test_a_cuda_array_s_own_dtype_names_its_format(array, seen):
     from fastopt.kernels._dispatch import _Array
