@@ -132,7 +132,7 @@ class Optimizer:
     def _check_capturable(self):
         """capturable=True: every per-step value on the device, or a named ValueError."""
         why = None
-        if isinstance(self._params[0], np.ndarray):
+        if not self._on_cuda:
             why = "the params are NumPy arrays (on the CPU); it needs CUDA arrays"
         elif self.nonfinite == "raise":
             why = "nonfinite='raise' reads the gradient norm on the host each step (use 'skip' or 'propagate')"
@@ -239,7 +239,7 @@ class Optimizer:
                 raise ValueError(f"{where}: {key} is {value!r} in {type(self).__name__}, it cannot be "
                                  f"{group.get(key)!r}")
         lr = group["lr"]
-        if callable(lr) and getattr(lr, "rows", None) is None and getattr(self, "capturable", False):
+        if _host_only(lr) and getattr(self, "capturable", False):
             raise ValueError(f"{where}: lr is a callable that only the host can evaluate; capturable=True "
                              "evaluates the lr on the device: pass a number or a fastopt.schedules schedule "
                              "(constant, step_decay, exponential_decay, inverse_time_decay, cosine_decay, "
@@ -473,11 +473,11 @@ class Optimizer:
             return True
         if self.nonfinite == "raise" or (self.nonfinite == "propagate" and self.max_grad_norm is None):
             return False
-        if isinstance(self._params[0], np.ndarray) or self.stochastic_rounding or self._state8 is not None:
+        if self.stochastic_rounding or self._state8 is not None:
             return False
         if any(type(p) is not _Plan for p in self._plans) or _device.unsupported(self.rule):
             return False
-        return all(not callable(g["lr"]) or getattr(g["lr"], "rows", None) is not None for g in self.param_groups)
+        return not any(_host_only(g["lr"]) for g in self.param_groups)
 
     def _device_step(self, grads, grad_scale):
         if self._dev is None:
@@ -909,7 +909,7 @@ class _DeviceSteps:
             for k, lr in enumerate(keys):
                 if not callable(lr) and not 0 <= lr < math.inf:
                     raise ValueError(f"param group {k}: the learning rate is {lr}")
-                if callable(lr) and getattr(lr, "rows", None) is None:  # set after construction (capturable)
+                if _host_only(lr):  # set after construction (capturable)
                     raise ValueError(f"param group {k}: lr is a callable that only the host can evaluate; "
                                      "capturable=True needs a number or a fastopt.schedules schedule")
                 rows = lr.rows if callable(lr) else [(0, 0, schedules.CONSTANT, lr, 0.0, 0.0)]
@@ -1017,6 +1017,11 @@ def _runs(offsets, sizes, align):
         else:
             runs.append([o, o + n])
     return [tuple(r) for r in runs]
+
+
+def _host_only(lr):
+    """Whether ``lr`` is a callable only the host can evaluate (not a schedule with device rows)."""
+    return callable(lr) and getattr(lr, "rows", None) is None
 
 
 def _lr_at(lr, t):
