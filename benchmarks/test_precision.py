@@ -10,8 +10,8 @@ ratios: this VM's bandwidth drifts, and only ratios taken side by side are trust
 (``--model``: the 195-tensor model of test_models.py through ``fastopt.AdamW`` in each
 format, 8-bit state too, against torch fused on the same tensors). The second also runs the
 quality check (``--quality``): 2,000 AdamW steps on an ill-conditioned
-quadratic in each format, the distance to the float32 iterate. ``--state8bit``: the 8-bit
-state runner of test_state8bit.py (fastopt, torch fused, torchao, bitsandbytes)."""
+quadratic in each format, the distance to the float32 iterate. (8-bit state against torchao
+and bitsandbytes: test_state8bit.py.)"""
 import statistics
 import sys
 import time
@@ -231,9 +231,6 @@ def _ratio(times, peer, name):
 
 
 def main(argv):
-    if "--state8bit" in argv:  # fp32 params with 8-bit state against torch, torchao and bitsandbytes
-        from test_state8bit import main as state8bit_main
-        return state8bit_main(argv)
     blocks = int(argv[argv.index("--blocks") + 1]) if "--blocks" in argv else 9
     import torch
     if "--model" in argv:  # the 195-tensor model, through fastopt.AdamW, per format

@@ -210,8 +210,7 @@ def compile_prologue(rule, dtype, cc):
            types.Array(f64, 1, "C"), types.Array(i64, 1, "C"), types.Array(i64, 1, "C"), types.Array(f64, 2, "C"),
            types.Array(f64, 2, "C"), types.Array(i64, 2, "C"), types.Array(acc, 2, "C"))
     with _target_cc(cc):
-        ptx, _ = cuda.compile_ptx(_device.make_prologue(rule),
-                                  sig, cc=cc)
+        ptx, _ = cuda.compile_ptx(_device.make_prologue(rule), sig, cc=cc)
     return ptx
 
 
