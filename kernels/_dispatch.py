@@ -52,11 +52,14 @@ class _Array:
                 f"Numba device array), got {type(obj).__name__}")
 
     def span(self):
-        """[first, last) byte addresses, or None where unknown (the simulator)."""
+        """[first, last) byte addresses (a simulated device array's: those of the host memory
+        it simulates), or None where unknown."""
         if self.device == "cpu":
             ptr = self.obj.__array_interface__["data"][0]
         elif hasattr(self.obj, "__cuda_array_interface__"):
             ptr = self.obj.__cuda_array_interface__["data"][0]
+        elif _is_simulated_device_array(self.obj):
+            ptr = self.obj._ary.__array_interface__["data"][0]
         else:
             return None
         return ptr, ptr + _size(self.shape) * self.dtype.itemsize
@@ -157,7 +160,7 @@ def check_no_overlap(written, read=()):
     (written or read); read-only arrays may share memory with each other. ``written`` and
     ``read`` are :class:`_Array` lists. Memory spans are compared, not base objects (an
     ``np.frombuffer`` alias has another base), sorted by address: n log n for a model of
-    thousands of tensors. Arrays whose addresses are unknown (the simulator) are skipped."""
+    thousands of tensors. Arrays whose addresses are unknown are skipped."""
     spans = []
     for order, (a, writes) in enumerate([(a, True) for a in written] + [(a, False) for a in read]):
         span = a.span()

@@ -4,8 +4,8 @@ updates and copies nothing to the host; the step counts and the lr live on the d
 
 Run on the simulator (``tests/test_cuda_simulator.py``); sizes are small and odd, and steps
 few, because the simulator runs every GPU thread in Python. Two helpers stand in for what
-the simulator lacks: a ParamBuffer on the device (CuPy is not there) and its views'
-addresses (simulated arrays have no ``__cuda_array_interface__``).
+the simulator lacks: a ParamBuffer on the device (CuPy is not there), whose views the
+optimizer recognises by their addresses.
 """
 import types
 
@@ -15,7 +15,7 @@ import pytest
 import fastopt
 from conftest import CUDA
 from fastopt import buffer, schedules
-from fastopt.kernels import _cuda, _dispatch
+from fastopt.kernels import _cuda
 
 cuda = pytest.mark.cuda
 
@@ -56,14 +56,6 @@ def device_buffers(monkeypatch):
         module = types.SimpleNamespace(empty=lambda n, dtype: Raw(np.empty(n, dtype)))
         real = buffer._array_module
         monkeypatch.setattr(buffer, "_array_module", lambda device: module if device == "cuda" else real(device))
-        span = _dispatch._Array.span
-
-        def simulated_span(self):
-            if _dispatch._is_simulated_device_array(self.obj):
-                ptr = self.obj._ary.__array_interface__["data"][0]
-                return ptr, ptr + self.obj._ary.nbytes
-            return span(self)
-        monkeypatch.setattr(_dispatch._Array, "span", simulated_span)
 
     def make(arrays):
         buf = buffer.ParamBuffer(shapes=[a.shape for a in arrays], dtype=arrays[0].dtype, device="cuda")

@@ -59,6 +59,16 @@ def test_cpu_and_gpu_arrays_not_mixed():
     np.testing.assert_array_equal(to_host(on_gpu[0]), before[0])
 
 
+@pytest.mark.cuda
+def test_aliased_device_arrays_rejected_before_writing():
+    """The overlap check reads device addresses too (the simulator's: its host memory)."""
+    param, grad, exp_avg, _ = (to_backend(a, "cuda") for a in _arrays())
+    before = to_host(param)
+    with pytest.raises(ValueError, match="exp_avg and exp_avg_sq share memory"):
+        F.adam_(param, grad, exp_avg, exp_avg, step=1, lr=0.1)
+    np.testing.assert_array_equal(to_host(param), before)
+
+
 # (id, function, extra arguments, message); the arrays are valid, a hyper-parameter is not
 HP_CASES = [
     ("neg-lr", F.adam_, dict(lr=-1e-3), "Invalid learning rate: -0.001"),
