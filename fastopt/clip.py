@@ -9,51 +9,63 @@ import numbers
 import numpy as np
 
 from .buffer import ParamBuffer
-from .kernels import _dispatch, _formats, _reduce
+from .kernels import _dispatch, _formats, _layers, _reduce
 from .kernels._reduce import clip_coefficient
 from .kernels._rule import Rule
 
 
 class NormPlan:
-    """A reusable reduction over fixed arrays (flattened views): the chunk table, the
-    typed list (CPU) or the per-tensor row tables (CUDA), and the output slots are built
-    once, so a per-step guard allocates nothing."""
+    """A reusable reduction over fixed arrays (flattened views), laid out once as the
+    engine's layer passes take them (``kernels._layers.Layers``: the chunk table, the typed
+    list on the CPU, the row tables on CUDA, the output slots), so a per-step guard
+    allocates nothing. The pass itself is ``kernels._reduce.NORM``'s."""
 
     def __init__(self, arrays):
         self.arrays = [_formats.kernel_view(a.reshape(a.size) if hasattr(a, "reshape") else a) for a in arrays]
         self.sizes = [int(a.size) for a in self.arrays]
-        self.chunks = _reduce.chunk_table(self.sizes)
-        self.cpu = bool(self.arrays) and isinstance(self.arrays[0], np.ndarray)
-        n = self.chunks.shape[0]
-        if self.cpu:
-            from numba.typed import List
-            self.typed = List(self.arrays) if self.arrays else None
-            self.totals, self.checks = np.zeros(n), np.zeros(n)
-            self.kernel = _reduce.cpu(parallel=sum(self.sizes) >= _dispatch.PARALLEL_THRESHOLD)
-        elif n:
-            self._cuda = _CudaReduction(self.arrays, self.chunks)
+        self.layers = _layers.Layers(self.arrays, {}, chunk=(_reduce.CHUNK,) * 2) if self.arrays else None
+        self.chunks = self.layers.chunks if self.arrays else np.zeros((0, 4), np.int64)
+        self.cpu = bool(self.arrays) and self.layers.cpu
+        self._passes = {}  # norm_type -> (its pass, bound to the arrays and scalars, mode, p)
+
+    def _launch(self, norm_type):
+        """Run the pass of ``norm_type``'s mode; returns ``(mode, p)``."""
+        found = self._passes.get(norm_type)
+        if found is None:
+            mode = _reduce.mode_of(norm_type)
+            p = float(norm_type) if mode == _reduce.POWER else 2.0
+            kernels = _reduce.NORM[mode]
+            # float64 scalars on the CPU: |x|**p in float64, as the reference; CUDA's in the math's dtype
+            c = kernels.scalars.pack({"norm_type": p} if mode == _reduce.POWER else {},
+                                     np.float64 if self.cpu else self.layers.dtype)
+            found = self._passes[norm_type] = (self.layers.bind(kernels, c), mode, p)
+        found[0]()
+        return found[1:]
 
     def _run(self, norm_type):
         """(combined total, combined check, per-chunk totals, per-chunk checks, mode)."""
-        mode = _reduce.mode_of(norm_type)
-        p = float(norm_type) if mode == _reduce.POWER else 2.0
         if not self.chunks.shape[0]:
-            return 0.0, 0.0, np.zeros(0), np.zeros(0), mode
-        if self.cpu:
-            total, check = self.kernel(self.typed, self.chunks, mode, p, self.totals, self.checks)
-            return total, check, self.totals, self.checks, mode
-        totals, checks = self._cuda.partials(mode, p)
+            return 0.0, 0.0, np.zeros(0), np.zeros(0), _reduce.mode_of(norm_type)
+        mode, _ = self._launch(norm_type)
+        if self.cpu:  # the pass returned the totals, added in chunk order
+            total, check = self.layers.totals
+            totals, checks = self.layers.sums
+            return total, check, totals, checks, mode
+        stream = self.layers.stream()
+        sums = self.layers.sums.copy_to_host(stream=stream)
+        if hasattr(stream, "synchronize"):  # not the simulator's 0
+            stream.synchronize()
+        totals, checks = sums.astype(np.float64)
         return (*_reduce.combine(totals, checks, mode), totals, checks, mode)
 
     def device_partials(self, norm_type=2.0):
         """CUDA: launch the reduction and return ``(totals, checks, mode, p)``, the per-chunk
         partials left in device memory (no copy, no sync) for a device-side combination
         (``kernels._device``); None for an empty plan."""
-        mode = _reduce.mode_of(norm_type)
-        p = float(norm_type) if mode == _reduce.POWER else 2.0
         if self.cpu or not self.chunks.shape[0]:
             return None
-        return (*self._cuda.launch(mode, p), mode, p)
+        mode, p = self._launch(norm_type)
+        return self.layers.sums[0], self.layers.sums[1], mode, p
 
     def norm(self, norm_type=2.0):
         """``(total norm, all finite)``: one pass, one compiled call on the CPU."""
@@ -68,45 +80,6 @@ class NormPlan:
         if mode == _reduce.SQUARES:
             return np.sqrt(sums), finite
         return (sums if mode == _reduce.MAX else sums ** (1.0 / float(norm_type))), finite
-
-
-class _CudaReduction:
-    """The CUDA side of a NormPlan: per tensor, its chunks' (start, stop) rows on the device
-    and its slots in the device outputs; one block-reduction launch per tensor."""
-
-    def __init__(self, arrays, chunks):
-        from numba import config, cuda
-        self.dtype = _formats.compute_dtype(_dispatch._Array("grads[0]", arrays[0]).dtype)
-        self.kernel = _reduce.cuda_kernel(self.dtype)
-        self.totals = cuda.device_array(chunks.shape[0], self.dtype)
-        self.checks = cuda.device_array(chunks.shape[0], self.dtype)
-        # on the stream the arrays' producer names (CUDA array interface v3), as the updates are
-        self.stream = 0 if config.ENABLE_CUDASIM else _dispatch._stream_of(arrays[0], cuda)
-        self.launches = []
-        for t, a in enumerate(arrays):
-            rows = np.nonzero(chunks[:, 0] == t)[0]
-            if rows.size:
-                lo, hi = int(rows[0]), int(rows[-1]) + 1  # a tensor's chunks are consecutive rows
-                x = a if config.ENABLE_CUDASIM else cuda.as_cuda_array(a, sync=False)
-                self.launches.append((x, cuda.to_device(np.ascontiguousarray(chunks[lo:hi, 1])),
-                                      cuda.to_device(np.ascontiguousarray(chunks[lo:hi, 2])), lo, hi))
-
-    def launch(self, mode, p):
-        """Launch the reductions; the per-chunk partials stay on the device (``totals``, ``checks``)."""
-        from .kernels import _cuda
-        p, zero = self.dtype.type(p), self.dtype.type(0)
-        for x, starts, stops, lo, hi in self.launches:
-            _cuda.launch(self.kernel, hi - lo, self.stream, x, starts, stops, mode, p, zero,
-                         self.totals[lo:hi], self.checks[lo:hi])
-        return self.totals, self.checks
-
-    def partials(self, mode, p):
-        self.launch(mode, p)
-        totals = self.totals.copy_to_host(stream=self.stream)
-        checks = self.checks.copy_to_host(stream=self.stream)
-        if hasattr(self.stream, "synchronize"):  # not the simulator's 0
-            self.stream.synchronize()
-        return totals.astype(np.float64), checks.astype(np.float64)
 
 
 def _grad_arrays(grads, name="grads", writeable=False):

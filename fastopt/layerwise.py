@@ -23,125 +23,26 @@ import numpy as np
 
 from .buffer import ALIGN
 from .clip import NormPlan
-from .kernels import _args, _dispatch, _formats, _reduce, lamb, lars
+from .kernels import _args, _dispatch, _formats, _layers, lamb, lars
 from .optimizer import Optimizer, _is_array, _runs
 
 CHUNK = 1 << 15       # elements per piece on the CPU: enough work per thread, few partial sums
 CUDA_CHUNK = 1 << 12  # per block on CUDA: 32 per thread; a 1e7-param model gives ~2.5k blocks
 
 
-def _flat(a):
-    n = a.size if isinstance(a.size, int) else a.numel()  # torch's size is a method
-    return a.reshape(n)
-
-
-class Layers:
-    """Tensors as the layer-wise kernels take them.
-
-    ``bases``: contiguous arrays (flattened here); ``states``: name -> list of bases laid out
-    like ``bases`` (None for a state not used); ``spans[t] = (base, start, size)`` places
-    tensor t (default: tensor t is base t, whole); ``grads``: the gradients' bases when they
-    are fixed (a ParamBuffer's grad arena), else None and each step gives them.
-    """
+class Layers(_layers.Layers):
+    """A param group's tensors as the engine's layer passes take them (``kernels._layers``),
+    cut into ``CHUNK`` / ``CUDA_CHUNK`` pieces; the gradients of a step come from the
+    optimizer's checked lists unless fixed at construction."""
 
     def __init__(self, bases, states, spans=None, grads=None, like=None):
-        like = bases[0] if bases else like
-        self.dtype = np.dtype(_dispatch._Array("params[0]", like).dtype)
-        self.cpu = isinstance(like, np.ndarray)
-        self.bases = [_flat(a) for a in bases]
-        self.states = {k: None if v is None else [_flat(a) for a in v] for k, v in states.items()}
-        self.grads = None if grads is None else [_flat(a) for a in grads]
-        self.spans = spans if spans is not None else [(b, 0, int(a.size)) for b, a in enumerate(self.bases)]
-        self.n_tensors = len(self.spans)
-        self.chunks = _reduce.chunk_table([n for _, _, n in self.spans], CHUNK if self.cpu else CUDA_CHUNK,
-                                          [(b, s) for b, s, _ in self.spans])
-        n = self.chunks.shape[0]
-        if not n:
-            return
-        if self.cpu:
-            from numba.typed import List
-            self.parallel = sum(s[2] for s in self.spans) >= _dispatch.PARALLEL_THRESHOLD
-            self.typed = {k: None if v is None else List(v) for k, v in
-                          dict(params=self.bases, grads=self.grads, **self.states).items()}
-        else:
-            from numba import cuda
-            # per base, its rows, with column 0 naming the slot its partial sums go to
-            self.rows = []
-            for b in range(len(self.bases)):
-                slots = np.nonzero(self.chunks[:, 0] == b)[0]
-                if slots.size:
-                    table = self.chunks[slots].copy()
-                    table[:, 0] = slots
-                    self.rows.append((b, cuda.to_device(table)))
-        self.sums = None  # (k, n_chunks): the per-chunk sums of the last pass that returned k of them
-
-    def views(self, bases):
-        """Each tensor's flat view of ``bases`` (laid out like the params' bases)."""
-        return [bases[b][s:s + n] for b, s, n in self.spans]
-
-    def fixed_grads(self):
-        """The gradients as the kernels take them, when fixed at construction."""
-        return self.typed["grads"] if self.cpu and self.chunks.shape[0] else self.grads
+        super().__init__(bases, states, spans, grads, like, chunk=(CHUNK, CUDA_CHUNK))
 
     def step_grads(self, grads, group):
         """A step's gradients (a ``_GradLists``, or None when fixed) as the kernels take them."""
         if grads is None:
             return self.fixed_grads()
-        return grads.typed(group) if self.cpu else [_flat(g) for g in grads.arrays(group)]
-
-    def per_tensor(self, sums):
-        """Each tensor's total of the per-chunk ``sums`` (added in chunk order); a row of
-        totals per row of a 2-D ``sums``."""
-        if not isinstance(sums, np.ndarray):
-            sums = sums.copy_to_host()
-        sums = sums.astype(np.float64)
-        if sums.ndim == 2:
-            return np.stack([self.per_tensor(row) for row in sums]) if len(sums) else np.zeros((0, self.n_tensors))
-        return np.bincount(self.chunks[:, 3], weights=sums, minlength=self.n_tensors)
-
-    def run(self, kernels, grads, c, per_tensor=None):
-        """One layer pass of the engine's ``kernels`` (a rule's) over the group: ``grads`` as
-        :meth:`step_grads` gives them (None: the pass reads none), ``per_tensor`` the host
-        values of its per-tensor scalars, one row per scalar (or one value per tensor for
-        one). A pass that sums leaves its per-chunk sums in ``self.sums``. Returns the launches."""
-        n = self.chunks.shape[0]
-        if per_tensor is not None:
-            per_tensor = np.ascontiguousarray(per_tensor, self.dtype).reshape(len(kernels.per_tensor), -1)
-        if kernels.sums and (self.sums is None or self.sums.shape[0] != kernels.sums):
-            if self.cpu:
-                self.sums = np.zeros((kernels.sums, n))
-            else:
-                from numba import cuda
-                self.sums = cuda.device_array((kernels.sums, n), self.dtype)
-        sums = self.sums if kernels.sums else None
-        grads = grads if kernels.reads_grad else None
-        if self.cpu:
-            t = self.typed
-            kernels.layers_cpu(self.parallel)(t["params"], grads, *(t[s] for s in kernels.states), self.chunks,
-                                              per_tensor, c, sums)
-            return 1
-        if per_tensor is not None:
-            per_tensor = _to_device(per_tensor)
-        arrays = [self.bases, grads, *(self.states[s] for s in kernels.states)]
-        return self.launch(kernels.layers_cuda(self.dtype), arrays, per_tensor, c, sums)
-
-    def launch(self, kernel, arrays, *rest):
-        """``kernel(*arrays of base b, rows of base b, *rest)`` for every base (CUDA);
-        ``arrays`` are per-base lists (or None). Returns the launches."""
-        from numba import config, cuda
-
-        from .kernels import _cuda
-        for b, rows in self.rows:
-            args = [None if a is None else a[b] for a in arrays]
-            if not config.ENABLE_CUDASIM:
-                args = [None if a is None else cuda.as_cuda_array(a, sync=False) for a in args]
-            _cuda.launch(kernel, rows.shape[0], 0, *args, rows, *rest)
-        return len(self.rows)
-
-
-def _to_device(host):
-    from numba import cuda
-    return cuda.to_device(host)
+        return grads.typed(group) if self.cpu else [_layers.flat(g) for g in grads.arrays(group)]
 
 
 def lamb_passes(layers, grads, c, *, clamp_value=None, layer_adaptation=True):
@@ -331,7 +232,7 @@ class LARS(_Layerwise):
         if plan.norms is not None and plan.norms[0] is grads:
             return plan.norms[1]
         layers = plan.layers
-        g = layers.grads if grads is None else [_flat(a) for a in grads.arrays(plan.group)]
+        g = layers.grads if grads is None else [_layers.flat(a) for a in grads.arrays(plan.group)]
         norms = NormPlan(layers.views(layers.bases) + layers.views(g))
         plan.norms = (grads, norms)  # holds `grads`, so its id cannot be reused while cached
         return norms

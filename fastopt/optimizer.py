@@ -38,6 +38,7 @@ from .buffer import (
 )
 from .clip import NormPlan, clip_coefficient
 from .kernels import _device, _dispatch, _formats
+from .kernels._engine import entry_point
 from .kernels._reduce import SQUARES, chunk_table
 
 CHUNK = 1 << 15  # elements per work item of the list kernel: big tensors are shared by threads
@@ -818,7 +819,7 @@ class _Plan:
                     kernel = self.kernels.cpu(parallel=self.parallel)
                     kernel(*arrays, scalars)
                     if len(self.flat) == 1:
-                        self.entry = _entry_point(kernel, (*arrays, scalars))
+                        self.entry = entry_point(kernel, (*arrays, scalars))
                 else:
                     _dispatch._launch_cuda(self.kernels, arrays, scalars)
             return len(self.flat)
@@ -947,16 +948,6 @@ class _DeviceSteps:
             launches += len(arrays)
         self.stale, self.norm_ran = True, self.norm_ran or norms is not None
         return launches
-
-
-def _entry_point(dispatcher, args):
-    """The machine code compiled for exactly these argument types. A plan's arrays and
-    scalar types never change, so later steps call it directly and skip the dispatcher's
-    type resolution (about half of the call's cost for a tiny model)."""
-    try:
-        return dispatcher.overloads[tuple(dispatcher.typeof_pyval(a) for a in args)].entry_point
-    except (AttributeError, KeyError):  # a Numba that moved these internals: keep the dispatcher
-        return dispatcher
 
 
 class _GradLists:

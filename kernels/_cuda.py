@@ -6,8 +6,6 @@ import warnings
 
 from numba import config, cuda  # a module global: the simulator swaps it for its own
 
-from ._formats import load
-
 THREADS = 128  # threads per block of a block-per-chunk kernel (a power of two: the tree halves it)
 MAX_BLOCKS = 1024
 STRIDE_THREADS = 256  # threads per block of a grid-stride element kernel
@@ -26,13 +24,21 @@ def make_cuda_loop(apply, n_states):
     return scope["cuda_loop"]
 
 
-def make_cuda_layers(apply, n_states, n_tensor, n_sums, dtype_name):
+# how the CUDA layer kernel reduces a returned value ``y`` into a thread's accumulator (see
+# _engine.REDUCTIONS); the block then adds the threads' accumulators up (a maximum in row 0)
+_ACCUMULATE = {"squares": "a{j} += y{j} * y{j}", "sum": "a{j} += y{j}", "max": "a{j} = max(a{j}, abs(y{j}))",
+               "nonfinite": "a{j} += y{j} - y{j}"}
+
+
+def make_cuda_layers(apply, n_states, n_tensor, sums, dtype_name):
     """The layer kernel around ``apply`` (see ``_engine``): one block per chunk row
     ``(slot, start, stop, tensor)`` of one base, grid-stride over rows; the tensor's
-    per-tensor scalars read once per chunk; each thread sums the squares of the math's summed
-    values in the arrays' dtype, the block adds them up with :func:`tree_reduce`, and thread
-    0 writes them to column ``slot`` of ``sums``."""
+    per-tensor scalars read once per chunk; each thread reduces the math's returned values
+    in ``dtype_name`` (the math's dtype), each by its kind in ``sums``, the block adds them
+    up with :func:`tree_reduce` (the maximum for a first ``"max"``), and thread 0 writes
+    them to column ``slot`` of ``sums``."""
     from numba import types
+    n_sums = len(sums)
     s = "".join(f"s{k}, " for k in range(n_states))
     w = "".join(f"w{j}, " for j in range(n_tensor))
     lines = [f"def layers_kernel(param, grad, {s}rows, per_tensor, c, sums):"]
@@ -47,9 +53,9 @@ def make_cuda_layers(apply, n_states, n_tensor, n_sums, dtype_name):
     if n_sums:
         y = [f"y{j}" for j in range(n_sums)]
         lines.append(f"            {', '.join(y)}{',' if n_sums == 1 else ''} = {call}")
-        lines += [f"            a{j} += y{j} * y{j}" for j in range(n_sums)]
+        lines += ["            " + _ACCUMULATE[kind].format(j=j) for j, kind in enumerate(sums)]
         lines += [f"        sh[{j}, tid] = a{j}" for j in range(n_sums)]
-        lines += ["        tree_reduce(sh, tid, False)", "        if tid == 0:"]
+        lines += [f"        tree_reduce(sh, tid, {sums[0] == 'max'})", "        if tid == 0:"]
         lines += [f"            sums[{j}, rows[k, 0]] = sh[{j}, 0]" for j in range(n_sums)]
         lines.append("        cuda.syncthreads()")
     else:
@@ -125,34 +131,3 @@ def _configured(kernel, grid, threads, stream):
 
 def _sm_count():
     return cuda.get_current_device().MULTIPROCESSOR_COUNT
-
-
-def make_reduce(dtype_name, modes):
-    """The norm reduction of ``_reduce``: one block per chunk ``(start, stop)``, the sum of
-    ``|x|**p`` (or max) and the non-finite check ``sum(x * 0)`` per chunk, in the arrays' dtype."""
-    from numba import types
-    acc = getattr(types, dtype_name)
-    squares, maximum = modes
-
-    def reduce_chunks(x, starts, stops, mode, p, zero, totals, checks):
-        sh = cuda.shared.array((2, THREADS), acc)
-        tid = cuda.threadIdx.x
-        for k in range(cuda.blockIdx.x, starts.size, cuda.gridDim.x):
-            total, check = zero, zero
-            for i in range(starts[k] + tid, stops[k], THREADS):
-                v = load(x, i)
-                check += v * zero
-                if mode == squares:
-                    total += v * v
-                elif mode == maximum:
-                    total = max(total, abs(v))
-                else:
-                    total += abs(v) ** p
-            sh[0, tid] = total
-            sh[1, tid] = check
-            tree_reduce(sh, tid, mode == maximum)
-            if tid == 0:
-                totals[k] = sh[0, 0]
-                checks[k] = sh[1, 0]
-            cuda.syncthreads()
-    return reduce_chunks

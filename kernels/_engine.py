@@ -23,11 +23,15 @@ kind of math (:meth:`Kernels.layers_cpu`, :meth:`Kernels.layers_cuda`): one pass
 chunk table ``(base, start, stop, tensor)`` of :func:`._reduce.chunk_table`, where the math
 may also take per-tensor scalars (a trust ratio, read through the chunk's tensor column),
 may store only some of its arrays (``writes``; a math whose gradient argument is named
-``_g`` reads none, and its pass takes ``grad=None``), and may return values whose squares
-the pass sums per chunk (``sums``: the norms of a LAMB step cost no pass of their own). The
-sums are float64 on the CPU (only they may be reordered, for SIMD lanes) and the arrays'
-dtype on CUDA (the one tree reduction of :mod:`._cuda`); either way in a fixed order, so
-the same bits on every run.
+``_g`` reads none, and its pass takes ``grad=None``), and may return more values that the
+pass reduces per chunk, each by its kind in ``sums``: ``"squares"`` (the sum of their
+squares: the norms of a LAMB step cost no pass of their own), ``"sum"``, ``"max"`` (of
+their absolute values) or ``"nonfinite"`` (NaN exactly when one was inf or NaN). A
+reduction is such a pass that writes nothing: the global norm and the non-finite guard are
+the math ``x -> (x, x)`` reduced as ``("squares", "nonfinite")`` (:mod:`._reduce`); the
+runner of layer passes is :mod:`._layers`. The reductions are float64 on the CPU (only they
+may be reordered, for SIMD lanes) and in the math's dtype on CUDA (the one tree reduction
+of :mod:`._cuda`); either way in a fixed order, so the same bits on every run.
 
 Every constant the math uses must come from the scalars: a bare literal such as ``1.0`` is
 a float64 and silently promotes a float32 kernel (``python -m fastopt.kernels ptx`` counts
@@ -56,6 +60,17 @@ def nan_max(a, b):
     return a if a > b or a != a else b
 
 
+
+
+def entry_point(dispatcher, args):
+    """The machine code ``dispatcher`` compiled for exactly the types of ``args`` (call it
+    once first). A caller whose arrays and scalar types never change (an optimizer's plan, a
+    guard's norm) calls it directly and skips the dispatcher's type resolution, about half
+    of the call's cost for a tiny model."""
+    try:
+        return dispatcher.overloads[tuple(dispatcher.typeof_pyval(a) for a in args)].entry_point
+    except (AttributeError, KeyError):  # a Numba that moved these internals: keep the dispatcher
+        return dispatcher
 
 
 class Scalars:
@@ -177,11 +192,22 @@ def _generate(n_states, scalar_positions):
         pieces="".join(f"piece({a}, t, lo, hi), " for a in s))
 
 
-def _generate_layers(n_states, scalar_positions, n_tensor, written, write_param, n_sums):
+# how a layer pass reduces one returned value, per element and when adding up partial results
+# (float64 values ``a`` on the CPU; the CUDA form is in ``_cuda.make_cuda_layers``)
+REDUCTIONS = {"squares": ("t{j} += a * a", "t{j} += b{j}"),
+              "sum": ("t{j} += a", "t{j} += b{j}"),
+              "max": ("t{j} = max(t{j}, abs(a))", "t{j} = max(t{j}, b{j})"),
+              # the sum of a * 0: NaN exactly when some value was inf or NaN, else 0 (no branch)
+              "nonfinite": ("t{j} += a * 0.0", "t{j} += b{j}")}
+
+
+def _generate_layers(n_states, scalar_positions, n_tensor, written, write_param, sums):
     """The source of the layer forms of a math of ``n_states`` states: ``written[k]`` says
     whether state k is stored, ``write_param`` whether p is; ``n_tensor`` per-tensor scalars
     come after the states, then the kernel tuple's scalars at ``scalar_positions``; the math
-    returns ``p``, the states, then ``n_sums`` values summed (their squares) per chunk."""
+    returns ``p``, the states, then one value per entry of ``sums``, reduced per chunk by
+    that entry's kind (:data:`REDUCTIONS`)."""
+    n_sums = len(sums)
     s = [f"s{k}" for k in range(n_states)]
     x = [f"x{k}" for k in range(n_states)]
     w = [f"w{j}" for j in range(n_tensor)]
@@ -189,7 +215,7 @@ def _generate_layers(n_states, scalar_positions, n_tensor, written, write_param,
     r = [f"r{j}" for j in range(n_sums)]
     states, tensor = "".join(f"{a}, " for a in s), "".join(f"{v}, " for v in w)
     scalars = ", ".join(f"c[{1 + k}]" for k in scalar_positions)
-    lines = ["def make(math, load, store, jit, prange, piece, span, sum_jit, block, np):",
+    lines = ["def make(math, load, store, jit, prange, piece, span, sum_jit, reduce_jit, block, np, scratch):",
              "    @jit",
              f"    def apply(i, param, grad, {states}{tensor}c):",
              "        g = load(grad, i) * c[0] if grad is not None else c[0]  # a pass given no gradient reads none"]
@@ -202,34 +228,46 @@ def _generate_layers(n_states, scalar_positions, n_tensor, written, write_param,
     lines += [f"        if {a} is not None:\n            store({a}, i, {b})" for a, b, on in zip(s, x, written) if on]
     lines.append(f"        return {', '.join(y) or 'None'}")
     args = f"param, grad, {states}{tensor}c"
+    tuple_end = "," if n_sums == 1 else ""
     if not n_sums:
         lines += ["", "    @jit", f"    def segment(param, grad, {states}{tensor}c):",
                   "        # a loop from 0 over sliced arrays: LLVM vectorizes this form, not range(lo, hi)",
                   "        for i in range(param.size):", f"            apply(i, {args})"]
+    elif not write_param and not any(written):
+        # a pure reduction (a norm): one loop reads and reduces; the fast-math flag of its
+        # additions does not reach the math (compiled on its own without it), which a pass
+        # that also stores its results could not afford to inline this way (_BODY's comment)
+        lines += ["", "    @reduce_jit", f"    def segment(param, grad, {states}{tensor}c):"]
+        lines += [f"        t{j} = 0.0" for j in range(n_sums)]
+        lines += ["        for i in range(param.size):", f"            {', '.join(y)}{tuple_end} = apply(i, {args})"]
+        for j, kind in enumerate(sums):
+            lines += [f"            a = np.float64(y{j})", "            " + REDUCTIONS[kind][0].format(j=j)]
+        lines.append(f"        return {', '.join(f't{j}' for j in range(n_sums))}")
     else:
         lines += ["", "    @jit", f"    def block_loop({args}, {', '.join(r)}):",
                   "        for i in range(param.size):",
-                  f"            {', '.join(y)}{',' if n_sums == 1 else ''} = apply(i, {args})"]
+                  f"            {', '.join(y)}{tuple_end} = apply(i, {args})"]
         lines += [f"            {a}[i] = {b}" for a, b in zip(r, y)]
-        # only the sums may be reordered (SIMD lanes): a function of their own, so that the
-        # fast-math flag never reaches the math (a reassociated 1 - beta2 times g times g would
-        # differ from Adam's in the last bit); float64, all rows in one loop
-        lines += ["", "    @sum_jit", f"    def sum_squares({', '.join(r)}):"]
+        # only the reductions may be reordered (SIMD lanes): a function of their own, so that
+        # the fast-math flag never reaches the math (a reassociated 1 - beta2 times g times g
+        # would differ from Adam's in the last bit); float64, all rows in one loop
+        lines += ["", "    @sum_jit", f"    def reduce_rows({', '.join(r)}):"]
         lines += [f"        t{j} = 0.0" for j in range(n_sums)]
         lines.append(f"        for i in range({r[0]}.size):")
-        lines += [f"            a{j} = np.float64({a}[i])\n            t{j} += a{j} * a{j}" for j, a in enumerate(r)]
-        lines.append(f"        return {', '.join(f't{j}' for j in range(n_sums))}{',' if n_sums == 1 else ''}")
+        for j, (a, kind) in enumerate(zip(r, sums)):
+            lines += [f"            a = np.float64({a}[i])", "            " + REDUCTIONS[kind][0].format(j=j)]
+        lines.append(f"        return {', '.join(f't{j}' for j in range(n_sums))}{tuple_end}")
         lines += ["", "    @jit", f"    def segment(param, grad, {states}{tensor}c):",
-                  "        # blocks whose summed values wait in scratch rows (in L1) to be summed",
+                  "        # blocks whose returned values wait in scratch rows (in L1) to be reduced",
                   "        n = min(block, param.size)"]
-        lines += [f"        {a} = np.empty(n, param.dtype)" for a in r]
+        lines += [f"        {a} = scratch(param, n)" for a in r]
         lines += [f"        t{j} = 0.0" for j in range(n_sums)]
         lines += ["        for lo in range(0, param.size, block):", "            hi = min(lo + block, param.size)",
                   f"            block_loop(param[lo:hi], span(grad, lo, hi), "
                   f"{''.join(f'span({a}, lo, hi), ' for a in s)}{tensor}c, {', '.join(f'{a}[:hi - lo]' for a in r)})"]
-        lines.append(f"            {', '.join(f'b{j}' for j in range(n_sums))}{',' if n_sums == 1 else ''} = "
-                     f"sum_squares({', '.join(f'{a}[:hi - lo]' for a in r)})")
-        lines += [f"            t{j} += b{j}" for j in range(n_sums)]
+        lines.append(f"            {', '.join(f'b{j}' for j in range(n_sums))}{tuple_end} = "
+                     f"reduce_rows({', '.join(f'{a}[:hi - lo]' for a in r)})")
+        lines += ["            " + REDUCTIONS[kind][1].format(j=j) for j, kind in enumerate(sums)]
         lines.append(f"        return {', '.join(f't{j}' for j in range(n_sums))}")
     call = (f"params[b][lo:hi], piece(grads, b, lo, hi), {''.join(f'piece({a}, b, lo, hi), ' for a in s)}"
             f"{tensor}c")
@@ -240,6 +278,13 @@ def _generate_layers(n_states, scalar_positions, n_tensor, written, write_param,
     if n_sums:
         lines.append(f"            {', '.join(f'sums[{j}, k]' for j in range(n_sums))}{',' if n_sums == 1 else ''}"
                      f" = segment({call})")
+        # and the totals of all chunks, added in chunk order (as _reduce.combine_in_order): a
+        # global norm is one call
+        lines += [f"        t{j} = 0.0" for j in range(n_sums)]
+        lines.append("        for k in range(chunks.shape[0]):")
+        for j, kind in enumerate(sums):
+            lines += [f"            b{j} = sums[{j}, k]", "            " + REDUCTIONS[kind][1].format(j=j)]
+        lines.append(f"        return {', '.join(f't{j}' for j in range(n_sums))}{',' if n_sums == 1 else ''}")
     else:
         lines.append(f"            segment({call})")
     lines += ["", "    return apply, layer_loop", ""]
@@ -274,10 +319,21 @@ def _span_impl(array, lo, hi):
     return lambda array, lo, hi: array[lo:hi]
 
 
-BLOCK = 1024  # elements of a layer pass whose summed values wait in L1 before being summed
+def _scratch(param, n):
+    """``n`` float64 scratch values: a CPU pass reduces in float64 whatever the arrays' dtype
+    (a float64 scalar, as a norm's exponent, keeps the returned value float64 too)."""
+
+
+@overload(_scratch)
+def _scratch_impl(param, n):
+    return lambda param, n: np.empty(n, np.float64)
+
+
+BLOCK = 1024  # elements of a layer pass whose returned values wait in L1 before being reduced
 
 
 _SUM_JIT = njit(**_CPU_OPTIONS, fastmath={"reassoc"})  # the per-block sums of a layer pass (see _generate_layers)
+_REDUCE_JIT = njit(**_CPU_OPTIONS, fastmath={"reassoc", "contract"})  # the loop of a pure reduction (a norm)
 
 
 def _sources(fn, seen=None):
@@ -374,11 +430,17 @@ class Kernels:
     layer forms (module docstring). ``states`` are the state names, ``scalars`` the
     :class:`Scalars` of the math; ``per_tensor`` the names of the math's per-tensor scalars
     (after its states), ``writes`` the names among ``p`` and the states it stores (default
-    all), ``sums`` how many values it returns after the states, to be summed per chunk."""
+    all), ``sums`` the kinds of reduction (:data:`REDUCTIONS`) of the values it returns after
+    the states, one per value, reduced per chunk (an int n: n times ``"squares"``)."""
 
     def __init__(self, name, math, states, scalars, *, per_tensor=(), writes=None, sums=0):
         self.name, self.math, self.states, self.scalars = name, math, tuple(states), scalars
-        self.per_tensor, self.sums = tuple(per_tensor), sums
+        self.per_tensor = tuple(per_tensor)
+        self.sums = ("squares",) * sums if isinstance(sums, int) else tuple(sums)
+        unknown = [k for k in self.sums if k not in REDUCTIONS]
+        if unknown or "max" in self.sums[1:]:  # the CUDA tree takes a maximum in its first row only
+            raise ValueError(f"{name}: sums must be kinds among {sorted(REDUCTIONS)}, 'max' first if at all; "
+                             f"got {self.sums}")
         self.writes = ("p", *self.states) if writes is None else tuple(writes)
         # a math whose gradient argument is named with a leading underscore reads none: its
         # layer pass takes grad=None and moves no gradient bytes
@@ -406,7 +468,8 @@ class Kernels:
         src = _generate_layers(len(self.states), self._positions, len(self.per_tensor),
                                [s in self.writes for s in self.states], "p" in self.writes, self.sums)
         make = _compile_factory(src)
-        return make(jit(self.math), load, store, jit, loop_range, _piece, _span, _SUM_JIT, BLOCK, np)
+        return make(jit(self.math), load, store, jit, loop_range, _piece, _span, _SUM_JIT, _REDUCE_JIT, BLOCK, np,
+                    _scratch)
 
     def cpu(self, parallel):
         if parallel not in self._cpu:
@@ -427,7 +490,8 @@ class Kernels:
     def layers_cpu(self, parallel):
         """``(params, grads, *states, chunks, per_tensor, c, sums)`` over typed lists of 1-D
         bases (``grads`` or a state None: not read), the chunk table, a ``(len(per_tensor),
-        n_tensors)`` array (or None), and a ``(sums, n_chunks)`` float64 array (or None)."""
+        n_tensors)`` array (or None), and a ``(len(sums), n_chunks)`` float64 array (or None)
+        that receives the per-chunk results; returns their totals over all chunks, in chunk order."""
         if parallel not in self._layers:
             _, loop = self._layer_forms(njit(**_CPU_OPTIONS), prange)
             kind = "parallel" if parallel else "serial"
@@ -457,7 +521,7 @@ class Kernels:
 
         from ._cuda import make_cuda_layers
         apply, _ = self._layer_forms(cuda.jit(device=True), range)
-        return make_cuda_layers(apply, len(self.states), len(self.per_tensor), self.sums, np.dtype(dtype).name)
+        return make_cuda_layers(apply, len(self.states), len(self.per_tensor), self.sums, compute_dtype(dtype).name)
 
     def layers_cuda(self, dtype):
         key = np.dtype(dtype)

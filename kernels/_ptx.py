@@ -34,17 +34,31 @@ def example_scalars(rule, dtype, key=None):
     return (*c[:-1], key)
 
 
+def _array_types(dtype, layout, master, state=None):
+    """The argument types every rule kernel starts with: (params' array type, one type per
+    state slot of ``layout`` (``state``: the types one present state takes, default an array
+    like the params'; ``none`` for each absent one), the float32 master copy's type or none)."""
+    import numba
+    from numba import types
+    arr = types.Array(numba.from_dtype(kernel_dtype(dtype)), 1, "C")
+    state = (arr,) if state is None else state
+    states = [t for on in layout for t in (state if on else (types.none,) * len(state))]
+    return arr, states, types.Array(types.float32, 1, "C") if master else types.none
+
+
+def _ptx(fn, sig, cc):
+    from numba import cuda
+    with _target_cc(cc):
+        ptx, _ = cuda.compile_ptx(fn, sig, cc=cc)
+    return ptx
+
+
 def compile_kernel(kernels, layout, scalars, dtype, cc, master=False):
     """PTX of a rule's CUDA loop with the states of ``layout`` present (the others None), for
     arrays stored as ``dtype``; ``master``: with a float32 master copy of the params."""
     import numba
-    from numba import cuda, types
-    arr = types.Array(numba.from_dtype(kernel_dtype(dtype)), 1, "C")
-    states = [arr if on else types.none for on in layout]
-    copy = types.Array(types.float32, 1, "C") if master else types.none
-    with _target_cc(cc):
-        ptx, _ = cuda.compile_ptx(kernels.cuda_loop(), (arr, arr, *states, copy, numba.typeof(scalars)), cc=cc)
-    return ptx
+    arr, states, copy = _array_types(dtype, layout, master)
+    return _ptx(kernels.cuda_loop(), (arr, arr, *states, copy, numba.typeof(scalars)), cc)
 
 
 #: the storage formats of the report: float64 (the only one allowed .f64), float32 and the 16-bit ones
@@ -72,35 +86,16 @@ def report(ccs, dtypes=DTYPES):
                                len(ptx.splitlines()), f64_count(ptx))
 
 
-def compile_reduce(dtype, cc):
-    """PTX of the norm reduction (``_reduce``) for ``dtype``."""
-    import numba
-    from numba import cuda, types
-
-    from . import _reduce
-    from ._cuda import make_reduce
-    arr, idx = types.Array(numba.from_dtype(kernel_dtype(dtype)), 1, "C"), types.Array(types.int64, 1, "C")
-    acc = numba.from_dtype(compute_dtype(dtype))
-    out = types.Array(acc, 1, "C")
-    fn = make_reduce(compute_dtype(dtype).name, (_reduce.SQUARES, _reduce.MAX))
-    with _target_cc(cc):
-        ptx, _ = cuda.compile_ptx(fn, (arr, idx, idx, types.int64, acc, acc, out, out), cc=cc)
-    return ptx
-
-
 def compile_layers(kernels, layout, scalars, dtype, cc):
-    """PTX of a rule's CUDA layer kernel (``_engine``'s layer forms) with the states of
-    ``layout`` present, as the layer-wise optimizers launch it."""
+    """PTX of a CUDA layer kernel (``_engine``'s layer forms: a norm, LAMB's, LARS's) with the
+    states of ``layout`` present, as ``kernels._layers`` launches it for arrays stored as ``dtype``."""
     import numba
-    from numba import cuda, types
-    elem = numba.from_dtype(np.dtype(dtype))
-    arr, table = types.Array(elem, 1, "C"), types.Array(elem, 2, "C")
-    states = [arr if on else types.none for on in layout]
+    from numba import types
+    arr, states, _ = _array_types(dtype, layout, False)
+    table = types.Array(numba.from_dtype(compute_dtype(dtype)), 2, "C")
     sig = (arr, arr if kernels.reads_grad else types.none, *states, types.Array(types.int64, 2, "C"),
            table if kernels.per_tensor else types.none, numba.typeof(scalars), table if kernels.sums else types.none)
-    with _target_cc(cc):
-        ptx, _ = cuda.compile_ptx(kernels.layers_cuda_loop(dtype), sig, cc=cc)
-    return ptx
+    return _ptx(kernels.layers_cuda_loop(dtype), sig, cc)
 
 
 def layer_kernels(rule):
@@ -113,11 +108,14 @@ def layer_kernels(rule):
 
 def report_extra(ccs, dtypes=DTYPES):
     """The kernels outside RULES: the gradient-norm reduction, LAMB and LARS, the averages."""
-    from . import ema, polyak
-    for dtype in dtypes:
-        for cc in ccs:
-            ptx = compile_reduce(dtype, cc)
-            yield ("norm", "-", np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))
+    from . import _reduce, ema, polyak
+    for mode, kernels in _reduce.NORM.items():
+        scalars = (1.0, 2.0, None) if mode == _reduce.POWER else (1.0, None)
+        for dtype in dtypes:
+            c = tuple(compute_dtype(dtype).type(v) if v is not None else v for v in scalars)
+            for cc in ccs:
+                ptx = compile_layers(kernels, (), c, dtype, cc)
+                yield (kernels.name, "-", np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))
     from . import lamb, lars
     for rule in (lamb.LAMB, lars.LARS):
         for kernels, layout in layer_kernels(rule):
@@ -141,14 +139,10 @@ def compile_blockwise(blockwise, layout, scalars, dtype, cc, master=False):
     """PTX of an 8-bit blockwise kernel (``_blockwise``) with the states of ``layout`` kept as
     codes and block scales (the others None), params stored as ``dtype``."""
     import numba
-    from numba import cuda, types
-    arr = types.Array(numba.from_dtype(kernel_dtype(dtype)), 1, "C")
-    codes, scales = types.Array(types.uint8, 1, "C"), types.Array(types.float32, 1, "C")
-    states = [t for on in layout for t in ((codes, scales) if on else (types.none, types.none))]
-    copy = scales if master else types.none
-    with _target_cc(cc):
-        ptx, _ = cuda.compile_ptx(blockwise.cuda_loop(), (arr, arr, *states, copy, numba.typeof(scalars)), cc=cc)
-    return ptx
+    from numba import types
+    codes_and_scales = (types.Array(types.uint8, 1, "C"), types.Array(types.float32, 1, "C"))
+    arr, states, copy = _array_types(dtype, layout, master, codes_and_scales)
+    return _ptx(blockwise.cuda_loop(), (arr, arr, *states, copy, numba.typeof(scalars)), cc)
 
 
 def report_8bit(ccs):
@@ -183,24 +177,20 @@ def report_8bit(ccs):
 def compile_update(rule, layout, dtype, cc, master=False):
     """PTX of ``rule``'s device-row update kernel (``_device.make_update``) for ``dtype``."""
     import numba
-    from numba import cuda, types
+    from numba import types
 
     from . import _device
-    arr = types.Array(numba.from_dtype(kernel_dtype(dtype)), 1, "C")
-    states = [arr if on else types.none for on in layout]
-    copy = types.Array(types.float32, 1, "C") if master else types.none
+    arr, states, copy = _array_types(dtype, layout, master)
     acc = numba.from_dtype(compute_dtype(dtype))
     sig = (arr, arr, *states, copy, numba.typeof(example_scalars(rule, dtype)), types.Array(acc, 1, "C"), acc)
-    with _target_cc(cc):
-        ptx, _ = cuda.compile_ptx(_device.make_update(rule.kernels, rule), sig, cc=cc)
-    return ptx
+    return _ptx(_device.make_update(rule.kernels, rule), sig, cc)
 
 
 def compile_prologue(rule, dtype, cc):
     """PTX of ``rule``'s one-thread prologue for params of ``dtype`` (partials and output rows
     in its math's dtype; the norm, status and scalars in float64, as the host computes them)."""
     import numba
-    from numba import cuda, types
+    from numba import types
 
     from . import _device
     acc = numba.from_dtype(compute_dtype(dtype))
@@ -209,9 +199,7 @@ def compile_prologue(rule, dtype, cc):
     sig = (types.Array(acc, 1, "C"), types.Array(acc, 1, "C"), i64, f64, flag, flag, flag, flag, f64, f64,
            types.Array(f64, 1, "C"), types.Array(i64, 1, "C"), types.Array(i64, 1, "C"), types.Array(f64, 2, "C"),
            types.Array(f64, 2, "C"), types.Array(i64, 2, "C"), types.Array(acc, 2, "C"))
-    with _target_cc(cc):
-        ptx, _ = cuda.compile_ptx(_device.make_prologue(rule), sig, cc=cc)
-    return ptx
+    return _ptx(_device.make_prologue(rule), sig, cc)
 
 
 def report_device(ccs, dtypes=DTYPES):

@@ -1,94 +1,55 @@
 """Deterministic norms of many arrays in one pass: the reduction behind global-norm
-clipping, the non-finite guard and the per-tensor norms of LAMB and LARS.
+clipping, the non-finite guard and the per-tensor norms of LARS.
 
-The arrays are cut into a fixed table of chunks (:func:`chunk_table`); each chunk is
-reduced in a fixed order and written to its own slot, and the host adds the slots up in
-chunk order. The same inputs therefore give the same bits on every run, whatever the
-thread scheduling (a shared atomic accumulator would not).
+A norm is one of the engine's layer passes (:mod:`._engine`, run by :mod:`._layers`): the
+math of an element returns the values to reduce and the pass writes nothing. The arrays
+are cut into a fixed table of chunks (:func:`chunk_table`); each chunk is reduced in a
+fixed order and written to its own slot, and the slots are added up in chunk order. The
+same inputs therefore give the same bits on every run, whatever the thread scheduling (a
+shared atomic accumulator would not).
 
 Per chunk two numbers come back: ``sum(|x|**p)`` (``max |x|`` for p = inf) and
 ``sum(x * 0)``, which is NaN exactly when the chunk holds an inf or a NaN: the non-finite
 check costs no branch and no extra pass.
 """
-import hashlib
-import inspect
 import math
-import sys
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 from numba.extending import register_jitable
 
-from . import _formats
-from ._engine import _CPU_OPTIONS, _enable_cache, cuda_salt, enable_cuda_cache
-from ._formats import compute_dtype, load
+from ._engine import _CPU_OPTIONS, Kernels, Scalars
 
-_SALT = hashlib.sha256((inspect.getsource(sys.modules[__name__]) + inspect.getsource(_formats)).encode()).hexdigest()
 CHUNK = 1 << 15  # elements per chunk: enough work per thread, few partials to add up
 
-# mode of the reduction (a compile-time branch): p = 2, p = inf, any other p
+# mode of the reduction: p = 2, p = inf, any other p
 SQUARES, MAX, POWER = 0, 1, 2
 
-# The CPU kernels sum in float64 with reordering allowed inside a chunk, so LLVM can use
-# SIMD lanes; the order is still fixed by the compiled code, hence the same every run.
-_REDUCE_OPTIONS = dict(_CPU_OPTIONS, fastmath={"reassoc", "contract"})
+
+def norm_math(x, _g):
+    """Element ``x`` of a norm, twice: reduced as the norm's (its square summed for p = 2,
+    its absolute value's maximum for p = inf) and as the non-finite check. The pass reads no
+    gradient and writes nothing."""
+    return x, x, x
 
 
-@njit(cache=True, **_REDUCE_OPTIONS)
-def _squares(x):
-    total, check = 0.0, 0.0
-    for i in range(x.size):
-        v = np.float64(load(x, i))
-        check += v * 0.0
-        total += v * v
-    return total, check
+def power_math(x, _g, norm_type):
+    """Element ``x`` of a norm of any other order: ``|x|**norm_type`` (summed), and ``x``
+    for the non-finite check."""
+    return x, abs(x) ** norm_type, x
 
 
-@njit(cache=True, **_REDUCE_OPTIONS)
-def _max_abs(x):
-    total, check = 0.0, 0.0
-    for i in range(x.size):
-        v = np.float64(load(x, i))
-        check += v * 0.0
-        total = max(total, abs(v))
-    return total, check
-
-
-@njit(cache=True, **_REDUCE_OPTIONS)
-def _powers(x, p):
-    total, check = 0.0, 0.0
-    for i in range(x.size):
-        v = np.float64(load(x, i))
-        check += v * 0.0
-        total += abs(v) ** p
-    return total, check
-
-
-@njit(cache=True, **_CPU_OPTIONS)
-def _chunk(x, mode, p):
-    # one loop per mode: a branch inside the loop would stop it from vectorizing
-    if mode == SQUARES:
-        return _squares(x)
-    if mode == MAX:
-        return _max_abs(x)
-    return _powers(x, p)
-
-
-def _make_cpu(parallel):
-    def reduce_chunks(arrays, chunks, mode, p, totals, checks):
-        """Fills the per-chunk slots, and returns their combination in chunk order."""
-        for k in prange(chunks.shape[0]):
-            t, lo, hi = chunks[k, 0], chunks[k, 1], chunks[k, 2]
-            totals[k], checks[k] = _chunk(arrays[t][lo:hi], mode, p)
-        return combine_in_order(totals, checks, mode)
-    kind = "parallel" if parallel else "serial"
-    return _enable_cache(njit(parallel=parallel, **_CPU_OPTIONS)(reduce_chunks), f"reduce_{kind}", _SALT)
+#: the compiled norm pass of each mode
+NORM = {SQUARES: Kernels("norm_squares", norm_math, (), Scalars((), ()), writes=(), sums=("squares", "nonfinite")),
+        MAX: Kernels("norm_max", norm_math, (), Scalars((), ()), writes=(), sums=("max", "nonfinite")),
+        POWER: Kernels("norm_power", power_math, (), Scalars(("norm_type",), ()), writes=(), sums=("sum", "nonfinite"))}
 
 
 @register_jitable
 def combine_in_order(totals, checks, mode):
     """The per-chunk partials added up in chunk order (the max for ``MAX``): ``(total, check)``.
-    Compiled into the CPU reduction and into the CUDA step prologue (``_device``)."""
+    The order of the engine's layer passes (their CPU form returns these totals); compiled
+    into the CUDA step prologue (``_device``) and for the host (:data:`combine`)."""
     total, check = 0.0, 0.0
     for k in range(totals.size):
         check += checks[k]
@@ -98,15 +59,6 @@ def combine_in_order(totals, checks, mode):
 
 # the host's combination of a CUDA reduction's partials: compiled, no NumPy round trip
 combine = njit(cache=True, **_CPU_OPTIONS)(combine_in_order)
-
-
-_CPU = {}
-
-
-def cpu(parallel):
-    if parallel not in _CPU:
-        _CPU[parallel] = _make_cpu(parallel)
-    return _CPU[parallel]
 
 
 def chunk_table(sizes, chunk=None, places=None):
@@ -151,26 +103,6 @@ def segment_sums(totals, chunks, n_tensors, mode):
         np.maximum.at(out, t, totals)
         return out
     return np.bincount(t, weights=totals, minlength=n_tensors)
-
-
-# -- CUDA -------------------------------------------------------------------------------
-
-_CUDA = {}
-
-
-def cuda_kernel(dtype):
-    """One block per chunk (grid-stride over chunks), the shared fixed tree (``_cuda``).
-
-    Sums in the math's dtype of the arrays (float32 for 16-bit formats: no float64 in a
-    float32 kernel); ``zero`` comes from the host for the same reason."""
-    key = np.dtype(dtype)
-    if key not in _CUDA:
-        from numba import cuda
-
-        from ._cuda import make_reduce
-        _CUDA[key] = enable_cuda_cache(cuda.jit(make_reduce(compute_dtype(key).name, (SQUARES, MAX))),
-                                       f"norm_{key.name}_cuda", cuda_salt(_SALT))
-    return _CUDA[key]
 
 
 @register_jitable
