@@ -252,3 +252,26 @@ def test_cuda_norms_match_float64_numpy_for_every_p(norm_type):
     norms, finite = plan.segment_norms(norm_type)
     assert finite
     np.testing.assert_allclose(norms, _norms64(grads, norm_type), rtol=1e-5, atol=0)
+
+
+def test_the_norm_is_an_engine_pass_that_writes_nothing():
+    from fastopt.kernels._engine import Kernels, Scalars
+    for kernels in _reduce.NORM.values():
+        assert kernels.writes == () and not kernels.reads_grad and kernels.sums[1] == "nonfinite"
+    assert _reduce.NORM[_reduce.MAX].sums[0] == "max"
+    bad = [(("squares", "cubes"), "sums must be kinds"), (("nonfinite", "max"), "'max' first")]
+    for sums, message in bad:
+        with pytest.raises(ValueError, match=message):
+            Kernels("bad", _reduce.norm_math, (), Scalars((), ()), writes=(), sums=sums)
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 3.0])
+def test_one_nonfinite_value_in_any_chunk_is_seen(norm_type, bad, monkeypatch):
+    monkeypatch.setattr(_reduce, "CHUNK", 16)  # many chunks: the bad value in the last of them
+    grads = _grads(3, np.float32)
+    grads[2][-1] = bad
+    total, finite = NormPlan(grads).norm(norm_type)
+    assert not finite
+    if not math.isnan(bad):
+        assert total == math.inf
