@@ -29,11 +29,13 @@ class Hyper:
     ``check(value)`` raising ValueError with torch's message, ``keyword``: keyword-only in
     torch's constructor (after ``*``), ``torch``: torch.optim's rule has it too, ``doc``,
     ``sample``: the range the tests draw it from (see :data:`SAMPLE_KINDS`; a bool needs
-    none, it is toggled; an option without one and not a bool keeps its default in the tests).
-    Defaults: ``check=None`` (no check), ``keyword=False``, ``torch=True``, ``doc=""``,
-    ``sample=None``."""
+    none, it is toggled; an option without one and not a bool keeps its default in the tests);
+    ``off``: the value that turns the option off where that is not its default (LAMB's
+    ``weight_decay=0`` against its default 1e-2): the tests draw it off in some draws, as an
+    option whose default is 0. Defaults: ``check=None`` (no check), ``keyword=False``,
+    ``torch=True``, ``doc=""``, ``sample=None``, ``off=None`` (off is the default)."""
 
-    __slots__ = ("check", "default", "doc", "keyword", "name", "sample", "torch")
+    __slots__ = ("check", "default", "doc", "keyword", "name", "off", "sample", "torch")
     name: str
     default: Any
     check: Callable[[Any], None] | None
@@ -41,21 +43,26 @@ class Hyper:
     torch: bool
     doc: str
     sample: tuple | None
+    off: Any
 
     def __init__(self, name: str, default: Any, check: Callable[[Any], None] | None = None, *,
-                 keyword: bool = False, torch: bool = True, doc: str = "", sample: tuple | None = None) -> None:
+                 keyword: bool = False, torch: bool = True, doc: str = "", sample: tuple | None = None,
+                 off: Any = None) -> None:
         self.name, self.default, self.check = name, default, check
         self.keyword, self.torch, self.doc = keyword, torch, doc
         if sample is not None:
             _check_sample(name, default, sample)
-        self.sample = sample
+        if off is not None and (sample is None or sample[0] == "choice"):
+            raise TypeError(f"{name}: off={off!r} needs a range to draw the option on from, got sample={sample!r}")
+        self.sample, self.off = sample, off
 
 
 #: A :class:`Hyper`'s ``sample``: ``("uniform", lo, hi)`` a float uniform in [lo, hi);
 #: ``("log", lo, hi)`` a float whose logarithm is uniform (0 < lo < hi); ``("choice", a, b, ...)``
 #: the values in turn; for a tuple-valued option (``betas``), a tuple of those, one per element.
-#: An option whose default is 0 (off) is drawn as 0 in some of the tests' draws, as its range
-#: in the others; the tests (``tests/cases.py``) derive every draw from these declarations.
+#: An option whose default is 0 or None (off), or that declares its ``off`` value, is drawn off
+#: in some of the tests' draws, from its range in the others; the tests (``tests/cases.py``)
+#: derive every draw from these declarations.
 SAMPLE_KINDS = ("uniform", "log", "choice")
 #: the ranges most rules share
 WEIGHT_DECAY_SAMPLE = ("uniform", 1e-3, 1e-1)
@@ -177,7 +184,7 @@ class Rule:
         if dropped:
             raise TypeError(f"{name}: samples for {sorted(dropped)}, which the variant does not keep")
         hyper = [Hyper(h.name, defaults.get(h.name, h.default), h.check, keyword=h.keyword, torch=h.torch,
-                       doc=h.doc, sample=samples.get(h.name, h.sample))
+                       doc=h.doc, sample=samples.get(h.name, h.sample), off=h.off)
                  for h in self.hyper.values() if h.name not in fixed]
         return Rule(name, self.math, self.host_scalars, constants=self.host_constants, states=self.state_list,
                     hyper=hyper, check=self._check,

@@ -32,7 +32,7 @@ import numpy as np
 from numba.extending import register_jitable
 
 from . import _args
-from ._rule import Hyper, Pass, Rule, State
+from ._rule import BETAS_SAMPLE, WEIGHT_DECAY_SAMPLE, Hyper, Pass, Rule, State
 from .adam import adam_moments
 
 
@@ -85,9 +85,14 @@ def _check(h):
 LAMB = Rule(
     "lamb", lamb_math, scalars, constants=constants,
     states=[State("exp_avg"), State("exp_avg_sq")],
-    hyper=[Hyper("lr", 1e-3, _args.lr), Hyper("betas", (0.9, 0.999), _args.betas), Hyper("eps", 1e-6, _args.eps),
-           Hyper("weight_decay", 1e-2, _args.nonneg_of("weight_decay")),
-           Hyper("bias_correction", True, keyword=True), Hyper("clamp_value", None, keyword=True),
+    hyper=[Hyper("lr", 1e-3, _args.lr, sample=("log", 1e-3, 1e-1)),
+           Hyper("betas", (0.9, 0.999), _args.betas, sample=BETAS_SAMPLE),
+           Hyper("eps", 1e-6, _args.eps, sample=("log", 1e-8, 1e-5)),
+           # off: 0 drops the decay term (``decayed``), which the default 1e-2 never reaches
+           Hyper("weight_decay", 1e-2, _args.nonneg_of("weight_decay"), sample=WEIGHT_DECAY_SAMPLE, off=0.0),
+           Hyper("bias_correction", True, keyword=True),
+           # from 1 to torch_optimizer.Lamb's 10: within the norms of the tests' tensors, so it binds on some
+           Hyper("clamp_value", None, keyword=True, sample=("log", 1.0, 10.0)),
            Hyper("layer_adaptation", True, keyword=True)],
     check=_check,
     per_tensor=("ratio",), writes=("p",),

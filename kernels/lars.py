@@ -71,9 +71,11 @@ def _check(h):
 LARS = Rule(
     "lars", lars_math, scalars, constants=constants,
     states=[State("momentum_buffer", lambda h: h["momentum"] != 0, "when momentum != 0")],
-    hyper=[Hyper("lr", 1.0, _args.lr), Hyper("momentum", 0.0), Hyper("dampening", 0.0), Hyper("weight_decay", 0.0),
-           Hyper("nesterov", False), Hyper("trust_coeff", 1e-3), Hyper("eps", 1e-8), Hyper("trust_clip", False),
-           Hyper("always_adapt", False)],
+    hyper=[Hyper("lr", 1.0, _args.lr, sample=("uniform", 0.05, 0.5)),
+           Hyper("momentum", 0.0, sample=("uniform", 0.5, 0.95)), Hyper("dampening", 0.0, sample=("uniform", 0.0, 0.5)),
+           Hyper("weight_decay", 0.0, sample=("log", 1e-4, 1e-2)), Hyper("nesterov", False),
+           Hyper("trust_coeff", 1e-3, sample=("uniform", 1e-3, 5e-2)), Hyper("eps", 1e-8, sample=("log", 1e-8, 1e-6)),
+           Hyper("trust_clip", False), Hyper("always_adapt", False)],
     check=_check,
     per_tensor=("ratio",),
     start_from_grad=("momentum_buffer",))  # as timm's: momentum turned on mid-run starts from d

@@ -2,19 +2,28 @@
 sets that between them turn every option on and off, derived from the rules' declarations
 (``Hyper(..., sample=...)`` in ``kernels/<rule>.py``: adding an option adds its range there).
 
+Every optimizer's rule has its table: the element-wise ones (``fastopt.kernels.RULES``) and
+the per-tensor LAMB and LARS (``fastopt.layerwise``), by the optimizer's name (``DECLARED``).
+
 Draw 0 is the defaults. In draws 1..N_DRAWS-1, an option with a range and a non-zero default
-(lr, betas, eps) is drawn from its range every time; an on/off option (a bool, or a number
-whose default 0 means off, as weight decay) is on in the draws ``ON_IN`` gives for its place
-among the rule's on/off options. An option torch.optim lacks (``torch=False``) moves only in
-the last draw, which the torch parity tests skip. A draw the rule's own checks reject (SGD's
-Nesterov with dampening) gives back its options, the last declared first, until they pass.
-Draws 1.. name every option they may move, at its default where it is off.
+(lr, betas, eps) is drawn from its range every time; an on/off option (a bool; a number whose
+default 0 or None means off, as weight decay or LAMB's clamp_value; one that declares its
+``off`` value, as LAMB's weight decay) is on in the draws ``ON_IN`` gives for its place among
+the rule's on/off options, and off (at its ``off`` value, else its default) in the others.
+An option torch.optim lacks (``torch=False``) moves only in the last draw, which the torch
+parity tests skip. A draw the rule's own checks reject (SGD's Nesterov with dampening) gives
+back its options, the last declared first, until they pass.
+Draws 1.. name every option they may move, at its off value where it is off.
 """
 import zlib
 
 import numpy as np
 
+import fastopt
 from fastopt.kernels import RULES
+
+# optimizer name -> its rule, for every optimizer (LAMB's and LARS's are outside RULES)
+DECLARED = {name: cls.rule for name, cls in fastopt.OPTIMIZERS.items()}
 
 N_DRAWS = 4
 LAST = N_DRAWS - 1
@@ -45,18 +54,32 @@ def _choice(rule, h, i):
     carry on each other's turn, so between them they reach every value."""
     values = [v for v in h.sample[1:] if v != h.default] + [v for v in h.sample[1:] if v == h.default]
     moving = [LAST] if not h.torch else list(range(1, N_DRAWS))
-    kernels = RULES[rule][0].kernels
-    pool = [r for r, (m, _, _) in RULES.items() if m.kernels is kernels]
+    pool = sharing_kernels(rule)
     turn = pool.index(rule) * len(moving) + moving.index(i)
     return values[turn % len(values)]
 
 
-def _on_off(h):
-    return isinstance(h.default, bool) or (h.sample is not None and h.sample[0] != "choice" and h.default == 0)
+def sharing_kernels(rule):
+    """The rules compiled from the same math as ``rule`` (Adam and AdamW), ``rule`` among them."""
+    kernels = DECLARED[rule].kernels
+    return [r for r, m in DECLARED.items() if m.kernels is kernels]
+
+
+def on_off(h):
+    """Whether the table turns ``h`` on and off rather than drawing it every time."""
+    if isinstance(h.default, bool):
+        return True
+    ranged = h.sample is not None and h.sample[0] != "choice"
+    return ranged and (h.off is not None or h.default is None or h.default == 0)
+
+
+def off_value(h):
+    """The value of an on/off option where it is off."""
+    return h.off if h.off is not None else h.default
 
 
 def _derive(rule, i):
-    declared = RULES[rule][0]
+    declared = DECLARED[rule]
     if i == 0:
         return {}
     rng = np.random.default_rng([zlib.crc32(rule.encode()), i])
@@ -71,7 +94,7 @@ def _derive(rule, i):
         named.append(name)
         if h.sample is not None and h.sample[0] == "choice":
             hp[name] = _choice(rule, h, i)
-        elif not _on_off(h):
+        elif not on_off(h):
             hp[name] = value
         else:
             on = not h.torch or i in ON_IN[place % len(ON_IN)]
@@ -79,9 +102,12 @@ def _derive(rule, i):
                 place += 1
             if on:
                 hp[name] = (not h.default) if isinstance(h.default, bool) else value
+            elif off_value(h) != h.default:
+                hp[name] = off_value(h)
     kept = _within_checks(declared, hp)
     # the options left off are named too: one draw written over another (an edit mid-run in
-    # test_restore) turns them off rather than keeping the other's (dampening under nesterov)
+    # test_restore) turns them off rather than keeping the other's (dampening under nesterov);
+    # one the checks gave back is at its default
     return {name: kept.get(name, declared.hyper[name].default) for name in named}
 
 
@@ -107,17 +133,18 @@ def _within_checks(declared, hp):
     return {k: hp[k] for k in names}
 
 
-# rule -> draw(i) -> hyper-parameters; draw 0 gives the defaults (plus FIXED)
+# element-wise rule -> draw(i) -> hyper-parameters; draw 0 gives the defaults (plus FIXED)
 DRAWS = {rule: (lambda i, rule=rule: _derive(rule, i)) for rule in RULES}
 
 
 def hparams(rule, i):
-    return {**FIXED.get(rule, {}), **DRAWS[rule](i)}
+    """Draw ``i`` of any rule in DECLARED (LAMB's and LARS's too)."""
+    return {**FIXED.get(rule, {}), **_derive(rule, i)}
 
 
 def states(rule, shape, dtype=np.float64):
     """Zero-filled state arrays, in the order the function takes them (as PyTorch initializes)."""
-    module = RULES[rule][0]
+    module = DECLARED[rule]
     return [np.zeros(shape, dtype) for _ in module.states]
 
 
