@@ -2,13 +2,14 @@
 ParamBuffer, param groups, separate arrays, the functional form), against independent torch
 transcriptions of the published algorithm (LAMB) and of timm's Lars, the per-tensor norms of
 the fused pass, the guard, state dicts, bad input, the CUDA simulator and the PTX."""
+import inspect
 import math
-import zlib
 
 import numpy as np
 import pytest
 
 import fastopt
+from cases import N_DRAWS, hparams
 from conftest import SIMULATOR, to_backend, to_host
 from fastopt import layerwise
 from fastopt.kernels import _dispatch, lamb, lars
@@ -22,44 +23,14 @@ STEPS = 4
 MODES = ["buffer", "groups", "lists", "functional"]
 
 
-def _lamb_draw(rng, i):
-    return [
-        {},
-        dict(lr=float(10 ** rng.uniform(-3, -1)),
-             betas=(float(rng.uniform(0.5, 0.95)), float(rng.uniform(0.9, 0.9999))),
-             eps=float(10 ** rng.uniform(-8, -5)), weight_decay=float(rng.uniform(0, 0.1)), bias_correction=False,
-             clamp_value=1.0),
-        dict(lr=float(10 ** rng.uniform(-3, -1)), weight_decay=0.0, eps=float(10 ** rng.uniform(-8, -5))),
-        dict(lr=float(10 ** rng.uniform(-3, -1)), weight_decay=float(rng.uniform(0, 0.1)), bias_correction=False,
-             clamp_value=10.0),  # torch_optimizer.Lamb's rule
-    ][i]
-
-
-def _lars_draw(rng, i):
-    return [
-        {},  # timm's defaults: no weight decay, so no adaptation
-        dict(lr=float(rng.uniform(0.05, 0.5)), momentum=float(rng.uniform(0.5, 0.95)),
-             weight_decay=float(10 ** rng.uniform(-4, -2))),
-        dict(lr=float(rng.uniform(0.05, 0.5)), momentum=float(rng.uniform(0.5, 0.95)), nesterov=True,
-             weight_decay=float(10 ** rng.uniform(-4, -2)), trust_clip=True),
-        dict(lr=float(rng.uniform(0.05, 0.5)), momentum=float(rng.uniform(0.5, 0.95)),
-             dampening=float(rng.uniform(0, 0.5)), always_adapt=True, trust_coeff=float(rng.uniform(0.001, 0.05)),
-             eps=1e-6),
-    ][i]
-
-
-RULES = {"lamb": (LAMB, lamb, _lamb_draw), "lars": (LARS, lars, _lars_draw)}
-DEFAULT_LR = {"lamb": 1e-3, "lars": 1.0}
-DRAWS = range(4)
-
-
-def _hp(rule, draw):
-    return RULES[rule][2](np.random.default_rng([zlib.crc32(rule.encode()), draw]), draw)
+RULES = {"lamb": (LAMB, lamb), "lars": (LARS, lars)}
+# the draws every reference test runs: derived from the rules' declarations (tests/cases.py)
+DRAWS = range(N_DRAWS)
 
 
 def _other(rule, hp):
     """The second group of "groups" mode: half the lr, kept out of decay and adaptation."""
-    out = dict(hp, lr=hp.get("lr", DEFAULT_LR[rule]) / 2, weight_decay=0.0)
+    out = dict(hp, lr=hp.get("lr", RULES[rule][0].rule.defaults["lr"]) / 2, weight_decay=0.0)
     if rule == "lamb":
         out["layer_adaptation"] = False
     else:
@@ -94,7 +65,7 @@ def _reference(rule, hps, init, grads_per_step):
 
 def _run(rule, hp, mode, init, grads_per_step):
     """Step the fastopt form; returns (params, state arrays per param, last ratios)."""
-    cls, module, _ = RULES[rule]
+    cls, module = RULES[rule]
     if mode == "functional":
         fn = getattr(layerwise, f"{rule}_")
         params = [a.copy() for a in init]
@@ -140,7 +111,9 @@ def test_matches_reference(rule, draw, mode, chunk, monkeypatch):
     if chunk:  # many chunks per tensor, shared by threads
         monkeypatch.setattr(layerwise, "CHUNK", chunk)
         monkeypatch.setattr(_dispatch, "PARALLEL_THRESHOLD", 0)
-    hp = _hp(rule, draw)
+    hp = hparams(rule, draw)
+    if mode == "functional":  # it takes its own options: LAMB's layer_adaptation is a param group's
+        hp = {k: v for k, v in hp.items() if k in inspect.signature(getattr(layerwise, f"{rule}_")).parameters}
     init, grads = _data(draw)
     params, states, ratios = _run(rule, hp, mode, init, grads)
     want_p, want_s, want_r = _reference(rule, _hps(rule, hp, mode), init, grads)
@@ -152,7 +125,7 @@ def test_matches_reference(rule, draw, mode, chunk, monkeypatch):
     assert ratios[ZERO] == 1.0  # a zero tensor: ||p|| = 0
     if rule == "lars" and (hp.get("weight_decay") or hp.get("always_adapt")) and mode != "groups":
         assert ratios[ZERO_GRAD] == 1.0  # ||g|| = 0
-    if rule == "lamb" and mode != "groups":
+    if rule == "lamb" and hp.get("layer_adaptation", True) and mode != "groups":
         assert np.all(ratios[[0, 2, 5]] != 1.0)  # the other tensors really are adapted
 
 
@@ -226,7 +199,7 @@ def _torch_lars(init, grads_per_step, *, lr, momentum=0.0, dampening=0.0, weight
 
 @pytest.mark.parametrize("draw", DRAWS)
 def test_lars_matches_timm_style_reference(draw):
-    hp = _hp("lars", draw)
+    hp = hparams("lars", draw)
     init, grads = _data(12, steps=5)
     want = _torch_lars(init, grads, **{"lr": 1.0, **hp})
     params = [a.copy() for a in init]
@@ -286,7 +259,7 @@ def test_rules_are_declared_on_the_engine():
     param: pass 1 stores m, v (not p) and sums p**2, u**2; pass 2 reads no gradient and
     stores p alone, reading its tensor's ratio."""
     first, update = lamb.LAMB.first_kernels, lamb.LAMB.kernels
-    assert first.writes == ("exp_avg", "exp_avg_sq") and first.sums == 2 and first.reads_grad
+    assert first.writes == ("exp_avg", "exp_avg_sq") and first.sums == ("squares", "squares") and first.reads_grad
     assert update.writes == ("p",) and not update.reads_grad and update.per_tensor == ("ratio",)
     assert lars.LARS.first_kernels is None and lars.LARS.kernels.per_tensor == ("ratio",)
     assert lars.LARS.kernels.writes == ("p", "momentum_buffer") and lars.LARS.kernels.reads_grad
@@ -313,7 +286,7 @@ def test_launches_per_step(rule, hp, per_group):
 @pytest.mark.parametrize("rule", sorted(RULES))
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])
 def test_nonfinite_gradient_writes_nothing(rule, nonfinite):
-    hp = _hp(rule, 2)
+    hp = hparams(rule, 2)
     init, grads = _data(16, steps=2)
     buf = fastopt.ParamBuffer(init)
     opt = RULES[rule][0](buf, nonfinite=nonfinite, **hp)
@@ -338,7 +311,7 @@ def test_nonfinite_gradient_writes_nothing(rule, nonfinite):
 def test_max_grad_norm_equals_clipping_first(rule, exact):
     """The clip factor scales g inside the kernels: LAMB equals clip_grad_norm_ then a step
     bit for bit; LARS's ratio uses c * ||g|| for ||c g||, equal to rounding."""
-    hp = _hp(rule, 1)
+    hp = hparams(rule, 1)
     init, grads = _data(17, steps=3, dtype=np.float32)
     fused, plain = fastopt.ParamBuffer(init), fastopt.ParamBuffer(init)
     a = RULES[rule][0](fused, max_grad_norm=0.5, **hp)
@@ -360,7 +333,7 @@ def test_max_grad_norm_equals_clipping_first(rule, exact):
 @pytest.mark.parametrize("via", ["state_dict", "checkpoint"])
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_resume_is_exact(rule, via, tmp_path):
-    hp = _hp(rule, 3)
+    hp = hparams(rule, 3)
     init, grads = _data(18, steps=6)
 
     def run(opt, buf, gs):
@@ -439,11 +412,17 @@ def test_bad_functional_input_writes_nothing(call, error, match):
 
 # -- CUDA (a GPU, or the simulator through test_cuda_simulator.py) ------------------------
 
+CUDA_SHAPES = [(5, 7), (1,), (33,)]
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("rule, draw", [("lamb", 1), ("lars", 3)])
+@pytest.mark.parametrize("draw", DRAWS)
+@pytest.mark.parametrize("rule", sorted(RULES))
 def test_cuda_lists_match_reference(rule, draw):
-    hp = _hp(rule, draw)
-    shapes = [(5, 7), (1,), (33,)]
+    # two of the shapes per draw, each in two draws or more: the lists form launches per tensor,
+    # and the simulator runs every launch thread by thread (8 draws of 2 cost what 2 of 3 did)
+    shapes = [CUDA_SHAPES[draw % len(CUDA_SHAPES)], CUDA_SHAPES[(draw + 1) % len(CUDA_SHAPES)]]
+    hp = hparams(rule, draw)
     init, grads = _data(19, steps=2, shapes=shapes, dtype=np.float32)
     opt = RULES[rule][0]([to_backend(a, "cuda") for a in init], **hp)
     for g in grads:
