@@ -265,8 +265,11 @@ class _TorchOptimizer(torch.optim.Optimizer):
         self._arenas = None
         self._hooks = []  # the sparse-gradient hooks on the params: removed with the optimizer
         weakref.finalize(self, _remove_all, self._hooks)
-        self.skipped_steps = 0        # steps skipped for an inf found by GradScaler (or the guard)
-        self.last_step_skipped = False
+        # skipped steps: those counted here (GradScaler's inf steps, the guard's skips read per step
+        # when there are several arenas, earlier arenas' counts), plus, with one arena, its own
+        # count read only when asked (on CUDA a device value: no sync per step)
+        self._skips_counted, self._lazy_skips = 0, None  # the latter: (the arena, its count at the start)
+        self._last_skipped = False  # the last step's, or None: ask the one arena
         self._warned_none = False
         # the groups hold torch's implementation keys too, as torch's do (fixed values: AdamW's decoupling)
         super().__init__(params, {**defaults, **implementation})
@@ -305,7 +308,11 @@ class _TorchOptimizer(torch.optim.Optimizer):
             raise ValueError("max_grad_norm clips the global norm over one arena: the params span "
                              f"{len(members)} (device, dtype) pairs; clip with torch.nn.utils.clip_grad_norm_")
         self._group_params = [g["params"] for g in self.param_groups]
+        if self._lazy_skips is not None:  # the arenas are rebuilt: their counts so far are kept here
+            self._skips_counted, self._last_skipped = self.skipped_steps, self.last_step_skipped
         self._arenas = [_Arena(self, device, dtype, ms) for (device, dtype), ms in members.items()]
+        one = self._arenas[0] if len(self._arenas) == 1 else None
+        self._lazy_skips = (one, one.inner.skipped_steps) if one is not None else None
         for arena in self._arenas:
             for p, view, (*_, name, _) in zip(arena.params, arena.grads, arena.members):
                 self._hooks.append(p.register_post_accumulate_grad_hook(_into_arena(view, name)))
@@ -372,21 +379,38 @@ class _TorchOptimizer(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step for this call
         if found_inf is not None:
             if float(found_inf):
-                self.last_step_skipped = True
-                self.skipped_steps += 1
+                self._last_skipped = True
+                self._skips_counted += 1
                 return loss
             grad_scale = getattr(self, "grad_scale", None)  # None: the grads were unscaled already
             if grad_scale is not None:
                 scale = 1.0 / float(grad_scale)
         self._sync()
-        skipped = False
         for arena in self._arenas:
             arena.inner.step(grad_scale=scale)
-            skipped |= arena.inner.last_step_skipped  # the guard (nonfinite="skip") of one arena
-        self.last_step_skipped = skipped
-        if skipped:
-            self.skipped_steps += 1
+        if self._lazy_skips is not None:
+            self._last_skipped = None  # the one arena's guard says, when asked
+        else:  # a step is skipped when the guard (nonfinite="skip") of any arena skipped it
+            self._last_skipped = any(arena.inner.last_step_skipped for arena in self._arenas)
+            self._skips_counted += self._last_skipped
         return loss
+
+    @property
+    def skipped_steps(self):
+        """Steps skipped for an inf or NaN: found by GradScaler, or by the guard
+        (``nonfinite="skip"``). With all params in one arena, a CUDA one's guard decided on
+        the device, this reads the device's count (a sync) only here, never in ``step``."""
+        if self._lazy_skips is None:
+            return self._skips_counted
+        arena, start = self._lazy_skips
+        return self._skips_counted + arena.inner.skipped_steps - start
+
+    @property
+    def last_step_skipped(self):
+        """Whether the last step was skipped (see :attr:`skipped_steps`)."""
+        if self._last_skipped is None:
+            return self._lazy_skips[0].inner.last_step_skipped
+        return self._last_skipped
 
     def zero_grad(self, set_to_none=True):
         """As torch's. ``set_to_none=True`` (the default): every ``.grad`` becomes None, no

@@ -551,3 +551,36 @@ def test_example_runs(tmp_path):
     lines = out.stdout.splitlines()
     assert any(line.startswith("fastopt.torch.AdamW") for line in lines)
     assert any(line.startswith("torch.optim.AdamW") for line in lines)
+
+
+@pytest.mark.parametrize("arenas", [1, 2])  # one arena: its count read when asked; two: read per step
+def test_skipped_steps_are_counted_across_arenas_and_rebuilds(arenas, monkeypatch):
+    import fastopt
+    reads = []  # a CUDA arena's status is a device value: with one arena, step must not read it
+    status = fastopt.Optimizer.last_step_skipped
+    monkeypatch.setattr(fastopt.Optimizer, "last_step_skipped",
+                        property(lambda self: reads.append(1) or status.fget(self)))
+    net = make()
+    extra = nn.Parameter(torch.ones(3, dtype=torch.float64 if arenas == 1 else torch.float32))
+    opt = ft.Adam([extra], lr=1e-2, nonfinite="skip")
+
+    def steps(start, stop, inf_at):
+        reads.clear()
+        for t in range(start, stop):
+            img, tok, y = BATCHES[t]
+            opt.zero_grad()
+            (nn.functional.cross_entropy(net(img, tok), y) + extra.double().square().sum()).backward()
+            if t == inf_at:
+                net.fc.weight.grad[0, 0] = float("inf")
+            opt.step()
+        assert len(reads) == (0 if len(opt._arenas) == 1 else (stop - start) * len(opt._arenas))
+    steps(0, 2, inf_at=0)  # the net is not trained yet: its inf reaches no guard
+    assert opt.skipped_steps == 0 and not opt.last_step_skipped
+    opt.add_param_group({"params": [p for p in net.parameters() if p.requires_grad]})  # the arenas rebuilt
+    assert len(opt._arenas) == arenas
+    steps(2, 4, inf_at=2)
+    assert opt.skipped_steps == 1 and not opt.last_step_skipped
+    steps(4, 5, inf_at=4)
+    assert opt.skipped_steps == 2 and opt.last_step_skipped
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, dtype=torch.float64))]})
+    assert opt.skipped_steps == 2 and opt.last_step_skipped  # kept over a rebuild
