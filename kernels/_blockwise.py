@@ -360,53 +360,75 @@ def reference_dequantize(codes, absmax, signed, code=DEFAULT_CODE):
 
 # -- the fused kernels ----------------------------------------------------------------------
 
-_CPU_TEMPLATE = '''
+_CPU_TEMPLATE = """
 def make(math, load, store, jit, prange, item, noise, np, inv, abs_bits, from_bits, prefetch, ahead,
          block_size, wide{codecs}):
     # Indices are unsigned (no negative-index wrap-around, which stops the vectorizer) and
     # the arrays are whole, never sliced per block: a slice costs an atomic reference count,
-    # which all threads would bounce between them on every block. Both loops of a block are
+    # which all threads would bounce between them on every block. The loops of a block are
     # here, not in functions of their own: a call per block (LLVM declined to inline it)
     # passed every argument through the stack.
     @jit
-    def chunk(param, grad, {qa}master, b0, b1, c, base, scratch):
+    def chunk(param, grad, {qa}master, b0, b1, c, base, scratch, codes):
         wide()
         n = param.size
-{row_views}
-        for b in range(b0, b1):
+        rows = np.uint64({n_rows} * block_size)  # one block's new states; scratch holds two such sets
+{inv_init}
+        # Block b's update runs in one loop with the encoding of block b - 1 (its scale known
+        # since the previous iteration): the divider (sqrt, division of the update) is the
+        # bottleneck of the update and the encoding needs none, so the two overlap; an encode
+        # loop of its own left the divider idle. The last iteration only encodes. The codes of
+        # block b - 1 wait in a row of ``codes`` and are copied after the loop: written straight
+        # into the code array that the same loop reads (block b), LLVM's overlap check sent every
+        # block down the scalar loop (5x slower).
+        for b in range(b0, b1 + 1):
+            cur = b < b1
             lo = np.uint64(b * block_size)
-            hi = np.uint64(min(b * block_size + block_size, n))
-            # the hardware prefetchers alone left the pass ~15% short of its speed at 2 threads
-            # (many streams, each crossing a page every 4 blocks)
-            far = hi + np.uint64(ahead)
-            for k in range(np.uint64(0), np.uint64(block_size), np.uint64(16)):  # a line: 16 floats
-                prefetch(param, far + k)
-                prefetch(grad, far + k)
+            hi = np.uint64(min(b * block_size + block_size, n)) if cur else lo
+            plo = lo - np.uint64(block_size)
+            phi = np.uint64(min(b * block_size, n)) if b > b0 else plo
+            w = np.uint64(b & 1) * rows  # this block's rows in scratch, the previous block's the others
+            v = rows - w
+{row_offsets}
+            if cur:
+                # the hardware prefetchers alone left the pass ~15% short of its speed at 2 threads
+                # (many streams, each crossing a page every 4 blocks)
+                far = hi + np.uint64(ahead)
+                for k in range(np.uint64(0), np.uint64(block_size), np.uint64(16)):  # a line: 16 floats
+                    prefetch(param, far + k)
+                    prefetch(grad, far + k)
 {prefetch_codes}
             # decode with the old scales, the rule's math, store p, keep the new states in the
             # scratch rows (in L1) and their maxima: an integer maximum of the float bits with the
             # sign cleared vectorizes where a float one needs fast-math (a NaN wins: the block's
             # scale becomes NaN, as the state would be)
 {olds}
-            for i in range(lo, hi):
-                g = load(grad, i) * c[0]
-{loads}
-                p, {outs} = math(load(master, i) if master is not None else load(param, i), g, {ins}{scalars})
-                if master is not None:
-                    store(master, i, p)
-                store(param, i, p, noise(c[{key}], base + np.int64(i), 0))
-{keeps}
-{writes}
+            if hi - lo == np.uint64(block_size) and phi - plo == np.uint64(block_size):
+                for j in range(np.uint64(0), np.uint64(block_size)):
+                    i = lo + j
+{update}
+{encode_codes}
+{copy}
+            else:  # the first and last blocks of a chunk, a tensor's short last block
+                for i in range(lo, hi):
+                    j = i - lo
+{update}
+                for i in range(plo, phi):
+                    j = i - plo
+{encode_states}
+            if cur:  # the new scales, for the encoding in the next iteration
+{scales}
 
     def multi_loop(params, grads, {qas}masters, table, c):
         # table[k] = (tensor, first block, end block): a thread owns whole blocks
         for k in prange(table.shape[0]):
             t = table[k, 0]
-            scratch = np.empty(({n_rows}, block_size), np.float32)  # once per chunk of blocks
-            chunk(params[t], grads[t], {items}item(masters, t), table[k, 1], table[k, 2], c, t << 32, scratch)
+            scratch = np.empty(2 * {n_rows} * block_size, np.float32)  # once per chunk of blocks
+            codes = np.empty({n_rows} * block_size, np.uint8)
+            chunk(params[t], grads[t], {items}item(masters, t), table[k, 1], table[k, 2], c, t << 32, scratch, codes)
 
     return multi_loop
-'''
+"""
 
 
 def _states_args(n):
@@ -418,32 +440,41 @@ def generate_cpu(n_states, scalar_positions):
     scales ``a``, or both None) with its scalars at ``scalar_positions`` of the kernel tuple."""
     key = 1 + len(scalar_positions)
     ks = range(n_states)
-    ind = " " * 16
+
+    def each(text, indent, empty="pass"):  # text per state k, "{k}" its number
+        return textwrap.indent("\n".join(text.replace("{k}", str(k)) for k in ks) or empty, " " * indent)
+
+    xs = "".join(f"x{k}, " for k in ks)
+    call = (f"p, {xs or '_,'} = math(load(master, i) if master is not None else load(param, i), g, {xs}"
+            + ", ".join(f"c[{1 + p}]" for p in scalar_positions) + ")").replace("p, _, = math(", "p = math(")
+    update = "\n".join([
+        "g = load(grad, i) * c[0]",
+        each("x{k} = dec{k}(q{k}[i], old{k}) if q{k} is not None else g", 0, ""),
+        call,
+        "if master is not None:\n    store(master, i, p)",
+        f"store(param, i, p, noise(c[{key}], base + np.int64(i), 0))",
+        each("if q{k} is not None:\n    scratch[w{k} + j] = x{k}\n    a = abs_bits(x{k})\n"
+             "    m{k} = a if a > m{k} else m{k}", 0, "")]).replace("\n\n", "\n")
+    encode = "if q{k} is not None:\n    %s = enc{k}(scratch[v{k} + j], inv{k})"
     return _CPU_TEMPLATE.format(
         codecs="".join(f", enc{k}, dec{k}" for k in ks),
         qa=_states_args(n_states),
-        olds="\n".join(f"            old{k} = a{k}[b] if q{k} is not None else c[0]\n            m{k} = np.int32(0)"
-                       for k in ks) or "            pass",
-        loads="\n".join(f"{ind}x{k} = dec{k}(q{k}[i], old{k}) if q{k} is not None else g" for k in ks) or f"{ind}pass",
-        outs="".join(f"x{k}, " for k in ks) or "_,",
-        ins="".join(f"x{k}, " for k in ks),
-        scalars=", ".join(f"c[{1 + p}]" for p in scalar_positions),
-        key=key,
-        keeps="\n".join(f"{ind}if q{k} is not None:\n{ind}    r{k}[i - lo] = x{k}\n{ind}    a = abs_bits(x{k})\n"
-                        f"{ind}    m{k} = a if a > m{k} else m{k}" for k in ks) or f"{ind}pass",
-        writes="\n".join(textwrap.indent(
-            f"if q{k} is not None:  # encode with the new scale: one loop per state\n"
-            f"    m = from_bits(m{k})\n    a{k}[b] = m\n    s = inv(m)\n"
-            f"    for i in range(lo, hi):\n        q{k}[i] = enc{k}(r{k}[i - lo], s)", " " * 12) for k in ks)
-        or "            pass",
-        row_views="\n".join(f"        r{k} = scratch[{k}]" for k in ks) or "        pass",
+        inv_init=each("inv{k} = np.float32(0.0)", 8),
+        row_offsets=each("w{k}, v{k} = w + np.uint64({k} * block_size), v + np.uint64({k} * block_size)\n"
+                         "c{k} = np.uint64({k} * block_size)", 12),
+        olds=each("old{k} = a{k}[b] if q{k} is not None and cur else c[0]\nm{k} = np.int32(0)", 12),
+        update=textwrap.indent(update, " " * 20),
+        encode_codes=each(encode % "codes[c{k} + j]", 20),
+        encode_states=each(encode % "q{k}[i]", 20),
+        copy=each("if q{k} is not None:\n    for j in range(np.uint64(0), np.uint64(block_size)):\n"
+                  "        q{k}[plo + j] = codes[c{k} + j]", 16),
+        scales=each("if q{k} is not None:\n    m = from_bits(m{k})\n    a{k}[b] = m\n    inv{k} = inv(m)", 16),
         prefetch_codes=textwrap.indent(
             "for k in range(np.uint64(0), np.uint64(block_size), np.uint64(64)):  # a line: 64 codes\n"
-            + "\n".join(f"    if q{k} is not None:\n        prefetch(q{k}, far + k)" for k in ks), " " * 12)
-        if n_states else "",
+            + each("if q{k} is not None:\n    prefetch(q{k}, far + k)", 4), " " * 16) if n_states else "",
         qas="".join(f"q{k}s, a{k}s, " for k in ks),
         items="".join(f"item(q{k}s, t), item(a{k}s, t), " for k in ks),
-        n_rows=max(n_states, 1)).replace("p, _, = math(", "p = math(")
+        n_rows=max(n_states, 1))
 
 
 @intrinsic
