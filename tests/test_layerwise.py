@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from cases import N_DRAWS, hparams
+from cases import LAST, N_DRAWS, hparams
 from conftest import SIMULATOR, to_backend, to_host
 from fastopt import layerwise
 from fastopt.kernels import _dispatch, lamb, lars
@@ -419,9 +419,10 @@ CUDA_SHAPES = [(5, 7), (1,), (33,)]
 @pytest.mark.parametrize("draw", DRAWS)
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_cuda_lists_match_reference(rule, draw):
-    # two of the shapes per draw, each in two draws or more: the lists form launches per tensor,
-    # and the simulator runs every launch thread by thread (8 draws of 2 cost what 2 of 3 did)
-    shapes = [CUDA_SHAPES[draw % len(CUDA_SHAPES)], CUDA_SHAPES[(draw + 1) % len(CUDA_SHAPES)]]
+    # the shapes in turn, one per draw and two in the last (each its own ratio): the lists form
+    # launches per tensor, and the simulator runs every launch thread by thread
+    n = len(CUDA_SHAPES)
+    shapes = [CUDA_SHAPES[draw % n]] + ([CUDA_SHAPES[(draw + 1) % n]] if draw == LAST else [])
     hp = hparams(rule, draw)
     init, grads = _data(19, steps=2, shapes=shapes, dtype=np.float32)
     opt = RULES[rule][0]([to_backend(a, "cuda") for a in init], **hp)
