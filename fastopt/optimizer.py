@@ -385,13 +385,20 @@ class Optimizer:
         if self._buffer is not None:
             self._buffer.zero_grad()
 
-    def step(self, grads=None, *, grad_scale=1.0):
+    def step(self, grads=None, *, grad_scale=1.0, loss_scale=None, found_inf=None):
         """One update of every param group: one fused launch per group with a ParamBuffer;
         with separate arrays, ``grads`` lists their gradients in the order of the params.
 
         ``grad_scale`` (default 1.0): a factor the kernels apply to every gradient as they read
-        it, e.g. an AMP loss scaler's ``1 / scale`` (``fastopt.torch`` passes GradScaler's), so
-        unscaling costs no pass; clipping and ``last_grad_norm`` see the scaled gradients.
+        it, e.g. an AMP loss scaler's ``1 / scale``, so unscaling costs no pass; clipping and
+        ``last_grad_norm`` see the scaled gradients.
+
+        ``loss_scale``, ``found_inf`` (default None): an AMP scaler's loss scale and inf flag
+        as one-element arrays, as ``torch.amp.GradScaler`` hands them to torch's fused
+        optimizers (``fastopt.torch`` passes them): the gradients are divided by
+        ``loss_scale[0]`` (times ``grad_scale``), and a nonzero ``found_inf[0]`` skips the step
+        (nothing written, counted in ``skipped_steps``). On CUDA they are read on the device,
+        so the host does not wait for the scaler's result; on the CPU, read here.
 
         On CUDA a guarded (``nonfinite="skip"``) or clipped step is decided on the device
         (``kernels/_device.py``): the norm reduction, a one-thread prologue (norm, skip flag,
@@ -405,9 +412,10 @@ class Optimizer:
         with the same arguments each step, so it can be captured in a CUDA graph and replayed
         (``grad_scale`` is then captured by value, as every launch argument is)."""
         with self.lock:
-            self._step(grads, grad_scale)
+            self._step(grads, grad_scale, None if loss_scale is None and found_inf is None else
+                       (_one_element("loss_scale", loss_scale), _one_element("found_inf", found_inf)))
 
-    def _step(self, grads, grad_scale=1.0):
+    def _step(self, grads, grad_scale=1.0, scaler=None):
         if self._buffer is not None and grads is not None:
             raise ValueError("grads must be None: this optimizer reads gradients from its ParamBuffer's "
                              "grad arena (write them into buffer.grads)")
@@ -425,10 +433,17 @@ class Optimizer:
             self._pull()  # the checks read the step counts
             self._apply_edits()
         if self._on_cuda:  # (the CPU's steps skip both checks: a tiny model's step is a few us)
-            if self._device_decides():
-                self._device_step(grads, grad_scale)
+            if self._device_decides(scaler is not None):
+                self._device_step(grads, grad_scale, scaler)
                 return
             self._pull()  # a host step after device ones: their counts and status first
+        if scaler is not None:  # read here (on CUDA: a sync), as a step decided on the host must
+            loss_scale, found_inf = (default if a is None else _host_value(a) for a, default in zip(scaler, (1, 0)))
+            if found_inf != 0:
+                self._last_step_skipped = True
+                self._skipped_steps += 1
+                return
+            grad_scale = grad_scale / loss_scale
         scale = grad_scale  # the caller's factor (an AMP unscale), times the clip factor below
         if self.max_grad_norm is not None or self.nonfinite != "propagate":
             # one reduction pass: the global norm, and whether any gradient is inf or NaN
@@ -464,15 +479,17 @@ class Optimizer:
             plan.step += 1
             plan.restart = False
 
-    def _device_decides(self):
+    def _device_decides(self, scaler=False):
         """Whether this step runs decided on the device (CUDA): a capturable optimizer, or a
-        guarded ("skip") or clipped step whose rule, options and lr the device can evaluate.
+        guarded ("skip"), clipped or AMP-scaled (``scaler``) step whose rule, options and lr
+        the device can evaluate.
         Otherwise the host decides (nonfinite="raise" must raise before anything is written;
         a callable lr that is not a built-in schedule, stochastic rounding and 8-bit state
         need host-side values; unguarded unclipped steps need no norm at all)."""
         if self.capturable:
             return True
-        if self.nonfinite == "raise" or (self.nonfinite == "propagate" and self.max_grad_norm is None):
+        if self.nonfinite == "raise" or (self.nonfinite == "propagate" and self.max_grad_norm is None
+                                         and not scaler):
             return False
         if self.stochastic_rounding or self._state8 is not None:
             return False
@@ -480,14 +497,14 @@ class Optimizer:
             return False
         return not any(_host_only(g["lr"]) for g in self.param_groups)
 
-    def _device_step(self, grads, grad_scale):
+    def _device_step(self, grads, grad_scale, scaler=None):
         if self._dev is None:
             self._dev = _DeviceSteps(self)
         guard = self.nonfinite == "skip"
         norms = None
         if guard or self.max_grad_norm is not None:
             norms = self._norm_plan if grads is None else grads.norm_plan()
-        self.launches += self._dev.step(self, norms, guard, grads, grad_scale)
+        self.launches += self._dev.step(self, norms, guard, grads, grad_scale, scaler)
 
     def _apply_edits(self):
         """After ``param_groups`` were edited: re-check every group as the constructor does,
@@ -861,6 +878,7 @@ class _DeviceSteps:
         self.rows_of = [self.out[k] for k in range(n)]  # each group's row, sliced once
         self.hyper = up(np.zeros((n, max(1, self.spec.slots))))
         self.no_partials = up(np.zeros(1, dtype))  # the reduction's place in a step with no norm
+        self.no_scaler = (up(np.ones(1, np.float32)), up(np.zeros(1, np.float32)))  # loss scale 1, no inf
         self.lr_keys, self.table, self.lr_rows = None, None, None
         self.c = [None] * n
         self.stale = False  # the device's counts and status are newer than the host's
@@ -920,10 +938,16 @@ class _DeviceSteps:
             self.lr_rows = self._upload(np.array(spans, np.int64))
             self.lr_keys = keys
 
-    def step(self, opt, norms, guard, grads, grad_scale):
+    def step(self, opt, norms, guard, grads, grad_scale, scaler=None):
         """Launch one step: the reduction (``norms``, or None), the prologue, the updates;
-        returns the number of update launches."""
+        ``scaler``: an AMP scaler's ``(loss_scale, found_inf)`` CUDA arrays, or None.
+        Returns the number of update launches."""
         self.refresh(opt)
+        # the scaler's arrays, or the constants (scale 1, no inf) for those not given; a host
+        # array is copied to the device (a CUDA one is read where it is)
+        loss_scale, found_inf = (
+            default if a is None else _dispatch.device_views([_to_device(a)])[0]
+            for a, default in zip(scaler or (None, None), self.no_scaler))
         partials = norms.device_partials(2.0) if norms is not None else None
         if partials is None:  # no norm, or the norm of no elements: 0
             totals = checks = self.no_partials
@@ -933,8 +957,8 @@ class _DeviceSteps:
         clip = opt.max_grad_norm is not None
         _device.launch_prologue(self.rule, self.stream, totals, checks, mode, p,
                                 norms is not None, guard, guard, clip, float(opt.max_grad_norm or 0.0),
-                                float(grad_scale), self.status, self.steps, self.restarts, self.hyper, self.table,
-                                self.lr_rows, self.out)
+                                float(grad_scale), loss_scale, found_inf, self.status, self.steps, self.restarts,
+                                self.hyper, self.table, self.lr_rows, self.out)
         launches = 0
         for k, plan in enumerate(opt._plans):
             d, c = self.rows_of[k], self.c[k]
@@ -974,6 +998,34 @@ class _GradLists:
             from numba.typed import List
             self._typed[id(group)] = List([_formats.kernel_view(g.reshape(-1)) for g in self._by_group[id(group)]])
         return self._typed[id(group)]
+
+
+def _one_element(name, a):
+    """An AMP scaler's value: a one-element array (kept as it is: CUDA ones are read on the
+    device), or None; refused otherwise, naming ``name``."""
+    if a is None:
+        return None
+    size = a.numel() if callable(getattr(a, "numel", None)) else getattr(a, "size", None)
+    if size != 1 or not hasattr(a, "dtype"):
+        raise ValueError(f"{name} must be a one-element array (as GradScaler's), got {type(a).__name__} "
+                         f"of size {size}")
+    return a
+
+
+def _to_device(a):
+    if isinstance(a, np.ndarray):
+        from numba import cuda
+        return cuda.to_device(np.ascontiguousarray(a.reshape(1)))
+    return a
+
+
+def _host_value(a):
+    """The one value of a one-element array (NumPy, CUDA, torch), as a float."""
+    if isinstance(a, np.ndarray):
+        return float(a.reshape(-1)[0])
+    if hasattr(a, "item"):  # torch (a sync for a CUDA tensor), CuPy
+        return float(a.item())
+    return float(a.copy_to_host().reshape(-1)[0])  # a Numba device array
 
 
 def check_disjoint(params):

@@ -39,7 +39,8 @@ in torch.optim's layout (interchangeable with the same torch rule both ways, ``t
 ``torch.load(weights_only=True)``), ``add_param_group`` (also after steps: the arenas are
 rebuilt and the state kept), step pre/post hooks and ``torch.amp.GradScaler``: the optimizer
 takes the scaler's ``grad_scale`` and ``found_inf`` like torch's fused kernels, the unscale
-folded into the kernel's gradient factor and an inf step skipped with no write.
+folded into the kernel's gradient factor and an inf step skipped with no write (on CUDA both
+read on the device: no sync per step).
 """
 import functools
 import inspect
@@ -183,6 +184,7 @@ class _Arena:
             self.group_of[k] = len(groups)
             groups.append({"params": views, **{n: _plain(owner.param_groups[k][n]) for n in owner._rule.hyper}})
         self.inner = owner._fastopt_class(groups, **owner._extras)
+        self.device = device
         self.seen = [{} for _ in groups]  # per fastopt group: the torch group's values it last took
         self.seen_values = [None] * len(groups)  # the same values as one tuple, in the rule's order
         self.index = [t for *_, t in members]  # fastopt's param index -> torch's state-dict index
@@ -246,6 +248,11 @@ def _into_arena(view, name):
     return hook
 
 
+def _on(tensor, device):
+    """``tensor`` (or None) on ``device``: GradScaler's values live on the scaler's device."""
+    return tensor if tensor is None or tensor.device == device else tensor.to(device, non_blocking=True)
+
+
 class _TorchOptimizer(torch.optim.Optimizer):
     """The base of every class here; a subclass names its ``_fastopt_class`` (see the module docstring)."""
 
@@ -265,9 +272,9 @@ class _TorchOptimizer(torch.optim.Optimizer):
         self._arenas = None
         self._hooks = []  # the sparse-gradient hooks on the params: removed with the optimizer
         weakref.finalize(self, _remove_all, self._hooks)
-        # skipped steps: those counted here (GradScaler's inf steps, the guard's skips read per step
-        # when there are several arenas, earlier arenas' counts), plus, with one arena, its own
-        # count read only when asked (on CUDA a device value: no sync per step)
+        # skipped steps (GradScaler's inf steps and the guard's): those counted here (read per
+        # step when there are several arenas; earlier arenas' counts), plus, with one arena, its
+        # own count read only when asked (on CUDA a device value: no sync per step)
         self._skips_counted, self._lazy_skips = 0, None  # the latter: (the arena, its count at the start)
         self._last_skipped = False  # the last step's, or None: ask the one arena
         self._warned_none = False
@@ -375,19 +382,17 @@ class _TorchOptimizer(torch.optim.Optimizer):
             warnings.warn("some params have .grad None: fastopt.torch steps them with a zero gradient (momentum "
                           "and weight decay still move them), where torch.optim skips them", RuntimeWarning,
                           stacklevel=2)
-        scale = 1.0
-        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step for this call
-        if found_inf is not None:
-            if float(found_inf):
-                self._last_skipped = True
-                self._skips_counted += 1
-                return loss
-            grad_scale = getattr(self, "grad_scale", None)  # None: the grads were unscaled already
-            if grad_scale is not None:
-                scale = 1.0 / float(grad_scale)
+        # set by GradScaler.step for this call: the loss scale (None: the grads were unscaled
+        # already) and the inf flag, one-element tensors that the kernels read (on CUDA, the
+        # device does: the host never waits for them)
+        found_inf = getattr(self, "found_inf", None)
+        loss_scale = getattr(self, "grad_scale", None) if found_inf is not None else None
         self._sync()
         for arena in self._arenas:
-            arena.inner.step(grad_scale=scale)
+            if found_inf is None:
+                arena.inner.step()
+            else:
+                arena.inner.step(loss_scale=_on(loss_scale, arena.device), found_inf=_on(found_inf, arena.device))
         if self._lazy_skips is not None:
             self._last_skipped = None  # the one arena's guard says, when asked
         else:  # a step is skipped when the guard (nonfinite="skip") of any arena skipped it

@@ -276,13 +276,16 @@ def make_prologue(rule):
     ``cuda.jit`` or ``compile_ptx``: the partials combined, the norm finished and the clip
     factor taken by the host's own functions (``_reduce``), compiled for the device.
 
-    ``(totals, checks, mode, p, norm_on, guard, count, clip, max_norm, grad_scale, status,
-    steps, restarts, hyper, table, rows, out)``: the reduction's partials and its mode and
-    order ``p``; whether a norm is computed, whether a non-finite one skips the step (and
-    counts in ``status[SKIPS]``), whether it clips at ``max_norm``; the caller's gradient
-    factor; the status slots; per group its step count, restart flag (the next update
-    starts a state: its scalars see step 1), hyper slots, schedule rows ``(first, count)``
-    of ``table``, and its ``out`` row."""
+    ``(totals, checks, mode, p, norm_on, guard, count, clip, max_norm, grad_scale,
+    loss_scale, found_inf, status, steps, restarts, hyper, table, rows, out)``: the
+    reduction's partials and its mode and order ``p``; whether a norm is computed, whether a
+    non-finite one skips the step (and counts in ``status[SKIPS]``), whether it clips at
+    ``max_norm``; the caller's gradient factor; an AMP scaler's loss scale (the gradients
+    are divided by ``loss_scale[0]``) and inf flag (a nonzero ``found_inf[0]`` skips the
+    step, counted), one-element device arrays read here, so the host never waits for them;
+    the status slots; per group its step count, restart flag (the next update starts a
+    state: its scalars see step 1), hyper slots, schedule rows ``(first, count)`` of
+    ``table``, and its ``out`` row."""
     from numba import cuda
 
     from ._reduce import clip_coefficient, combine_in_order, finish
@@ -290,20 +293,23 @@ def make_prologue(rule):
     device = cuda.jit(device=True)
     args = ", ".join(f"hyper[g, {j}]" for j in range(spec.slots))
     lines = [
-        "def prologue(totals, checks, mode, p, norm_on, guard, count, clip, max_norm, grad_scale, status, steps,",
-        "             restarts, hyper, table, rows, out):",
-        "    skip = False",
-        "    scale = grad_scale",
-        "    if norm_on:",
+        "def prologue(totals, checks, mode, p, norm_on, guard, count, clip, max_norm, grad_scale, loss_scale,",
+        "             found_inf, status, steps, restarts, hyper, table, rows, out):",
+        "    skip = found_inf[0] != 0",
+        "    counted = skip",
+        "    unscale = grad_scale / float64(loss_scale[0])  # (the simulator would keep float32's precision)",
+        "    scale = unscale",
+        "    if norm_on and not skip:",
         "        total, check = combine(totals, checks, mode)",
         "        total, finite = finish(total, check, mode, p)",
-        "        total *= grad_scale",
+        "        total *= unscale",
         "        status[NORM] = total",
         "        skip = guard and not finite",
+        "        counted = skip and count",
         "        if clip:",
-        "            scale = grad_scale * clip_coefficient(total, max_norm)",
+        "            scale = unscale * clip_coefficient(total, max_norm)",
         "    status[SKIPPED] = 1.0 if skip else 0.0",
-        "    if skip and count:",
+        "    if counted:",
         "        status[SKIPS] += 1.0",
         "    for g in range(steps.size):",
         "        out[g, SKIP] = 1.0 if skip else 0.0",
@@ -316,7 +322,8 @@ def make_prologue(rule):
     for j, flag in enumerate(spec.flags):
         lines.append(f"            out[g, HEAD + {j}] = " + (f"1.0 if v[{j}] else 0.0" if flag else f"v[{j}]"))
     lines += ["            steps[g] += 1", "            restarts[g] = 0"]
-    scope = {"lr_at": device(lr_on_device), "scalars": spec.function(device), "combine": combine_in_order,
+    scope = {"float64": np.float64, "lr_at": device(lr_on_device), "scalars": spec.function(device),
+             "combine": combine_in_order,
              "finish": finish, "clip_coefficient": clip_coefficient, "NORM": NORM, "SKIPPED": SKIPPED,
              "SKIPS": SKIPS, "SKIP": SKIP, "SCALE": SCALE, "HEAD": HEAD}
     exec(compile("\n".join(lines) + "\n", __file__, "exec"), scope)  # noqa: S102 - generated from the declaration

@@ -196,7 +196,8 @@ def compile_prologue(rule, dtype, cc):
     acc = numba.from_dtype(compute_dtype(dtype))
     f64, i64 = types.float64, types.int64
     flag = types.boolean
-    sig = (types.Array(acc, 1, "C"), types.Array(acc, 1, "C"), i64, f64, flag, flag, flag, flag, f64, f64,
+    amp = types.Array(types.float32, 1, "C")  # GradScaler's scale and found_inf are float32 tensors
+    sig = (types.Array(acc, 1, "C"), types.Array(acc, 1, "C"), i64, f64, flag, flag, flag, flag, f64, f64, amp, amp,
            types.Array(f64, 1, "C"), types.Array(i64, 1, "C"), types.Array(i64, 1, "C"), types.Array(f64, 2, "C"),
            types.Array(f64, 2, "C"), types.Array(i64, 2, "C"), types.Array(acc, 2, "C"))
     return _ptx(_device.make_prologue(rule), sig, cc)

@@ -189,7 +189,7 @@ def test_device_decided_steps_equal_host_decided_cuda_steps_bit_for_bit(rule, mo
     runs, counts = [], []
     for device_decides in (True, False):
         if not device_decides:
-            monkeypatch.setattr(fastopt.Optimizer, "_device_decides", lambda self: False)
+            monkeypatch.setattr(fastopt.Optimizer, "_device_decides", lambda self, scaler=False: False)
         buf = device_buffers(init)
         opt = fastopt.OPTIMIZERS[rule](buf, **{**RULES[rule], **MODES[mode]})
         _write_grads(buf, grads[0])
@@ -204,6 +204,51 @@ def test_device_decided_steps_equal_host_decided_cuda_steps_bit_for_bit(rule, mo
     assert counts[0] == 0 and counts[1] >= len(grads) - 1
     for x, y in zip(*runs):
         np.testing.assert_array_equal(x, y)
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["scaler-only", "guard", "clip"])
+def test_an_amp_scalers_scale_and_inf_flag_are_read_on_the_device(mode, device_buffers, monkeypatch):
+    """GradScaler's ``grad_scale`` and ``found_inf`` as torch's fused optimizers take them:
+    on CUDA the prologue reads them (no copy to the host, even with no guard nor clipping);
+    on the CPU the host reads them. Both runs get the scaled gradients; step 1's inf flag
+    skips it everywhere."""
+    from numba import cuda as numba_cuda
+    init, grads = _data(5)
+    loss_scale = np.float32(1024.0)
+    options = {**RULES["adamw"], **MODES.get(mode, dict(nonfinite="propagate"))}
+    cpu = fastopt.AdamW(fastopt.ParamBuffer([a.copy() for a in init]), **options)
+    buf = device_buffers(init)
+    dev = fastopt.AdamW(buf, **options)
+    on_device = numba_cuda.to_device(np.array([loss_scale]))
+    flags = [np.array([v], np.float32) for v in (0.0, 1.0, 0.0)]
+    device_flags = [numba_cuda.to_device(f) for f in flags]
+    copies = None
+    for t, g in enumerate(grads):
+        scaled = [x * loss_scale for x in g]
+        for view, x in zip(cpu._buffer.grads, scaled):
+            view[...] = x
+        cpu.step(loss_scale=np.array([loss_scale]), found_inf=flags[t])
+        _write_grads(buf, scaled)
+        if t == 1:  # the first step allocates (host copies allowed): count the later ones
+            copies = DeviceToHost(monkeypatch)
+        dev.step(loss_scale=on_device, found_inf=device_flags[t])
+    assert copies.stop() == 0 and dev._dev is not None
+    assert (dev.steps, dev.skipped_steps) == (cpu.steps, cpu.skipped_steps) == (STEPS - 1, 1)
+    assert not dev.last_step_skipped and not cpu.last_step_skipped
+    for a, b in zip(dev._buffer.params, cpu._buffer.params):
+        np.testing.assert_allclose(_host(a), b, rtol=2e-5, atol=1e-6)
+    if mode != "scaler-only":  # the norm of the unscaled gradients
+        np.testing.assert_allclose(dev.last_grad_norm, cpu.last_grad_norm, rtol=1e-5)
+        assert cpu.last_grad_norm == pytest.approx(fastopt.clip.grad_norm(grads[-1]), rel=1e-6)
+
+
+def test_an_amp_scaler_value_must_be_one_element():
+    opt = fastopt.AdamW(fastopt.ParamBuffer([np.zeros(3, np.float32)]))
+    for name in ("loss_scale", "found_inf"):
+        with pytest.raises(ValueError, match=f"{name} must be a one-element array"):
+            opt.step(**{name: np.ones(2, np.float32)})
+    assert opt.steps == 0
 
 
 @cuda
