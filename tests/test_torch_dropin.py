@@ -584,3 +584,32 @@ def test_skipped_steps_are_counted_across_arenas_and_rebuilds(arenas, monkeypatc
     assert opt.skipped_steps == 2 and opt.last_step_skipped
     opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, dtype=torch.float64))]})
     assert opt.skipped_steps == 2 and opt.last_step_skipped  # kept over a rebuild
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch has no CUDA device here (the GPU report runs this)")
+@pytest.mark.parametrize("nonfinite", ["propagate", "skip"])
+def test_cuda_tensors_with_grad_scaler_as_torch(nonfinite):
+    """On a GPU: the model's CUDA tensors in one arena, GradScaler's scale and inf flag read on
+    the device (the guard too with "skip"), an inf at step 7 skipped and counted, the scale
+    halved, and the params as torch's AdamW's (float64, as the rest of this file)."""
+    nets = [make().cuda(), make().cuda()]
+    opt_a = ft.AdamW(groups(nets[0]), lr=1e-2, nonfinite=nonfinite)
+    opt_b = torch.optim.AdamW(groups(nets[1]), lr=1e-2, foreach=False)
+    scalers = [torch.amp.GradScaler("cuda", init_scale=2.0 ** 12) for _ in range(2)]
+    for t in range(12):
+        img, tok, y = (x.cuda() for x in BATCHES[t])
+        for net, opt, scaler in zip(nets, (opt_a, opt_b), scalers):
+            opt.zero_grad()
+            scaler.scale(nn.functional.cross_entropy(net(img, tok), y)).backward()
+            if t == 7:
+                net.fc.weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        if t == 7:
+            assert opt_a.last_step_skipped
+    assert opt_a.skipped_steps == 1 and not opt_a.last_step_skipped
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+    for (name, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
+        np.testing.assert_allclose(a.detach().cpu().numpy(), b.detach().cpu().numpy(), rtol=1e-8, atol=1e-10,
+                                   err_msg=name)
