@@ -331,14 +331,9 @@ def test_every_hyper_parameter_edited_mid_run_is_used(rule):
     """A step after an edit of any hyper-parameter (each optimizer packs the constant
     scalars once per group) equals a fresh optimizer given the edited values and the state
     before the edit, bit for bit."""
-    from cases import DRAWS, hparams
+    from cases import hparams
     cls = fastopt.OPTIMIZERS[rule]
-    if rule in DRAWS:
-        before, after = hparams(rule, 1), hparams(rule, 2)
-    else:  # LAMB, LARS (their own tables are per tensor)
-        before = {"lr": 0.01, "weight_decay": 0.01, **({"momentum": 0.9} if rule == "lars" else {})}
-        after = {"weight_decay": 0.1, **({"betas": (0.8, 0.99), "eps": 1e-4} if rule == "lamb" else
-                                         {"momentum": 0.5, "nesterov": True, "dampening": 0.0})}
+    before, after = hparams(rule, 1), hparams(rule, 2)
     opt, buf = _stepped(cls, **before)
     needed = opt.states_needed(opt.param_groups[0])
     edits = {k: v for k, v in after.items()
