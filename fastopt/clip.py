@@ -29,7 +29,7 @@ class NormPlan:
         self._passes = {}  # norm_type -> (its pass, bound to the arrays and scalars, mode, p)
 
     def _launch(self, norm_type):
-        """Run the pass of ``norm_type``'s mode; returns ``(mode, p)``."""
+        """Run the pass of ``norm_type``'s mode; returns ``(the pass, mode, p)``."""
         found = self._passes.get(norm_type)
         if found is None:
             mode = _reduce.mode_of(norm_type)
@@ -40,13 +40,13 @@ class NormPlan:
                                      np.float64 if self.cpu else self.layers.dtype)
             found = self._passes[norm_type] = (self.layers.bind(kernels, c), mode, p)
         found[0]()
-        return found[1:]
+        return found
 
     def _run(self, norm_type):
         """(combined total, combined check, per-chunk totals, per-chunk checks, mode)."""
         if not self.chunks.shape[0]:
             return 0.0, 0.0, np.zeros(0), np.zeros(0), _reduce.mode_of(norm_type)
-        mode, _ = self._launch(norm_type)
+        _, mode, _ = self._launch(norm_type)
         if self.cpu:  # the pass returned the totals, added in chunk order
             total, check = self.layers.totals
             totals, checks = self.layers.sums
@@ -64,11 +64,15 @@ class NormPlan:
         (``kernels._device``); None for an empty plan."""
         if self.cpu or not self.chunks.shape[0]:
             return None
-        mode, p = self._launch(norm_type)
+        _, mode, p = self._launch(norm_type)
         return self.layers.sums[0], self.layers.sums[1], mode, p
 
     def norm(self, norm_type=2.0):
         """``(total norm, all finite)``: one pass, one compiled call on the CPU."""
+        if self.cpu and self.chunks.shape[0]:  # a guarded step's hot path: the totals, no partials
+            _, mode, p = self._launch(norm_type)
+            total, check = self.layers.totals
+            return _reduce.finish(total, check, mode, p)
         total, check, _, _, mode = self._run(norm_type)
         return _reduce.finish(total, check, mode, float(norm_type))
 
