@@ -25,9 +25,10 @@ One fused pass per block (:func:`make_cpu` / :func:`make_cuda`): decode each sta
 the block's old scale, run the rule's own math (the ``Rule`` declaration's function,
 unchanged), write the parameter, find each state's new absmax, encode with it. On the CPU
 a thread owns whole blocks: the new state values wait in a per-chunk scratch row (in L1,
-allocated once per chunk of blocks, not per block) until the block's maximum is known. On
-CUDA a thread block is a quantization block: each thread keeps its values in registers and
-the maxima meet in shared memory.
+allocated once per chunk of blocks, not per block) until the block's maximum is known, and
+are encoded in the loop that updates the next block (the update waits on the divider, the
+encoding does not: the two overlap). On CUDA a thread block is a quantization block: each
+thread keeps its values in registers and the maxima meet in shared memory.
 
 :func:`quantize` / :func:`dequantize` are the host (NumPy) forms, used to convert 32-bit
 state in and out; ``reference_*`` are float64 NumPy references for the tests.
