@@ -361,35 +361,12 @@ def reference_dequantize(codes, absmax, signed, code=DEFAULT_CODE):
 
 # -- the fused kernels ----------------------------------------------------------------------
 
-_CPU_TEMPLATE = """
-def make(math, load, store, jit, prange, item, noise, np, inv, abs_bits, from_bits, prefetch, ahead,
-         block_size, wide{codecs}):
-    # Indices are unsigned (no negative-index wrap-around, which stops the vectorizer) and
-    # the arrays are whole, never sliced per block: a slice costs an atomic reference count,
-    # which all threads would bounce between them on every block. The loops of a block are
-    # here, not in functions of their own: a call per block (LLVM declined to inline it)
-    # passed every argument through the stack.
-    @jit
-    def chunk(param, grad, {qa}master, b0, b1, c, base, scratch, codes):
-        wide()
-        n = param.size
-        rows = np.uint64({n_rows} * block_size)  # one block's new states; scratch holds two such sets
-{inv_init}
-        # Block b's update runs in one loop with the encoding of block b - 1 (its scale known
-        # since the previous iteration): the divider (sqrt, division of the update) is the
-        # bottleneck of the update and the encoding needs none, so the two overlap; an encode
-        # loop of its own left the divider idle. The last iteration only encodes. The codes of
-        # block b - 1 wait in a row of ``codes`` and are copied after the loop: written straight
-        # into the code array that the same loop reads (block b), LLVM's overlap check sent every
-        # block down the scalar loop (5x slower).
-        for b in range(b0, b1 + 1):
+_CPU_BLOCK = """
             cur = b < b1
             lo = np.uint64(b * block_size)
             hi = np.uint64(min(b * block_size + block_size, n)) if cur else lo
             plo = lo - np.uint64(block_size)
             phi = np.uint64(min(b * block_size, n)) if b > b0 else plo
-            w = np.uint64(b & 1) * rows  # this block's rows in scratch, the previous block's the others
-            v = rows - w
 {row_offsets}
             if cur:
                 # the hardware prefetchers alone left the pass ~15% short of its speed at 2 threads
@@ -419,6 +396,39 @@ def make(math, load, store, jit, prange, item, noise, np, inv, abs_bits, from_bi
 {encode_states}
             if cur:  # the new scales, for the encoding in the next iteration
 {scales}
+"""
+
+_CPU_TEMPLATE = """
+def make(math, load, store, jit, prange, item, noise, np, inv, abs_bits, from_bits, prefetch, ahead,
+         block_size, wide{codecs}):
+    # Indices are unsigned (no negative-index wrap-around, which stops the vectorizer) and
+    # the arrays are whole, never sliced per block: a slice costs an atomic reference count,
+    # which all threads would bounce between them on every block. The loops of a block are
+    # here, not in functions of their own: a call per block (LLVM declined to inline it)
+    # passed every argument through the stack.
+    @jit
+    def chunk(param, grad, {qa}master, b0, b1, c, base, scratch, codes):
+        wide()
+        n = param.size
+        rows = np.uint64({n_rows} * block_size)  # one block's new states; scratch holds two such sets
+{inv_init}
+        # Block b's update runs in one loop with the encoding of block b - 1 (its scale known
+        # since the previous iteration): the divider (sqrt, division of the update) is the
+        # bottleneck of the update and the encoding needs none, so the two overlap; an encode
+        # loop of its own left the divider idle. The last iteration only encodes. The codes of
+        # block b - 1 wait in a row of ``codes`` and are copied after the loop: written straight
+        # into the code array that the same loop reads (block b), LLVM's overlap check sent every
+        # block down the scalar loop (5x slower).
+        # Blocks go in pairs, so that which set of scratch rows a block writes (and which the
+        # encoding reads) is a constant in each copy of the block's code: with offsets that
+        # depend on the block, LLVM checked the scratch rows against each other on every block.
+        b = b0
+        while b <= b1:
+            w, v = np.uint64(0), rows  # block b writes the first set, block b - 1's is the second
+{block_first}            b += 1
+            if b <= b1:
+                w, v = rows, np.uint64(0)
+{block_second}                b += 1
 
     def multi_loop(params, grads, {qas}masters, table, c):
         # table[k] = (tensor, first block, end block): a thread owns whole blocks
@@ -457,10 +467,7 @@ def generate_cpu(n_states, scalar_positions):
         each("if q{k} is not None:\n    scratch[w{k} + j] = x{k}\n    a = abs_bits(x{k})\n"
              "    m{k} = a if a > m{k} else m{k}", 0, "")]).replace("\n\n", "\n")
     encode = "if q{k} is not None:\n    %s = enc{k}(scratch[v{k} + j], inv{k})"
-    return _CPU_TEMPLATE.format(
-        codecs="".join(f", enc{k}, dec{k}" for k in ks),
-        qa=_states_args(n_states),
-        inv_init=each("inv{k} = np.float32(0.0)", 8),
+    block = _CPU_BLOCK.lstrip("\n").format(
         row_offsets=each("w{k}, v{k} = w + np.uint64({k} * block_size), v + np.uint64({k} * block_size)\n"
                          "c{k} = np.uint64({k} * block_size)", 12),
         olds=each("old{k} = a{k}[b] if q{k} is not None and cur else c[0]\nm{k} = np.int32(0)", 12),
@@ -472,7 +479,12 @@ def generate_cpu(n_states, scalar_positions):
         scales=each("if q{k} is not None:\n    m = from_bits(m{k})\n    a{k}[b] = m\n    inv{k} = inv(m)", 16),
         prefetch_codes=textwrap.indent(
             "for k in range(np.uint64(0), np.uint64(block_size), np.uint64(64)):  # a line: 64 codes\n"
-            + each("if q{k} is not None:\n    prefetch(q{k}, far + k)", 4), " " * 16) if n_states else "",
+            + each("if q{k} is not None:\n    prefetch(q{k}, far + k)", 4), " " * 16) if n_states else "")
+    return _CPU_TEMPLATE.format(
+        block_first=block, block_second=textwrap.indent(block, " " * 4),
+        codecs="".join(f", enc{k}, dec{k}" for k in ks),
+        qa=_states_args(n_states),
+        inv_init=each("inv{k} = np.float32(0.0)", 8),
         qas="".join(f"q{k}s, a{k}s, " for k in ks),
         items="".join(f"item(q{k}s, t), item(a{k}s, t), " for k in ks),
         n_rows=max(n_states, 1))
