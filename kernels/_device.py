@@ -27,6 +27,7 @@ cache, as NAdam's ``mu_product``) is :func:`unsupported`: its CUDA steps keep th
 scalars (one read of the norm per guarded step).
 """
 import ast
+import hashlib
 import inspect
 import math
 import numbers
@@ -36,6 +37,7 @@ import types as pytypes
 import numpy as np
 from numba.extending import register_jitable
 
+from ._engine import cuda_salt, enable_cuda_cache
 from ._formats import compute_dtype
 
 # status slots (float64): the last norm, the last step skipped (0/1), the steps skipped so far
@@ -359,21 +361,30 @@ def make_update(kernels, rule):
 _PROLOGUES, _UPDATES = {}, {}
 
 
+def _salt(rule):
+    """What a rule's device-step kernels are generated from (its math and host scalars' module,
+    the engine, this module, the CUDA pieces and the formats): their disk cache's key."""
+    source = rule.kernels._salt + inspect.getsource(inspect.getmodule(_salt))
+    return cuda_salt(hashlib.sha256(source.encode()).hexdigest())
+
+
 def prologue(rule):
-    """The compiled prologue of ``rule`` (cached)."""
+    """The compiled prologue of ``rule`` (kept in memory and on disk, as every CUDA kernel)."""
     key = rule.kernels
     if key not in _PROLOGUES:
         from numba import cuda
-        _PROLOGUES[key] = cuda.jit(make_prologue(rule))
+        _PROLOGUES[key] = enable_cuda_cache(cuda.jit(make_prologue(rule)), f"{key.name}_prologue", _salt(rule))
     return _PROLOGUES[key]
 
 
 def update(rule):
-    """The compiled device-row update kernel of ``rule`` (cached)."""
-    if rule.kernels not in _UPDATES:
+    """The compiled device-row update kernel of ``rule`` (kept in memory and on disk)."""
+    key = rule.kernels
+    if key not in _UPDATES:
         from numba import cuda
-        _UPDATES[rule.kernels] = cuda.jit(make_update(rule.kernels, rule))
-    return _UPDATES[rule.kernels]
+        _UPDATES[key] = enable_cuda_cache(cuda.jit(make_update(key, rule)), f"{key.name}_device_update",
+                                          _salt(rule))
+    return _UPDATES[key]
 
 
 def launch_update(rule, arrays, c, d, stream):

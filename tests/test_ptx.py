@@ -59,3 +59,18 @@ def test_f64_count_catches_a_bare_literal(math, leaks):
     scalars = rule.kernel_scalars({}, 1, None, np.dtype(np.float32))
     ptx = compile_kernel(rule.kernels, (), scalars, np.float32, (8, 0))
     assert (f64_count(ptx) > 0) == leaks
+
+
+def test_every_cuda_kernel_is_cached_on_disk_under_its_own_name():
+    """numba-cuda's own cache would hand one generated kernel to another (same file, name and
+    bytecode): every kind of kernel goes through ``_engine.enable_cuda_cache``, keyed by its
+    sources. (Building the dispatchers needs no GPU; the GPU report measures the cache.)"""
+    from fastopt.kernels import RULES, _blockwise, _device, _reduce
+    rule = RULES["adamw"][0]
+    kernels = {"adam_cuda": rule.kernels.cuda(), "norm_squares_cuda_layers_float32":
+               _reduce.NORM[_reduce.SQUARES].layers_cuda(np.float32), "adam_prologue": _device.prologue(rule),
+               "adam_device_update": _device.update(rule), "adam_8bit_fp8_cuda": _blockwise.blockwise(rule.kernels,
+                                                                                                     "fp8").cuda()}
+    for name, dispatcher in kernels.items():
+        assert type(dispatcher._cache).__name__ == "_RuleCudaCache", name
+        assert dispatcher.py_func.__qualname__ == name
