@@ -88,6 +88,14 @@ def test_cache_verdict(warm, hit):
     assert verdict["hit"] is hit
     assert ("did NOT hit" in verdict["summary"]) is not hit
     assert gpu_report.cache_verdict(None, warm)["hit"] is None
+    # the guarded optimizer step's kernels (norm pass, prologue, device update) judged apart
+    cold_g = {**cold, "guarded_first_step_s": 3.0, "guarded_cache_hits": 0, "guarded_cache_misses": 3}
+    warm_g = {**warm, "guarded_first_step_s": 0.01, "guarded_cache_hits": 3 if hit else 1,
+              "guarded_cache_misses": 0 if hit else 2}
+    verdict = gpu_report.cache_verdict(cold_g, warm_g)
+    assert verdict["guarded_hit"] is hit and "A guarded fastopt.Adam step" in verdict["summary"]
+    assert "The guarded step failed: boom" in gpu_report.cache_verdict(cold, {**warm, "guarded_error": "boom"})[
+        "summary"]
 
 
 def test_a_step_past_its_limit_is_stopped_and_recorded(tmp_path):
