@@ -471,33 +471,28 @@ class Kernels:
         return make(jit(self.math), load, store, jit, loop_range, _piece, _span, _SUM_JIT, _REDUCE_JIT, BLOCK, np,
                     _scratch)
 
-    def cpu(self, parallel):
-        if parallel not in self._cpu:
-            _, flat, _, _ = self._forms(njit(**_CPU_OPTIONS), prange)
+    def _cpu_form(self, compiled, form, parallel, loop):
+        """``compiled[parallel]``, made on first use: ``loop()`` (a Python loop of the
+        generated source) compiled serial or parallel, cached on disk as ``<rule>_<form>_<kind>``."""
+        if parallel not in compiled:
             kind = "parallel" if parallel else "serial"
-            self._cpu[parallel] = _enable_cache(njit(parallel=parallel, **_CPU_OPTIONS)(flat),
-                                                f"{self.name}_cpu_{kind}", self._salt)
-        return self._cpu[parallel]
+            compiled[parallel] = _enable_cache(njit(parallel=parallel, **_CPU_OPTIONS)(loop()),
+                                               f"{self.name}_{form}_{kind}", self._salt)
+        return compiled[parallel]
+
+    def cpu(self, parallel):
+        return self._cpu_form(self._cpu, "cpu", parallel, lambda: self._forms(njit(**_CPU_OPTIONS), prange)[1])
 
     def cpu_multi(self, parallel):
-        if parallel not in self._multi:
-            _, _, _, multi = self._forms(njit(**_CPU_OPTIONS), prange)
-            kind = "parallel" if parallel else "serial"
-            self._multi[parallel] = _enable_cache(njit(parallel=parallel, **_CPU_OPTIONS)(multi),
-                                                  f"{self.name}_multi_{kind}", self._salt)
-        return self._multi[parallel]
+        return self._cpu_form(self._multi, "multi", parallel, lambda: self._forms(njit(**_CPU_OPTIONS), prange)[3])
 
     def layers_cpu(self, parallel):
         """``(params, grads, *states, chunks, per_tensor, c, sums)`` over typed lists of 1-D
         bases (``grads`` or a state None: not read), the chunk table, a ``(len(per_tensor),
         n_tensors)`` array (or None), and a ``(len(sums), n_chunks)`` float64 array (or None)
         that receives the per-chunk results; returns their totals over all chunks, in chunk order."""
-        if parallel not in self._layers:
-            _, loop = self._layer_forms(njit(**_CPU_OPTIONS), prange)
-            kind = "parallel" if parallel else "serial"
-            self._layers[parallel] = _enable_cache(njit(parallel=parallel, **_CPU_OPTIONS)(loop),
-                                                   f"{self.name}_layers_{kind}", self._salt)
-        return self._layers[parallel]
+        return self._cpu_form(self._layers, "layers", parallel,
+                              lambda: self._layer_forms(njit(**_CPU_OPTIONS), prange)[1])
 
     def cuda_loop(self):
         """The Python CUDA kernel function (not yet compiled), for ``cuda.jit`` or ``compile_ptx``."""
