@@ -320,13 +320,16 @@ def _span_impl(array, lo, hi):
 
 
 def _scratch(param, n):
-    """``n`` float64 scratch values: a CPU pass reduces in float64 whatever the arrays' dtype
-    (a float64 scalar, as a norm's exponent, keeps the returned value float64 too)."""
+    """``n`` scratch values in the math's dtype for arrays like ``param`` (a 16-bit format
+    travels as integer bits; its math, hence its returned values, are float32): the values a
+    block pass reduces wait there in L1 (float64 rows would move twice the bytes, about 10% of
+    a LAMB step); the reduction itself is float64."""
 
 
 @overload(_scratch)
 def _scratch_impl(param, n):
-    return lambda param, n: np.empty(n, np.float64)
+    dtype = param.dtype if isinstance(param.dtype, types.Float) else types.float32
+    return lambda param, n: np.empty(n, dtype)
 
 
 BLOCK = 1024  # elements of a layer pass whose returned values wait in L1 before being reduced
@@ -431,12 +434,12 @@ class Kernels:
     :class:`Scalars` of the math; ``per_tensor`` the names of the math's per-tensor scalars
     (after its states), ``writes`` the names among ``p`` and the states it stores (default
     all), ``sums`` the kinds of reduction (:data:`REDUCTIONS`) of the values it returns after
-    the states, one per value, reduced per chunk (an int n: n times ``"squares"``)."""
+    the states, one per value, reduced per chunk."""
 
-    def __init__(self, name, math, states, scalars, *, per_tensor=(), writes=None, sums=0):
+    def __init__(self, name, math, states, scalars, *, per_tensor=(), writes=None, sums=()):
         self.name, self.math, self.states, self.scalars = name, math, tuple(states), scalars
         self.per_tensor = tuple(per_tensor)
-        self.sums = ("squares",) * sums if isinstance(sums, int) else tuple(sums)
+        self.sums = tuple(sums)
         unknown = [k for k in self.sums if k not in REDUCTIONS]
         if unknown or "max" in self.sums[1:]:  # the CUDA tree takes a maximum in its first row only
             raise ValueError(f"{name}: sums must be kinds among {sorted(REDUCTIONS)}, 'max' first if at all; "
