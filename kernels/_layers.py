@@ -14,7 +14,7 @@ import numpy as np
 from . import _dispatch
 from ._engine import entry_point
 from ._formats import compute_dtype
-from ._reduce import CHUNK, chunk_table
+from ._reduce import CHUNK, SQUARES, chunk_table, segment_sums
 
 CUDA_CHUNK = 1 << 12  # elements per block on CUDA: 32 per thread; a 1e7-param model gives ~2.5k blocks
 
@@ -84,7 +84,7 @@ class Layers:
         sums = sums.astype(np.float64)
         if sums.ndim == 2:
             return np.stack([self.per_tensor(row) for row in sums]) if len(sums) else np.zeros((0, self.n_tensors))
-        return np.bincount(self.chunks[:, 3], weights=sums, minlength=self.n_tensors)
+        return segment_sums(sums, self.chunks, self.n_tensors, SQUARES)
 
     def run(self, kernels, grads, c, per_tensor=None):
         """One layer pass of the engine's ``kernels`` over the tensors: ``grads`` as the

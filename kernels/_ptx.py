@@ -110,9 +110,8 @@ def report_extra(ccs, dtypes=DTYPES):
     """The kernels outside RULES: the gradient-norm reduction, LAMB and LARS, the averages."""
     from . import _reduce, ema, polyak
     for mode, kernels in _reduce.NORM.items():
-        scalars = (1.0, 2.0, None) if mode == _reduce.POWER else (1.0, None)
         for dtype in dtypes:
-            c = tuple(compute_dtype(dtype).type(v) if v is not None else v for v in scalars)
+            c = kernels.scalars.pack({"norm_type": 3.0} if mode == _reduce.POWER else {}, dtype)
             for cc in ccs:
                 ptx = compile_layers(kernels, (), c, dtype, cc)
                 yield (kernels.name, "-", np.dtype(dtype).name, cc, len(ptx.splitlines()), f64_count(ptx))

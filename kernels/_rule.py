@@ -111,12 +111,13 @@ class State:
 class Pass:
     """A pass a per-tensor rule runs before its update (LAMB's first): ``math`` takes the
     rule's states and scalars, ``writes`` names what it stores among ``p`` and the states,
-    and it returns ``sums`` more values whose squares are summed per chunk (see ``_engine``)."""
+    and it returns one more value per entry of ``sums``, reduced per chunk by that entry's
+    kind (``"squares"``, ``"sum"``, ...: ``_engine.REDUCTIONS``)."""
 
     __slots__ = ("math", "sums", "writes")
 
-    def __init__(self, math: Callable[..., Any], *, writes: Iterable[str], sums: int = 0) -> None:
-        self.math, self.writes, self.sums = math, tuple(writes), sums
+    def __init__(self, math: Callable[..., Any], *, writes: Iterable[str], sums: Iterable[str] = ()) -> None:
+        self.math, self.writes, self.sums = math, tuple(writes), tuple(sums)
 
 
 class Rule:

@@ -96,7 +96,7 @@ LAMB = Rule(
            Hyper("layer_adaptation", True, keyword=True)],
     check=_check,
     per_tensor=("ratio",), writes=("p",),
-    first=Pass(lamb_norms, writes=("exp_avg", "exp_avg_sq"), sums=2))
+    first=Pass(lamb_norms, writes=("exp_avg", "exp_avg_sq"), sums=("squares", "squares")))
 STATES = LAMB.states
 
 
