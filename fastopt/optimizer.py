@@ -38,7 +38,7 @@ from .buffer import (
 )
 from .clip import NormPlan, clip_coefficient
 from .kernels import _device, _dispatch, _formats
-from .kernels._engine import entry_point
+from .kernels._engine import Scalars, entry_point
 from .kernels._reduce import SQUARES, chunk_table
 
 CHUNK = 1 << 15  # elements per work item of the list kernel: big tensors are shared by threads
@@ -469,7 +469,12 @@ class Optimizer:
             step = 1 if plan.restart else plan.step + 1
             if plan.constants is None:  # packed once per group, again after an edit of the group
                 plan.constants = self.rule.kernel_constants(group, dtype)
-            work.append(self.rule.kernel_scalars(group, step, lr, dtype, scale, plan.constants))
+                plan.native_constants = Scalars.native(plan.constants)
+            if getattr(plan, "entry", None) is not None:  # a compiled entry point takes Python floats
+                work.append(self.rule.kernel_scalars(group, step, lr, dtype, scale, plan.native_constants,
+                                                     native=True))
+            else:
+                work.append(self.rule.kernel_scalars(group, step, lr, dtype, scale, plan.constants))
         self._last_step_skipped = False
         for k, (plan, scalars) in enumerate(zip(self._plans, work)):
             # stochastic rounding: keyed on (seed, group, update number), so a resumed run rounds alike
@@ -808,6 +813,7 @@ class _Plan:
         self.kernels, self.group, self.numel = kernels, group, numel
         self.step = 0
         self.constants = None  # the constant tail of the kernel's scalars (Rule.kernel_constants)
+        self.native_constants = None  # the same as Python floats (Scalars.native)
         self.restart = False  # the next update starts a state from the gradient (scalars see step 1)
         self.flat = self.lists = self.tensors = self.entry = None
         self.offsets = None  # of the flat runs in the arena (stochastic rounding keys each run on it)

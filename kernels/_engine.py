@@ -101,15 +101,26 @@ class Scalars:
         """The tuple's tail: the constant scalars, floats in the math's dtype for arrays of ``dtype``."""
         return (*np.array(self._const_floats(values), compute_dtype(dtype)), *self._const_flags(values))
 
-    def pack(self, values, dtype, grad_scale=1.0, constants=None, key=None):
+    def pack(self, values, dtype, grad_scale=1.0, constants=None, key=None, native=False):
         """The kernel's tuple from ``values`` (every scalar by name, or with ``constants`` from
         :meth:`pack_constants`, only the per-step ones), floats in the math's dtype for arrays
         of ``dtype`` (float32 for every 16-bit format); last the rounding ``key`` (None: to
-        nearest; else stochastic rounding of 16-bit writes, see ``_formats.rounding_key``)."""
+        nearest; else stochastic rounding of 16-bit writes, see ``_formats.rounding_key``).
+
+        ``native=True``: the floats as they are (Python floats), for an :func:`entry_point`
+        only: its unboxing rounds each to the math's dtype, the same bits as NumPy's cast,
+        and a tiny model's step skips the array (a dispatcher would type them float64)."""
         if constants is None:
             constants = self.pack_constants(values, dtype)
+        if native:
+            return (grad_scale, *self._step_floats(values), *self._step_flags(values), *constants, key)
         return (*np.array((grad_scale, *self._step_floats(values)), compute_dtype(dtype)),
                 *self._step_flags(values), *constants, key)
+
+    @staticmethod
+    def native(packed):
+        """``packed`` (a tuple of :meth:`pack_constants`) with Python floats and bools: for ``native`` packing."""
+        return tuple(x.item() if isinstance(x, np.generic) else x for x in packed)
 
     def check(self, values):
         """The names a host function returned must be exactly the math's: say which differ."""

@@ -213,14 +213,15 @@ class Rule:
         return self.kernels.scalars.pack_constants(self.host_constants(hyper), dtype)
 
     def kernel_scalars(self, hyper: Mapping[str, Any], step: int, lr: float, dtype: DTypeLike,
-                       grad_scale: float = 1.0, constants: tuple | None = None) -> tuple:
+                       grad_scale: float = 1.0, constants: tuple | None = None, native: bool = False) -> tuple:
         """The kernel's scalar tuple for update number ``step`` (1-based) at ``lr``, floats in
         ``dtype``, the gradient scaled by ``grad_scale`` (default 1.0) as it is read;
-        ``constants``: :meth:`kernel_constants` of the same hyper-parameters, if the caller keeps them."""
+        ``constants``: :meth:`kernel_constants` of the same hyper-parameters, if the caller keeps
+        them; ``native``: Python floats, for a compiled entry point only (``Scalars.pack``)."""
         values = self.host_scalars(hyper, step, lr)
         if constants is None:
             values = {**self.host_constants(hyper), **values}
-        return self.kernels.scalars.pack(values, dtype, grad_scale, constants)
+        return self.kernels.scalars.pack(values, dtype, grad_scale, constants, native=native)
 
     # -- the in-place function -------------------------------------------------------------
     def signature(self) -> inspect.Signature:

@@ -89,6 +89,29 @@ def test_matches_reference(rule, draw, mode):
     assert opt.steps == STEPS
 
 
+@pytest.mark.parametrize("rule, draw", [("adamw", 1), ("sgd", 2), ("lion", 3), ("nadam", 4)])
+def test_entry_point_steps_equal_the_dispatchers_bit_for_bit(rule, draw):
+    """After its first step a plan calls its kernel's compiled entry point with Python floats
+    (``Scalars.pack(native=True)``), which the unboxing rounds to float32: every step must
+    give the bits of the in-place function (the dispatcher, NumPy float32 scalars)."""
+    hp = hparams(rule, draw)
+    init, grads = _data(draw)
+    opt, params, buf = _build(rule, hp, "buffer", init, np.float32)
+    _, inplace, _ = RULES[rule]
+    names = RULES[rule][0].states
+    mine = [a.astype(np.float32) for a in init]
+    states = [{n: np.zeros(a.shape, np.float32) for n in opt.states_needed(opt.param_groups[0])} for a in init]
+    for t, step_grads in enumerate(grads, start=1):
+        for view, g in zip(buf.grads, step_grads):
+            view[...] = g
+        opt.step()
+        for p, g, s in zip(mine, step_grads, states):
+            inplace(p, g.astype(np.float32), *(s.get(n) for n in names), step=t, **hp)
+        for i, (got, want) in enumerate(zip(params, mine)):
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=f"step {t}, param {i}")
+    assert opt._plans[0].entry is not None, "the plan never took its entry point: nothing was compared"
+
+
 @pytest.mark.parametrize("mode, launches_per_step", [("buffer", 1), ("groups", 2), ("lists", 2)])
 def test_one_launch_per_group(mode, launches_per_step):
     init, grads = _data(0)
