@@ -60,8 +60,8 @@ def gpu_missing():
         if cuda.is_available():
             return None
         cuda.detect()  # prints Numba's reason when it has one
-    except Exception as e:
-        return f"numba.cuda found no usable GPU ({type(e).__name__}: {e})"
+    except Exception as e:  # the driver's messages span lines: the reason stays one
+        return " ".join(f"numba.cuda found no usable GPU ({type(e).__name__}: {e})".split())
     return "numba.cuda.is_available() is False (no CUDA driver or GPU)"
 
 

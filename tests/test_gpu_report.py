@@ -121,6 +121,7 @@ def test_without_a_gpu_the_command_says_why_and_exits_0(tmp_path, monkeypatch):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "skipped, no GPU" in out.stdout
+    assert len(out.stdout.strip().splitlines()) == 1, out.stdout  # the reason on one line
     assert not (tmp_path / "report").exists()  # nothing written
 
 
