@@ -373,4 +373,6 @@ def test_a_rejected_param_group_changes_nothing():
     with pytest.raises(ValueError, match="mix"):
         opt.add_param_group({"params": [np.ones(2)]})
     assert len(opt.param_groups) == 1 and len(opt._params) == 1
+    buf.grads[0][...] = 1.0
     opt.step()
+    np.testing.assert_array_equal(buf.params[0], np.full(3, 0.9))  # the one group still steps
