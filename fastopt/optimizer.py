@@ -470,11 +470,9 @@ class Optimizer:
             if plan.constants is None:  # packed once per group, again after an edit of the group
                 plan.constants = self.rule.kernel_constants(group, dtype)
                 plan.native_constants = Scalars.native(plan.constants)
-            if getattr(plan, "entry", None) is not None:  # a compiled entry point takes Python floats
-                work.append(self.rule.kernel_scalars(group, step, lr, dtype, scale, plan.native_constants,
-                                                     native=True))
-            else:
-                work.append(self.rule.kernel_scalars(group, step, lr, dtype, scale, plan.constants))
+            native = getattr(plan, "entry", None) is not None  # a compiled entry point takes Python floats
+            work.append(self.rule.kernel_scalars(group, step, lr, dtype, scale,
+                                                 plan.native_constants if native else plan.constants, native=native))
         self._last_step_skipped = False
         for k, (plan, scalars) in enumerate(zip(self._plans, work)):
             # stochastic rounding: keyed on (seed, group, update number), so a resumed run rounds alike

@@ -645,17 +645,14 @@ def _wrap_step(cls):
             return _hooked(self, step, args, kwargs)
         return step(self, *args, **kwargs)  # no hook: one call less (a tiny model's step is a few us)
 
-    def _hooked(self, step, args, kwargs):
-        pre, post = self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks
-        if pre or _global_optimizer_pre_hooks:
-            for hook in (*_global_optimizer_pre_hooks.values(), *pre.values()):
-                result = hook(self, args, kwargs)
-                if result is not None:
-                    args, kwargs = result
+    def _hooked(self, step, args, kwargs):  # reached with a hook set or a profiler running
+        for hook in (*_global_optimizer_pre_hooks.values(), *self._optimizer_step_pre_hooks.values()):
+            result = hook(self, args, kwargs)
+            if result is not None:
+                args, kwargs = result
         out = step(self, *args, **kwargs)
-        if post or _global_optimizer_post_hooks:
-            for hook in (*post.values(), *_global_optimizer_post_hooks.values()):
-                hook(self, args, kwargs)
+        for hook in (*self._optimizer_step_post_hooks.values(), *_global_optimizer_post_hooks.values()):
+            hook(self, args, kwargs)
         return out
 
     wrapper.hooked = True  # torch's constructor leaves a step marked hooked as it is
