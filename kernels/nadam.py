@@ -14,21 +14,31 @@ The schedule (mu_t, M_t) depends on the step only and is computed on the host.
 import math
 
 import numpy as np
+from numba.extending import register_jitable
 
 from . import _args
 from ._rule import BETAS_SAMPLE, WEIGHT_DECAY_SAMPLE, Hyper, Rule, State
+from .adam import adam_moments
 
 
-def nadam_math(p, g, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_minus_beta2, inv_sqrt_bc2, eps,
-               grad_coef, avg_coef, l2, decay, maximize, coupled, decoupled):
+@register_jitable  # a piece of math: RAdam's starts the same way (the same bits)
+def decayed_moments(p, g, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_minus_beta2, l2, decay,
+                    maximize, coupled, decoupled):
+    """The decayed parameter, the gradient as the step sees it, and the new moments."""
     if maximize:
         g = -g
     if coupled:  # torch skips a zero decay: 0 * p is NaN for an inf or NaN p
         g = g + l2 * p
     if decoupled:
         p = p * decay
-    exp_avg = beta1 * exp_avg + one_minus_beta1 * g
-    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
+    exp_avg, exp_avg_sq = adam_moments(g, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_minus_beta2)
+    return p, g, exp_avg, exp_avg_sq
+
+
+def nadam_math(p, g, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_minus_beta2, inv_sqrt_bc2, eps,
+               grad_coef, avg_coef, l2, decay, maximize, coupled, decoupled):
+    p, g, exp_avg, exp_avg_sq = decayed_moments(p, g, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2,
+                                                one_minus_beta2, l2, decay, maximize, coupled, decoupled)
     denom = math.sqrt(exp_avg_sq) * inv_sqrt_bc2 + eps
     return p - (grad_coef * g + avg_coef * exp_avg) / denom, exp_avg, exp_avg_sq
 

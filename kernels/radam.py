@@ -18,19 +18,13 @@ import numpy as np
 
 from . import _args
 from ._rule import BETAS_SAMPLE, WEIGHT_DECAY_SAMPLE, Hyper, Rule, State
-from .nadam import constants  # the same moments, eps and (coupled or decoupled) weight decay as NAdam
+from .nadam import constants, decayed_moments  # the same moments, eps and weight decay as NAdam
 
 
 def radam_math(p, g, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_minus_beta2, coef, eps, l2, decay,
                rectify, maximize, coupled, decoupled):
-    if maximize:
-        g = -g
-    if coupled:  # torch skips a zero decay: 0 * p is NaN for an inf or NaN p
-        g = g + l2 * p
-    if decoupled:
-        p = p * decay
-    exp_avg = beta1 * exp_avg + one_minus_beta1 * g
-    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
+    p, g, exp_avg, exp_avg_sq = decayed_moments(p, g, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2,
+                                                one_minus_beta2, l2, decay, maximize, coupled, decoupled)
     if rectify:
         p = p - coef * exp_avg / (math.sqrt(exp_avg_sq) + eps)
     else:
