@@ -59,8 +59,22 @@ def step_impls(make, rule, impls):
     out = {}
     for impl in impls:
         net = make()
-        out[impl] = with_grads(net, optimizer(impl, rule, net.parameters())).step
+        out[impl] = roof(net) if impl == "roof" else with_grads(net, optimizer(impl, rule, net.parameters())).step
     return out
+
+
+def roof(net):
+    """A step moving AdamW's bytes (read p, g, m, v; write p, m, v) over flat float32 arrays
+    as long as the model, with trivial arithmetic: the fastest any fp32 AdamW step can be."""
+    import numpy as np
+
+    from fastopt.kernels import _dispatch
+    from test_rules import ROOF
+
+    n = sum(p.numel() for p in net.parameters())
+    p, g, m, v = (np.full(n, 1e-3, np.float32) for _ in range(4))
+    kernel, one = ROOF.cpu(parallel=n >= _dispatch.PARALLEL_THRESHOLD), np.float32(1)
+    return lambda: kernel(p, g, m, v, None, None, (one, None))
 
 
 def main(argv=None):
@@ -81,7 +95,7 @@ def main(argv=None):
                          args.blocks, 400))
     if "xfmr" in only:
         report("TransformerEncoder d512 x 6 (18.9M params), AdamW step",
-               alternate(step_impls(transformer, "AdamW", ["fastopt", "guarded", "torch_fused", "torch"]),
+               alternate(step_impls(transformer, "AdamW", ["fastopt", "guarded", "torch_fused", "torch", "roof"]),
                          args.blocks, 3))
     if "rules" in only:
         for rule in ("RMSprop", "Adagrad", "NAdam", "RAdam"):
