@@ -168,6 +168,9 @@ class _Averager:
         count = state_dict["num_updates"]
         if isinstance(count, (bool, np.bool_)) or not isinstance(count, (int, np.integer)) or count < 0:
             raise ValueError(f"state_dict['num_updates'] must be an integer >= 0, got {count!r}")
+        if not isinstance(state_dict["average"], (list, tuple)):
+            raise TypeError(f"state_dict['average'] must be a list of arrays, one per averaged param, got "
+                            f"{type(state_dict['average']).__name__}")
         average = [np.asarray(a) for a in state_dict["average"]]
         if len(average) != len(self._shapes):
             raise ValueError(f"state_dict['average'] has {len(average)} arrays but {len(self._shapes)} "

@@ -157,6 +157,8 @@ def load(path, optimizer, params=None):
             needed = {s for g in merged for s in opt.states_needed(g)}
             problems += [f"state.{s} is missing (the saved options need it)" for s in sorted(needed)
                          if f"state.{s}" not in headers]
+            if opt.state_bits == 8:
+                problems += opt.state8_layout().header_problems(headers)
         if problems:
             raise ValueError(f"{path} does not match: " + "; ".join(problems))
         wanted = [k for k in headers if k.startswith("state.") or params is not None]
@@ -164,7 +166,7 @@ def load(path, optimizer, params=None):
         arrays = {k: a.view(_stored_dtype(k, opt, params)) for k, a in arrays.items()}
         sizes = [_dispatch._size(sh) for sh in meta["shapes"]]
         if opt.state_bits == 8:  # 8-bit state: codes and scales in the optimizer's own layout, exactly
-            state = opt.split_saved({k[len("state."):]: a for k, a in arrays.items()
+            state = opt.state8_layout().split({k[len("state."):]: a for k, a in arrays.items()
                                      if k.startswith("state.") and k != f"state.{MASTER}"})
             if f"state.{MASTER}" in arrays:
                 state.update({(i, MASTER): arrays[f"state.{MASTER}"][o:o + n]
@@ -172,7 +174,7 @@ def load(path, optimizer, params=None):
         else:
             state = {(i, name[len("state."):]): arena[o:o + n] for name, arena in arrays.items()
                      if name.startswith("state.") for i, (o, n) in enumerate(zip(meta["offsets"], sizes))}
-        opt.restore(merged, meta["steps"], state)
+        opt.restore(merged, meta["steps"], state, meta.get("restarts"), meta.get("skipped_steps"))
         if params is not None:  # checked with the rest (_differences): contiguous, writeable
             if isinstance(params, ParamBuffer):
                 _copy_in(params.arena, 0, arrays["params.arena"])
@@ -267,6 +269,12 @@ def _read_meta(path, f):
         groups = None
     if groups is not None and not ints(meta.get("steps"), len(groups)):
         problems.append(f"the step counts {meta.get('steps')!r} are not one non-negative integer per group")
+    restarts = meta.get("restarts")
+    if restarts is not None and groups is not None and not (
+            isinstance(restarts, list) and len(restarts) == len(groups) and all(type(r) is bool for r in restarts)):
+        problems.append(f"'restarts' is {restarts!r}, not one true or false per group")
+    if meta.get("skipped_steps") is not None and not ints([meta["skipped_steps"]]):
+        problems.append(f"'skipped_steps' is {meta['skipped_steps']!r}, not a non-negative integer")
     if shapes is not None and not ints(meta.get("offsets"), len(shapes)):
         problems.append(f"the offsets {meta.get('offsets')!r} are not one non-negative integer per param")
     elif shapes is not None:
@@ -346,6 +354,9 @@ def _differences(meta, opt, params, headers):
         problems.append(f"the state is {meta.get('state_bits') or 32}-bit in the checkpoint but "
                         f"{8 if opt.state_bits == 8 else 32}-bit here (state_bits)")
         return problems
+    if opt.state_bits == 8 and meta.get("state_code") != opt.state_code:
+        problems.append(f"the 8-bit codes are {meta.get('state_code')!r} in the checkpoint but {opt.state_code!r} "
+                        "here (state_code): the same codes would mean other values")
     if f"state.{MASTER}" in headers and not opt.master_weights:
         problems.append("the checkpoint holds master weights: load it into an optimizer with master_weights=True")
     elif opt.master_weights and f"state.{MASTER}" not in headers:

@@ -382,7 +382,10 @@ class ShardedOptimizer:
                                  local[name], recv, staged=False)
                 full[name] = recv[:self.n]
             buf, state, groups, first = self.buffer, {}, [], 0
-            for (_, indices), g, t in zip(self._groups, self.inner.param_groups, export["steps"]):
+            for (_, indices), g, t, restart in zip(self._groups, self.inner.param_groups, export["steps"],
+                                                   export["restarts"]):
+                # a state the next update starts from the gradient holds nothing yet: left out (as one process)
+                kept = set(self.inner.states_needed(g)) - (set(self.inner.rule.start_from_grad) if restart else set())
                 # params numbered in group order, as one process over these groups numbers them
                 ids = list(range(first, first + len(indices)))
                 first += len(indices)
@@ -392,7 +395,7 @@ class ShardedOptimizer:
                         o, shape = buf.offsets[i], buf.shapes[i]
                         size = int(np.prod(shape, dtype=np.int64))
                         state[j] = {"step": float(t), **{n: full[n][o:o + size].reshape(shape).copy()
-                                                         for n in self.inner.states_needed(g) if n in full}}
+                                                         for n in sorted(kept) if n in full}}
             return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict):
@@ -533,6 +536,7 @@ def save_sharded(folder, opt, name="optimizer"):
                             "dtype": opt.dtype.name, "ranks": opt.size, "arena_size": opt.n,
                             "shard_size": opt.shard_size, "shapes": [list(s) for s in opt.buffer.shapes],
                             "offsets": [int(o) for o in opt.buffer.offsets], "steps": export["steps"],
+                            "restarts": export["restarts"],
                             "groups": export["groups"], "group_params": [list(ix) for _, ix in opt._groups],
                             "skipped_steps": opt.skipped_steps, "states": sorted(local), "shards": shards}
                 text = json.dumps(manifest, indent=1).encode()
@@ -576,8 +580,8 @@ def load_sharded(folder, opt, name="optimizer"):
         except (ShardError, OSError, ValueError, KeyError, TypeError) as e:
             problem = e if isinstance(e, ShardError) else ShardError(f"{manifest_path(folder, name)}: {e}")
         opt._agree(problem, "the sharded checkpoint")
-        merged, steps, arrays, params, skipped = restored
-        opt.inner.restore(merged, steps, arrays)
+        merged, steps, arrays, params, skipped, restarts = restored
+        opt.inner.restore(merged, steps, arrays, restarts)
         opt.param_shard[:opt.hi - opt.lo] = params if opt.xp is np else opt.xp.asarray(params)
         opt.skipped_steps = skipped
         recv = opt.buffer.arena if opt._param_recv is None else opt._param_recv
@@ -587,7 +591,7 @@ def load_sharded(folder, opt, name="optimizer"):
 
 
 def _read_shards(folder, opt, name):
-    """``(merged groups, steps, {(piece, state): values}, param slice, skipped steps)``, all
+    """``(merged groups, steps, {(piece, state): values}, param slice, skipped steps, restarts)``, all
     checked; a ShardError names the first problem. Writes nothing."""
     path = manifest_path(folder, name)
     if not os.path.isfile(path):
@@ -645,4 +649,7 @@ def _read_shards(folder, opt, name):
         if i is not None:
             for n in m["states"]:
                 arrays[(j, n)] = states[n][a - lo:b - lo]
-    return merged, m["steps"], arrays, params, int(m.get("skipped_steps", 0))
+    restarts = m.get("restarts", [False] * len(merged))
+    if not (isinstance(restarts, list) and len(restarts) == len(merged) and all(type(r) is bool for r in restarts)):
+        raise ShardError(f"{path}: 'restarts' is {restarts!r}, not one true or false per param group")
+    return merged, m["steps"], arrays, params, int(m.get("skipped_steps", 0)), restarts

@@ -45,6 +45,10 @@ CHUNK = 1 << 15  # elements per work item of the list kernel: big tensors are sh
 NONFINITE = ("skip", "raise", "propagate")
 MAX_STEPS = 2 ** 53  # a float64 counts every whole number up to here
 #: fastopt's keyword options after a rule's hyper-parameters, with their defaults
+# the largest gradient factor a step takes: a kernel multiplies in float32 (float64 for float64
+# params) and a factor past float32's range would make every gradient inf; no AMP unscale or
+# clip factor comes near it
+MAX_GRAD_SCALE = float(np.finfo(np.float32).max)
 MASTER = "master"  # the float32 copy of 16-bit params (master_weights=True), saved beside the states
 OPTIONS = {"max_grad_norm": None, "nonfinite": "skip", "state_dtype": None, "master_weights": False,
            "stochastic_rounding": False, "rounding_seed": 0, "state_bits": None, "state_code": "fp8",
@@ -307,8 +311,9 @@ class Optimizer:
             self.masters = _zeros(self._params[0], size, np.float32)
             for a, o in zip(self._params, offsets):
                 _copy_in(self.masters, o, _to_host(a).reshape(-1).astype(np.float32))
-        if self.state_bits == 8 and self._state8 is None:
-            self._state8 = state8bit.State8(self)
+        if self.state_bits == 8:
+            self._state8 = self.state8_layout()
+            self._state8.ensure(needed)
             self.arenas = self._state8.arenas
         self._plans = [self._state8.plan(g, k) if self._state8 is not None else self._plan(g)
                        for k, g in enumerate(self.param_groups)]
@@ -416,6 +421,9 @@ class Optimizer:
                        (_one_element("loss_scale", loss_scale), _one_element("found_inf", found_inf)))
 
     def _step(self, grads, grad_scale=1.0, scaler=None):
+        if grad_scale != 1.0 and not (isinstance(grad_scale, numbers.Real) and 0 < grad_scale <= MAX_GRAD_SCALE):
+            raise ValueError(f"grad_scale must be a finite positive number (at most {MAX_GRAD_SCALE:.4g}), "
+                             f"got {grad_scale!r}: nothing was updated")
         if self._buffer is not None and grads is not None:
             raise ValueError("grads must be None: this optimizer reads gradients from its ParamBuffer's "
                              "grad arena (write them into buffer.grads)")
@@ -439,11 +447,15 @@ class Optimizer:
             self._pull()  # a host step after device ones: their counts and status first
         if scaler is not None:  # read here (on CUDA: a sync), as a step decided on the host must
             loss_scale, found_inf = (default if a is None else _host_value(a) for a, default in zip(scaler, (1, 0)))
-            if found_inf != 0:
+            # a loss scale that is not a finite positive number (or one that leaves the gradient
+            # factor past float32's range) skips the step as an inf does: the device-side step
+            # decides so too (kernels/_device.py), where nothing can be raised without a sync
+            unscale = grad_scale / loss_scale if 0 < loss_scale < math.inf else math.nan
+            if found_inf != 0 or not 0 < unscale <= MAX_GRAD_SCALE:
                 self._last_step_skipped = True
                 self._skipped_steps += 1
                 return
-            grad_scale = grad_scale / loss_scale
+            grad_scale = unscale
         scale = grad_scale  # the caller's factor (an AMP unscale), times the clip factor below
         if self.max_grad_norm is not None or self.nonfinite != "propagate":
             # one reduction pass: the global norm, and whether any gradient is inf or NaN
@@ -590,18 +602,31 @@ class Optimizer:
         with self.lock:
             return self._state_dict(torch)
 
+    def _settle(self):
+        """Apply the param-group edits no step has seen yet, as the next step would: a snapshot
+        then holds the states the groups' options need, and the restarts they start."""
+        if self._plans is not None and self._edited[0]:
+            self._pull()
+            self._apply_edits()
+
     def _state_dict(self, torch):
+        self._settle()
         state, groups, i = {}, [], 0
-        for g, t, lr in zip(self.param_groups, self._steps(), self.lrs):
+        restarts = [p.restart for p in self._plans] if self._plans else [False] * len(self.param_groups)
+        for g, t, lr, restart in zip(self.param_groups, self._steps(), self.lrs, restarts):
             idx = list(range(i, i + len(g["params"])))
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": idx})
+            # a state the next update starts from the gradient holds nothing yet: left out, as
+            # torch leaves out a momentum buffer it has not made (and starts it so when loaded)
+            kept = set(self.states_needed(g)) - (set(self.rule.start_from_grad) if restart else set())
             if t:
                 for j in idx:
-                    views = {n: v for n, v in self.state_views(j).items() if n in self.states_needed(g) or n == MASTER}
+                    views = {n: v for n, v in self.state_views(j).items() if n in kept or n == MASTER}
                     state[j] = {"step": float(t), **{n: _to_host(v) for n, v in views.items()}}
                     if self._state8 is not None and not torch:  # the codes and scales, exactly
-                        for n in self.states_needed(g):
-                            state[j].update(self._state8.saved(j, n))
+                        for n in self._state8.names:
+                            if n in views:
+                                state[j].update(self._state8.saved(j, n))
                     if torch:
                         state[j] = self._to_torch_state(state[j], g)
             if torch:
@@ -609,7 +634,10 @@ class Optimizer:
                 groups[-1] = {k: list(v) if isinstance(v, tuple) else v for k, v in groups[-1].items()}
                 groups[-1]["lr"] = lr
             i += len(idx)
-        return {"state": state, "param_groups": groups}
+        if torch:
+            return {"state": state, "param_groups": groups}
+        return {"state": state, "param_groups": groups, "skipped_steps": self.skipped_steps,
+                **({"state_code": self.state_code} if self.state_bits == 8 else {})}
 
     def _to_torch_state(self, entry, group):
         import torch
@@ -638,6 +666,7 @@ class Optimizer:
         with self.lock:
             if self.arenas is None:
                 self._allocate()
+            self._settle()
             arenas = {n: _to_host(a) for n, a in self.arenas.items()}
             if self.masters is not None:
                 arenas[MASTER] = _to_host(self.masters)
@@ -645,7 +674,8 @@ class Optimizer:
                     "state_dtype": self.state_dtype.name,
                     **({"state_bits": 8, "state_code": self.state_code} if self.state_bits == 8 else {}),
                     "shapes": [list(a.shape) for a in self._params], "offsets": [int(o) for o in self._offsets],
-                    "steps": self._steps(), "groups": [_group_meta(g) for g in self.param_groups],
+                    "steps": self._steps(), "restarts": [bool(p.restart) for p in self._plans],
+                    "skipped_steps": self.skipped_steps, "groups": [_group_meta(g) for g in self.param_groups],
                     "arenas": arenas}
 
     def merged_groups(self, saved_groups, where):
@@ -671,21 +701,22 @@ class Optimizer:
         """The states ``group``'s options read and write (the others stay None)."""
         return self.rule.states_needed(group)
 
-    def split_saved(self, arenas):
-        """``{(param, name): value}`` of whole saved 8-bit arenas (a checkpoint's), for :meth:`restore`."""
-        with self.lock:
-            if self.arenas is None:
-                self._allocate()
-            return self._state8.split(arenas)
+    def state8_layout(self):
+        """The 8-bit state's layout (``state_bits=8``): a checkpoint's arenas are checked
+        against it and split by it before anything is allocated or written."""
+        return self._state8 if self._state8 is not None else state8bit.State8(self)
 
-    def restore(self, groups, steps, arrays):
+    def restore(self, groups, steps, arrays, restarts=None, skipped_steps=None):
         """Write a checked state: ``groups`` from :meth:`merged_groups`, ``steps`` per group,
         ``arrays``: ``{(param index, state name): flat values}`` (a param with no entry starts
-        afresh). The caller checks the values (see ``fastopt.load``); this checks the layout,
-        then writes."""
-        if len(groups) != len(self.param_groups) or len(steps) != len(self.param_groups):
-            raise ValueError(f"restore: {len(groups)} groups and {len(steps)} step counts for "
-                             f"{len(self.param_groups)} param groups")
+        afresh), ``restarts``: per group, whether its next update starts the states of
+        ``rule.start_from_grad`` from the gradient (default: none does), ``skipped_steps``:
+        the count to go on from (default: kept). The caller checks the values (see
+        ``fastopt.load``); this checks the layout, then writes."""
+        restarts = [False] * len(groups) if restarts is None else list(restarts)
+        if not len(groups) == len(steps) == len(restarts) == len(self.param_groups):
+            raise ValueError(f"restore: {len(groups)} groups, {len(steps)} step counts and {len(restarts)} "
+                             f"restart flags for {len(self.param_groups)} param groups")
         for t in steps:
             _step_count(t, "restore: a step count")
         names = set(self.rule.states) | ({MASTER} if self.master_weights else set())
@@ -708,14 +739,17 @@ class Optimizer:
                     self._state8.write(i, name, value)
                 elif name in self.arenas:
                     _copy_in(self.arenas[name], self._offsets[i], value.astype(self.state_dtype, copy=False))
-            for k, (plan, t) in enumerate(zip(self._plans, steps)):
-                plan.step = t
+            for k, (plan, t, restart) in enumerate(zip(self._plans, steps, restarts)):
+                plan.step, plan.restart = t, bool(restart and t)
                 if not t:
                     self._started[k] = set()
+            if skipped_steps is not None:
+                self._skipped_steps = int(skipped_steps)
 
     def _read_state_dict(self, state_dict):
-        """``(merged groups, step per group, {(param, state): array in the params' dtype})``,
-        or a ValueError / TypeError naming the first problem; writes nothing."""
+        """``(merged groups, step per group, {(param, state): array in the params' dtype},
+        restart per group, skipped steps or None)``: :meth:`restore`'s arguments, or a
+        ValueError / TypeError naming the first problem; writes nothing."""
         name = type(self).__name__
         if not isinstance(state_dict, Mapping) or not {"param_groups", "state"} <= set(state_dict):
             raise ValueError("a state dict is a mapping with 'state' and 'param_groups', "
@@ -732,7 +766,11 @@ class Optimizer:
         known |= {s + state8bit.ABSMAX for s in rule.states} if self.state_bits == 8 else set()
         # every state dict of the rule carries torch's positional arguments (the rules torch has)
         identity = [n for n, h in rule.hyper.items() if not h.keyword]
-        new_groups, steps, arrays, listed = [], [], {}, set()
+        new_groups, steps, arrays, listed, restarts = [], [], {}, set(), []
+        code = state_dict.get("state_code")
+        skipped = state_dict.get("skipped_steps")
+        if skipped is not None:
+            skipped = _step_count(_from_torch_value(skipped), "the state dict's skipped_steps")
         for k, (saved, mine) in enumerate(zip(groups, self.param_groups)):
             where = f"param group {k} of the state dict"
             if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
@@ -751,7 +789,7 @@ class Optimizer:
             new_groups.append(g)
             needed = self.states_needed(g)
             first = sum(len(x["params"]) for x in self.param_groups[:k])
-            group_steps = set()
+            group_steps, late = set(), set()
             for j, saved_index in enumerate(saved["params"]):
                 i, p = first + j, self._params[first + j]
                 listed.add(str(saved_index))
@@ -776,12 +814,19 @@ class Optimizer:
                 group_steps.add(t)
                 have = {renamed.get(n, n) for n in entry}
                 lacking = [s for s in needed if s not in have]
-                if t and lacking:
-                    raise ValueError(f"the state of param {i} has no {', '.join(map(repr, lacking))}, which "
+                kept = [s for s in lacking if s not in rule.start_from_grad]
+                if t and kept:
+                    raise ValueError(f"the state of param {i} has no {', '.join(map(repr, kept))}, which "
                                      f"{name} with these options keeps: the state dict is incomplete")
+                if t:  # one the next update starts from the gradient (as torch, a momentum buffer not made yet)
+                    late.add(tuple(lacking))
                 for n, value in entry.items():
                     n = renamed.get(n, n)
                     if self.state_bits == 8 and n in rule.states and n + state8bit.ABSMAX in entry:
+                        if code != self.state_code:
+                            raise ValueError(f"the state of param {i} holds 8-bit codes of state_code={code!r}, "
+                                             f"this optimizer's are {self.state_code!r}: the same codes would "
+                                             "mean other values")
                         arrays[(i, n)] = state8bit.read_saved(value, entry[n + state8bit.ABSMAX], p,
                                                               f"state {n!r} of param {i}")
                     elif self.state_bits == 8 and n.endswith(state8bit.ABSMAX):
@@ -792,11 +837,15 @@ class Optimizer:
             if len(group_steps) > 1:
                 raise ValueError(f"param group {k}: params at different steps {sorted(group_steps)}; "
                                  "fastopt steps a group as one")
+            if len(late) > 1:
+                raise ValueError(f"param group {k}: some params' state has {', '.join(map(repr, max(late)))} "
+                                 "and some not yet; fastopt starts a group's state as one")
             steps.append(group_steps.pop())
+            restarts.append(bool(late and late.pop()))
         stray = sorted(str(key) for key in state if str(key) not in listed)
         if stray:
             raise ValueError(f"the state dict has state for params {', '.join(stray)}, which no param group lists")
-        return new_groups, steps, arrays
+        return new_groups, steps, arrays, restarts, skipped
 
     def __repr__(self):
         where = f"ParamBuffer of {len(self._params)} tensors" if self._buffer is not None else \

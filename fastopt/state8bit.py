@@ -20,6 +20,7 @@ from .kernels import _blockwise, _dispatch, _formats
 from .kernels._reduce import chunk_table
 
 ABSMAX, SMALL = ".absmax", ".small"
+ARENAS = (("", np.uint8), (ABSMAX, np.float32), (SMALL, np.float32))  # a state's three arenas: suffix, dtype
 
 
 class Quantized:
@@ -57,13 +58,13 @@ def check_params(opt):
 
 
 class State8:
-    """The 8-bit arenas and launch plans of one optimizer (see the module docstring)."""
+    """The 8-bit arenas and launch plans of one optimizer (see the module docstring): the
+    layout of its params is fixed here, the arenas of a state are made when an option first
+    needs it (:meth:`ensure`: SGD's momentum turned on mid-run)."""
 
     def __init__(self, opt):
         self.opt, self.code = opt, opt.state_code
-        params = opt._params
-        self.names = [s for s in opt.rule.states if any(s in opt.states_needed(g) for g in opt.param_groups)]
-        sizes = [a.size for a in params]
+        sizes = [a.size for a in opt._params]
         self.big = [n >= _blockwise.MIN_SIZE for n in sizes]
         self.code_at, self.block_at, self.small_at = [], [], []
         c = b = s = 0
@@ -75,13 +76,17 @@ class State8:
                 c, b = c + n, b + _blockwise.n_blocks(n)
             else:
                 s += n
-        like = params[0]
-        self.arenas = {}
-        for name in self.names:
-            self.arenas[name] = _zeros(like, c, np.uint8)
-            self.arenas[name + ABSMAX] = _zeros(like, b, np.float32)
-            self.arenas[name + SMALL] = _zeros(like, s, np.float32)
-        self.signed = {name: _blockwise.SIGNED[name] for name in self.names}
+        self.sizes = {"": c, ABSMAX: b, SMALL: s}  # elements of each of a state's three arenas
+        self.names, self.arenas, self.signed = [], {}, {}
+
+    def ensure(self, names):
+        """Zero arenas for each state in ``names`` that has none yet."""
+        for name in names:
+            if name not in self.signed:
+                for suffix, dtype in ARENAS:
+                    self.arenas[name + suffix] = _zeros(self.opt._params[0], self.sizes[suffix], dtype)
+                self.signed[name] = _blockwise.SIGNED[name]
+        self.names = [s for s in self.opt.rule.states if s in self.signed]
 
     # -- one param's state ------------------------------------------------------------------
     def parts(self, i, name):
@@ -124,12 +129,12 @@ class State8:
         _copy_in(parts[1], 0, value.absmax)
 
     def split(self, arenas):
-        """``{(param, name): value}`` from whole saved arenas (a checkpoint's), in this layout."""
+        """``{(param, name): value}`` from whole saved arenas (a checkpoint's, checked by
+        :meth:`header_problems`), in this layout: every state the file holds, needed now or not
+        (the saved options may need it)."""
         out = {}
-        for i, a in enumerate(self.opt._params):
-            for name in self.names:
-                if name not in arenas:
-                    continue
+        for name in self.saved_names(arenas):
+            for i, a in enumerate(self.opt._params):
                 n = a.size
                 if self.big[i]:
                     o, b = self.code_at[i], self.block_at[i]
@@ -139,16 +144,20 @@ class State8:
                     out[(i, name)] = arenas[name + SMALL][self.small_at[i]:self.small_at[i] + n]
         return out
 
+    def saved_names(self, entries):
+        return [s for s in self.opt.rule.states if s in entries]
+
     def header_problems(self, headers):
-        """Why saved arena headers ``{entry: (shape, dtype)}`` do not fit this layout."""
+        """Why saved arena headers ``{"state.<arena>": (shape, dtype)}`` do not fit this layout."""
         problems = []
-        for name in self.names:
-            for suffix, dtype in (("", np.uint8), (ABSMAX, np.float32), (SMALL, np.float32)):
-                key = f"state.{name}{suffix}"
-                want = (self.arenas[name + suffix].size,)
-                if key in headers and headers[key] != (want, np.dtype(dtype)):
-                    problems.append(f"{key} is {headers[key][1]}{list(headers[key][0])}, not {np.dtype(dtype)}"
-                                    f"{list(want)} (8-bit state of these params)")
+        for name in self.saved_names({k[len("state."):] for k in headers if k.startswith("state.")}):
+            for suffix, dtype in ARENAS:
+                key, want = f"state.{name}{suffix}", ((self.sizes[suffix],), np.dtype(dtype))
+                if key not in headers:
+                    problems.append(f"{key} is missing (8-bit state {name!r} is kept in three arenas)")
+                elif headers[key] != want:
+                    problems.append(f"{key} is {headers[key][1]}{list(headers[key][0])}, not {want[1]}"
+                                    f"{list(want[0])} (8-bit state of these params)")
         return problems
 
     # -- plans ------------------------------------------------------------------------------

@@ -297,9 +297,11 @@ def make_prologue(rule):
     lines = [
         "def prologue(totals, checks, mode, p, norm_on, guard, count, clip, max_norm, grad_scale, loss_scale,",
         "             found_inf, status, steps, restarts, hyper, table, rows, out):",
-        "    skip = found_inf[0] != 0",
+        "    ls = float64(loss_scale[0])  # (the simulator would keep float32's precision)",
+        "    unscale = grad_scale / ls if 0.0 < ls < INF else NAN",
+        "    # a loss scale that is not a finite positive number skips the step as an inf does",
+        "    skip = found_inf[0] != 0 or not 0.0 < unscale <= MAX_GRAD_SCALE",
         "    counted = skip",
-        "    unscale = grad_scale / float64(loss_scale[0])  # (the simulator would keep float32's precision)",
         "    scale = unscale",
         "    if norm_on and not skip:",
         "        total, check = combine(totals, checks, mode)",
@@ -324,7 +326,8 @@ def make_prologue(rule):
     for j, flag in enumerate(spec.flags):
         lines.append(f"            out[g, HEAD + {j}] = " + (f"1.0 if v[{j}] else 0.0" if flag else f"v[{j}]"))
     lines += ["            steps[g] += 1", "            restarts[g] = 0"]
-    scope = {"float64": np.float64, "lr_at": device(lr_on_device), "scalars": spec.function(device),
+    scope = {"float64": np.float64, "INF": math.inf, "NAN": math.nan, "MAX_GRAD_SCALE": float(np.finfo(np.float32).max),
+             "lr_at": device(lr_on_device), "scalars": spec.function(device),
              "combine": combine_in_order,
              "finish": finish, "clip_coefficient": clip_coefficient, "NORM": NORM, "SKIPPED": SKIPPED,
              "SKIPS": SKIPS, "SKIP": SKIP, "SCALE": SCALE, "HEAD": HEAD}

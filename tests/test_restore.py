@@ -670,3 +670,111 @@ def test_huge_step_counts_are_refused(step):
 def test_nadam_schedule_product_at_a_late_step_is_quick():
     from fastopt.kernels import nadam
     assert nadam.mu_product(2 ** 40, 0.9, 4e-3) < 1e-300
+
+
+# -- 4. a restart pending at a save, and the counts a resumed run goes on from ---------------
+
+def _sgd_momentum_turned_on(state_bits=None, skip=True):
+    """SGD (dampening 0.5) over a 4,200-element tensor (8-bit state for it) and a small one:
+    2 steps without momentum, then momentum turned on and (``skip``) a NaN step skipped, so
+    the buffer's start from the gradient is still pending."""
+    rng = np.random.default_rng(3)
+    params = [rng.standard_normal(4200).astype(np.float32), rng.standard_normal(7).astype(np.float32)]
+    opt = fastopt.SGD(params, lr=0.1, dampening=0.5, state_bits=state_bits)
+    for _ in range(2):
+        opt.step([rng.standard_normal(a.size).astype(np.float32) for a in params])
+    opt.param_groups[0]["momentum"] = 0.9
+    if skip:
+        opt.step([np.full(a.size, np.nan, np.float32) for a in params])
+        assert opt.last_step_skipped
+    return opt, params
+
+
+def _go_on(opt, params, steps=3):
+    rng = np.random.default_rng(11)
+    for _ in range(steps):
+        opt.step([rng.standard_normal(a.size).astype(np.float32) for a in params])
+
+
+@pytest.mark.parametrize("state_bits", [None, 8])
+@pytest.mark.parametrize("skip", [True, False], ids=["after-a-skipped-step", "edit-not-yet-stepped"])
+@pytest.mark.parametrize("how", ["checkpoint", "state_dict"])
+def test_a_pending_momentum_start_survives_save_and_load(tmp_path, how, skip, state_bits):
+    """The buffer a restart starts from the gradient, pending at the save (over a skipped
+    step, or an edit no step has seen), starts so after the load too: the resumed run equals
+    the uninterrupted one bit for bit (the skip count goes on as well)."""
+    whole, wparams = _sgd_momentum_turned_on(state_bits, skip)
+    half, hparams = _sgd_momentum_turned_on(state_bits, skip)
+    resumed_params = [np.zeros_like(a) for a in hparams]
+    resumed = fastopt.SGD(resumed_params, lr=0.1, dampening=0.5, state_bits=state_bits)  # momentum 0 here
+    if how == "checkpoint":
+        fastopt.load(fastopt.save(tmp_path / "c.npz", half, hparams), resumed, resumed_params)
+    else:
+        resumed.load_state_dict(half.state_dict())
+        for a, b in zip(resumed_params, hparams):
+            a[...] = b
+    assert resumed.skipped_steps == whole.skipped_steps == int(skip)
+    _go_on(whole, wparams)
+    _go_on(resumed, resumed_params)
+    for a, b in zip(wparams, resumed_params):
+        np.testing.assert_array_equal(a, b)
+    for n, arena in whole.export_state()["arenas"].items():
+        np.testing.assert_array_equal(arena, resumed.export_state()["arenas"][n], err_msg=n)
+
+
+def test_a_torch_sgd_state_without_its_buffer_starts_it_from_the_gradient():
+    """torch's SGD makes a momentum buffer at its first update with momentum: a state dict
+    whose steps were taken without momentum has none, and the buffer starts from the next
+    gradient on either side."""
+    torch = pytest.importorskip("torch")
+    p = np.ones(5)
+    opt = fastopt.SGD([p], lr=0.1)
+    opt.step([np.ones(5)])
+    sd = opt.state_dict()
+    sd["param_groups"][0]["momentum"] = 0.9
+    assert "momentum_buffer" not in sd["state"][0]
+    loaded = fastopt.SGD([p.copy()], lr=0.1)
+    loaded.load_state_dict(sd)
+    loaded.step([np.full(5, 2.0)])
+    np.testing.assert_array_equal(loaded.state_views(0)["momentum_buffer"], np.full(5, 2.0))
+    tp = torch.ones(5, dtype=torch.float64, requires_grad=True)
+    topt = torch.optim.SGD([tp], lr=0.1, momentum=0.9)
+    tp.grad = torch.full((5,), 2.0, dtype=torch.float64)
+    topt.step()
+    np.testing.assert_array_equal(topt.state[tp]["momentum_buffer"].numpy(), np.full(5, 2.0))
+
+
+def test_a_state_dict_with_some_buffers_missing_is_refused():
+    opt, _ = _stepped(fastopt.SGD, momentum=0.9)
+    sd = opt.state_dict()
+    del sd["state"][1]["momentum_buffer"]
+    fresh, fbuf = _stepped(fastopt.SGD, momentum=0.9)
+    before = _snapshot(fresh, fbuf)
+    with pytest.raises(ValueError, match="some params' state has 'momentum_buffer' and some not"):
+        fresh.load_state_dict(sd)
+    _assert_unchanged(before, fresh, fbuf)
+
+
+# -- 5. the gradient factor and an AMP scaler's values --------------------------------------
+
+@pytest.mark.parametrize("grad_scale", [0.0, -1.0, float("nan"), float("inf"), 1e39, "2"])
+def test_a_bad_grad_scale_is_refused_before_any_write(grad_scale):
+    opt, buf = _stepped(fastopt.Adam)
+    before = _snapshot(opt, buf)
+    with pytest.raises(ValueError, match="grad_scale must be a finite positive number"):
+        opt.step(grad_scale=grad_scale)
+    _assert_unchanged(before, opt, buf)
+
+
+@pytest.mark.parametrize("loss_scale", [0.0, -2.0, float("nan"), float("inf"), 1e-45])
+@pytest.mark.parametrize("nonfinite", ["skip", "raise", "propagate"])
+def test_a_loss_scale_that_is_no_finite_positive_number_skips_the_step(loss_scale, nonfinite):
+    """As an inf found by the scaler: nothing written, the step counted as skipped (the
+    device-side step decides alike, where nothing can be raised without a sync)."""
+    opt, buf = _stepped(fastopt.Adam, nonfinite=nonfinite)
+    before = _snapshot(opt, buf)
+    opt.step(loss_scale=np.array([loss_scale], np.float32), found_inf=np.zeros(1, np.float32))
+    assert opt.last_step_skipped and opt.skipped_steps == 1
+    _assert_unchanged(before, opt, buf)
+    opt.step(loss_scale=np.array([2.0], np.float32), found_inf=np.zeros(1, np.float32))
+    assert not opt.last_step_skipped and opt.steps == 3

@@ -207,3 +207,79 @@ def test_wrong_state_dict_format_is_refused_before_any_write():
     with pytest.raises(ValueError, match="block scales"):
         o8.load_state_dict(bad)
     assert all(np.array_equal(before[k], v) for k, v in o8.export_state()["arenas"].items())
+
+
+def _eight_bit_run(tmp_path, code, **hp):
+    rng = np.random.default_rng(6)
+    p = [rng.standard_normal(5000).astype(np.float32)]
+    opt = fastopt.RMSprop(p, state_bits=8, state_code=code, **hp)
+    opt.step([rng.standard_normal(5000).astype(np.float32)])
+    return opt, p
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "state_dict"])
+def test_codes_of_another_state_code_are_refused_before_any_write(tmp_path, how):
+    """The same uint8 codes mean other values under another code map: refused, not reread."""
+    saved, _ = _eight_bit_run(tmp_path, "fp8")
+    opt, _ = _eight_bit_run(tmp_path, "dynamic")
+    before = {k: v.copy() for k, v in opt.export_state()["arenas"].items()}
+    with pytest.raises(ValueError, match="state_code"):
+        if how == "checkpoint":
+            fastopt.load(fastopt.save(tmp_path / "c.npz", saved), opt)
+        else:
+            opt.load_state_dict(saved.state_dict())
+    assert all(np.array_equal(before[k], v) for k, v in opt.export_state()["arenas"].items())
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "state_dict"])
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "stepped"])
+def test_saved_options_that_need_more_8bit_state_load_exactly(tmp_path, how, fresh):
+    """A checkpoint of RMSprop(centered, momentum) into RMSprop() with neither: the 8-bit
+    state the saved options keep is made and loaded, and the two go on alike."""
+    saved, p = _eight_bit_run(tmp_path, "dynamic", centered=True, momentum=0.9)
+    q = [np.zeros_like(p[0])]
+    opt = fastopt.RMSprop(q, state_bits=8, state_code="dynamic")
+    if not fresh:
+        opt.step([np.ones(5000, np.float32)])
+    if how == "checkpoint":
+        fastopt.load(fastopt.save(tmp_path / "c.npz", saved, p), opt, q)
+    else:
+        opt.load_state_dict(saved.state_dict())
+        q[0][...] = p[0]
+    assert opt.param_groups[0]["centered"] and opt.param_groups[0]["momentum"] == 0.9
+    g = [np.random.default_rng(8).standard_normal(5000).astype(np.float32)]
+    saved.step(g)
+    opt.step(g)
+    np.testing.assert_array_equal(p[0], q[0])
+    for n, arena in saved.export_state()["arenas"].items():
+        np.testing.assert_array_equal(arena, opt.export_state()["arenas"][n], err_msg=n)
+
+
+def test_momentum_turned_on_mid_run_with_8bit_state_starts_from_the_gradient():
+    """As with 32-bit state: the first update with momentum makes the buffer the gradient
+    (dampening 0.5 would make it half of it), quantized."""
+    g = np.linspace(-1, 1, 5000).astype(np.float32)
+    opt = fastopt.SGD([np.zeros(5000, np.float32)], lr=0.1, dampening=0.5, state_bits=8)
+    opt.step([g])
+    opt.param_groups[0]["momentum"] = 0.9
+    opt.step([g])
+    codes, absmax = B.quantize(g, B.SIGNED["momentum_buffer"])
+    np.testing.assert_array_equal(opt.state_views(0)["momentum_buffer"],
+                                  B.dequantize(codes, absmax, B.SIGNED["momentum_buffer"]))
+    opt.step([g])
+    assert opt.steps == 3
+
+
+@pytest.mark.parametrize("arena, size", [("exp_avg.absmax", 3), ("exp_avg", 7000), ("exp_avg.small", 9)])
+def test_8bit_arenas_of_another_size_are_named(tmp_path, arena, size):
+    opt = fastopt.AdamW8bit([np.ones(5000, np.float32), np.ones(10, np.float32)])
+    opt.step([np.ones(5000, np.float32), np.ones(10, np.float32)])
+    path = fastopt.save(tmp_path / "c.npz", opt)
+    with np.load(path) as z:
+        entries = dict(z)
+    entries[f"state.{arena}"] = np.zeros(size, entries[f"state.{arena}"].dtype)
+    np.savez(path, **entries)
+    fresh = fastopt.AdamW8bit([np.ones(5000, np.float32), np.ones(10, np.float32)])
+    with pytest.raises(ValueError, match=f"state.{arena} is"):
+        fastopt.load(path, fresh)
+    assert fresh.arenas is None
