@@ -353,6 +353,19 @@ class Optimizer:
         arenas = {**self.arenas, **({MASTER: self.masters} if self.masters is not None else {})}
         return {n: arena[o:o + a.size].reshape(a.shape) for n, arena in arenas.items()}
 
+    def storage_views(self, i):
+        """Live views of the memory param ``i``'s state occupies (each state arena's span, its
+        8-bit codes, block scales or 32-bit small state, its master copy): what a step writes
+        for it besides the param."""
+        if self.arenas is None:
+            return []
+        n, o = self._params[i].size, self._offsets[i]
+        if self._state8 is not None:
+            views = [x for name in self._state8.names for x in self._state8.parts(i, name)]
+        else:
+            views = [arena[o:o + n] for arena in self.arenas.values()]
+        return views + ([self.masters[o:o + n]] if self.masters is not None else [])
+
     def _plan(self, group):
         view = _formats.kernel_view  # a 16-bit float as its bits: converted once, here
         offsets = self._offsets_of(group)

@@ -47,6 +47,7 @@ import inspect
 import itertools
 import math
 import operator
+import sys
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -112,6 +113,14 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return tuple(_plain(v) for v in value)
     return value
+
+
+def _restore(view, values):
+    view[...] = values  # a NumPy view, or a CUDA array's (CuPy, Numba device arrays take the same)
+
+
+def _holds_tensor(value):
+    return isinstance(value, torch.Tensor) or (isinstance(value, (list, tuple)) and any(map(_holds_tensor, value)))
 
 
 def _span(p):
@@ -184,10 +193,32 @@ class _Arena:
             self.group_of[k] = len(groups)
             groups.append({"params": views, **{n: _plain(owner.param_groups[k][n]) for n in owner._rule.hyper}})
         self.inner = owner._fastopt_class(groups, **owner._extras)
+        self.owner = weakref.ref(owner)
         self.device = device
         self.seen = [{} for _ in groups]  # per fastopt group: the torch group's values it last took
         self.seen_values = [None] * len(groups)  # the same values as one tuple, in the rule's order
+        self.tensor_valued = [False] * len(groups)  # whether any of them is (or holds) a tensor
         self.index = [t for *_, t in members]  # fastopt's param index -> torch's state-dict index
+        self.absent = []  # the params whose .grad was None at this step (skipped)
+
+    def step_with_absent(self, **scaler):
+        """The fastopt step of this arena, the params with no gradient (``absent``) and their
+        state left as they were (a copy of each, written back)."""
+        if self.inner.arenas is None:  # the first step: its state starts (at zero) before the snapshot
+            with self.inner.lock:
+                self.inner._allocate()
+        saved = [(x, x.copy()) for i in self.absent for x in self.inner.storage_views(i)]
+        saved += [(self.params[i], self.params[i].detach().clone()) for i in self.absent]
+        try:
+            self.inner.step(**scaler)
+        finally:
+            self.absent = []
+            with torch.no_grad():
+                for x, before in saved:
+                    if isinstance(x, torch.Tensor):
+                        x.copy_(before)
+                    else:
+                        _restore(x, before)
 
     def _position(self, p):
         return next(i for i, q in enumerate(self.params) if q is p)  # list.index would compare tensors
@@ -199,17 +230,23 @@ class _Arena:
         if list(map(_data_ptr, params)) == self.ptrs and all(map(operator.is_, map(_grad_of, params), self.grads)):
             return len(params)  # the hot path: every param in place, every gradient the arena's view
         live = 0
-        for p, ptr, view in zip(self.params, self.ptrs, self.grads):
+        for i, (p, ptr, view) in enumerate(zip(self.params, self.ptrs, self.grads)):
             if p.data_ptr() != ptr:
+                other = _owner(p)
+                if other is not None and other is not self.owner():
+                    raise ArenaError(f"param {names(self, i)} was moved into the arena of a fastopt.torch "
+                                     f"{type(other).__name__} built after this optimizer: a param lives in one "
+                                     "optimizer's arena (param groups give params their own hyper-parameters)")
                 raise ArenaError(
                     f"param {names(self, self._position(p))} no longer lives in the optimizer's arena "
-                    "(model.to(...), .half(), or .data reassigned): build the optimizer again after moving or "
-                    "converting the model")
+                    "(model.to(...), .half(), .data reassigned, or another fastopt.torch optimizer built over it): "
+                    "build the optimizer again after moving or converting the model; give a param to one optimizer")
             g = p.grad
             if g is view:
                 live += 1
-            elif g is None:
+            elif g is None:  # skipped, as torch skips it: the step restores what it would change
                 view.zero_()
+                self.absent.append(i)
             elif g.is_sparse:
                 raise SparseGradientError(f"param {names(self, self._position(p))} has a sparse gradient: "
                                           f"{SparseGradientError.__doc__}")
@@ -221,6 +258,20 @@ class _Arena:
 
 
 _data_ptr, _grad_of = torch.Tensor.data_ptr, operator.attrgetter("grad")
+# id(param) -> (the param, the optimizer whose arena holds it (weak references), its address there);
+# keyed by id: a tensor's == is element-wise, so a tensor cannot be a dictionary key
+_OWNERS = {}
+
+
+def _owner(p):
+    """The fastopt.torch optimizer whose arena ``p`` lives in (None: none alive)."""
+    param, owner, ptr = _OWNERS.get(id(p), (None, None, None))
+    owner = owner() if param is not None and param() is p else None
+    return owner if owner is not None and p.data_ptr() == ptr else None
+
+
+def _disown(key, _ref):
+    _OWNERS.pop(key, None)
 
 
 def _remove_all(handles):
@@ -244,7 +295,7 @@ def _into_arena(view, name):
     ``create_graph`` gradient (it has a graph) stays as it is and the step copies it in."""
     def hook(p):
         g = p.grad
-        if g is view:
+        if g is view or g is None:  # None: a hook before this one took it (an optimizer step in backward)
             return
         if g.is_sparse:
             raise SparseGradientError(f"param {name} got a sparse gradient: {SparseGradientError.__doc__}")
@@ -284,6 +335,7 @@ class _TorchOptimizer(torch.optim.Optimizer):
         self._skips_counted, self._lazy_skips = 0, None  # the latter: (the arena, its count at the start)
         self._last_skipped = False  # the last step's, or None: ask the one arena
         self._warned_none = False
+        self._state_version, self._state_view = 0, None  # ``state``, rebuilt when a step or a load changed it
         # the groups hold torch's implementation keys too, as torch's do (fixed values: AdamW's decoupling)
         super().__init__(params, {**defaults, **implementation})
         self._build()
@@ -330,6 +382,11 @@ class _TorchOptimizer(torch.optim.Optimizer):
             for p, view, (*_, name, _) in zip(arena.params, arena.grads, arena.members):
                 self._hooks.append(p.register_post_accumulate_grad_hook(_into_arena(view, name)))
                 self._hooks.append(p.register_hook(_no_sparse(name)))
+        me = weakref.ref(self)
+        for arena in self._arenas:
+            for p, ptr in zip(arena.params, arena.ptrs):
+                _OWNERS[id(p)] = (weakref.ref(p, functools.partial(_disown, id(p))), me, ptr)
+        self._state_version += 1
         self._names = {id(a): [name for _, _, name, _ in a.members] for a in self._arenas}
         self._trainable = sum(len(a.params) for a in self._arenas)
 
@@ -356,13 +413,15 @@ class _TorchOptimizer(torch.optim.Optimizer):
             for k, j in arena.group_of.items():
                 group = self.param_groups[k]
                 values, last = values_of(group), arena.seen_values[j]
-                if last is not None and all(map(operator.is_, values, last)):
+                if last is not None and not arena.tensor_valued[j] and all(map(operator.is_, values, last)):
                     continue  # every value the same object as at the last step: nothing to read
                 arena.seen_values[j] = values
+                # a tensor (lr=torch.tensor(...)) changes in place (a scheduler's fill_): read every step
+                arena.tensor_valued[j] = any(map(_holds_tensor, values))
                 mine, seen = inner_groups[j], arena.seen[j]
                 for key in keys:
                     value = group[key]
-                    if value is seen.get(key, _UNSEEN):
+                    if value is seen.get(key, _UNSEEN) and not arena.tensor_valued[j]:
                         continue
                     seen[key] = value
                     value = _plain(value)
@@ -385,20 +444,22 @@ class _TorchOptimizer(torch.optim.Optimizer):
             return loss  # no param has a gradient: torch changes nothing either
         if live < self._trainable and not self._warned_none:
             self._warned_none = True
-            warnings.warn("some params have .grad None: fastopt.torch steps them with a zero gradient (momentum "
-                          "and weight decay still move them), where torch.optim skips them", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn("some params have .grad None: skipped, as torch.optim skips them, but the step count of "
+                          "their param group still advances (torch counts per param: Adam's bias correction of a "
+                          "param skipped at some steps differs)", RuntimeWarning, stacklevel=3)
         # set by GradScaler.step for this call: the loss scale (None: the grads were unscaled
         # already) and the inf flag, one-element tensors that the kernels read (on CUDA, the
         # device does: the host never waits for them)
         found_inf = getattr(self, "found_inf", None)
         loss_scale = getattr(self, "grad_scale", None) if found_inf is not None else None
         self._sync()
+        self._state_version += 1
         for arena in self._arenas:
+            step = arena.step_with_absent if arena.absent else arena.inner.step
             if found_inf is None:
-                arena.inner.step()
+                step()
             else:
-                arena.inner.step(loss_scale=_on(loss_scale, arena.device), found_inf=_on(found_inf, arena.device))
+                step(loss_scale=_on(loss_scale, arena.device), found_inf=_on(found_inf, arena.device))
         if self._lazy_skips is not None:
             self._last_skipped = None  # the one arena's guard says, when asked
         else:  # a step is skipped when the guard (nonfinite="skip") of any arena skipped it
@@ -462,12 +523,25 @@ class _TorchOptimizer(torch.optim.Optimizer):
     @property
     def state(self):
         """Per param, its state as torch names it: live views of the state arenas and the
-        step count (read-only here: load a state dict to change it)."""
-        return _StateView(self)
+        step count (read-only here: load a state dict to change it, or assign an empty dict
+        to start the state afresh, as ``opt.state = defaultdict(dict)`` does in torch)."""
+        view = self._state_view
+        if view is None or view.version != self._state_version:
+            view = self._state_view = _StateView(self)
+        return view
 
     @state.setter
-    def state(self, value):  # torch's constructor assigns an empty dict; the arenas hold the state
-        pass
+    def state(self, value):
+        if getattr(self, "_arenas", None) is None:
+            return  # torch's constructor assigns an empty dict; the arenas hold the state
+        if not isinstance(value, Mapping) or len(value):
+            raise TypeError("optimizer.state is the arenas' state: assign an empty dict to start it afresh, or "
+                            "load a state dict (load_state_dict) to set it")
+        for arena in self._arenas:  # every param back at step 0 with zero state, as a new optimizer
+            inner = arena.inner
+            with inner.lock:
+                inner.restore([dict(g) for g in inner.param_groups], [0] * len(inner.param_groups), {})
+        self._state_version += 1
 
     def state_dict(self):
         """torch.optim's layout (``state`` keyed by torch's param numbering, ``param_groups``
@@ -535,6 +609,7 @@ class _TorchOptimizer(torch.optim.Optimizer):
             checked.append(arena.inner._read_state_dict({"state": inner_state, "param_groups": groups}))
         for arena, values in zip(self._arenas, checked):
             arena.inner.restore(*values)
+        self._state_version += 1
         for saved, group in zip(saved_groups, self.param_groups):
             params, names = group["params"], group.get("param_names")
             kept = {k: v for k, v in group.items() if k in self._rule.hyper}  # torch's dicts lack fastopt's
@@ -557,7 +632,7 @@ class _StateView(Mapping):
     """``optimizer.state``: param -> {torch state name: live view, "step": tensor}."""
 
     def __init__(self, opt):
-        self._entries = {}
+        self._entries, self.version = {}, opt._state_version
         for arena in opt._arenas or ():
             inner, names = arena.inner, arena.inner.rule.torch_names
             if inner.arenas is None:
@@ -573,7 +648,10 @@ class _StateView(Mapping):
                     self._entries[p] = entry
 
     def __getitem__(self, p):
-        return self._entries[p]
+        return self._entries.get(p, {})  # as torch's defaultdict: a param not stepped yet has no state
+
+    def __contains__(self, p):
+        return p in self._entries
 
     def __iter__(self):
         return iter(self._entries)
@@ -627,16 +705,25 @@ def _make(fastopt_class, torch_class):
                                            "_fastopt_class": fastopt_class, "_torch_class": torch_class})
 
 
+@torch._disable_dynamo  # imports torch._dynamo (a second) only when first called, under torch.compile
+def _eager(fn, self, args, kwargs):
+    return fn(self, *args, **kwargs)
+
+
 def _wrap_step(cls):
     """torch wraps ``step`` for its hooks and profiler; this wrapper runs the same hooks and
     enters the profiler's range only while a profiler runs (its cost is a tiny model's step)."""
     step = cls.step
     from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-    profiler_enabled = torch.autograd._profiler_enabled
+    profiler_enabled, compiling, modules = torch.autograd._profiler_enabled, torch.compiler.is_compiling, sys.modules
 
     @functools.wraps(step)
     def wrapper(self, *args, **kwargs):
+        # traced by torch.compile (which imports dynamo: until then no check): run eagerly, a graph
+        # break, as dynamo cannot trace Numba's kernels
+        if "torch._dynamo" in modules and compiling():
+            return _eager(wrapper, self, args, kwargs)
         if profiler_enabled():
             with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
                 return _hooked(self, step, args, kwargs)

@@ -613,3 +613,108 @@ def test_cuda_tensors_with_grad_scaler_as_torch(nonfinite):
     for (name, a), b in zip(nets[0].named_parameters(), nets[1].parameters()):
         np.testing.assert_allclose(a.detach().cpu().numpy(), b.detach().cpu().numpy(), rtol=1e-8, atol=1e-10,
                                    err_msg=name)
+
+
+# -- what a training loop does that the arena must follow ---------------------------------
+
+def _stepping(net, opt, t, freeze_emb_at=None):
+    img, tok, y = BATCHES[t]
+    opt.zero_grad()
+    if t == freeze_emb_at:
+        net.conv.requires_grad_(False)
+    nn.functional.cross_entropy(net(img, tok), y).backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("rule,hp", [("AdamW", dict(lr=1e-2)), ("SGD", dict(lr=0.05, momentum=0.9)),
+                                     ("Adam", dict(lr=1e-2, weight_decay=1e-2))])
+def test_params_frozen_mid_run_stay_put_as_torch(rule, hp):
+    """A param whose .grad is None at a step is skipped, as torch skips it: neither it nor its
+    state moves (momentum and weight decay would move them with a zero gradient)."""
+    net_a, opt_a, net_b, opt_b = pair(rule, hp)
+    with pytest.warns(RuntimeWarning, match="skipped, as torch.optim skips them"):
+        for t in range(8):
+            for net, opt in ((net_a, opt_a), (net_b, opt_b)):
+                _stepping(net, opt, t, freeze_emb_at=4)
+    for a, b in zip(net_a.parameters(), net_b.parameters()):
+        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-10, atol=1e-10)
+    ours, theirs = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    for i, entry in theirs.items():  # the frozen params' too: their state is as it was at the freeze
+        for key, value in entry.items():
+            if key != "step":  # torch counts per param; fastopt's group count went on
+                np.testing.assert_allclose(np.asarray(ours[i][key]), np.asarray(value), rtol=1e-10, atol=1e-10)
+
+
+def test_a_hook_that_takes_the_gradient_leaves_the_param_alone():
+    """torch's "optimizer step in backward" recipe: a post-accumulate-grad hook registered
+    before the optimizer consumes the gradient and sets .grad to None."""
+    net = make()
+    taken = []
+
+    def take(p):
+        taken.append(p.grad.clone())
+        p.grad = None
+    net.fc.bias.register_post_accumulate_grad_hook(take)
+    opt = ft.SGD(net.parameters(), lr=0.1)
+    before = net.fc.bias.detach().clone()
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        _stepping(net, opt, 0)
+    assert len(taken) == 1 and torch.equal(net.fc.bias, before)
+
+
+def test_tensor_hyper_parameters_changed_in_place_are_read():
+    """lr=torch.tensor(...): torch's schedulers change it with fill_ (the same object)."""
+    def hp():  # each optimizer its own tensors: a scheduler changes them in place
+        return dict(lr=torch.tensor(1e-2), betas=(torch.tensor(0.9), torch.tensor(0.999)))
+    net_a, net_b = make(), make()
+    opt_a, opt_b = ft.Adam(groups(net_a), **hp()), torch.optim.Adam(groups(net_b), **hp(), foreach=False)
+    sched_a, sched_b = (torch.optim.lr_scheduler.StepLR(o, 2, 0.1) for o in (opt_a, opt_b))
+    for t in range(6):
+        for net, opt, sched in ((net_a, opt_a, sched_a), (net_b, opt_b, sched_b)):
+            _stepping(net, opt, t)
+            sched.step()
+            if t == 3:
+                opt.param_groups[0]["betas"][0].fill_(0.8)
+    assert_same(net_a, opt_a, net_b, opt_b)
+
+
+def test_a_compiled_step_runs_eagerly():
+    """torch.compile traces a function that calls opt.step(): the step is a graph break (Numba's
+    kernels cannot be traced), with its scheduler's lr read as in eager mode."""
+    net_a, opt_a, net_b, opt_b = pair("AdamW", dict(lr=1e-2))
+    sched_a, sched_b = (torch.optim.lr_scheduler.StepLR(o, 2, 0.5) for o in (opt_a, opt_b))
+    compiled = torch.compile(lambda: opt_a.step(), backend="eager")
+    for t in range(5):
+        for net, opt in ((net_a, opt_a), (net_b, opt_b)):
+            img, tok, y = BATCHES[t]
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(img, tok), y).backward()
+        compiled()
+        opt_b.step()
+        sched_a.step()
+        sched_b.step()
+    assert_same(net_a, opt_a, net_b, opt_b)
+
+
+def test_state_reset_by_assignment_and_read_as_torch():
+    from collections import defaultdict
+    net_a, opt_a, net_b, opt_b = pair("Adam", dict(lr=1e-2))
+    assert opt_a.state[net_a.fc.weight] == {} and net_a.fc.weight not in opt_a.state  # not stepped yet
+    for t in range(6):
+        for net, opt in ((net_a, opt_a), (net_b, opt_b)):
+            _stepping(net, opt, t)
+            if t == 2:
+                opt.state = defaultdict(dict)  # start the state afresh
+    assert_same(net_a, opt_a, net_b, opt_b)
+    assert float(opt_a.state[net_a.fc.weight]["step"]) == 3
+    assert opt_a.state is opt_a.state  # one mapping between steps (a per-param loop reads it often)
+    with pytest.raises(TypeError, match="assign an empty dict"):
+        opt_a.state = {net_a.fc.weight: {}}
+
+
+def test_a_second_optimizer_over_the_same_params_is_named():
+    net = make()
+    first = ft.Adam(net.parameters())
+    second = ft.SGD(net.parameters(), lr=0.1)  # noqa: F841 (alive: it holds the params now)
+    with pytest.raises(ft.ArenaError, match=r"moved into the arena of a fastopt\.torch SGD built after"):
+        _stepping(net, first, 0)
