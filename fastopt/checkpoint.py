@@ -8,6 +8,7 @@ writes anything. The arenas are stored whole, so a resumed run is bit-for-bit th
 import contextlib
 import itertools
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -174,7 +175,7 @@ def load(path, optimizer, params=None):
         else:
             state = {(i, name[len("state."):]): arena[o:o + n] for name, arena in arrays.items()
                      if name.startswith("state.") for i, (o, n) in enumerate(zip(meta["offsets"], sizes))}
-        opt.restore(merged, meta["steps"], state, meta.get("restarts"), meta.get("skipped_steps"))
+        opt.restore(merged, meta["steps"], state, meta.get("restarts"), meta.get("skipped_steps"), meta.get("running"))
         if params is not None:  # checked with the rest (_differences): contiguous, writeable
             if isinstance(params, ParamBuffer):
                 _copy_in(params.arena, 0, arrays["params.arena"])
@@ -273,6 +274,12 @@ def _read_meta(path, f):
     if restarts is not None and groups is not None and not (
             isinstance(restarts, list) and len(restarts) == len(groups) and all(type(r) is bool for r in restarts)):
         problems.append(f"'restarts' is {restarts!r}, not one true or false per group")
+    running = meta.get("running")
+    if running is not None and groups is not None and not (
+            isinstance(running, list) and len(running) == len(groups) and all(
+                isinstance(r, dict) and all(type(v) is float and math.isfinite(v) for v in r.values())
+                for r in running)):
+        problems.append(f"'running' is {running!r}, not one mapping of finite numbers per group")
     if meta.get("skipped_steps") is not None and not ints([meta["skipped_steps"]]):
         problems.append(f"'skipped_steps' is {meta['skipped_steps']!r}, not a non-negative integer")
     if shapes is not None and not ints(meta.get("offsets"), len(shapes)):

@@ -382,8 +382,8 @@ class ShardedOptimizer:
                                  local[name], recv, staged=False)
                 full[name] = recv[:self.n]
             buf, state, groups, first = self.buffer, {}, [], 0
-            for (_, indices), g, t, restart in zip(self._groups, self.inner.param_groups, export["steps"],
-                                                   export["restarts"]):
+            for (_, indices), g, t, restart, running in zip(self._groups, self.inner.param_groups, export["steps"],
+                                                            export["restarts"], export["running"]):
                 # a state the next update starts from the gradient holds nothing yet: left out (as one process)
                 kept = set(self.inner.states_needed(g)) - (set(self.inner.rule.start_from_grad) if restart else set())
                 # params numbered in group order, as one process over these groups numbers them
@@ -395,7 +395,7 @@ class ShardedOptimizer:
                         o, shape = buf.offsets[i], buf.shapes[i]
                         size = int(np.prod(shape, dtype=np.int64))
                         state[j] = {"step": float(t), **{n: full[n][o:o + size].reshape(shape).copy()
-                                                         for n in sorted(kept) if n in full}}
+                                                         for n in sorted(kept) if n in full}, **running}
             return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict):
@@ -536,7 +536,7 @@ def save_sharded(folder, opt, name="optimizer"):
                             "dtype": opt.dtype.name, "ranks": opt.size, "arena_size": opt.n,
                             "shard_size": opt.shard_size, "shapes": [list(s) for s in opt.buffer.shapes],
                             "offsets": [int(o) for o in opt.buffer.offsets], "steps": export["steps"],
-                            "restarts": export["restarts"],
+                            "restarts": export["restarts"], "running": export["running"],
                             "groups": export["groups"], "group_params": [list(ix) for _, ix in opt._groups],
                             "skipped_steps": opt.skipped_steps, "states": sorted(local), "shards": shards}
                 text = json.dumps(manifest, indent=1).encode()
@@ -580,8 +580,8 @@ def load_sharded(folder, opt, name="optimizer"):
         except (ShardError, OSError, ValueError, KeyError, TypeError) as e:
             problem = e if isinstance(e, ShardError) else ShardError(f"{manifest_path(folder, name)}: {e}")
         opt._agree(problem, "the sharded checkpoint")
-        merged, steps, arrays, params, skipped, restarts = restored
-        opt.inner.restore(merged, steps, arrays, restarts)
+        merged, steps, arrays, params, skipped, restarts, running = restored
+        opt.inner.restore(merged, steps, arrays, restarts, running=running)
         opt.param_shard[:opt.hi - opt.lo] = params if opt.xp is np else opt.xp.asarray(params)
         opt.skipped_steps = skipped
         recv = opt.buffer.arena if opt._param_recv is None else opt._param_recv
@@ -591,7 +591,8 @@ def load_sharded(folder, opt, name="optimizer"):
 
 
 def _read_shards(folder, opt, name):
-    """``(merged groups, steps, {(piece, state): values}, param slice, skipped steps, restarts)``, all
+    """``(merged groups, steps, {(piece, state): values}, param slice, skipped steps, restarts,
+    running values)``, all
     checked; a ShardError names the first problem. Writes nothing."""
     path = manifest_path(folder, name)
     if not os.path.isfile(path):
@@ -652,4 +653,8 @@ def _read_shards(folder, opt, name):
     restarts = m.get("restarts", [False] * len(merged))
     if not (isinstance(restarts, list) and len(restarts) == len(merged) and all(type(r) is bool for r in restarts)):
         raise ShardError(f"{path}: 'restarts' is {restarts!r}, not one true or false per param group")
-    return merged, m["steps"], arrays, params, int(m.get("skipped_steps", 0)), restarts
+    running = m.get("running")  # None: taken from the step counts (a save before it was kept)
+    if running is not None and not (isinstance(running, list) and len(running) == len(merged) and all(
+            isinstance(r, dict) and all(isinstance(v, float) for v in r.values()) for r in running)):
+        raise ShardError(f"{path}: 'running' is {running!r}, not one mapping of numbers per param group")
+    return merged, m["steps"], arrays, params, int(m.get("skipped_steps", 0)), restarts, running

@@ -116,6 +116,7 @@ class Optimizer:
         self._grad_cache = (None, None)
         self.launches = 0     # kernel launches so far (tests read it: one per group per step)
         self._started = []    # per group: the states its updates have started (they hold values)
+        self._running = []    # per group: the rule's running host values (NAdam's mu_product), once stepped
         self._group_params = []  # per group: its params when added (an edit may not replace them)
         # step, state_dict, load_state_dict, save and load run one at a time: a checkpoint is
         # a consistent snapshot and two threads never interleave an update (RLock: a hook may re-enter)
@@ -229,6 +230,7 @@ class Optimizer:
         list.append(self.param_groups, group)
         self._group_params.append(tuple(arrays))
         self._started.append(set())
+        self._running.append({})
 
     def _check_hyper(self, group, where):
         """Every hyper-parameter of ``group``: its type (that of the class's default) and
@@ -486,6 +488,7 @@ class Optimizer:
                 scale = grad_scale * clip_coefficient(total, self.max_grad_norm)  # applied inside the kernel
         dtype = self._params[0].dtype
         work = []  # every group's scalars first: a bad schedule value must not leave groups half-stepped
+        running = {}  # group -> the rule's running values after this step
         for i, plan in enumerate(self._plans):
             group = plan.group
             lr = _lr_at(group["lr"], plan.step)
@@ -496,7 +499,11 @@ class Optimizer:
                 plan.constants = self.rule.kernel_constants(group, dtype)
                 plan.native_constants = Scalars.native(plan.constants)
             native = getattr(plan, "entry", None) is not None  # a compiled entry point takes Python floats
-            work.append(self.rule.kernel_scalars(group, step, lr, dtype, scale,
+            hyper = group
+            if self.rule.running:
+                running[i] = self._advanced(i, step)
+                hyper = {**group, **running[i]}
+            work.append(self.rule.kernel_scalars(hyper, step, lr, dtype, scale,
                                                  plan.native_constants if native else plan.constants, native=native))
         self._last_step_skipped = False
         for k, (plan, scalars) in enumerate(zip(self._plans, work)):
@@ -506,7 +513,23 @@ class Optimizer:
             self.launches += plan.run(scalars, grads, rounding)
             plan.step += 1
             plan.restart = False
+            if k in running:
+                self._running[k] = running[k]
 
+    def _advanced(self, k, step):
+        """Group ``k``'s running values after its update number ``step``: advanced from those
+        the last update left (taken at constant hyper-parameters when none are kept: a fresh
+        optimizer, a state dict without them)."""
+        group, kept = self.param_groups[k], self._running[k]
+        return {n: r.advance(group, step, kept[n] if n in kept else r.at(group, step - 1))
+                for n, r in self.rule.running.items()}
+
+    def running_values(self, k):
+        """Group ``k``'s running values (NAdam's ``mu_product``) after the updates done: a
+        state dict and a checkpoint keep them."""
+        steps = self._steps()[k]
+        kept = self._running[k]
+        return {n: kept[n] if n in kept else r.at(self.param_groups[k], steps) for n, r in self.rule.running.items()}
     def _device_decides(self, scaler=False):
         """Whether this step runs decided on the device (CUDA): a capturable optimizer, or a
         guarded ("skip"), clipped or AMP-scaled (``scaler``) step whose rule, options and lr
@@ -626,8 +649,9 @@ class Optimizer:
         self._settle()
         state, groups, i = {}, [], 0
         restarts = [p.restart for p in self._plans] if self._plans else [False] * len(self.param_groups)
-        for g, t, lr, restart in zip(self.param_groups, self._steps(), self.lrs, restarts):
+        for k, (g, t, lr, restart) in enumerate(zip(self.param_groups, self._steps(), self.lrs, restarts)):
             idx = list(range(i, i + len(g["params"])))
+            running = self.running_values(k) if t else {}  # kept per param, as torch keeps NAdam's mu_product
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": idx})
             # a state the next update starts from the gradient holds nothing yet: left out, as
             # torch leaves out a momentum buffer it has not made (and starts it so when loaded)
@@ -640,6 +664,7 @@ class Optimizer:
                         for n in self._state8.names:
                             if n in views:
                                 state[j].update(self._state8.saved(j, n))
+                    state[j].update(running)
                     if torch:
                         state[j] = self._to_torch_state(state[j], g)
             if torch:
@@ -655,8 +680,13 @@ class Optimizer:
     def _to_torch_state(self, entry, group):
         import torch
         out = {"step": torch.tensor(entry["step"], dtype=torch.float32)}
+        # torch keeps a running value (NAdam's mu_product) in its scalar dtype: float64 when
+        # that is the default dtype, else float32
+        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         for n, v in entry.items():
-            if n != "step":
+            if n in self.rule.running:
+                out[n] = torch.tensor(v, dtype=scalar)
+            elif n != "step":
                 out[self.rule.torch_names.get(n, n)] = (torch.from_numpy(v.view(np.int16)).view(torch.bfloat16)
                                                         if v.dtype == _formats.BFLOAT16 else torch.from_numpy(v))
         return out
@@ -688,6 +718,7 @@ class Optimizer:
                     **({"state_bits": 8, "state_code": self.state_code} if self.state_bits == 8 else {}),
                     "shapes": [list(a.shape) for a in self._params], "offsets": [int(o) for o in self._offsets],
                     "steps": self._steps(), "restarts": [bool(p.restart) for p in self._plans],
+                    "running": [self.running_values(k) for k in range(len(self.param_groups))],
                     "skipped_steps": self.skipped_steps, "groups": [_group_meta(g) for g in self.param_groups],
                     "arenas": arenas}
 
@@ -719,12 +750,13 @@ class Optimizer:
         against it and split by it before anything is allocated or written."""
         return self._state8 if self._state8 is not None else state8bit.State8(self)
 
-    def restore(self, groups, steps, arrays, restarts=None, skipped_steps=None):
+    def restore(self, groups, steps, arrays, restarts=None, skipped_steps=None, running=None):
         """Write a checked state: ``groups`` from :meth:`merged_groups`, ``steps`` per group,
         ``arrays``: ``{(param index, state name): flat values}`` (a param with no entry starts
         afresh), ``restarts``: per group, whether its next update starts the states of
         ``rule.start_from_grad`` from the gradient (default: none does), ``skipped_steps``:
-        the count to go on from (default: kept). The caller checks the values (see
+        the count to go on from (default: kept), ``running``: per group, the rule's running
+        values (default: taken from the step counts). The caller checks the values (see
         ``fastopt.load``); this checks the layout, then writes."""
         restarts = [False] * len(groups) if restarts is None else list(restarts)
         if not len(groups) == len(steps) == len(restarts) == len(self.param_groups):
@@ -758,6 +790,8 @@ class Optimizer:
                     self._started[k] = set()
             if skipped_steps is not None:
                 self._skipped_steps = int(skipped_steps)
+            self._running = [{n: float(v) for n, v in (r or {}).items() if n in self.rule.running}
+                             for r in (running or [None] * len(groups))]
 
     def _read_state_dict(self, state_dict):
         """``(merged groups, step per group, {(param, state): array in the params' dtype},
@@ -774,12 +808,12 @@ class Optimizer:
             raise ValueError(f"the state dict has {len(groups)} param groups, this optimizer {len(self.param_groups)}")
         rule = self.rule
         renamed = {t: f for f, t in rule.torch_names.items()}
-        known = set(rule.states) | set(rule.torch_names.values()) | set(rule.derived) | {"step"}
+        known = set(rule.states) | set(rule.torch_names.values()) | set(rule.running) | {"step"}
         known |= {MASTER} if self.master_weights else set()
         known |= {s + state8bit.ABSMAX for s in rule.states} if self.state_bits == 8 else set()
         # every state dict of the rule carries torch's positional arguments (the rules torch has)
         identity = [n for n, h in rule.hyper.items() if not h.keyword]
-        new_groups, steps, arrays, listed, restarts = [], [], {}, set(), []
+        new_groups, steps, arrays, listed, restarts, running = [], [], {}, set(), [], []
         code = state_dict.get("state_code")
         skipped = state_dict.get("skipped_steps")
         if skipped is not None:
@@ -802,7 +836,7 @@ class Optimizer:
             new_groups.append(g)
             needed = self.states_needed(g)
             first = sum(len(x["params"]) for x in self.param_groups[:k])
-            group_steps, late = set(), set()
+            group_steps, late, carried = set(), set(), {n: set() for n in rule.running}
             for j, saved_index in enumerate(saved["params"]):
                 i, p = first + j, self._params[first + j]
                 listed.add(str(saved_index))
@@ -833,6 +867,8 @@ class Optimizer:
                                      f"{name} with these options keeps: the state dict is incomplete")
                 if t:  # one the next update starts from the gradient (as torch, a momentum buffer not made yet)
                     late.add(tuple(lacking))
+                for n in rule.running:
+                    carried[n].add(_running_value(entry.get(n), f"the {n} of param {i}"))
                 for n, value in entry.items():
                     n = renamed.get(n, n)
                     if self.state_bits == 8 and n in rule.states and n + state8bit.ABSMAX in entry:
@@ -855,10 +891,15 @@ class Optimizer:
                                  "and some not yet; fastopt starts a group's state as one")
             steps.append(group_steps.pop())
             restarts.append(bool(late and late.pop()))
+            if any(len(v) > 1 for v in carried.values()):
+                raise ValueError(f"param group {k}: its params' {', '.join(carried)} differ; fastopt steps a group "
+                                 "as one")
+            # a running value not in the state dict (an old one) is taken from the step count
+            running.append({n: v.pop() for n, v in carried.items() if v and None not in v})
         stray = sorted(str(key) for key in state if str(key) not in listed)
         if stray:
             raise ValueError(f"the state dict has state for params {', '.join(stray)}, which no param group lists")
-        return new_groups, steps, arrays, restarts, skipped
+        return new_groups, steps, arrays, restarts, skipped, running
 
     def __repr__(self):
         where = f"ParamBuffer of {len(self._params)} tensors" if self._buffer is not None else \
@@ -1274,6 +1315,16 @@ def _type_problem(key, value, default):
     else:
         return None
     return None if ok else f"{key} must be {want}, got {value!r}"
+
+
+def _running_value(value, where):
+    """A state dict's running value (a float, a one-element tensor), or None when absent."""
+    if value is None:
+        return None
+    value = _from_torch_value(value)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _step_count(value, where):

@@ -63,16 +63,6 @@ class NAdam(Optimizer):
     """NAdam with PyTorch's momentum-decay schedule (``torch.optim.NAdam``); see ``kernels/nadam.py``."""
     rule = nadam.NADAM
 
-    def _to_torch_state(self, entry, group):
-        import torch
-        out = super()._to_torch_state(entry, group)
-        # torch keeps the running product of the momentum schedule (fastopt derives it from the
-        # step) in its scalar dtype: float64 when that is the default dtype, else float32
-        dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-        out["mu_product"] = torch.tensor(
-            nadam.mu_product(int(entry["step"]), group["betas"][0], group["momentum_decay"]), dtype=dtype)
-        return out
-
 
 class RAdam(Optimizer):
     """RAdam (``torch.optim.RAdam``); see ``kernels/radam.py``."""

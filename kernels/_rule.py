@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -120,6 +120,14 @@ class Pass:
         self.math, self.writes, self.sums = math, tuple(writes), tuple(sums)
 
 
+class Running(NamedTuple):
+    """A host value carried per param group from step to step: ``advance(hyper, step,
+    value) -> value`` after update number ``step``, and ``at(hyper, steps)``, its value after
+    ``steps`` updates with these hyper-parameters all along (a state that does not carry it)."""
+    at: Callable[[Mapping[str, Any], int], float]
+    advance: Callable[[Mapping[str, Any], int, float], float]
+
+
 class Rule:
     """An update rule: ``math`` (see :mod:`._engine`) and ``scalars(hyper, step, lr) -> dict``,
     the per-step scalars by the math's argument names, computed on the host; ``constants(hyper)
@@ -128,8 +136,10 @@ class Rule:
 
     ``states``: :class:`State` list in the math's order; ``hyper``: :class:`Hyper` list in
     torch's order; ``check(hyper)``: checks between hyper-parameters; ``fixed``: values a
-    variant fixes (AdamW's ``decoupled_weight_decay=True``); ``derived``: torch state
-    entries recomputed rather than kept (NAdam's ``mu_product``); ``start_from_grad``:
+    variant fixes (AdamW's ``decoupled_weight_decay=True``); ``running``: host values carried
+    from step to step, per param group, that ``scalars`` reads from its hyper-parameters
+    (NAdam's ``mu_product``, torch's state entry of that name): ``{name: Running}``;
+    ``start_from_grad``:
     states that start from the gradient on their first update (SGD's momentum buffer);
     ``kernels``: the compiled :class:`~._engine.Kernels` to share (a variant's), default None:
     built from ``math``. Every keyword defaults to empty / None.
@@ -143,7 +153,7 @@ class Rule:
     def __init__(self, name: str, math: Callable[..., Any] | None, scalars: HostScalars, *,
                  constants: HostConstants | None = None, states: Iterable[State] = (), hyper: Iterable[Hyper] = (),
                  check: Callable[[Mapping[str, Any]], None] | None = None, fixed: Mapping[str, Any] | None = None,
-                 derived: Iterable[str] = (), start_from_grad: Iterable[str] = (),
+                 running: Mapping[str, Running] | None = None, start_from_grad: Iterable[str] = (),
                  kernels: Kernels | None = None, per_tensor: Iterable[str] = (),
                  writes: Iterable[str] | None = None, first: Pass | None = None,
                  first_kernels: Kernels | None = None) -> None:
@@ -153,7 +163,7 @@ class Rule:
         self.states = tuple(s.name for s in self.state_list)
         self.hyper = {h.name: h for h in hyper}
         self.fixed = dict(fixed or {})
-        self.derived, self.start_from_grad = tuple(derived), tuple(start_from_grad)
+        self.running, self.start_from_grad = dict(running or {}), tuple(start_from_grad)
         self._check = check
         self.defaults = {**{n: h.default for n, h in self.hyper.items()}, **self.fixed}
         self.torch_names = {s.name: s.torch_name for s in self.state_list if s.torch_name}
@@ -189,7 +199,7 @@ class Rule:
                  for h in self.hyper.values() if h.name not in fixed]
         return Rule(name, self.math, self.host_scalars, constants=self.host_constants, states=self.state_list,
                     hyper=hyper, check=self._check,
-                    fixed={**self.fixed, **fixed}, derived=self.derived, start_from_grad=self.start_from_grad,
+                    fixed={**self.fixed, **fixed}, running=self.running, start_from_grad=self.start_from_grad,
                     kernels=self.kernels, per_tensor=self.per_tensor, first_kernels=self.first_kernels)
 
     def check(self, hyper: Mapping[str, Any]) -> None:

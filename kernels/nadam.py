@@ -17,7 +17,7 @@ import numpy as np
 from numba.extending import register_jitable
 
 from . import _args
-from ._rule import BETAS_SAMPLE, WEIGHT_DECAY_SAMPLE, Hyper, Rule, State
+from ._rule import BETAS_SAMPLE, WEIGHT_DECAY_SAMPLE, Hyper, Rule, Running, State
 from .adam import adam_moments
 
 
@@ -64,11 +64,20 @@ def mu_product(t, beta1, momentum_decay):
     return prod
 
 
+def advance_mu_product(h, step, prod):
+    """torch's running product after update ``step``: ``prod * mu_step`` at the beta1 and
+    momentum_decay of that step (edited mid-run, as OneCycleLR cycles beta1, the earlier
+    factors stay as they were)."""
+    return prod * mu(step, h["betas"][0], h["momentum_decay"])
+
+
 def scalars(h, step, lr):
+    """``h["mu_product"]``: mu_1 * ... * mu_step as the optimizer carried it (Running); the
+    in-place function, which carries nothing, takes the product at constant hyper-parameters."""
     beta1, beta2 = h["betas"]
     momentum_decay = h["momentum_decay"]
     mu_t, mu_next = mu(step, beta1, momentum_decay), mu(step + 1, beta1, momentum_decay)
-    prod = mu_product(step, beta1, momentum_decay)
+    prod = h["mu_product"] if "mu_product" in h else mu_product(step, beta1, momentum_decay)
     return {"inv_sqrt_bc2": 1 / math.sqrt(1 - beta2 ** step), "grad_coef": lr * (1 - mu_t) / (1 - prod),
             "avg_coef": lr * mu_next / (1 - prod * mu_next),
             "decay": 1 - lr * h["weight_decay"] if h["decoupled_weight_decay"] else 1.0}
@@ -91,7 +100,8 @@ NADAM = Rule(
            Hyper("weight_decay", 0.0, _args.nonneg_of("weight_decay"), sample=WEIGHT_DECAY_SAMPLE),
            Hyper("momentum_decay", 4e-3, _args.nonneg_of("momentum_decay"), sample=("uniform", 1e-3, 1e-2)),
            Hyper("decoupled_weight_decay", False), Hyper("maximize", False, keyword=True)],
-    derived=("mu_product",))  # torch keeps the schedule's running product; fastopt derives it from the step
+    running={"mu_product": Running(lambda h, t: mu_product(t, h["betas"][0], h["momentum_decay"]),
+                                   advance_mu_product)})
 
 nadam_ = NADAM.function("nadam_", "One NAdam step in place on ``param``, ``exp_avg`` and ``exp_avg_sq``.")
 

@@ -778,3 +778,22 @@ def test_a_loss_scale_that_is_no_finite_positive_number_skips_the_step(loss_scal
     _assert_unchanged(before, opt, buf)
     opt.step(loss_scale=np.array([2.0], np.float32), found_inf=np.zeros(1, np.float32))
     assert not opt.last_step_skipped and opt.steps == 3
+
+
+def test_nadam_resumes_exactly_after_a_beta_edit(tmp_path):
+    """NAdam's running mu_product (each step's beta1) is saved: a checkpoint taken after beta1
+    was edited resumes bit for bit."""
+    def run(opt, buf, steps):
+        for t in steps:
+            if t == 2:
+                opt.param_groups[0]["betas"] = (0.8, 0.99)
+            _step_with(opt, buf, seed=t)
+    whole, wbuf = _stepped(fastopt.NAdam, steps=0)
+    run(whole, wbuf, range(6))
+    half, hbuf = _stepped(fastopt.NAdam, steps=0)
+    run(half, hbuf, range(4))
+    fresh, fbuf = _stepped(fastopt.NAdam, steps=0)
+    fastopt.load(fastopt.save(tmp_path / "c.npz", half, hbuf), fresh, fbuf)
+    run(fresh, fbuf, range(4, 6))
+    np.testing.assert_array_equal(fbuf.arena, wbuf.arena)
+    assert fresh.running_values(0) == whole.running_values(0)

@@ -158,6 +158,8 @@ SCHEDULES = [
      lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=STEPS)),
     ("RMSprop", dict(lr=1e-2, momentum=0.5),
      lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=STEPS)),
+    # beta1 cycles: NAdam's running mu_product takes each step's beta1, as torch's
+    ("NAdam", dict(lr=1e-2), lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=STEPS)),
 ]
 
 
@@ -718,3 +720,21 @@ def test_a_second_optimizer_over_the_same_params_is_named():
     second = ft.SGD(net.parameters(), lr=0.1)  # noqa: F841 (alive: it holds the params now)
     with pytest.raises(ft.ArenaError, match=r"moved into the arena of a fastopt\.torch SGD built after"):
         _stepping(net, first, 0)
+
+
+@pytest.mark.parametrize("direction", ["torch->fastopt", "fastopt->torch"])
+def test_nadam_running_product_crosses_over_after_beta_edits(direction):
+    """beta1 and momentum_decay edited mid-run: torch's mu_product (the product of each step's
+    factor) travels in the state dict both ways, and the run goes on as torch's."""
+    net_a, opt_a, net_b, opt_b = pair("NAdam", dict(lr=1e-2))
+    for t in range(8):
+        for net, opt in ((net_a, opt_a), (net_b, opt_b)):
+            if t == 5:  # mid-run, each takes the other's state
+                source, target = (opt_b, opt_a) if direction == "torch->fastopt" else (opt_a, opt_b)
+                if opt is opt_a:
+                    target.load_state_dict(source.state_dict())
+            _stepping(net, opt, t)
+            if t == 2:
+                opt.param_groups[0]["betas"] = (0.8, 0.99)
+                opt.param_groups[1]["momentum_decay"] = 0.01
+    assert_same(net_a, opt_a, net_b, opt_b)
