@@ -55,7 +55,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from .buffer import _BUFFERS, ParamBuffer, layout
+from .buffer import _BUFFERS, ParamBuffer, _copy_in, _to_host, layout
 from .kernels._dispatch import SUPPORTED_DTYPES, as_kernel_array
 from .optimizers import OPTIMIZERS as _OPTIMIZERS
 
@@ -113,10 +113,6 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return tuple(_plain(v) for v in value)
     return value
-
-
-def _restore(view, values):
-    view[...] = values  # a NumPy view, or a CUDA array's (CuPy, Numba device arrays take the same)
 
 
 def _holds_tensor(value):
@@ -207,7 +203,7 @@ class _Arena:
         if self.inner.arenas is None:  # the first step: its state starts (at zero) before the snapshot
             with self.inner.lock:
                 self.inner._allocate()
-        saved = [(x, x.copy()) for i in self.absent for x in self.inner.storage_views(i)]
+        saved = [(x, _to_host(x)) for i in self.absent for x in self.inner.storage_views(i)]
         saved += [(self.params[i], self.params[i].detach().clone()) for i in self.absent]
         try:
             self.inner.step(**scaler)
@@ -217,8 +213,8 @@ class _Arena:
                 for x, before in saved:
                     if isinstance(x, torch.Tensor):
                         x.copy_(before)
-                    else:
-                        _restore(x, before)
+                    else:  # a NumPy, CuPy or Numba CUDA view of a state arena
+                        _copy_in(x, 0, before)
 
     def _position(self, p):
         return next(i for i, q in enumerate(self.params) if q is p)  # list.index would compare tensors
