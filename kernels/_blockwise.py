@@ -71,6 +71,7 @@ def _fp8_constants(emin):
 _BIAS_S, _MAGIC_S, _MAGIC_BITS_S, _SMALLEST_S, _TOP_S = _fp8_constants(_EMIN_S)
 _BIAS_U, _MAGIC_U, _MAGIC_BITS_U, _SMALLEST_U, _TOP_U = _fp8_constants(_EMIN_U)
 _ONE = _F(1.0)
+_FLT_MAX = _F(np.finfo(np.float32).max)
 _ZERO = _F(0.0)
 _ROUND = _I(1 << (22 - _M))
 _SHIFT = _I(23 - _M)
@@ -295,6 +296,7 @@ def n_blocks(n):
 def _host_forms(code, signed):
     encode, decode = CODEC[code][signed]
     enc, dec, inv = njit(**_CPU_OPTIONS)(encode), njit(**_CPU_OPTIONS)(decode), njit(**_CPU_OPTIONS)(inv_scale)
+    finite = njit(**_CPU_OPTIONS)(finite_scale)
 
     @njit(**_CPU_OPTIONS)
     def quant(x, codes, absmax):
@@ -304,6 +306,7 @@ def _host_forms(code, signed):
             for i in range(lo, hi):
                 a = abs(x[i])
                 m = a if a > m else m
+            m = finite(m)
             absmax[b] = m
             s = inv(m)
             for i in range(lo, hi):
@@ -399,7 +402,7 @@ _CPU_BLOCK = """
 """
 
 _CPU_TEMPLATE = """
-def make(math, load, store, jit, prange, item, noise, np, inv, abs_bits, from_bits, prefetch, ahead,
+def make(math, load, store, jit, prange, item, noise, np, inv, finite, abs_bits, from_bits, prefetch, ahead,
          block_size, wide{codecs}):
     # Indices are unsigned (no negative-index wrap-around, which stops the vectorizer) and
     # the arrays are whole, never sliced per block: a slice costs an atomic reference count,
@@ -462,8 +465,8 @@ def generate_cpu(n_states, scalar_positions):
         "g = load(grad, i) * c[0]",
         each("x{k} = dec{k}(q{k}[i], old{k}) if q{k} is not None else g", 0, ""),
         call,
-        "if master is not None:\n    store(master, i, p)",
-        f"store(param, i, p, noise(c[{key}], base + np.int64(i), 0))",
+        "if master is not None:\n    store(master, i, p)\n    store(param, i, p)",  # nearest: the master is exact
+        f"else:\n    store(param, i, p, noise(c[{key}], base + np.int64(i), 0))",
         each("if q{k} is not None:\n    scratch[w{k} + j] = x{k}\n    a = abs_bits(x{k})\n"
              "    m{k} = a if a > m{k} else m{k}", 0, "")]).replace("\n\n", "\n")
     encode = "if q{k} is not None:\n    %s = enc{k}(scratch[v{k} + j], inv{k})"
@@ -476,7 +479,7 @@ def generate_cpu(n_states, scalar_positions):
         encode_states=each(encode % "q{k}[i]", 20),
         copy=each("if q{k} is not None:\n    for j in range(np.uint64(0), np.uint64(block_size)):\n"
                   "        q{k}[plo + j] = codes[c{k} + j]", 16),
-        scales=each("if q{k} is not None:\n    m = from_bits(m{k})\n    a{k}[b] = m\n    inv{k} = inv(m)", 16),
+        scales=each("if q{k} is not None:\n    m = finite(from_bits(m{k}))\n    a{k}[b] = m\n    inv{k} = inv(m)", 16),
         prefetch_codes=textwrap.indent(
             "for k in range(np.uint64(0), np.uint64(block_size), np.uint64(64)):  # a line: 64 codes\n"
             + each("if q{k} is not None:\n    prefetch(q{k}, far + k)", 4), " " * 16) if n_states else "")
@@ -548,7 +551,7 @@ def _item_impl(arrays, t):
 
 
 _CUDA_TEMPLATE = '''
-def make(math, load, store, noise, float32, inv, block_size{codecs}):
+def make(math, load, store, noise, float32, inv, finite, block_size{codecs}):
     def kernel(param, grad, {qa}master, c):
         # a thread block per quantization block (block_size threads): values in registers,
         # the block's maxima meet in shared memory
@@ -563,9 +566,11 @@ def make(math, load, store, noise, float32, inv, block_size{codecs}):
                 g = load(grad, i) * c[0]
 {loads}
                 p, {outs} = math(load(master, i) if master is not None else load(param, i), g, {ins}{scalars})
-                if master is not None:
+                if master is not None:  # the master copy keeps the exact value: the param is its nearest rounding
                     store(master, i, p)
-                store(param, i, p, noise(c[{key}], i, 0))
+                    store(param, i, p)
+                else:
+                    store(param, i, p, noise(c[{key}], i, 0))
 {shares}
             cuda.syncthreads()  # every thread has read the old scales and shared its value
             s = block_size // 2
@@ -599,10 +604,19 @@ def generate_cuda(n_states, scalar_positions):
         reduce="\n".join(f"                    if q{k} is not None:\n                        u = sh[{k}, tid + s]\n"
                          f"                        sh[{k}, tid] = u if u > sh[{k}, tid] else sh[{k}, tid]" for k in ks)
         or "                    pass",
-        encode="\n".join(f"            if q{k} is not None:\n                m{k} = sh[{k}, 0]\n"
+        encode="\n".join(f"            if q{k} is not None:\n                m{k} = finite(sh[{k}, 0])\n"
                          f"                if inside:\n                    q{k}[i] = enc{k}(x{k}, inv(m{k}))\n"
                          f"                if tid == 0:\n                    a{k}[b] = m{k}" for k in ks)
         or "            pass").replace("p, _, = math(", "p = math(")
+
+
+@register_jitable
+def finite_scale(m):
+    """A block's scale: its absmax, float32's largest value for an inf one (an overflowed
+    square of a huge gradient: 1 / inf would encode the whole block as 0 and decode it as
+    0 * inf = NaN; this way the inf element decodes as that largest value and the others as 0).
+    NaN stays NaN (nonfinite="propagate" asked for it)."""
+    return m if m <= _FLT_MAX or m != m else _FLT_MAX
 
 
 @register_jitable
@@ -640,8 +654,8 @@ class Blockwise:
             # "contract": a * b + c in one FMA (the pass is bound by vector instructions); the
             # 8-bit state rounds far more than the last bit this moves
             math = njit(fastmath={"contract"}, **_CPU_OPTIONS)(self.kernels.math)
-            loop = make(math, load, store, jit, prange, _item, noise, np, jit(inv_scale), jit(abs_bits),
-                        jit(from_bits), prefetch, PREFETCH_AHEAD, BLOCK, wide_vectors,
+            loop = make(math, load, store, jit, prange, _item, noise, np, jit(inv_scale), jit(finite_scale),
+                        jit(abs_bits), jit(from_bits), prefetch, PREFETCH_AHEAD, BLOCK, wide_vectors,
                         *[jit(f) for f in self._codecs()])
             kind = "parallel" if parallel else "serial"
             self._cpu[parallel] = _enable_cache(njit(parallel=parallel, **_CPU_OPTIONS)(loop),
@@ -662,7 +676,8 @@ class Blockwise:
         n, dev = len(self.kernels.states), cuda.jit(device=True)
         scope = {"__name__": __name__, "cuda": cuda}  # cuda a global of the kernel: the simulator swaps it
         exec(compile(generate_cuda(n, self.kernels._positions), __file__, "exec"), scope)  # noqa: S102
-        return scope["make"](dev(self.kernels.math), load, store, noise, float32, dev(inv_scale), BLOCK,
+        return scope["make"](dev(self.kernels.math), load, store, noise, float32, dev(inv_scale), dev(finite_scale),
+                             BLOCK,
                     *[dev(f) for f in self._codecs()])
 
     def cuda(self):

@@ -149,9 +149,11 @@ _BODY = '''\
 g = load(grad, i) * c[0]
 {loads}
 p, {outs} = math(load(master, i) if master is not None else load(param, i), g, {ins}{scalars})
-if master is not None:
+if master is not None:  # the master copy keeps the exact value: the param is its nearest rounding
     store(master, i, p)
-store(param, i, p, noise(c[{key}], base + i, 0))
+    store(param, i, p)
+else:
+    store(param, i, p, noise(c[{key}], base + i, 0))
 {stores}'''
 
 _TEMPLATE = '''

@@ -401,3 +401,20 @@ def test_bf16_cuda_kernels_need_no_bf16_instructions():
     assert ".target sm_75" in ptx and len(body) > 100
     assert not [line for line in body if re.search(r"\.bf16(x2)?\b", line)]
     assert _ptx.f64_count(ptx) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [dict(state_dtype="bfloat16"), dict(state_bits=8)], ids=["bf16-state", "8-bit"])
+def test_with_masters_the_params_are_the_masters_nearest_rounding(options, backend):
+    """Stochastic rounding with master weights rounds the 16-bit state: the params are
+    written as the master's nearest rounding, the master keeping the exact value."""
+    rng = np.random.default_rng(3)
+    shapes = [(4101,), (37,)]  # 8-bit: a blockwise tensor and a small one
+    params = [to_backend(rng.standard_normal(s).astype(BF16), backend) for s in shapes]
+    opt = fastopt.Adam(params, lr=1e-2, master_weights=True, stochastic_rounding="state_bits" not in options,
+                       **options)
+    for _ in range(3):
+        opt.step([to_backend(rng.standard_normal(s).astype(BF16), backend) for s in shapes])
+    for i, p in enumerate(params):
+        master = to_host(opt.state_views(i)["master"])
+        np.testing.assert_array_equal(to_host(p).view(np.uint16), master.astype(BF16).view(np.uint16))

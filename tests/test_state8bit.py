@@ -283,3 +283,25 @@ def test_8bit_arenas_of_another_size_are_named(tmp_path, arena, size):
     with pytest.raises(ValueError, match=f"state.{arena} is"):
         fastopt.load(path, fresh)
     assert fresh.arenas is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_overflowing_square_costs_its_block_no_nan(backend):
+    """A finite gradient whose square overflows float32 (2e21): 32-bit state makes that one
+    exp_avg_sq inf; an inf block scale would decode the whole block as 0 * inf = NaN. The
+    scale is float32's largest value instead: no NaN anywhere, the other blocks untouched."""
+    g = np.full(5000, 1e-3, np.float32)
+    g[5] = 2e21
+    p8 = to_backend(np.ones(5000, np.float32), backend)
+    opt = fastopt.AdamW(p8, state_bits=8, nonfinite="propagate")
+    opt.step(to_backend(g, backend))
+    opt.step(to_backend(np.full(5000, 1e-3, np.float32), backend))
+    got = to_host(p8)
+    assert np.isfinite(got).all()
+    v = opt.state_views(0)["exp_avg_sq"]
+    assert np.isfinite(v).all() and v[5] > 1e38  # float32's largest, decayed by one step
+    ref = np.ones(5000, np.float32)
+    ref32 = fastopt.AdamW([ref], nonfinite="propagate")
+    ref32.step([np.full(5000, 1e-3, np.float32)])
+    ref32.step([np.full(5000, 1e-3, np.float32)])
+    np.testing.assert_allclose(got[256:], ref[256:], rtol=1e-6)  # the other blocks as a 32-bit run's
