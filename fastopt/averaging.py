@@ -15,9 +15,16 @@ average, 12 B per float32 parameter: the rule kernels (``fastopt.kernels.ema`` /
 ``.polyak``) run with the average in their param slot and the params in their read-only
 gradient slot.
 
+The average of bfloat16 or float16 params is kept in float32: an EMA's increments
+``(1 - decay) * (p - avg)`` are far below half a 16-bit step (at decay 0.999 a bf16 average
+would never move), so the 16-bit params are read, the float32 average written (8 B per
+parameter), and the average is rounded to nearest into the params' format only when it is
+swapped or copied into params.
+
 ``with averager.average_parameters(): evaluate()`` swaps the averaged weights into the
 params and swaps them back on exit, exception or not; ``swap()`` is the same exchange by
-hand (a second call undoes it). Swaps copy, so the live weights come back bit for bit.
+hand (a second call undoes it). Swaps copy, so the live weights come back bit for bit (and
+a float32 average of 16-bit params stays as it was: the live weights are kept aside).
 """
 import contextlib
 
@@ -25,7 +32,17 @@ import numpy as np
 
 from .buffer import ParamBuffer, _copy_in, _numel, _to_host, _zeros, layout
 from .kernels import _dispatch, _formats, ema, polyak
+from .kernels._rule import Rule
 from .optimizer import _is_array, _Plan, check_disjoint
+
+
+def _cast_math(p, g):
+    return g  # the engine's store rounds it into the param's format (to nearest even)
+
+
+# a copy that converts: the "gradient" (the float32 average) written into the "param" (16-bit
+# weights), on the CPU and on CUDA alike
+_CAST = Rule("average_cast", _cast_math, lambda h, step, lr: {}).kernels
 
 
 class _Averager:
@@ -46,11 +63,19 @@ class _Averager:
         self._sizes = [_numel(s) for s in self._shapes]
         self._live_flat = [a.reshape(n) for a, n in zip(self._live, self._sizes)]
         like = params.arena if self._buffer is not None else self._live[0]
-        self._arena = _zeros(like, size, self._dtype)
+        # 16-bit params: a float32 average (the module docstring)
+        self._avg_dtype = np.dtype(np.float32) if self._dtype in _formats.BITS else self._dtype
+        self._arena = _zeros(like, size, self._avg_dtype)
         self._avg_flat = [self._arena[o:o + n] for o, n in zip(self._offsets, self._sizes)]
-        for a, p in self._pairs():
-            _assign(a, p)
+        self._kept_live = None  # the live 16-bit weights while a float32 average is swapped in
         self._plan = self._make_plan()
+        self._to_params = self._cast_plan(self._pairs()) if self._avg_dtype != self._dtype else None
+        self._from_params = self._cast_plan([(p, a) for a, p in self._pairs()]) if self._to_params else None
+        if self._from_params is not None:
+            self._from_params.run(self._one, None)
+        else:
+            for a, p in self._pairs():
+                _assign(a, p)
         self.num_updates = 0
         self.launches = 0  # kernel launches so far (one per update for a ParamBuffer)
         self._swapped = False
@@ -61,6 +86,18 @@ class _Averager:
         if self._buffer is not None:
             return [(self._arena, self._buffer.arena)]
         return list(zip(self._avg_flat, self._live_flat))
+
+    @property
+    def _one(self):
+        return _CAST.scalars.pack({}, np.float32)
+
+    @staticmethod
+    def _cast_plan(pairs):
+        """A launch plan writing each pair's second array into its first, converted."""
+        view = _formats.kernel_view
+        plan = _Plan(_CAST, None, numel=sum(a.size for a, _ in pairs))
+        plan.flat = [[view(dst), view(src), None] for src, dst in pairs if dst.size]
+        return plan
 
     def _make_plan(self):
         kernels = self.rule.kernels
@@ -83,14 +120,15 @@ class _Averager:
         step = self.num_updates + 1
         host = self._scalars(step)
         if host != self._cast[0]:  # an EMA's scalars rarely change: cast them once (about 1 us)
-            self._cast = (host, self.rule.kernels.scalars.pack(host, self._dtype))
+            self._cast = (host, self.rule.kernels.scalars.pack(host, self._avg_dtype))
         self.launches += self._plan.run(self._cast[1], None)
         self.num_updates = step
 
     def averaged(self):
         """The averaged weights, one array per param in the params' shapes: views of the
-        average (views of the params while the averaged weights are swapped in)."""
-        if self._swapped:
+        average (float32 for 16-bit params), or of the params while the averaged weights are
+        swapped in."""
+        if self._swapped and self._kept_live is None:
             return list(self._live)
         return [a.reshape(s) for a, s in zip(self._avg_flat, self._shapes)]
 
@@ -102,8 +140,17 @@ class _Averager:
 
     def swap(self):
         """Exchange the averaged and the live weights in place; a second call undoes the first."""
-        for a, p in self._pairs():
-            _swap(a, p)
+        if self._to_params is not None:  # a float32 average: the live weights kept aside, the average kept
+            if not self._swapped:
+                self._kept_live = [_to_host(p) for _, p in self._pairs()]
+                self._to_params.run(self._one, None)
+            else:
+                for (_, p), kept in zip(self._pairs(), self._kept_live):
+                    _copy_in(p, 0, kept)
+                self._kept_live = None
+        else:
+            for a, p in self._pairs():
+                _swap(a, p)
         self._swapped = not self._swapped
 
     @contextlib.contextmanager
@@ -121,6 +168,9 @@ class _Averager:
         """Write the averaged weights into ``params``: a ParamBuffer or a list of arrays
         shaped like the averaged params (default: those params, replacing the live weights)."""
         self._not_swapped("copy_to()")
+        if params is None and self._to_params is not None:
+            self._to_params.run(self._one, None)
+            return
         if params is None:
             targets = self._pairs()
         elif (self._buffer is not None and isinstance(params, ParamBuffer) and params.arena.size == self._arena.size
@@ -131,6 +181,9 @@ class _Averager:
             arrays = params.params if isinstance(params, ParamBuffer) else _check_params(params)
             self._check_like(arrays, "params")
             targets = [(a, p.reshape(n)) for a, p, n in zip(self._avg_flat, arrays, self._sizes)]
+        if self._to_params is not None:
+            self._cast_plan(targets).run(self._one, None)
+            return
         for a, p in targets:
             _assign(p, a)
 
@@ -179,10 +232,11 @@ class _Averager:
             if a.shape != shape:
                 raise ValueError(f"state_dict['average'][{i}] has shape {a.shape} but averaged param {i} "
                                  f"has shape {shape}")
-            if a.dtype != self._dtype:
-                raise TypeError(f"state_dict['average'][{i}] has dtype {a.dtype} but the average is {self._dtype}")
+            if a.dtype not in (self._dtype, self._avg_dtype):
+                raise TypeError(f"state_dict['average'][{i}] has dtype {a.dtype} but the average is "
+                                f"{self._avg_dtype}")
         for a, o in zip(average, self._offsets):
-            _copy_in(self._arena, o, a.reshape(-1))
+            _copy_in(self._arena, o, a.reshape(-1).astype(self._avg_dtype, copy=False))
         for k, v in hyper.items():
             setattr(self, k, type(getattr(self, k))(v))
         self.num_updates = int(count)

@@ -16,6 +16,7 @@ from numba import njit
 import fastopt
 from cases import N_DRAWS, gradients, hparams
 from conftest import BACKENDS, SIMULATOR, to_backend, to_host
+from fastopt.buffer import _copy_in
 from fastopt.kernels import RULES, _formats
 from fastopt.kernels._formats import load, rounding_key, store
 
@@ -294,14 +295,28 @@ def test_guard_and_norm_read_16_bit_gradients(fmt):
     assert opt.last_step_skipped and np.array_equal(buf.arena.view(BITS[fmt]), before.view(BITS[fmt]))
 
 
-def test_ema_of_bf16_params():
-    buf = fastopt.ParamBuffer([a.astype(BF16) for a in _init(np.float32)])
-    ema = fastopt.EMA(buf, decay=0.5)
-    start = buf.arena.astype(np.float32)
-    buf.arena[...] = (buf.arena.astype(np.float32) + 1).astype(BF16)
-    ema.update()
-    want = (0.5 * start + 0.5 * buf.arena.astype(np.float32)).astype(BF16)
-    np.testing.assert_array_equal(ema.averaged()[0].astype(np.float32), want[:33 * 7].reshape(33, 7).astype(np.float32))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["EMA", "Polyak"])
+def test_averages_of_16_bit_params_are_float32(kind, backend):
+    """Increments far below half a bf16 step still move the average (float32): params moved
+    from 1 to 2, then averaged at decay 0.99 (a bf16 average would stay at 1). A swap writes
+    the average's nearest rounding into the params and gives the live weights back bit for
+    bit; the average itself is not rounded by it."""
+    updates = 300 if backend == "cpu" else 40  # the simulator runs every thread in Python
+    live = to_backend(np.ones(37, BF16), backend)
+    avg = fastopt.EMA([live], decay=0.99) if kind == "EMA" else fastopt.PolyakAverage([live])
+    moved = to_backend(np.full(37, 2.0, BF16), backend)
+    _copy_in(live, 0, to_host(moved))
+    for _ in range(updates):
+        avg.update()
+    want = 2 - 0.99 ** updates if kind == "EMA" else (1 + 2 * updates) / (updates + 1)
+    got = to_host(avg.averaged()[0])
+    assert got.dtype == np.float32 and got[0] != 1.0
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    with avg.average_parameters():
+        np.testing.assert_array_equal(to_host(live).view(np.uint16), got.astype(BF16).view(np.uint16))
+    np.testing.assert_array_equal(to_host(live).view(np.uint16), np.full(37, 2.0, BF16).view(np.uint16))
+    np.testing.assert_array_equal(to_host(avg.averaged()[0]), got)
 
 
 def test_state_dict_to_torch_and_back_in_bf16():
