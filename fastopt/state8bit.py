@@ -212,13 +212,13 @@ class Plan8:
             self.m = None if self.masters is None else List(self.masters)
 
     def run(self, scalars, grads, rounding=None):
-        if rounding is not None:
-            key, step = rounding
-            scalars = (*scalars[:-1], _formats.rounding_key(key, step))
         if not self.params:
             return 0
         if not self.cpu:
-            return self._run_cuda(scalars, grads)
+            return self._run_cuda(scalars, grads, rounding)
+        if rounding is not None:
+            key, step = rounding
+            scalars = (*scalars[:-1], _formats.rounding_key(key, step))
         params, own = self.lists
         g = own if own is not None else grads.typed(self.group)
         launches = 0
@@ -232,10 +232,12 @@ class Plan8:
             launches += 1
         return launches
 
-    def _run_cuda(self, scalars, grads):
+    def _run_cuda(self, scalars, grads, rounding):
         g = self.grads if self.grads is not None else [_formats.kernel_view(x.reshape(x.size))
                                                        for x in grads.arrays(self.group)]
         for t, (p, big) in enumerate(zip(self.params, self.big)):
+            if rounding is not None:  # a launch per tensor, its elements counted from 0: a key per tensor
+                scalars = (*scalars[:-1], _formats.rounding_key(*rounding, t))
             master = None if self.masters is None else self.masters[t]
             if big:
                 states = [x for q in self.q for x in ((None, None) if q is None else (q[0][t], q[1][t]))]

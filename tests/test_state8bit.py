@@ -305,3 +305,18 @@ def test_an_overflowing_square_costs_its_block_no_nan(backend):
     ref32.step([np.full(5000, 1e-3, np.float32)])
     ref32.step([np.full(5000, 1e-3, np.float32)])
     np.testing.assert_allclose(got[256:], ref[256:], rtol=1e-6)  # the other blocks as a 32-bit run's
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stochastic_rounding_keys_each_8bit_tensor_apart(backend):
+    """Two equal tensors with equal gradients in one group round differently: the rounding is
+    keyed per tensor (CUDA launches one kernel per tensor, its elements counted from 0)."""
+    import ml_dtypes
+    bf16 = ml_dtypes.bfloat16
+    values = np.random.default_rng(2).standard_normal(4096).astype(bf16)
+    params = [to_backend(values.copy(), backend) for _ in range(2)]
+    opt = fastopt.AdamW(params, lr=1e-3, state_bits=8, stochastic_rounding=True)
+    g = np.random.default_rng(3).standard_normal(4096).astype(bf16)
+    opt.step([to_backend(g, backend) for _ in range(2)])
+    a, b = (to_host(p).view(np.uint16) for p in params)
+    assert (a != values.view(np.uint16)).any() and (a != b).any()
