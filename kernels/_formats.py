@@ -246,7 +246,9 @@ def _store_f16(x, noise):
         up = np.float32(_U(noise) & _U(0xFFFFFF)) < (scaled - whole) * np.float32(16777216.0)
         tiny = _U(np.int32(whole)) + _U(up)
         normal = (f + (_U(noise) & _U(0x1FFF)) - _REBIAS) >> _U(13)
-        normal = _pick(normal < _U(0x7C00), normal, _U(0x7C00))
+        # rounded up past float16's largest finite value (x in (65504, 65536)): kept at it, so
+        # that a finite value never becomes inf by chance
+        normal = _pick(normal < _U(0x7C00), normal, _U(0x7BFF))
     o = _pick(f >= _F16_MAX, big, _pick(f < _SUBNORMAL, tiny, normal))
     return np.int16(o | (sign >> _U(16)))
 

@@ -104,6 +104,17 @@ def test_stochastic_rounding_is_unbiased_between_the_two_neighbours(fmt):
         assert abs(values.mean() - np.float32(value)) <= 5 * (high - low) * np.sqrt(p * (1 - p) / x.size)
 
 
+def test_stochastic_rounding_never_makes_a_finite_float16_inf():
+    """Between float16's largest value (65504) and 65536 rounding up would give inf: those
+    values are kept at 65504 (round to nearest gives inf from 65520 on)."""
+    rng = np.random.default_rng(4)
+    x = np.full(20_000, 65505.0, np.float32)
+    x[::2] = 65530.0
+    got = np.zeros(x.size, np.int16)
+    _store_noisy(x, got, rng.integers(0, 2 ** 32, x.size, dtype=np.uint64).astype(np.uint32))
+    assert (got.view(np.float16) == np.float16(65504)).all()
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_stochastic_rounding_compiled_equals_python(fmt):
     x = _edge_values()[:3000]
