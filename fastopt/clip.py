@@ -101,7 +101,25 @@ def _grad_arrays(grads, name="grads", writeable=False):
 
 def grad_norm(grads, norm_type=2.0):
     """The global norm of ``grads`` (a ParamBuffer's grad arena, or a list of arrays)."""
-    return NormPlan(_grad_arrays(grads)).norm(norm_type)[0]
+    return _global_norm(_grad_arrays(grads), norm_type)[0]
+
+
+def _global_norm(arrays, norm_type):
+    """``(norm, all finite)`` of arrays whose dtypes may differ (as torch's clip takes them):
+    one pass per dtype, the partial norms combined in float64, in the order the dtypes come."""
+    groups = {}
+    for a in arrays:
+        groups.setdefault(str(a.dtype), []).append(a)
+    if len(groups) <= 1:
+        return NormPlan(arrays).norm(norm_type)
+    mode = _reduce.mode_of(norm_type)
+    parts = [NormPlan(g).norm(norm_type) for g in groups.values()]
+    norms = np.array([n for n, _ in parts], np.float64)
+    finite = all(f for _, f in parts)
+    if mode == _reduce.MAX:
+        return float(norms.max()), finite
+    p = 2.0 if mode == _reduce.SQUARES else float(norm_type)
+    return float(np.sum(norms ** p) ** (1.0 / p)), finite
 
 
 def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
@@ -116,7 +134,7 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
     if not (isinstance(max_norm, numbers.Real) and not isinstance(max_norm, (bool, np.bool_)) and max_norm > 0):
         raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
     arrays = _grad_arrays(grads, writeable=True)  # every array checked before the first is scaled
-    total, finite = NormPlan(arrays).norm(norm_type)
+    total, finite = _global_norm(arrays, norm_type)
     if not finite and error_if_nonfinite:
         raise FloatingPointError(f"the total norm of order {norm_type} of the gradients is non-finite, "
                                  "so it cannot be clipped (error_if_nonfinite=True)")

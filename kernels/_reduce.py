@@ -13,6 +13,7 @@ Per chunk two numbers come back: ``sum(|x|**p)`` (``max |x|`` for p = inf) and
 check costs no branch and no extra pass.
 """
 import math
+import numbers
 
 import numpy as np
 from numba import njit
@@ -75,7 +76,12 @@ def chunk_table(sizes, chunk=None, places=None):
 
 
 def mode_of(norm_type):
-    norm_type = float(norm_type)
+    if isinstance(norm_type, bool) or not isinstance(norm_type, (numbers.Real, str)):
+        raise ValueError(f"norm_type must be a positive number or inf, got {norm_type!r}")
+    try:
+        norm_type = float(norm_type)  # "inf" as torch takes it
+    except ValueError:
+        raise ValueError(f"norm_type must be a positive number or inf, got {norm_type!r}") from None
     if norm_type == 2.0:
         return SQUARES
     if norm_type == math.inf:

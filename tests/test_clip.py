@@ -275,3 +275,26 @@ def test_one_nonfinite_value_in_any_chunk_is_seen(norm_type, bad, monkeypatch):
     assert not finite
     if not math.isnan(bad):
         assert total == math.inf
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, float("inf")])
+def test_gradients_of_several_dtypes_have_one_global_norm(norm_type):
+    """As torch's clip takes them: float32, float64 and bfloat16 gradients in one list."""
+    import ml_dtypes
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal(40).astype(np.float32), rng.standard_normal(7),
+             rng.standard_normal(33).astype(ml_dtypes.bfloat16)]
+    flat = np.concatenate([g.astype(np.float64) for g in grads])
+    want = np.abs(flat).max() if norm_type == float("inf") else np.sum(np.abs(flat) ** norm_type) ** (1 / norm_type)
+    assert fastopt.grad_norm(grads, norm_type) == pytest.approx(want, rel=1e-6)
+    before = [g.astype(np.float64) for g in grads]
+    total = fastopt.clip_grad_norm_(grads, 0.5, norm_type)
+    assert total == pytest.approx(want, rel=1e-6)
+    for g, b in zip(grads, before):
+        np.testing.assert_allclose(g.astype(np.float64), b * 0.5 / (want + 1e-6), rtol=1e-2)
+
+
+@pytest.mark.parametrize("norm_type", ["fro", None, True, -1.0])
+def test_a_bad_norm_type_is_named(norm_type):
+    with pytest.raises(ValueError, match="norm_type must be"):
+        fastopt.clip_grad_norm_([np.ones(3)], 1.0, norm_type=norm_type)
