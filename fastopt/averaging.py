@@ -256,7 +256,8 @@ class _Averager:
 
 class EMA(_Averager):
     """``EMA(params, decay=0.999, warmup=False)``: exponential moving average of ``params``
-    (a ParamBuffer, or a list of float32/float64 NumPy or CUDA arrays); see the module doc."""
+    (a ParamBuffer, or a list of NumPy or CUDA arrays: float32, float64, or bfloat16/float16,
+    whose average is float32); see the module doc."""
 
     rule = ema.EMA
 

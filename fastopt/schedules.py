@@ -17,6 +17,8 @@ import bisect
 import math
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
+
 # The kinds of built-in schedule and the one formula of each live beside the device step
 # (the bottom floor), which evaluates them from the device step count; the host's callables
 # call the same functions.
@@ -47,7 +49,7 @@ def _number(name: str, value: float, lo: float = 0.0, hi: float = math.inf, hi_c
 
 
 def _count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -161,6 +163,7 @@ def _joined_rows(schedules: list, boundaries: list[int]) -> list[Row] | None:
 def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, final: float = 0.0) -> Schedule:
     """Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then cosine decay to ``final``
     (default 0.0) at ``total_steps``, which must exceed ``warmup_steps`` (both positive integers)."""
+    _count("warmup_steps", warmup_steps)
     _count("total_steps", total_steps)
     if total_steps <= warmup_steps:
         raise ValueError(f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})")

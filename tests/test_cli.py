@@ -329,10 +329,14 @@ BAD = [
     (["train", "--optimizer", "sgd", "--nesterov"], "Nesterov momentum requires a momentum"),
     (["train", "--schedule", "warmup_cosine", "--warmup-steps", "100000"], "--schedule warmup_cosine"),
     (["train", "--resume", "--out", "{tmp}/fresh"], "--resume: no checkpoint in"),
-    (["train", "--out", "{tmp}/bad.npz"], "File exists"),
+    (["train", "--out", "{tmp}/bad.npz"], "--out {tmp}/bad.npz: cannot make this folder (File exists)"),
+    (["train", "--out", "{tmp}/bad.npz/sub"], "--out {tmp}/bad.npz/sub: cannot make this folder (Not a directory)"),
+    (["train", "--checkpoint", "--out", "{tmp}/taken"], "checkpoint.npz there is a folder, where this run writes"),
+    (["bench", "-n", "1e30"], "argument -n: must be between 1 and 1e9, got 1e30"),
+    (["compare", "--optimizers", "adam:bf16:fp16"], "--optimizers adam:bf16:fp16: 'fp16' sets precision again"),
     (["compare", "--optimizers", "sgd,adamm"], "unknown optimizer 'adamm'"),
     (["valley", "--optimizers", "sgd,sgd"], "optimizer listed twice"),
-    (["bench", "-n", "0"], "argument -n: must be >= 1"),
+    (["bench", "-n", "0"], "argument -n: must be between 1 and 1e9, got 0"),
     (["bench", "-n", "2.5"], "argument -n: expected an integer, got '2.5'"),
     (["bench", "-n", "1e999"], "argument -n: expected an integer, got '1e999'"),
     (["train", "--threads", "0"], "argument --threads/--kernel-threads: must be >= 1"),
@@ -368,6 +372,8 @@ def test_bad_arguments_give_one_line_and_exit_2(tmp_path, capsys, monkeypatch, a
     for name, labels in BAD_LABELS.items():
         images = np.zeros((4, 8, 8), np.uint8)
         np.savez(tmp_path / f"{name}.npz", x_train=images, y_train=labels, x_test=images, y_test=np.arange(4))
+    (tmp_path / "taken" / "checkpoint.npz").mkdir(parents=True)
+    message = message.format(tmp=tmp_path)
     argv = [a.format(tmp=tmp_path) for a in argv] + (["--no-progress"] if argv[0] == "train" else [])
     code, out, err = run(argv, capsys)
     assert code == 2
@@ -431,3 +437,18 @@ def test_f_star_is_scipys_within_rounding_and_says_when_scipy_stopped_short():
     assert fstar == 0.5 - 1e-16 and source.startswith("scipy L-BFGS-B, within rounding: newton's lowest loss")
     fstar, source = choose_fstar(0.5, "newton", 0.5 - 1e-9)
     assert fstar == 0.5 - 1e-9 and source == "newton's lowest loss: scipy L-BFGS-B stopped 1.0e-09 above it"
+
+
+def test_a_one_step_warmup_cosine_run_and_the_version(tmp_path, capsys):
+    """The default warm-up (5% of the steps) leaves a one-step run without one, not an error."""
+    code, _, err = run(["train", "--schedule", "warmup_cosine", "--limit", 10, "--epochs", 1, "--no-progress",
+                        "--out", tmp_path], capsys)
+    assert code == 0, err
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"fastopt {__import__('fastopt').__version__}"
+
+
+def test_a_divergence_warning_names_the_options_that_cause_one(tmp_path, capsys):
+    _, out, err = run(["train", "--eps", 0, "--out", tmp_path, "--epochs", 1, *TINY], capsys)
+    out += err
+    assert "suspects: eps=0 (a zero second moment divides 0 by 0)" in out

@@ -62,6 +62,8 @@ def build_parser():
     p = _Parser(prog="fastopt", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
                 description="Train small nets with fastopt's fused optimizers, compare the optimizers, "
                             "and draw their paths on the lecture notes' test problems.")
+    from .. import __version__
+    p.add_argument("--version", action="version", version=f"fastopt {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for command, (summary, description) in SUBCOMMANDS.items():
         extra = dict(formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES) \

@@ -71,6 +71,8 @@ nonnegative_float = _number(float, lambda v: v >= 0, ">= 0")
 decay_factor = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 open_unit_float = _number(float, lambda v: 0 < v < 1, "in (0, 1)")
 positive_int = _number(int, lambda v: v >= 1, ">= 1")
+# bench's parameter count: its five float32/float64 arrays must fit in memory (1e9: about 28 GB)
+bench_size = _number(int, lambda v: 1 <= v <= 10**9, "between 1 and 1e9")
 nonnegative_int = _number(int, lambda v: v >= 0, ">= 0")
 finite_float = _number(float, lambda v: True, "a finite number")
 finite_int = _number(int, lambda v: True, "an integer")
@@ -269,7 +271,7 @@ FLAGS = [
          help=f"comma-separated, from {', '.join(VALLEY_OPTIMIZERS)} (default: %(default)s)"),
     flag("--steps", commands=["valley"], type=positive_int, default=None,
          help="steps per problem (default: quadratic 100, Rosenbrock 2000)"),
-    flag("-n", commands=["bench"], type=positive_int, default=10_000_000,
+    flag("-n", commands=["bench"], type=bench_size, default=10_000_000,
          help="number of parameters, e.g. 1e6 or 1000000 (default: 1e7)", dest="n"),
     flag("--steps", commands=["bench"], type=positive_int, default=20, help="timed steps (default: %(default)s)"),
     # the optimizer

@@ -147,14 +147,25 @@ def fit(cfg, data, model, opt, ema, log, start_epoch=0, history=None, step_losse
         log(epoch_line(record, cfg.epochs, label))
         warning = watch.check(step_losses, record["epoch"])
         if warning:
-            log(f"{label}warning: {warning}; the learning rate (peak {peak_lr(opt, cfg.epochs * steps):g}) is "
-                "probably too high")
+            log(f"{label}warning: {warning}; {_suspects(opt, peak_lr(opt, cfg.epochs * steps))}")
         if on_epoch is not None:
             on_epoch(history, step_losses)
         if not (np.isfinite(record["train_loss"]) and np.isfinite(test_loss)):
             log(f"{label}the loss is no longer finite (diverged): stopping")
             return history, step_losses, True
     return history, step_losses, False
+
+
+def _suspects(opt, peak):
+    """What most likely made a run diverge, the options that can before the learning rate."""
+    found = []
+    if opt.param_groups[0].get("eps", None) == 0:
+        found.append("eps=0 (a zero second moment divides 0 by 0)")
+    if getattr(opt, "state_dtype", None) == np.float16:
+        found.append("float16 state (it flushes small values to zero and overflows past 65504)")
+    if not found:
+        return f"the learning rate (peak {peak:g}) is probably too high"
+    return "suspects: " + "; ".join([*found, f"a learning rate too high (peak {peak:g})"])
 
 
 def epoch_lr(opt, steps):

@@ -49,7 +49,13 @@ def open_out(out, log, checkpoint=False):
     """Create the folder ``out`` (once every setting has been checked), saying first what of
     an earlier run's it holds (see :func:`replacing`)."""
     replacing(out, log, checkpoint)
-    Path(out).mkdir(parents=True, exist_ok=True)
+    taken = [name for name in OUTPUTS if (Path(out) / name).is_dir() and (name != CHECKPOINT or checkpoint)]
+    if taken:  # found now, not after the first epoch's training
+        raise OSError(f"--out {out}: {', '.join(taken)} there is a folder, where this run writes a file")
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--out {out}: cannot make this folder ({e.strerror or e})") from None
 
 
 # -- metrics and pictures -----------------------------------------------------------------------

@@ -71,6 +71,9 @@ def split_variant(name):
     base, *variants = name.split(":")
     changes = {}
     for v in variants:
+        clash = [k for k, value in VARIANTS[v].items() if k in changes and changes[k] != value]
+        if clash:
+            raise UsageError(f"--optimizers {name}: {v!r} sets {clash[0]} again (one value each)")
         changes.update(VARIANTS[v])
     return base, changes
 
@@ -254,6 +257,8 @@ def make_schedule(cfg, lr, steps_per_epoch):
         if cfg.schedule == "cosine":
             return schedules.cosine_decay(lr, total, final=cfg.final_lr)
         if cfg.schedule == "warmup_cosine":
+            if cfg.warmup_steps is None and total < 2:  # the default warm-up: 5%, none in a one-step run
+                return schedules.cosine_decay(lr, total, final=cfg.final_lr)
             warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, total // 20)
             return schedules.warmup_cosine(lr, warmup, total, final=cfg.final_lr)
     except ValueError as e:
