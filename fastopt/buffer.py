@@ -167,7 +167,7 @@ class ParamBuffer:
             if not arrays:
                 raise ValueError("arrays is empty: a ParamBuffer needs at least one parameter")
             device = "cpu" if isinstance(arrays[0], np.ndarray) else "cuda"
-            dtype = arrays[0].dtype
+            dtype = getattr(arrays[0], "dtype", None)
             for i, a in enumerate(arrays):
                 cuda = hasattr(a, "__cuda_array_interface__")
                 where = "cpu" if isinstance(a, np.ndarray) else "cuda" if cuda else None

@@ -90,3 +90,8 @@ def test_offsets_and_arena_size_are_whole_lines_of_the_dtype(dtype, offsets, siz
     opt.step()
     assert opt.launches == 1
     assert [a.size for a in opt.arenas.values()] == [size, size]
+
+
+def test_a_nested_list_is_named_not_an_attribute_error():
+    with pytest.raises(TypeError, match=r"arrays\[0\] must be a NumPy or CUDA array, got list"):
+        ParamBuffer([[1.0, 2.0]])
