@@ -225,7 +225,7 @@ class _Arena:
         params = self.params
         if list(map(_data_ptr, params)) == self.ptrs and all(map(operator.is_, map(_grad_of, params), self.grads)):
             return len(params)  # the hot path: every param in place, every gradient the arena's view
-        live = 0
+        live, absent = 0, []  # set only when every param passed: a refused step leaves no stale list
         for i, (p, ptr, view) in enumerate(zip(self.params, self.ptrs, self.grads)):
             if p.data_ptr() != ptr:
                 other = _owner(p)
@@ -242,7 +242,7 @@ class _Arena:
                 live += 1
             elif g is None:  # skipped, as torch skips it: the step restores what it would change
                 view.zero_()
-                self.absent.append(i)
+                absent.append(i)
             elif g.is_sparse:
                 raise SparseGradientError(f"param {names(self, self._position(p))} has a sparse gradient: "
                                           f"{SparseGradientError.__doc__}")
@@ -250,6 +250,7 @@ class _Arena:
                 with torch.no_grad():  # a create_graph gradient must not make the arena part of a graph
                     view.copy_(g)
                 live += 1
+        self.absent = absent
         return live
 
 
@@ -437,6 +438,8 @@ class _TorchOptimizer(torch.optim.Optimizer):
         for arena in self._arenas:
             live += arena.gather(self._name)
         if not live and self._arenas:
+            for arena in self._arenas:
+                arena.absent = []  # nothing stepped: nothing to write back at a later step
             return loss  # no param has a gradient: torch changes nothing either
         if live < self._trainable and not self._warned_none:
             self._warned_none = True

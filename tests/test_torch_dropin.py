@@ -738,3 +738,19 @@ def test_nadam_running_product_crosses_over_after_beta_edits(direction):
                 opt.param_groups[0]["betas"] = (0.8, 0.99)
                 opt.param_groups[1]["momentum_decay"] = 0.01
     assert_same(net_a, opt_a, net_b, opt_b)
+
+
+def test_a_step_with_no_gradient_at_all_leaves_the_next_one_whole():
+    """A step before any backward (every .grad None) changes nothing; the next, after a
+    backward, updates every param (none is held back as skipped)."""
+    net = make()
+    opt = ft.SGD(net.parameters(), lr=0.1)
+    opt.zero_grad()
+    before = [p.detach().clone() for p in net.parameters() if p.requires_grad]
+    opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, (p for p in net.parameters() if p.requires_grad)))
+    img, tok, y = BATCHES[0]
+    nn.functional.cross_entropy(net(img, tok), y).backward()
+    opt.step()
+    moved = [not torch.equal(a, p) for a, p in zip(before, (p for p in net.parameters() if p.requires_grad))]
+    assert all(moved)
