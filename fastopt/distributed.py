@@ -61,7 +61,8 @@ import numpy as np
 from .buffer import ALIGN, ParamBuffer, _cupy, find_segment
 from .checkpoint import atomic_write
 from .clip import NormPlan, clip_coefficient
-from .optimizer import NONFINITE, Optimizer
+from .kernels import _formats
+from .optimizer import MASTER, NONFINITE, Optimizer
 
 MANIFEST_FORMAT = "fastopt-sharded-checkpoint-1"
 SHARD_FORMAT = "fastopt-shard-1"
@@ -139,6 +140,9 @@ class ShardedOptimizer:
             raise NotShardable(f"{cls.__name__} scales each tensor by a ratio of per-tensor norms, which cross "
                                "shard boundaries: it cannot be sharded here (use an element-wise rule: SGD, "
                                "Adam, AdamW, Lion, ...)")
+        if kwargs.get("state_bits") == 8:
+            raise NotShardable("state_bits=8: 8-bit blockwise state is laid out per tensor, not per element, so "
+                               "it cannot be cut into shards here (shard 32-bit or 16-bit state)")
         self.max_grad_norm = kwargs.pop("max_grad_norm", None)
         self.nonfinite = kwargs.pop("nonfinite", "skip")
         if self.max_grad_norm is not None and not (0 < self.max_grad_norm < math.inf):
@@ -150,6 +154,9 @@ class ShardedOptimizer:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         groups = self._user_groups(params)
         buf = self.buffer
+        if buf.dtype == _formats.BFLOAT16:
+            raise NotShardable("bfloat16 params: MPI has no bfloat16 sum to average the gradients with (use "
+                               "float32 or float16 params, or float32 params with state_dtype='bfloat16')")
         self.xp = np if buf.device == "cpu" else _cupy()
         self.dtype = buf.dtype
         self.n = int(buf.arena.size)
@@ -362,7 +369,7 @@ class ShardedOptimizer:
         export = self.inner.export_state()
         local = {}
         for name, arena in export["arenas"].items():
-            out = np.zeros(self.shard_size, self.dtype)
+            out = np.zeros(self.shard_size, _staged_dtype(self, name))
             for (i, a, b), off in zip(self._pieces, export["offsets"]):
                 if i is not None:
                     out[a - self.lo:b - self.lo] = arena[off:off + b - a]
@@ -377,7 +384,7 @@ class ShardedOptimizer:
             export, local = self._shard_state()
             full = {}
             for name in sorted(local):
-                recv = np.empty(self.shard_size * self.size, self.dtype)
+                recv = np.empty(self.shard_size * self.size, local[name].dtype)
                 self._collective(f"allgather of state {name!r}", self.comm.Iallgather, self.comm.Allgather,
                                  local[name], recv, staged=False)
                 full[name] = recv[:self.n]
@@ -386,6 +393,7 @@ class ShardedOptimizer:
                                                             export["restarts"], export["running"]):
                 # a state the next update starts from the gradient holds nothing yet: left out (as one process)
                 kept = set(self.inner.states_needed(g)) - (set(self.inner.rule.start_from_grad) if restart else set())
+                kept.add(MASTER)  # float16 params' float32 copy, as one process's state dict holds it
                 # params numbered in group order, as one process over these groups numbers them
                 ids = list(range(first, first + len(indices)))
                 first += len(indices)
@@ -396,7 +404,7 @@ class ShardedOptimizer:
                         size = int(np.prod(shape, dtype=np.int64))
                         state[j] = {"step": float(t), **{n: full[n][o:o + size].reshape(shape).copy()
                                                          for n in sorted(kept) if n in full}, **running}
-            return {"state": state, "param_groups": groups}
+            return {"state": state, "param_groups": groups, "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state_dict):
         """Load a state dict of ``cls`` over the whole buffer (one process's, or
@@ -407,10 +415,14 @@ class ShardedOptimizer:
             try:
                 pieces = self._pieces_state_dict(state_dict)
                 checked = self.inner._read_state_dict(pieces)
+                skipped = state_dict.get("skipped_steps", self.skipped_steps)
+                if isinstance(skipped, bool) or not isinstance(skipped, (int, np.integer)) or skipped < 0:
+                    raise ValueError(f"the state dict's skipped_steps must be a count, got {skipped!r}")
             except (ValueError, TypeError, KeyError) as e:
                 problem = e
             self._agree(problem, "the state dict")
             self.inner.restore(*checked)
+            self.skipped_steps = int(skipped)  # the wrapper's count (its inner optimizer never skips)
 
     def _pieces_state_dict(self, sd):
         """A full state dict cut to this rank's pieces (the wrapped optimizer's layout)."""
@@ -428,8 +440,8 @@ class ShardedOptimizer:
                 entry = entries.get(i) if i is not None else next((e for e in entries.values() if e), None)
                 out = {}
                 for name, value in (entry or {}).items():
-                    if name == "step" or value is None:
-                        out[name] = value
+                    if name == "step" or value is None or name in self.inner.rule.running:
+                        out[name] = value  # a count, or a running scalar (NAdam's mu_product): every piece's
                         continue
                     value = np.asarray(value)
                     if i is None:
@@ -444,7 +456,7 @@ class ShardedOptimizer:
                 ids.append(j)
                 j += 1
             new_groups.append({**saved, "params": ids})
-        return {"state": new_state, "param_groups": new_groups}
+        return {"state": new_state, "param_groups": new_groups}  # skipped_steps: the wrapper's own (load_state_dict)
 
     def _agree(self, problem, what):
         """Every rank learns whether any rank found a problem; all raise if one did."""
@@ -590,6 +602,15 @@ def load_sharded(folder, opt, name="optimizer"):
             opt.buffer.arena[...] = opt._param_recv[:opt.n]
 
 
+def _staged_dtype(opt, state):
+    """The dtype a state travels and is saved in: a float32 master copy as float32, bfloat16
+    state as float32 (exactly; MPI and .npz have no bfloat16), any other in the params' dtype
+    (that of the state arenas)."""
+    if state == MASTER or opt.inner.state_dtype == _formats.BFLOAT16:
+        return np.dtype(np.float32)
+    return np.dtype(opt.inner.state_dtype)
+
+
 def _read_shards(folder, opt, name):
     """``(merged groups, steps, {(piece, state): values}, param slice, skipped steps, restarts,
     running values)``, all
@@ -613,7 +634,7 @@ def _read_shards(folder, opt, name):
     if lacking:
         raise ShardError(f"{path}: state {', '.join(lacking)} is missing (the saved options need it)")
     lo, hi = opt.lo, opt.hi
-    states = {s: np.zeros(hi - lo, opt.dtype) for s in m["states"]}
+    states = {s: np.zeros(hi - lo, _staged_dtype(opt, s)) for s in m["states"]}
     params = np.zeros(hi - lo, opt.dtype)
     covered = 0
     for s in m["shards"]:
@@ -635,12 +656,13 @@ def _read_shards(folder, opt, name):
                 raise ShardError(f"shard {s['rank']} ({file}) is from another save (tag {meta.get('tag')!r}, "
                                  f"the manifest's {m['tag']!r})")
             for key, out in [(f"state.{n}", states[n]) for n in m["states"]] + [("params", params)]:
+                want = out.dtype
                 if key not in z.files:
                     raise ShardError(f"shard {s['rank']} ({file}) has no {key}")
                 v = z[key]
-                if v.shape != (s["hi"] - s["lo"],) or v.dtype != opt.dtype:
+                if v.shape != (s["hi"] - s["lo"],) or v.dtype != want:
                     raise ShardError(f"shard {s['rank']} ({file}): {key} is {v.dtype}{list(v.shape)}, not "
-                                     f"{opt.dtype}[{s['hi'] - s['lo']}]")
+                                     f"{want}[{s['hi'] - s['lo']}]")
                 out[a - lo:b - lo] = v[a - s["lo"]:b - s["lo"]]
         covered += b - a
     if covered != hi - lo:

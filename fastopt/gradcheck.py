@@ -131,9 +131,11 @@ def _central_differences(fn, inputs, x, eps):
 
 def _report(names, inputs, analytic, numeric, eps, rtol, atol, raise_on_fail):
     a, n = np.concatenate(analytic), np.concatenate(numeric)
-    diff = np.abs(a - n)
-    rel = diff / np.maximum(np.maximum(np.abs(a), np.abs(n)), TINY)
-    failing = (rel > rtol) & (diff > atol)
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, failed below
+        diff = np.abs(a - n)
+        rel = diff / np.maximum(np.maximum(np.abs(a), np.abs(n)), TINY)
+    # an inf or NaN on either side fails: NaN > rtol is False, and inf - inf is NaN
+    failing = ((rel > rtol) & (diff > atol)) | ~np.isfinite(a) | ~np.isfinite(n)
     # the worst element: the largest relative error among those over the absolute floor,
     # since below it the relative error only measures rounding
     candidates = failing if failing.any() else (diff > atol) if (diff > atol).any() else np.ones_like(failing)
@@ -141,7 +143,8 @@ def _report(names, inputs, analytic, numeric, eps, rtol, atol, raise_on_fail):
     starts = np.cumsum([0] + [x.size for x in inputs])
     which = int(np.searchsorted(starts, k, side="right") - 1)
     report = GradcheckReport(
-        passed=not failing.any(), max_rel_error=float(rel.max(initial=0.0)), worst_input=names[which],
+        passed=not failing.any(), max_rel_error=float(np.nan_to_num(rel, nan=np.inf).max(initial=0.0)),
+        worst_input=names[which],
         worst_index=tuple(int(i) for i in np.unravel_index(k - starts[which], inputs[which].shape)),
         analytic=float(a[k]) if a.size else 0.0, numeric=float(n[k]) if a.size else 0.0,
         n_failed=int(failing.sum()), n_checked=int(a.size), eps=eps, rtol=rtol, atol=atol,

@@ -36,11 +36,11 @@ def _cases():
             "lion": (fastopt.Lion, dict(lr=1e-3, weight_decay=0.1))}
 
 
-def _model():
+def _model(dtype=np.float32):
     """A fresh ParamBuffer with the initial weights, and its two param groups (no decay on the 1-D params)."""
     import fastopt
     rng = np.random.default_rng(0)
-    buf = fastopt.ParamBuffer([rng.standard_normal(s).astype(np.float32) for s in SHAPES])
+    buf = fastopt.ParamBuffer([rng.standard_normal(s).astype(dtype) for s in SHAPES])
     decay = [p for p in buf.params if p.ndim > 1]
     return buf, [{"params": decay}, {"params": [p for p in buf.params if p.ndim == 1], "weight_decay": 0.0}]
 
@@ -219,7 +219,64 @@ def worker_fail(folder, how):
             comm.Abort(3)
 
 
-WORKERS = {"train": worker_train, "reshard": worker_reshard, "fail": worker_fail}
+def worker_extras(folder):
+    """What a state carries besides its arrays, through the sharded state dict and save_sharded:
+    NAdam's running product (beta1 edited mid-run), float16 params' float32 master copy, and
+    the count of skipped steps."""
+    from mpi4py import MPI
+
+    import fastopt
+    from fastopt.distributed import ShardedOptimizer, load_sharded, save_sharded
+    comm, result = MPI.COMM_WORLD, {}
+    R, rank = comm.Get_size(), comm.Get_rank()
+    # NAdam: one process's state dict into a sharded optimizer, which then goes on as one process
+    buf, groups = _model()
+    ref_buf, ref_groups = _model()
+    ref = fastopt.NAdam(ref_groups, lr=1e-2, nonfinite="propagate")
+    for step in range(6):
+        if step == 2:
+            ref.param_groups[0]["betas"] = (0.8, 0.99)
+        _write(ref_buf, _averaged(step, R))
+        ref.step()
+    opt = ShardedOptimizer(fastopt.NAdam, groups, comm=comm, timeout=60, lr=1e-2, nonfinite="propagate")
+    opt.load_state_dict(ref.state_dict())
+    buf.arena[...] = ref_buf.arena
+    opt.load_state_dict(opt.state_dict())  # its own state dict loads too
+    for step in range(6, 9):
+        _write(buf, _grads(step, rank))
+        opt.step()
+        _write(ref_buf, _averaged(step, R))
+        ref.step()
+    result["nadam_diff"] = float(np.max(np.abs(buf.arena - ref_buf.arena)))
+    # float16 params with float32 masters: a save resumed bit for bit; the state dict holds the masters
+    kw = dict(lr=1e-3, master_weights=True, nonfinite="skip")
+    buf, groups = _model(np.float16)
+    opt = ShardedOptimizer(fastopt.AdamW, groups, comm=comm, timeout=60, **kw)
+    for step in range(8):
+        _write(buf, _grads(step, rank))
+        if step == 2 and rank == R - 1:
+            buf.grads[0][0, 0] = np.nan  # a skipped step, counted
+        opt.step()
+        if step == 3:
+            save_sharded(Path(folder, "f16"), opt)
+    sd = opt.state_dict()
+    buf2, groups2 = _model(np.float16)
+    opt2 = ShardedOptimizer(fastopt.AdamW, groups2, comm=comm, timeout=60, **kw)
+    load_sharded(Path(folder, "f16"), opt2)
+    for step in range(4, 8):
+        _write(buf2, _grads(step, rank))
+        opt2.step()
+    result["f16_resume_exact"] = bool(np.array_equal(buf.arena, buf2.arena))
+    result["f16_master_in_state_dict"] = all("master" in e for e in sd["state"].values())
+    result["skips"] = [opt.skipped_steps, opt2.skipped_steps, sd.get("skipped_steps")]
+    buf3, groups3 = _model(np.float16)  # noqa: RUF059 (the buffer must live: its views name it)
+    opt3 = ShardedOptimizer(fastopt.AdamW, groups3, comm=comm, timeout=60, **kw)
+    opt3.load_state_dict(sd)
+    result["skips"].append(opt3.skipped_steps)
+    _report(folder, "extras", comm, result)
+
+
+WORKERS = {"train": worker_train, "reshard": worker_reshard, "fail": worker_fail, "extras": worker_extras}
 
 # -- the tests (pytest, in this process) ----------------------------------------------------------
 MPIEXEC = shutil.which("mpiexec") or (shutil.which("mpiexec", path=str(Path(sys.executable).parent)))
@@ -385,6 +442,28 @@ def test_lamb_and_lars_refused():
             "    except d.NotShardable as e:\n        print('NotShardable', cls.__name__, 'per-tensor' in str(e))\n")
     out = _python(code)
     assert "NotShardable LAMB True" in out.stdout and "NotShardable LARS True" in out.stdout, out.stdout + out.stderr
+
+
+@needs_mpi
+def test_what_a_state_carries_besides_its_arrays_crosses_the_shards(tmp_path):
+    rc, out, _ = launch(2, "extras", tmp_path)
+    assert rc == 0, out[-4000:]
+    r = _read(tmp_path, "extras-2")
+    assert r["nadam_diff"] < TOL, r
+    assert r["f16_resume_exact"] and r["f16_master_in_state_dict"], r
+    assert r["skips"] == [1, 1, 1, 1], r
+
+
+@needs_mpi
+def test_8bit_state_and_bfloat16_params_are_refused():
+    code = ("import numpy as np, ml_dtypes, fastopt, fastopt.distributed as d\n"
+            "for params, kw in ((fastopt.ParamBuffer(shapes=[(3,)]), dict(state_bits=8)),\n"
+            "                   (fastopt.ParamBuffer([np.ones(3, ml_dtypes.bfloat16)]), {})):\n"
+            "    try:\n        d.ShardedOptimizer(fastopt.AdamW, params, **kw)\n"
+            "    except d.NotShardable as e:\n        print('NotShardable', str(e).split(':')[0])\n")
+    out = _python(code)
+    assert "NotShardable state_bits=8" in out.stdout and "NotShardable bfloat16 params" in out.stdout, \
+        out.stdout + out.stderr
 
 
 def test_shard_bounds_cover_the_arena():

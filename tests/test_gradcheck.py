@@ -165,3 +165,19 @@ def test_check_layer_leaves_input_params_and_running_statistics_unchanged(layers
     assert model.buffers().keys() == buffers0.keys()
     for name, b in model.buffers().items():
         assert np.array_equal(b, buffers0[name]), name
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("side", ["analytic", "function"])
+def test_a_nonfinite_gradient_or_function_fails(bad, side):
+    """NaN > rtol is False: a NaN or inf on either side must fail on its own."""
+    x = np.array([1.0, 2.0, 3.0])
+    grad = 2 * x
+    if side == "analytic":
+        grad[1] = bad
+        f = lambda v: float((v ** 2).sum())  # noqa: E731
+    else:
+        f = lambda v: float((v ** 2).sum()) * (bad if v[1] > 2.0 else 1.0)  # noqa: E731
+    report = gradcheck(f, [x], [grad], raise_on_fail=False)
+    assert not report.passed and report.n_failed >= 1
+    assert report.worst_index == (1,) and report.max_rel_error == np.inf
