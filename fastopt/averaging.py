@@ -31,18 +31,15 @@ import contextlib
 import numpy as np
 
 from .buffer import ParamBuffer, _copy_in, _numel, _to_host, _zeros, layout
+from .clip import SCALE
 from .kernels import _dispatch, _formats, ema, polyak
-from .kernels._rule import Rule
 from .optimizer import _is_array, _Plan, check_disjoint
 
-
-def _cast_math(p, g):
-    return g  # the engine's store rounds it into the param's format (to nearest even)
-
-
-# a copy that converts: the "gradient" (the float32 average) written into the "param" (16-bit
-# weights), on the CPU and on CUDA alike
-_CAST = Rule("average_cast", _cast_math, lambda h, step, lr: {}).kernels
+# a copy that converts: clip's in-place scaling pass (param slot = grad slot * grad_scale) with
+# the float32 average in the gradient slot, the 16-bit weights in the param slot, a factor of 1;
+# the engine's store rounds to nearest, on the CPU and on CUDA alike
+_CAST = SCALE.kernels
+_FACTOR_ONE = _CAST.scalars.pack({}, np.float32)
 
 
 class _Averager:
@@ -70,9 +67,8 @@ class _Averager:
         self._kept_live = None  # the live 16-bit weights while a float32 average is swapped in
         self._plan = self._make_plan()
         self._to_params = self._cast_plan(self._pairs()) if self._avg_dtype != self._dtype else None
-        self._from_params = self._cast_plan([(p, a) for a, p in self._pairs()]) if self._to_params else None
-        if self._from_params is not None:
-            self._from_params.run(self._one, None)
+        if self._to_params is not None:  # the average starts as the params (exact in float32)
+            self._cast_plan([(p, a) for a, p in self._pairs()]).run(_FACTOR_ONE, None)
         else:
             for a, p in self._pairs():
                 _assign(a, p)
@@ -86,10 +82,6 @@ class _Averager:
         if self._buffer is not None:
             return [(self._arena, self._buffer.arena)]
         return list(zip(self._avg_flat, self._live_flat))
-
-    @property
-    def _one(self):
-        return _CAST.scalars.pack({}, np.float32)
 
     @staticmethod
     def _cast_plan(pairs):
@@ -143,7 +135,7 @@ class _Averager:
         if self._to_params is not None:  # a float32 average: the live weights kept aside, the average kept
             if not self._swapped:
                 self._kept_live = [_to_host(p) for _, p in self._pairs()]
-                self._to_params.run(self._one, None)
+                self._to_params.run(_FACTOR_ONE, None)
             else:
                 for (_, p), kept in zip(self._pairs(), self._kept_live):
                     _copy_in(p, 0, kept)
@@ -169,7 +161,7 @@ class _Averager:
         shaped like the averaged params (default: those params, replacing the live weights)."""
         self._not_swapped("copy_to()")
         if params is None and self._to_params is not None:
-            self._to_params.run(self._one, None)
+            self._to_params.run(_FACTOR_ONE, None)
             return
         if params is None:
             targets = self._pairs()
@@ -182,7 +174,7 @@ class _Averager:
             self._check_like(arrays, "params")
             targets = [(a, p.reshape(n)) for a, p, n in zip(self._avg_flat, arrays, self._sizes)]
         if self._to_params is not None:
-            self._cast_plan(targets).run(self._one, None)
+            self._cast_plan(targets).run(_FACTOR_ONE, None)
             return
         for a, p in targets:
             _assign(p, a)

@@ -270,16 +270,8 @@ def _read_meta(path, f):
         groups = None
     if groups is not None and not ints(meta.get("steps"), len(groups)):
         problems.append(f"the step counts {meta.get('steps')!r} are not one non-negative integer per group")
-    restarts = meta.get("restarts")
-    if restarts is not None and groups is not None and not (
-            isinstance(restarts, list) and len(restarts) == len(groups) and all(type(r) is bool for r in restarts)):
-        problems.append(f"'restarts' is {restarts!r}, not one true or false per group")
-    running = meta.get("running")
-    if running is not None and groups is not None and not (
-            isinstance(running, list) and len(running) == len(groups) and all(
-                isinstance(r, dict) and all(type(v) is float and math.isfinite(v) for v in r.values())
-                for r in running)):
-        problems.append(f"'running' is {running!r}, not one mapping of finite numbers per group")
+    if groups is not None:
+        problems += carried_problems(meta, len(groups))
     if meta.get("skipped_steps") is not None and not ints([meta["skipped_steps"]]):
         problems.append(f"'skipped_steps' is {meta['skipped_steps']!r}, not a non-negative integer")
     if shapes is not None and not ints(meta.get("offsets"), len(shapes)):
@@ -297,6 +289,22 @@ def _read_meta(path, f):
     if problems:
         raise ValueError(f"{path} has broken metadata: " + "; ".join(problems))
     return meta
+
+
+def carried_problems(meta, n_groups):
+    """What is wrong with the per-group values besides the step counts that a save carries
+    (``restarts``, ``running``; either may be absent: a save made before they were kept), for
+    checkpoints and sharded manifests alike."""
+    problems = []
+    restarts, running = meta.get("restarts"), meta.get("running")
+    if restarts is not None and not (isinstance(restarts, list) and len(restarts) == n_groups
+                                     and all(type(r) is bool for r in restarts)):
+        problems.append(f"'restarts' is {restarts!r}, not one true or false per group")
+    if running is not None and not (isinstance(running, list) and len(running) == n_groups and all(
+            isinstance(r, dict) and all(type(v) is float and math.isfinite(v) for v in r.values())
+            for r in running)):
+        problems.append(f"'running' is {running!r}, not one mapping of finite numbers per group")
+    return problems
 
 
 def _stored_dtype(key, opt, params):

@@ -154,4 +154,5 @@ def scale_math(p, g):
     return g  # the loop has already multiplied g by the kernel's grad_scale
 
 
-SCALE = Rule("scale", scale_math, lambda h, step, lr: {})  # g *= coef in place: the grad in both slots
+# g *= coef in place (the grad in both slots); also the averagers' converting copy (fastopt/averaging.py)
+SCALE = Rule("scale", scale_math, lambda h, step, lr: {})

@@ -59,7 +59,7 @@ import uuid
 import numpy as np
 
 from .buffer import ALIGN, ParamBuffer, _cupy, find_segment
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, carried_problems
 from .clip import NormPlan, clip_coefficient
 from .kernels import _formats
 from .optimizer import MASTER, NONFINITE, Optimizer
@@ -415,14 +415,13 @@ class ShardedOptimizer:
             try:
                 pieces = self._pieces_state_dict(state_dict)
                 checked = self.inner._read_state_dict(pieces)
-                skipped = state_dict.get("skipped_steps", self.skipped_steps)
-                if isinstance(skipped, bool) or not isinstance(skipped, (int, np.integer)) or skipped < 0:
-                    raise ValueError(f"the state dict's skipped_steps must be a count, got {skipped!r}")
             except (ValueError, TypeError, KeyError) as e:
                 problem = e
             self._agree(problem, "the state dict")
             self.inner.restore(*checked)
-            self.skipped_steps = int(skipped)  # the wrapper's count (its inner optimizer never skips)
+            skipped = checked[4]  # checked with the rest; counted by the wrapper (its inner optimizer never skips)
+            if skipped is not None:
+                self.skipped_steps = skipped
 
     def _pieces_state_dict(self, sd):
         """A full state dict cut to this rank's pieces (the wrapped optimizer's layout)."""
@@ -456,7 +455,7 @@ class ShardedOptimizer:
                 ids.append(j)
                 j += 1
             new_groups.append({**saved, "params": ids})
-        return {"state": new_state, "param_groups": new_groups}  # skipped_steps: the wrapper's own (load_state_dict)
+        return {"state": new_state, "param_groups": new_groups, "skipped_steps": sd.get("skipped_steps")}
 
     def _agree(self, problem, what):
         """Every rank learns whether any rank found a problem; all raise if one did."""
@@ -672,11 +671,7 @@ def _read_shards(folder, opt, name):
         if i is not None:
             for n in m["states"]:
                 arrays[(j, n)] = states[n][a - lo:b - lo]
-    restarts = m.get("restarts", [False] * len(merged))
-    if not (isinstance(restarts, list) and len(restarts) == len(merged) and all(type(r) is bool for r in restarts)):
-        raise ShardError(f"{path}: 'restarts' is {restarts!r}, not one true or false per param group")
-    running = m.get("running")  # None: taken from the step counts (a save before it was kept)
-    if running is not None and not (isinstance(running, list) and len(running) == len(merged) and all(
-            isinstance(r, dict) and all(isinstance(v, float) for v in r.values()) for r in running)):
-        raise ShardError(f"{path}: 'running' is {running!r}, not one mapping of numbers per param group")
-    return merged, m["steps"], arrays, params, int(m.get("skipped_steps", 0)), restarts, running
+    problems = carried_problems(m, len(merged))
+    if problems:
+        raise ShardError(f"{path}: " + "; ".join(problems))
+    return merged, m["steps"], arrays, params, int(m.get("skipped_steps", 0)), m.get("restarts"), m.get("running")

@@ -517,19 +517,20 @@ class Optimizer:
                 self._running[k] = running[k]
 
     def _advanced(self, k, step):
-        """Group ``k``'s running values after its update number ``step``: advanced from those
-        the last update left (taken at constant hyper-parameters when none are kept: a fresh
-        optimizer, a state dict without them)."""
-        group, kept = self.param_groups[k], self._running[k]
-        return {n: r.advance(group, step, kept[n] if n in kept else r.at(group, step - 1))
-                for n, r in self.rule.running.items()}
+        """Group ``k``'s running values after its update number ``step``, advanced from those
+        the updates before it left."""
+        group, before = self.param_groups[k], self.running_values(k, step - 1)
+        return {n: r.advance(group, step, before[n]) for n, r in self.rule.running.items()}
 
-    def running_values(self, k):
-        """Group ``k``'s running values (NAdam's ``mu_product``) after the updates done: a
-        state dict and a checkpoint keep them."""
-        steps = self._steps()[k]
+    def running_values(self, k, steps=None):
+        """Group ``k``'s running values (NAdam's ``mu_product``) after ``steps`` updates
+        (default: those done), which a state dict and a checkpoint keep: the kept ones, or
+        their value at constant hyper-parameters where none are kept (a fresh optimizer, a
+        state dict without them)."""
+        steps = self._steps()[k] if steps is None else steps
         kept = self._running[k]
         return {n: kept[n] if n in kept else r.at(self.param_groups[k], steps) for n, r in self.rule.running.items()}
+
     def _device_decides(self, scaler=False):
         """Whether this step runs decided on the device (CUDA): a capturable optimizer, or a
         guarded ("skip"), clipped or AMP-scaled (``scaler``) step whose rule, options and lr
@@ -795,8 +796,8 @@ class Optimizer:
 
     def _read_state_dict(self, state_dict):
         """``(merged groups, step per group, {(param, state): array in the params' dtype},
-        restart per group, skipped steps or None)``: :meth:`restore`'s arguments, or a
-        ValueError / TypeError naming the first problem; writes nothing."""
+        restart per group, skipped steps or None, running values per group)``: :meth:`restore`'s
+        arguments, or a ValueError / TypeError naming the first problem; writes nothing."""
         name = type(self).__name__
         if not isinstance(state_dict, Mapping) or not {"param_groups", "state"} <= set(state_dict):
             raise ValueError("a state dict is a mapping with 'state' and 'param_groups', "
