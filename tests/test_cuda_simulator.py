@@ -16,8 +16,15 @@ pytest.importorskip("numba_cuda", reason='numba-cuda is not installed (pip insta
 def test_cuda_tests_pass_on_the_simulator():
     here = Path(__file__).parent
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                          "-p", "no:randomly", str(here)], capture_output=True, text=True, env=env, timeout=1800)
+    # faulthandler_timeout: a test that runs past 10 minutes (the whole run takes about 9) dumps
+    # every thread's stack, so a hung simulator block (256 Python threads at a barrier) says where
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-p", "no:randomly",
+               "-o", "faulthandler_timeout=600", str(here)]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    except subprocess.TimeoutExpired as e:
+        text = [x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)]
+        pytest.fail("the simulator run passed 1800 s; its output's end:\n" + text[0][-4000:] + text[1][-8000:])
     tail = "\n".join(out.stdout.splitlines()[-40:]) + out.stderr[-4000:]
     assert out.returncode == 0, "simulator run failed:\n" + tail
     assert " passed" in out.stdout and " failed" not in out.stdout, tail
