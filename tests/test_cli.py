@@ -355,6 +355,14 @@ BAD = [
     (["train", "--state-code", "dynamic"], "--state-code chooses the code of 8-bit state: add --state-bits 8"),
     (["train", "--state-bits", "8", "--state-code", "tree"], "argument --state-code: invalid choice: 'tree'"),
     (["train", "--optimizer", "lbfgs", "--precision", "bf16"], "--precision does not apply to --model logreg"),
+    (["train", "--decay-rate", "0.1"], "--decay-rate shapes the step, exp, inverse_time schedules, not --schedule "
+                                       "constant"),
+    (["train", "--schedule", "cosine", "--warmup-steps", "10"], "--warmup-steps shapes the warmup_cosine schedule, "
+                                                                "not --schedule cosine"),
+    (["compare", "--schedule", "exp", "--final-lr", "0"], "--final-lr shapes the cosine, warmup_cosine schedules"),
+    (["train", "--schedule", "cosine", "--decay-every", "2"], "--decay-every shapes the step schedule"),
+    (["train", "--state-bits", "8", "--optimizer", "sgd"], "--state-bits 8: --optimizer sgd keeps no state with "
+                                                          "these options (sgd: add --momentum)"),
 ]
 
 

@@ -13,7 +13,7 @@ import argparse
 import math
 from dataclasses import dataclass, field
 
-from .config import Config
+from .config import Config, UsageError
 from .fullbatch import (
     DEFAULT_ITERATIONS,
     DEFAULT_L2,
@@ -323,14 +323,14 @@ FLAGS = [
          help="constant; step: lr * rate^floor(epoch / every); exp: lr * rate^(t / steps per epoch); "
               "inverse_time: lr / (1 + (1/rate - 1) t / steps per epoch); cosine: to --final-lr at the "
               "last step; warmup_cosine: linear warm-up, then cosine (default: %(default)s)"),
-    flag("--decay-rate", group="schedule", type=decay_factor, metavar="RATE",
-         help="step: factor per drop; exp and inverse_time: factor after one epoch (default: %(default)s)"),
+    flag("--decay-rate", group="schedule", type=decay_factor, metavar="RATE", default=None,
+         help=f"step: factor per drop; exp and inverse_time: factor after one epoch (default: {Config.decay_rate})"),
     flag("--decay-every", group="schedule", type=positive_int, metavar="EPOCHS",
          help="step: epochs between drops (default: a third of --epochs)"),
     flag("--warmup-steps", group="schedule", type=positive_int, metavar="STEPS",
          help="warmup_cosine: steps of linear warm-up (default: 5%% of all steps)"),
-    flag("--final-lr", group="schedule", type=nonnegative_float, metavar="LR",
-         help="cosine, warmup_cosine: lr at the last step (default: %(default)s)"),
+    flag("--final-lr", group="schedule", type=nonnegative_float, metavar="LR", default=None,
+         help=f"cosine, warmup_cosine: lr at the last step (default: {Config.final_lr})"),
     # the run
     flag("--model", "-m", choices=(*MODELS, MODEL), default=None,
          help=f"mlp: one hidden layer; conv: two conv+BatchNorm blocks; {MODEL}: softmax regression, full batch "
@@ -403,12 +403,25 @@ def add_flags(parser, command):
         target.add_argument(*f.names, default=f.default_for(command), help=f.help, **f.options)
 
 
+#: the schedule flags and the schedules they shape (parsed with default None, so that one given
+#: to a schedule it does not shape is an error rather than a setting nothing reads)
+SCHEDULE_FLAGS = {"decay_rate": ("step", "exp", "inverse_time"), "decay_every": ("step",),
+                  "warmup_steps": ("warmup_cosine",), "final_lr": ("cosine", "warmup_cosine")}
+
+
 def config_from_args(args):
     """The Config of parsed train or compare arguments: hyper-parameters only where given, the
     model logreg when lbfgs or newton is named without --model, float64 for it."""
     hyper = {name: getattr(args, hyper_dest(name)) for name in HYPER
              if getattr(args, hyper_dest(name), None) is not None}
     fields = {k: getattr(args, k) for k in Config.__dataclass_fields__ if k != "hyper" and hasattr(args, k)}
+    schedule = fields.get("schedule", Config.schedule)
+    for name, shaped in SCHEDULE_FLAGS.items():
+        if fields.get(name) is None:
+            fields.pop(name, None)  # not given: the Config's default
+        elif schedule not in shaped:
+            raise UsageError(f"--{name.replace('_', '-')} shapes the {', '.join(shaped)} schedule"
+                             f"{'s' if len(shaped) > 1 else ''}, not --schedule {schedule}")
     if fields["model"] is None:
         named = getattr(args, "optimizers", None) or [args.optimizer]
         fields["model"] = MODEL if set(named) & set(SECOND_ORDER) else Config.model

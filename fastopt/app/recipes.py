@@ -292,6 +292,10 @@ def make_optimizer(cfg, model, steps_per_epoch, name=None, strict=True):
         opt = cls(param_groups(model, penalties, defaults), **kwargs)
     except (ValueError, TypeError) as e:  # TypeError: a params dtype the optimizer does not take
         raise UsageError(f"--optimizer {name}: {e}") from None
+    if cfg.state_bits == 8 and not any(opt.states_needed(g) for g in opt.param_groups):
+        # the library takes it (momentum may be turned on mid-run); a run cannot do that
+        raise UsageError(f"--state-bits 8: --optimizer {name} keeps no state with these options "
+                         "(sgd: add --momentum)")
     # warm-up (decay min(DECAY, (1 + k) / (10 + k)) at update k): without it the first weights,
     # which are random, keep a weight of DECAY^k in the average for thousands of steps
     ema = EMA(model.buffer, cfg.ema, warmup=True) if cfg.ema is not None else None
