@@ -460,6 +460,9 @@ class Optimizer:
                 self._device_step(grads, grad_scale, scaler)
                 return
             self._pull()  # a host step after device ones: their counts and status first
+            # the host now owns the counts, status and settings: the next device step rebuilds
+            # its copies from them (kept, they would replay this step's count and edits stale)
+            self._dev = None
         if scaler is not None:  # read here (on CUDA: a sync), as a step decided on the host must
             loss_scale, found_inf = (default if a is None else _host_value(a) for a, default in zip(scaler, (1, 0)))
             # a loss scale that is not a finite positive number (or one that leaves the gradient

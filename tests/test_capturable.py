@@ -251,6 +251,47 @@ def test_an_amp_scaler_value_must_be_one_element():
     assert opt.steps == 0
 
 
+def _host_lr(t):  # a callable only the host evaluates: its steps are decided on the host
+    return 0.02
+
+
+# per step: (an AMP scaler given, its found_inf, an edit of the group before the step). The device
+# decides a step given a scaler; the host one with neither a scaler nor a guard or clipping, or
+# with an lr only it can evaluate
+SWITCHES = {
+    "device-host-device": [(True, 0, None), (False, 0, None), (True, 0, None)],
+    "host-edit-device": [(True, 0, None), (False, 0, ("weight_decay", 0.5)), (True, 0, None)],
+    "host-skip-device": [(True, 0, None), (True, 1, ("lr", _host_lr)), (True, 0, ("lr", 0.01))],
+}
+
+
+@cuda
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_steps_decided_on_the_host_and_on_the_device_alternate_as_on_the_cpu(switch, device_buffers):
+    """The step counts, the skip count and the settings edited before a step decided on the
+    host carry over to the steps the device decides after it."""
+    init, grads = _data(3)
+    options = dict(lr=0.01, weight_decay=0.0, nonfinite="propagate")
+    cpu = fastopt.AdamW(fastopt.ParamBuffer([a.copy() for a in init]), **options)
+    buf = device_buffers(init)
+    dev = fastopt.AdamW(buf, **options)
+    for (scaler, found_inf, edit), g in zip(SWITCHES[switch], grads):
+        for opt in (cpu, dev):
+            if edit:
+                opt.param_groups[0][edit[0]] = edit[1]
+        for view, x in zip(cpu._buffer.grads, g):
+            view[...] = x
+        _write_grads(buf, g)
+        kwargs = dict(loss_scale=np.ones(1, np.float32), found_inf=np.array([found_inf], np.float32)) if scaler \
+            else {}
+        cpu.step(**kwargs)
+        dev.step(**kwargs)
+    assert (dev.steps, dev.skipped_steps) == (cpu.steps, cpu.skipped_steps)
+    assert dev.state_dict()["state"][0]["step"] == cpu.state_dict()["state"][0]["step"]
+    for a, b in zip(dev._buffer.params, cpu._buffer.params):
+        np.testing.assert_allclose(_host(a), b, rtol=1e-6, atol=1e-7)
+
+
 @cuda
 def test_state_dict_reads_the_device_step_counts(device_buffers):
     init, grads = _data(5, nan_at=2)
