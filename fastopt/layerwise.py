@@ -69,8 +69,9 @@ def lamb_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr=1e-3, betas=(0.9, 0.
           weight_decay=1e-2, bias_correction=True, clamp_value=None):
     """One LAMB step, in place, over lists of tensors (one trust ratio per tensor); returns
     the ratios phi (float64, one per tensor). Everything is checked before anything is written."""
-    hyper = {**lamb.LAMB.defaults, "lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+    hyper = {**lamb.LAMB.defaults, "lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
              "bias_correction": bias_correction, "clamp_value": clamp_value}
+    lamb.LAMB.check_types(hyper)
     lamb.LAMB.check(hyper)
     _args.step(step)
     params, grads, states = check_lists(params, grads, dict(exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs))
@@ -86,6 +87,7 @@ def lars_(params, grads, momentum_buffers=None, *, step, lr=1.0, momentum=0.0, d
     when a buffer does not exist yet. Everything is checked before anything is written."""
     hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                  trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt)
+    lars.LARS.check_types(hyper)
     lars.LARS.check(hyper)
     _args.step(step)
     if momentum != 0:

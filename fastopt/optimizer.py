@@ -37,7 +37,7 @@ from .buffer import (
     layout,
 )
 from .clip import NormPlan, clip_coefficient
-from .kernels import _device, _dispatch, _formats
+from .kernels import _args, _device, _dispatch, _formats
 from .kernels._engine import Scalars, entry_point
 from .kernels._reduce import SQUARES, chunk_table
 
@@ -1298,27 +1298,13 @@ def _as_value_error(check, *args):
         raise ValueError(str(e)) from None
 
 
-def _is_real(x):
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+_is_real = _args.is_real  # a real number, not a bool
 
 
 def _type_problem(key, value, default):
-    """Why ``value`` cannot stand where the class defaults to ``default`` (None if it can)."""
-    if default is None or (key == "lr" and callable(value)):
-        return None
-    if isinstance(default, bool):
-        ok = isinstance(value, (bool, np.bool_))
-        want = "True or False"
-    elif isinstance(default, numbers.Real):
-        ok, want = _is_real(value), "a real number"
-    elif isinstance(default, tuple):
-        ok = isinstance(value, (tuple, list)) and len(value) == len(default) and all(map(_is_real, value))
-        want = "a pair of real numbers" if len(default) == 2 else f"{len(default)} real numbers"
-    elif isinstance(default, str):
-        ok, want = isinstance(value, str), "a string"
-    else:
-        return None
-    return None if ok else f"{key} must be {want}, got {value!r}"
+    """Why ``value`` cannot stand where the class defaults to ``default`` (None if it can):
+    the functional rules' check, and an lr may be a callable (a schedule)."""
+    return None if key == "lr" and callable(value) else _args.type_problem(key, value, default)
 
 
 def _running_value(value, where):

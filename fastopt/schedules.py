@@ -14,6 +14,7 @@ schedule built here, joins of them included: :attr:`Schedule.rows`).
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 
@@ -40,16 +41,20 @@ from .kernels._device import (  # noqa: F401 - the rows' kinds and lr_on_device,
 
 
 def _number(name: str, value: float, lo: float = 0.0, hi: float = math.inf, hi_closed: bool = False) -> None:
-    try:
-        ok = lo <= value < hi or (hi_closed and value == hi)
+    try:  # a bool is no number here, as for an optimizer's lr
+        ok = not isinstance(value, (bool, np.bool_)) and (lo <= value < hi or (hi_closed and value == hi))
     except TypeError:
         ok = False
     if not ok:
         raise ValueError(f"{name} must be a number in [{lo}, {hi}{']' if hi_closed else ')'}, got {value!r}")
 
 
+def _is_count(value: int) -> bool:
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer)) and value >= 1
+
+
 def _count(name: str, value: int) -> None:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not _is_count(value):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -58,7 +63,9 @@ class Schedule:
 
     fn: ``fn(t) -> number``, the value after ``t`` updates (t >= 0); description: the ``repr``;
     rows: the same schedule as device rows (:data:`Row`), or None (default) for one that only
-    the host can evaluate. Calling it checks ``t >= 0`` and returns ``float(fn(t))``."""
+    the host can evaluate. Calling it checks ``t >= 0`` and returns ``float(fn(t))``. The
+    built-in schedules' ``fn`` are partials of module functions, not lambdas, so that a
+    schedule pickles (an optimizer's ``state_dict()`` holds it)."""
 
     def __init__(self, fn: Callable[[int], float], description: str, rows: Sequence[Row] | None = None) -> None:
         self._fn, self._description = fn, description
@@ -76,7 +83,8 @@ class Schedule:
 def constant(value: float) -> Schedule:
     """``value`` at every step. value: a number >= 0."""
     _number("value", value)
-    return Schedule(lambda t: value, f"constant({value})", [(0, 0, CONSTANT, value, 0.0, 0.0)])
+    return Schedule(functools.partial(_constant, value=value), f"constant({value})",
+                    [(0, 0, CONSTANT, value, 0.0, 0.0)])
 
 
 def step_decay(init: float, factor: float, every: int) -> Schedule:
@@ -86,7 +94,8 @@ def step_decay(init: float, factor: float, every: int) -> Schedule:
     _number("init", init)
     _number("factor", factor, 0.0, 1.0, hi_closed=True)
     _count("every", every)
-    return Schedule(lambda t: _step_decay(t, init, factor, every), f"step_decay({init}, {factor}, {every})",
+    return Schedule(functools.partial(_step_decay, init=init, factor=factor, every=every),
+                    f"step_decay({init}, {factor}, {every})",
                     [(0, 0, STEP, init, factor, every)])
 
 
@@ -94,7 +103,7 @@ def exponential_decay(init: float, k: float) -> Schedule:
     """``init * exp(-k t)``. init, k: numbers >= 0."""
     _number("init", init)
     _number("k", k)
-    return Schedule(lambda t: _exponential(t, init, k), f"exponential_decay({init}, {k})",
+    return Schedule(functools.partial(_exponential, init=init, k=k), f"exponential_decay({init}, {k})",
                     [(0, 0, EXPONENTIAL, init, k, 0.0)])
 
 
@@ -102,7 +111,7 @@ def inverse_time_decay(init: float, k: float) -> Schedule:
     """``init / (1 + k t)`` (1/t decay). init, k: numbers >= 0."""
     _number("init", init)
     _number("k", k)
-    return Schedule(lambda t: _inverse_time(t, init, k), f"inverse_time_decay({init}, {k})",
+    return Schedule(functools.partial(_inverse_time, init=init, k=k), f"inverse_time_decay({init}, {k})",
                     [(0, 0, INVERSE_TIME, init, k, 0.0)])
 
 
@@ -112,7 +121,8 @@ def cosine_decay(init: float, steps: int, final: float = 0.0) -> Schedule:
     _number("init", init)
     _count("steps", steps)
     _number("final", final)
-    return Schedule(lambda t: _cosine(t, init, steps, final), f"cosine_decay({init}, {steps}, final={final})",
+    return Schedule(functools.partial(_cosine, init=init, steps=steps, final=final),
+                    f"cosine_decay({init}, {steps}, final={final})",
                     [(0, 0, COSINE, init, steps, final)])
 
 
@@ -122,7 +132,8 @@ def linear_warmup(peak: float, steps: int, start: float = 0.0) -> Schedule:
     _number("peak", peak)
     _count("steps", steps)
     _number("start", start)
-    return Schedule(lambda t: _warmup(t, peak, steps, start), f"linear_warmup({peak}, {steps}, start={start})",
+    return Schedule(functools.partial(_warmup, peak=peak, steps=steps, start=start),
+                    f"linear_warmup({peak}, {steps}, start={start})",
                     [(0, 0, WARMUP, peak, steps, start)])
 
 
@@ -138,13 +149,20 @@ def join(schedules: Iterable[Callable[[int], float]], boundaries: Iterable[int])
     for s in schedules:
         if not callable(s):
             raise ValueError(f"schedules must be callables of t, got {s!r}")
-    if any(not isinstance(b, int) or b < 1 for b in boundaries) or boundaries != sorted(set(boundaries)):
+    if not all(map(_is_count, boundaries)) or boundaries != sorted(set(boundaries)):
         raise ValueError(f"boundaries must be increasing positive integers, got {boundaries}")
+    boundaries = [int(b) for b in boundaries]  # NumPy's: the repr shows 3, not np.int64(3)
+    return Schedule(functools.partial(_joined, schedules=schedules, boundaries=boundaries),
+                    f"join({schedules}, {boundaries})", _joined_rows(schedules, boundaries))
 
-    def fn(t: int) -> float:
-        i = bisect.bisect_right(boundaries, t)
-        return schedules[i](t - (boundaries[i - 1] if i else 0))
-    return Schedule(fn, f"join({schedules}, {boundaries})", _joined_rows(schedules, boundaries))
+
+def _constant(t: int, value: float) -> float:
+    return value
+
+
+def _joined(t: int, schedules: list, boundaries: list[int]) -> float:
+    i = bisect.bisect_right(boundaries, t)
+    return schedules[i](t - (boundaries[i - 1] if i else 0))
 
 
 def _joined_rows(schedules: list, boundaries: list[int]) -> list[Row] | None:

@@ -1,12 +1,16 @@
 """Hyper-parameter checks, with PyTorch's messages so errors read the same in both.
 
 Each check returns None or raises ValueError; a value that is not a number fails as out of range.
+:func:`type_problem` says why a value has the wrong type (callers raise TypeError).
 """
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 
 def _in(value: Any, lo: float, hi: float, closed_hi: bool) -> bool:
@@ -58,6 +62,29 @@ def step(value: Any) -> None:
     """The 1-based number of an update: an integer (not a bool) >= 1."""
     if (type(value) is not int and not (hasattr(value, "__index__") and not isinstance(value, bool))) or value < 1:
         raise ValueError(f"step must be a positive integer (the 1-based number of this update), got {value!r}")
+
+
+def is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def type_problem(name: str, value: Any, default: Any) -> str | None:
+    """Why ``value`` cannot stand where the rule defaults to ``default`` (None if it can): a
+    flag takes True or False, a number a real number (not a bool), a tuple as many real
+    numbers, a string a string; a None default anything. The optimizer classes and the
+    functional rules check alike (the math reads a flag by its truth: "False" is true)."""
+    if isinstance(default, bool):
+        ok, want = isinstance(value, (bool, np.bool_)), "True or False"
+    elif isinstance(default, numbers.Real):
+        ok, want = is_real(value), "a real number"
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (tuple, list)) and len(value) == len(default) and all(map(is_real, value))
+        want = "a pair of real numbers" if len(default) == 2 else f"{len(default)} real numbers"
+    elif isinstance(default, str):
+        ok, want = isinstance(value, str), "a string"
+    else:
+        return None
+    return None if ok else f"{name} must be {want}, got {value!r}"
 
 
 def required(name: str, array: Any, why: str) -> None:

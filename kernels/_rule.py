@@ -210,6 +210,14 @@ class Rule:
         if self._check is not None:
             self._check(hyper)
 
+    def check_types(self, hyper: Mapping[str, Any]) -> None:
+        """Every hyper-parameter's type, that of its default, as the optimizer classes check
+        them (:func:`._args.type_problem`): a TypeError naming the first wrong one."""
+        for name, h in self.hyper.items():
+            problem = _args.type_problem(name, hyper[name], h.default)
+            if problem:
+                raise TypeError(problem)
+
     def states_needed(self, hyper: Mapping[str, Any]) -> tuple[str, ...]:
         """The states these hyper-parameters read and write (the others stay None)."""
         return tuple(s.name for s in self.state_list if s.when is None or s.when(hyper))
@@ -254,6 +262,7 @@ class Rule:
             bound.apply_defaults()
             a = bound.arguments
             hyper = {**self.defaults, **{n: a[n] for n in self.hyper if n in a}, **self.fixed}
+            self.check_types(hyper)  # the math reads flags by truth: maximize="False" would maximize
             self.check(hyper)
             _args.step(a["step"])
             needed = self.states_needed(hyper)

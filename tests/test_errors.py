@@ -1,4 +1,6 @@
 """Bad input: an error that names the argument, raised before any array is written."""
+import re
+
 import numpy as np
 import pytest
 
@@ -95,7 +97,7 @@ HP_CASES = [
 ]
 
 N_STATES = {F.sgd_: 0, F.adagrad_: 1, F.rmsprop_: 1, F.adam_: 2, F.adamw_: 2, F.adadelta_: 2,
-            F.adamax_: 2, F.nadam_: 2, F.radam_: 2, F.lion_: 1}
+            F.adamax_: 2, F.nadam_: 2, F.radam_: 2, F.lion_: 1, F.lamb_: 2, F.lars_: 1}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,5 +108,30 @@ def test_bad_hyperparameters_rejected_before_writing(fn, kwargs, message, backen
     kwargs = {"step": 1, **kwargs}
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         fn(*arrays, **kwargs)
+    for a, b in zip(arrays, host):
+        np.testing.assert_array_equal(to_host(a), b)
+
+
+# (id, function, extra arguments, message); a hyper-parameter of the wrong type: the optimizer
+# classes' TypeError, not a truthy string read as True nor Python's or NumPy's own error
+TYPE_CASES = [
+    ("maximize-str", F.sgd_, dict(lr=0.1, maximize="False"), "maximize must be True or False, got 'False'"),
+    ("bias-correction-str", F.adam_, dict(bias_correction="no"), "bias_correction must be True or False, got 'no'"),
+    ("amsgrad-int", F.adam_, dict(amsgrad=1), "amsgrad must be True or False, got 1"),
+    ("trust-clip-str", F.lars_, dict(trust_clip="yes"), "trust_clip must be True or False, got 'yes'"),
+    ("lr-bool", F.sgd_, dict(lr=True), "lr must be a real number, got True"),
+    ("lr-array", F.adam_, dict(lr=np.array([1e-3, 1e-3])), "lr must be a real number, got array([0.001, 0.001])"),
+    ("dampening-str", F.sgd_, dict(lr=0.1, dampening="0.1"), "dampening must be a real number, got '0.1'"),
+    ("lamb-betas-scalar", F.lamb_, dict(betas=0.9), "betas must be a pair of real numbers, got 0.9"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fn,kwargs,message", [c[1:] for c in TYPE_CASES], ids=[c[0] for c in TYPE_CASES])
+def test_wrongly_typed_hyperparameters_rejected_before_writing(fn, kwargs, message, backend):
+    host = _arrays()[: 2 + N_STATES[fn]]
+    arrays = [to_backend(a, backend) for a in host]
+    with pytest.raises(TypeError, match=re.escape(message)):
+        fn(*arrays, **{"step": 1, **kwargs})
     for a, b in zip(arrays, host):
         np.testing.assert_array_equal(to_host(a), b)
