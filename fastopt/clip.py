@@ -4,6 +4,7 @@ the one-pass norm + non-finite check the optimizers run before a guarded or clip
     total = (sum_i sum_j |g_ij|**p) ** (1/p)       (max |g_ij| for p = inf)
     coef  = min(1, max_norm / (total + 1e-6));  g *= coef
 """
+import math
 import numbers
 
 import numpy as np
@@ -87,8 +88,8 @@ class NormPlan:
 
 
 def _grad_arrays(grads, name="grads", writeable=False):
-    if isinstance(grads, ParamBuffer):
-        return [grads.grad_arena]
+    if isinstance(grads, ParamBuffer):  # the params' spans: the alignment padding never counts
+        return [grads.grad_arena[o:o + g.size] for o, g in zip(grads.offsets, grads.grads) if g.size]
     grads = [grads] if hasattr(grads, "shape") else list(grads)
     grads = [_dispatch.as_kernel_array(g) for g in grads]
     if grads:  # the one array check: dtypes may differ between gradients, devices may not
@@ -135,7 +136,7 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
         raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
     arrays = _grad_arrays(grads, writeable=True)  # every array checked before the first is scaled
     total, finite = _global_norm(arrays, norm_type)
-    if not finite and error_if_nonfinite:
+    if error_if_nonfinite and not (finite and math.isfinite(total)):  # an overflowing sum too, as torch
         raise FloatingPointError(f"the total norm of order {norm_type} of the gradients is non-finite, "
                                  "so it cannot be clipped (error_if_nonfinite=True)")
     coef = clip_coefficient(total, max_norm)

@@ -51,7 +51,7 @@ def combine_in_order(totals, checks, mode):
     """The per-chunk partials added up in chunk order (the max for ``MAX``): ``(total, check)``.
     The order of the engine's layer passes (their CPU form returns these totals); compiled
     into the CUDA step prologue (``_device``) and for the host (:data:`combine`)."""
-    total, check = 0.0, 0.0
+    total, check = np.float64(0.0), np.float64(0.0)  # float64 in the simulator too (0.0 + float32 is float32 there)
     for k in range(totals.size):
         check += checks[k]
         total = max(total, totals[k]) if mode == MAX else total + totals[k]
@@ -98,6 +98,10 @@ def finish(total, check, mode, norm_type):
         total = math.sqrt(total)
     elif mode == POWER:
         total = total ** (1.0 / norm_type)
+    elif check != check and total < math.inf:
+        # a max passes NaN over (max(t, nan) is t); a NaN, not an inf, made the check NaN: the
+        # norm is NaN, as torch's (its clip then spreads NaN, as for the other norms)
+        total = check
     return total, check == check  # the check is NaN exactly when some element was inf or NaN
 
 

@@ -90,6 +90,16 @@ def test_nonfinite_is_found(bad):
         clip_grad_norm_(grads, 1.0, error_if_nonfinite=True)
 
 
+def test_error_if_nonfinite_sees_a_norm_that_overflows():
+    """Finite gradients whose norm overflows float64: torch raises, and so does this."""
+    grads = [np.array([1e200, 1.0]), np.array([1e200])]
+    before = [g.copy() for g in grads]
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        clip_grad_norm_(grads, 1.0, error_if_nonfinite=True)
+    for a, b in zip(before, grads):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("max_norm", [0.0, -1.0, None, "1"])
 def test_clip_bad_max_norm(max_norm):
     with pytest.raises(ValueError, match="max_norm"):
@@ -203,6 +213,9 @@ def test_cuda_norm_matches_cpu(norm_type):
     assert finite and total == pytest.approx(_norm64(grads, norm_type), rel=1e-5)
     grads[1][2, 1] = np.inf
     assert not NormPlan([to_backend(g, "cuda") for g in grads]).norm(norm_type)[1]
+    grads[1][2, 1] = np.nan
+    total, finite = NormPlan([to_backend(g, "cuda") for g in grads]).norm(norm_type)
+    assert not finite and math.isnan(total)
 
 
 @pytest.mark.cuda
@@ -273,8 +286,25 @@ def test_one_nonfinite_value_in_any_chunk_is_seen(norm_type, bad, monkeypatch):
     grads[2][-1] = bad
     total, finite = NormPlan(grads).norm(norm_type)
     assert not finite
-    if not math.isnan(bad):
+    if math.isnan(bad):  # the max norm too: max(t, nan) is t, yet the norm is NaN (torch's too)
+        assert math.isnan(total) and math.isnan(fastopt.grad_norm(grads, norm_type))
+    else:
         assert total == math.inf
+
+
+def test_a_param_buffers_alignment_padding_never_counts():
+    """The padding between a ParamBuffer's spans holds whatever was written there: the norm
+    of the buffer is its params' gradients' norm (as the optimizer's guard reads it)."""
+    buf = fastopt.ParamBuffer([np.zeros(s, np.float32) for s in [(3,), (5,), (2, 2)]])
+    assert buf.grad_arena.size > buf.numel  # there is padding
+    buf.grad_arena[...] = np.nan
+    for g in buf.grads:
+        g[...] = 1.0
+    assert fastopt.grad_norm(buf) == fastopt.grad_norm(buf.grads) == pytest.approx(math.sqrt(12))
+    assert fastopt.grad_norm(buf, math.inf) == 1.0
+    assert clip_grad_norm_(buf, 1.0) == pytest.approx(math.sqrt(12))
+    for g in buf.grads:
+        np.testing.assert_allclose(g, 1 / math.sqrt(12), rtol=1e-5)
 
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, float("inf")])
