@@ -158,7 +158,8 @@ class _Averager:
 
     def copy_to(self, params=None):
         """Write the averaged weights into ``params``: a ParamBuffer or a list of arrays
-        shaped like the averaged params (default: those params, replacing the live weights)."""
+        shaped like the averaged params, in the params' dtype or the average's (float32 for
+        16-bit params); default: those params, replacing the live weights."""
         self._not_swapped("copy_to()")
         if params is None and self._to_params is not None:
             self._to_params.run(_FACTOR_ONE, None)
@@ -184,7 +185,9 @@ class _Averager:
             raise ValueError(f"{name} has {len(arrays)} arrays but {len(self._shapes)} params are averaged")
         for i, (a, average) in enumerate(zip(arrays, self._avg_flat)):
             like = _dispatch._Array(f"averaged param {i}", average.reshape(self._shapes[i]))
-            _dispatch.check_array(_dispatch._Array(f"{name}[{i}]", a), like=like, shape_of=like, written=False)
+            a = _dispatch._Array(f"{name}[{i}]", a)
+            # the params' own dtype too: a float32 average of 16-bit params is rounded into it, as by swap()
+            _dispatch.check_array(a, like=like, shape_of=like, written=False, dtype=a.dtype != self._dtype)
 
     def _not_swapped(self, what):
         if self._swapped:

@@ -80,6 +80,15 @@ def _aligned_empty(xp, n, dtype):
     return raw[skip:skip + n]
 
 
+def _realigned(arena):
+    """``arena``, or an ALIGN-aligned copy of it where it is not aligned."""
+    if arena.ctypes.data % ALIGN == 0:
+        return arena
+    out = _aligned_empty(np, arena.size, arena.dtype)
+    out[...] = arena
+    return out
+
+
 # Arrays on any device: NumPy, CuPy, Numba device arrays (torch CUDA tensors arrive as those)
 
 
@@ -204,6 +213,21 @@ class ParamBuffer:
 
     def _views(self, arena):
         return [arena[o:o + _numel(s)].reshape(s) for o, s in zip(self.offsets, self.shapes)]
+
+    # NumPy pickles (and deep-copies) each view as an array of its own, cut off from the arena
+    # the optimizers read: keep the arenas and the layout, and rebuild the views from them
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["params"], state["grads"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.device == "cpu":  # an unpickled array starts wherever the allocator put it
+            self.arena, self.grad_arena = (_realigned(a) for a in (self.arena, self.grad_arena))
+        self.params = self._views(self.arena)
+        self.grads = self._views(self.grad_arena)
+        _BUFFERS.add(self)
 
     def __len__(self):
         return len(self.shapes)

@@ -2,7 +2,8 @@
 averaging, ``avg_k = (1 - beta) * theta_k + beta * avg_{k-1}``):
 
     avg_k   = decay_k * avg_{k-1} + (1 - decay_k) * p_k
-            = avg_{k-1} + (1 - decay_k) * (p_k - avg_{k-1})          (the form computed)
+            = avg_{k-1} + (1 - decay_k) * (p_k - avg_{k-1})          (computed for decay_k > 1/2)
+            = p_k - decay_k * (p_k - avg_{k-1})                       (computed for decay_k <= 1/2)
     decay_k = decay, or min(decay, (1 + k) / (10 + k)) with warm-up  (k = 1, 2, ... updates)
 
 The warm-up is TensorFlow's ``ExponentialMovingAverage(num_updates=k)`` (and torch_ema's
@@ -10,8 +11,8 @@ The warm-up is TensorFlow's ``ExponentialMovingAverage(num_updates=k)`` (and tor
 
 The kernel runs with the AVERAGE in the rule's param slot and the model's parameters in
 the gradient slot (read only), so one pass reads both and writes the average: 12 B per
-float32 parameter. The lerp form needs one host scalar, ``1 - decay_k``, and keeps the
-average of a constant parameter exactly constant; ``decay * avg + (1 - decay) * p`` with
+float32 parameter. The lerp forms need the host scalars ``1 - decay_k`` and ``decay_k``, and
+keep the average of a constant parameter exactly constant; ``decay * avg + (1 - decay) * p`` with
 both factors rounded to float32 does not (their sum is not exactly 1: at decay 0.9999 the
 average of a constant settles 1.6e-4 away from it, relatively).
 """
@@ -21,8 +22,10 @@ from . import _args
 from ._rule import Hyper, Rule
 
 
-def ema_math(avg, p, one_minus_decay):
-    return avg + one_minus_decay * (p - avg)
+def ema_math(avg, p, one_minus_decay, decay, near_p):
+    # torch.lerp's two forms: stepping from the nearer end, a weight of 1 (decay 0) lands on p
+    # exactly (avg + 1 * (p - avg) loses p when |avg| >> |p|)
+    return p - decay * (p - avg) if near_p else avg + one_minus_decay * (p - avg)
 
 
 def _decay(value):
@@ -41,7 +44,8 @@ def decay_at(step, decay, warmup):
 
 
 def scalars(h, step, lr=None):
-    return dict(one_minus_decay=1 - decay_at(step, h["decay"], h["warmup"]))
+    decay = decay_at(step, h["decay"], h["warmup"])
+    return dict(one_minus_decay=1 - decay, decay=decay, near_p=decay <= 0.5)
 
 
 EMA = Rule("ema", ema_math, scalars, hyper=[Hyper("decay", 0.999, _decay), Hyper("warmup", False, _warmup)])

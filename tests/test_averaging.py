@@ -9,6 +9,7 @@ from conftest import SIMULATOR, to_backend, to_host
 from fastopt import optimizer
 from fastopt.averaging import EMA, PolyakAverage
 from fastopt.kernels import _dispatch, ema, polyak
+from fastopt.kernels._formats import BFLOAT16
 
 SHAPES = [(7, 5), (3,), (0,), (11, 13), (1,), (2, 3, 4)]  # odd sizes, an empty one
 UPDATES = 25
@@ -91,6 +92,16 @@ def test_warmup_decay(decay, warmup, step, expected):
     p[0] = 1.0
     avg.update()
     assert avg.averaged()[0][0] == pytest.approx(1 - expected, rel=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BFLOAT16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("form", FORMS)
+def test_ema_at_decay_0_is_the_params_exactly(form, dtype):
+    """torch.lerp's two forms: from a weight of one half on, the update steps back from p, so
+    at decay 0 the average is p exactly (``avg + 1 * (p - avg)`` is 0 for 1e8 -> 1 in float32)."""
+    avg, params = _build(EMA, form, [np.array([1e8, -1e8, 3.0])], dtype, decay=0.0)
+    _run(avg, params, [[np.array([1.0, 7.0, -2.0])]])
+    np.testing.assert_array_equal(avg.averaged()[0], np.array([1.0, 7.0, -2.0], np.float32))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -217,6 +228,29 @@ def test_copy_to(target):
         out = dest.params if target == "buffer" else dest
     for o, w in zip(out, want):
         np.testing.assert_array_equal(o, w)
+
+
+@pytest.mark.parametrize("target", ["lists", "buffer"])
+@pytest.mark.parametrize("dtype", [BFLOAT16, np.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("cls, hp", CLASSES, ids=["ema", "polyak"])
+def test_copy_to_16bit_arrays_rounds_as_a_swap(cls, hp, dtype, target):
+    """The float32 average of 16-bit params goes into arrays of the params' own dtype, rounded
+    as a swap rounds it; another dtype than theirs or float32 is refused."""
+    its = [[x.astype(dtype) for x in it] for it in _iterates(13, updates=4)]
+    avg, params = _build(cls, "lists", its[0], dtype, **hp)
+    _run(avg, params, its[1:])
+    with avg.average_parameters():
+        want = _copies(params)
+    assert any((w != a).any() for w, a in zip(want, avg.averaged()))  # rounded, not exact
+    dest = [np.zeros(s, dtype) for s in SHAPES]
+    if target == "buffer":
+        dest = fastopt.ParamBuffer(dest)
+    avg.copy_to(dest)
+    for o, w in zip(dest.params if target == "buffer" else dest, want):
+        assert o.dtype == dtype
+        np.testing.assert_array_equal(o, w)
+    with pytest.raises(TypeError, match=r"params\[0\] has dtype float64 but averaged param 0 has dtype float32"):
+        avg.copy_to([np.zeros(s) for s in SHAPES])
 
 
 # -- bad input: a clear error naming the argument, nothing written --------------------

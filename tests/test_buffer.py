@@ -1,7 +1,11 @@
+import copy
+import pickle
+
 import numpy as np
 import pytest
 
 from fastopt.buffer import ALIGN, ParamBuffer
+from fastopt.kernels._formats import BFLOAT16
 
 
 def _model(dtype=np.float32):
@@ -95,3 +99,31 @@ def test_offsets_and_arena_size_are_whole_lines_of_the_dtype(dtype, offsets, siz
 def test_a_nested_list_is_named_not_an_attribute_error():
     with pytest.raises(TypeError, match=r"arrays\[0\] must be a NumPy or CUDA array, got list"):
         ParamBuffer([[1.0, 2.0]])
+
+
+@pytest.mark.parametrize("duplicate", [
+    lambda b: pickle.loads(pickle.dumps(b)),
+    copy.deepcopy,
+], ids=["pickle", "deepcopy"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, BFLOAT16], ids=["f32", "f64", "bf16"])
+def test_a_copy_is_a_working_buffer_of_its_own(duplicate, dtype):
+    """NumPy pickles each view as an array of its own: the copy's views must be rebuilt on
+    its arenas, or what reads the arenas (optimizers, norms, averagers) sees stale values."""
+    import fastopt
+    buf = ParamBuffer(_model(dtype), names=[f"p{i}" for i in range(5)])
+    for g in buf.grads:
+        g[...] = 1
+    other = duplicate(buf)
+    assert other.shapes == buf.shapes and other.offsets == buf.offsets and other.names == buf.names
+    assert not np.shares_memory(other.arena, buf.arena) and not np.shares_memory(other.grad_arena, buf.grad_arena)
+    for p, g, q, h in zip(other.params, other.grads, buf.params, buf.grads):
+        assert np.shares_memory(p, other.arena) and np.shares_memory(g, other.grad_arena)
+        assert p.ctypes.data % ALIGN == 0 and g.ctypes.data % ALIGN == 0
+        np.testing.assert_array_equal(p, q)
+        np.testing.assert_array_equal(g, h)
+    other.grads[0][...] = 3
+    assert fastopt.grad_norm(other) == pytest.approx(np.sqrt(9 * 15 + other.numel - 15))
+    before = buf.arena.copy()
+    fastopt.SGD(other, lr=0.5).step()
+    np.testing.assert_array_equal(other.params[0], (buf.params[0].astype(np.float64) - 1.5).astype(dtype))
+    np.testing.assert_array_equal(buf.arena, before)  # the original is untouched

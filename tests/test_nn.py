@@ -296,6 +296,11 @@ def test_state_dict_round_trip_keeps_views():
         np.testing.assert_array_equal(other.buffers()[k], v)
     with pytest.raises(KeyError, match="missing"):
         other.load_state_dict({k: v for k, v in state.items() if k != "1.running_var"})
+    # PyTorch's BatchNorm count is ignored (the README loads torch's state dict as it is),
+    # anywhere else it is a name the model does not have
+    other.load_state_dict({**state, "1.num_batches_tracked": np.array(3)})
+    with pytest.raises(KeyError, match=r"unexpected \['4.num_batches_tracked'\]"):
+        other.load_state_dict({**state, "4.num_batches_tracked": np.array(3)})
 
 
 class _DeviceArray:
@@ -543,6 +548,17 @@ def test_storage_keeps_params_and_grads_narrow_and_computes_in_float32(storage):
     narrow.load_state_dict({k: v.astype(np.float32) for k, v in wide.state_dict().items()})
     assert all(np.array_equal(p, q.astype(narrow_dtype)) for p, q in zip(narrow.buffer.params, wide.buffer.params))
     assert "kept in " + storage in repr(narrow)
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
+@pytest.mark.parametrize("weights_only,expected", [(True, 5000.0), (False, 5050.0)])
+def test_l2_penalty_of_narrow_storage_sums_in_float32(storage, weights_only, expected):
+    """A bfloat16 running sum of ones stops at 256, and neither 16-bit format holds 5050."""
+    model = Sequential(Linear(100, 100), storage=storage, seed=0)
+    for p in model.buffer.params:
+        p[...] = 1
+    r = l2_penalty(model.buffer, 0.5, weights_only=weights_only)
+    assert float(r) == expected and r.dtype == np.float32
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -22,8 +22,7 @@ def _pair(make_fast, make_torch):
             if p.ndim == 1:
                 p.copy_(torch.randn_like(p) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
     model = nn.Sequential(*make_fast(), dtype=np.float64, seed=1)
-    model.load_state_dict({k: v.numpy() for k, v in tmodel.state_dict().items()
-                           if not k.endswith("num_batches_tracked")})
+    model.load_state_dict(tmodel.state_dict())  # as the README has it: num_batches_tracked too
     return model, tmodel
 
 

@@ -87,8 +87,10 @@ def l2_penalty(buffer: ParamBuffer, strength: float, *, weights_only: bool = Tru
     xp = array_module(buffer.arena)
     pairs = ([(buffer.arena, buffer.grad_arena)] if not weights_only else
              [(p, g) for p, g in zip(buffer.params, buffer.grads) if p.ndim >= 2])
-    total = xp.zeros((), buffer.dtype)
+    # a 16-bit sum stalls (bfloat16: 256 + 1 == 256): add up 16-bit squares in float32
+    total = xp.zeros((), xp.promote_types(buffer.dtype, xp.float32))
     for p, g in pairs:
-        total += (p * p).sum()
+        q = p.astype(total.dtype, copy=False)
+        total += (q * q).sum()
         g += (2 * strength) * p
     return strength * total

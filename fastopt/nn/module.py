@@ -212,11 +212,15 @@ class Sequential(Layer):
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
         """Copy arrays (NumPy, CuPy or anything ``asarray`` takes) into the parameters and
         buffers in place; the arena and every view stay the same objects. ``strict`` (default
-        True): the names must match the model's exactly (KeyError otherwise); False copies
-        the names both have."""
+        True): the names must match the model's exactly (KeyError otherwise), but for the
+        ``num_batches_tracked`` of PyTorch's BatchNorm, which is ignored; False copies the
+        names both have."""
         targets = {**self.params, **self.buffers()}
+        # torch counts batches for its momentum=None (a cumulative average); a fastopt
+        # BatchNorm's momentum is always a number, so the count means nothing here
+        counts = {k[:-len("running_mean")] + "num_batches_tracked" for k in targets if k.endswith(".running_mean")}
         missing = sorted(set(targets) - set(state))
-        unexpected = sorted(set(state) - set(targets))
+        unexpected = sorted(set(state) - set(targets) - counts)
         if strict and (missing or unexpected):
             raise KeyError(f"state does not match the model: missing {missing}, unexpected {unexpected}")
         for name in set(targets) & set(state):
