@@ -158,6 +158,11 @@ def load(path, optimizer, params=None):
             needed = {s for g in merged for s in opt.states_needed(g)}
             problems += [f"state.{s} is missing (the saved options need it)" for s in sorted(needed)
                          if f"state.{s}" not in headers]
+            started = {s for names in meta.get("started") or () for s in names}
+            problems += [f"'started' names state {s!r}, which {meta['optimizer']} does not keep"
+                         for s in sorted(started - set(opt.rule.states))]
+            problems += [f"state.{s} is missing (a param group started it)" for s in sorted(started - needed)
+                         if s in opt.rule.states and f"state.{s}" not in headers]
             if opt.state_bits == 8:
                 problems += opt.state8_layout().header_problems(headers)
         if problems:
@@ -175,7 +180,8 @@ def load(path, optimizer, params=None):
         else:
             state = {(i, name[len("state."):]): arena[o:o + n] for name, arena in arrays.items()
                      if name.startswith("state.") for i, (o, n) in enumerate(zip(meta["offsets"], sizes))}
-        opt.restore(merged, meta["steps"], state, meta.get("restarts"), meta.get("skipped_steps"), meta.get("running"))
+        opt.restore(merged, meta["steps"], state, meta.get("restarts"), meta.get("skipped_steps"), meta.get("running"),
+                    meta.get("started"))
         if params is not None:  # checked with the rest (_differences): contiguous, writeable
             if isinstance(params, ParamBuffer):
                 _copy_in(params.arena, 0, arrays["params.arena"])
@@ -291,12 +297,16 @@ def _read_meta(path, f):
     return meta
 
 
-def carried_problems(meta, n_groups):
+def carried_problems(meta, n_groups, states=None):
     """What is wrong with the per-group values besides the step counts that a save carries
-    (``restarts``, ``running``; either may be absent: a save made before they were kept), for
-    checkpoints and sharded manifests alike."""
+    (``restarts``, ``running``, ``started``: state names, among ``states`` when given; each may
+    be absent: a save made before they were kept), for checkpoints and sharded manifests alike."""
     problems = []
-    restarts, running = meta.get("restarts"), meta.get("running")
+    restarts, running, started = meta.get("restarts"), meta.get("running"), meta.get("started")
+    if started is not None and not (isinstance(started, list) and len(started) == n_groups and all(
+            isinstance(s, list) and all(isinstance(n, str) and (states is None or n in states) for n in s)
+            for s in started)):
+        problems.append(f"'started' is {started!r}, not one list of state names per group")
     if restarts is not None and not (isinstance(restarts, list) and len(restarts) == n_groups
                                      and all(type(r) is bool for r in restarts)):
         problems.append(f"'restarts' is {restarts!r}, not one true or false per group")

@@ -389,10 +389,9 @@ class ShardedOptimizer:
                                  local[name], recv, staged=False)
                 full[name] = recv[:self.n]
             buf, state, groups, first = self.buffer, {}, [], 0
-            for (_, indices), g, t, restart, running in zip(self._groups, self.inner.param_groups, export["steps"],
-                                                            export["restarts"], export["running"]):
-                # a state the next update starts from the gradient holds nothing yet: left out (as one process)
-                kept = set(self.inner.states_needed(g)) - (set(self.inner.rule.start_from_grad) if restart else set())
+            for k, ((_, indices), g, t, restart, running) in enumerate(zip(
+                    self._groups, self.inner.param_groups, export["steps"], export["restarts"], export["running"])):
+                kept = self.inner.saved_states(k, restart)  # as one process's state dict keeps them
                 kept.add(MASTER)  # float16 params' float32 copy, as one process's state dict holds it
                 # params numbered in group order, as one process over these groups numbers them
                 ids = list(range(first, first + len(indices)))
@@ -548,6 +547,7 @@ def save_sharded(folder, opt, name="optimizer"):
                             "shard_size": opt.shard_size, "shapes": [list(s) for s in opt.buffer.shapes],
                             "offsets": [int(o) for o in opt.buffer.offsets], "steps": export["steps"],
                             "restarts": export["restarts"], "running": export["running"],
+                            "started": export["started"],
                             "groups": export["groups"], "group_params": [list(ix) for _, ix in opt._groups],
                             "skipped_steps": opt.skipped_steps, "states": sorted(local), "shards": shards}
                 text = json.dumps(manifest, indent=1).encode()
@@ -591,8 +591,8 @@ def load_sharded(folder, opt, name="optimizer"):
         except (ShardError, OSError, ValueError, KeyError, TypeError) as e:
             problem = e if isinstance(e, ShardError) else ShardError(f"{manifest_path(folder, name)}: {e}")
         opt._agree(problem, "the sharded checkpoint")
-        merged, steps, arrays, params, skipped, restarts, running = restored
-        opt.inner.restore(merged, steps, arrays, restarts, running=running)
+        merged, steps, arrays, params, skipped, restarts, running, started = restored
+        opt.inner.restore(merged, steps, arrays, restarts, running=running, started=started)
         opt.param_shard[:opt.hi - opt.lo] = params if opt.xp is np else opt.xp.asarray(params)
         opt.skipped_steps = skipped
         recv = opt.buffer.arena if opt._param_recv is None else opt._param_recv
@@ -612,7 +612,7 @@ def _staged_dtype(opt, state):
 
 def _read_shards(folder, opt, name):
     """``(merged groups, steps, {(piece, state): values}, param slice, skipped steps, restarts,
-    running values)``, all
+    running values, started states)``, all
     checked; a ShardError names the first problem. Writes nothing."""
     path = manifest_path(folder, name)
     if not os.path.isfile(path):
@@ -671,7 +671,8 @@ def _read_shards(folder, opt, name):
         if i is not None:
             for n in m["states"]:
                 arrays[(j, n)] = states[n][a - lo:b - lo]
-    problems = carried_problems(m, len(merged))
+    problems = carried_problems(m, len(merged), opt.inner.rule.states)
     if problems:
         raise ShardError(f"{path}: " + "; ".join(problems))
-    return merged, m["steps"], arrays, params, int(m.get("skipped_steps", 0)), m.get("restarts"), m.get("running")
+    return (merged, m["steps"], arrays, params, int(m.get("skipped_steps", 0)), m.get("restarts"), m.get("running"),
+            m.get("started"))

@@ -160,10 +160,10 @@ class _Layerwise(Optimizer):
                             f"{self.state_dtype}")
         super()._check_precision()
 
-    def _plan(self, group):
+    def _plan(self, group, k):
         params, offsets = group["params"], self._offsets_of(group)
         sizes = [int(a.size) for a in params]
-        needed = self.states_needed(group)
+        needed = self.held_states(k)
         if self._buffer is not None:
             align = ALIGN // self._buffer.dtype.itemsize
             runs = _runs([o for o, n in zip(offsets, sizes) if n], [n for n in sizes if n], align)

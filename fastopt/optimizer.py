@@ -298,7 +298,9 @@ class Optimizer:
     def _allocate(self):
         """State arenas for what the groups' options need (existing ones are kept), and the
         launch plans (rebuilt, step counts kept: a loaded state dict may change options)."""
-        needed = {s for g in self.param_groups for s in self.states_needed(g)}
+        # a state an option no longer needs keeps its arena and values: torch keeps such a buffer
+        # (SGD's momentum set to 0 and back) and reads it again when the option comes back
+        needed = {s for g in self.param_groups for s in self.states_needed(g)}.union(*self._started)
         offsets, size = self._layout()
         dtype = self.state_dtype
         self._offsets = offsets
@@ -317,7 +319,7 @@ class Optimizer:
             self._state8 = self.state8_layout()
             self._state8.ensure(needed)
             self.arenas = self._state8.arenas
-        self._plans = [self._state8.plan(g, k) if self._state8 is not None else self._plan(g)
+        self._plans = [self._state8.plan(g, k) if self._state8 is not None else self._plan(g, k)
                        for k, g in enumerate(self.param_groups)]
         for k, (plan, t, restart) in enumerate(zip(self._plans, steps, restarts)):
             plan.step, plan.restart = t, restart  # a restart a skipped step left pending still holds
@@ -368,11 +370,12 @@ class Optimizer:
             views = [arena[o:o + n] for arena in self.arenas.values()]
         return views + ([self.masters[o:o + n]] if self.masters is not None else [])
 
-    def _plan(self, group):
+    def _plan(self, group, k):
         view = _formats.kernel_view  # a 16-bit float as its bits: converted once, here
         offsets = self._offsets_of(group)
         params = group["params"]
-        slots = [self.arenas[n] if n in self.states_needed(group) else None for n in self.rule.states]
+        held = self.held_states(k)
+        slots = [self.arenas[n] if n in held else None for n in self.rule.states]
         slots.append(self.masters)  # the kernels take the master copy (or None) after the states
         plan = _Plan(self.rule.kernels, group, numel=sum(a.size for a in params))
         cpu = isinstance(params[0], np.ndarray)
@@ -657,9 +660,7 @@ class Optimizer:
             idx = list(range(i, i + len(g["params"])))
             running = self.running_values(k) if t else {}  # kept per param, as torch keeps NAdam's mu_product
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": idx})
-            # a state the next update starts from the gradient holds nothing yet: left out, as
-            # torch leaves out a momentum buffer it has not made (and starts it so when loaded)
-            kept = set(self.states_needed(g)) - (set(self.rule.start_from_grad) if restart else set())
+            kept = self.saved_states(k, restart)
             if t:
                 for j in idx:
                     views = {n: v for n, v in self.state_views(j).items() if n in kept or n == MASTER}
@@ -680,6 +681,18 @@ class Optimizer:
             return {"state": state, "param_groups": groups}
         return {"state": state, "param_groups": groups, "skipped_steps": self.skipped_steps,
                 **({"state_code": self.state_code} if self.state_bits == 8 else {})}
+
+    def held_states(self, k):
+        """The states group ``k``'s kernels are given: those its options need and those its
+        updates started (an option turned off keeps its state, as torch keeps SGD's momentum
+        buffer at momentum 0, and reads it again when the option comes back)."""
+        return set(self.states_needed(self.param_groups[k])) | self._started[k]
+
+    def saved_states(self, k, restart):
+        """The states group ``k``'s saved state holds: :meth:`held_states`, less those the next
+        update starts from the gradient (``restart``): they hold nothing yet, and torch leaves
+        out a momentum buffer it has not made (loading starts it so)."""
+        return self.held_states(k) - (set(self.rule.start_from_grad) if restart else set())
 
     def _to_torch_state(self, entry, group):
         import torch
@@ -722,6 +735,7 @@ class Optimizer:
                     **({"state_bits": 8, "state_code": self.state_code} if self.state_bits == 8 else {}),
                     "shapes": [list(a.shape) for a in self._params], "offsets": [int(o) for o in self._offsets],
                     "steps": self._steps(), "restarts": [bool(p.restart) for p in self._plans],
+                    "started": [sorted(self.held_states(k)) for k in range(len(self.param_groups))],
                     "running": [self.running_values(k) for k in range(len(self.param_groups))],
                     "skipped_steps": self.skipped_steps, "groups": [_group_meta(g) for g in self.param_groups],
                     "arenas": arenas}
@@ -754,14 +768,16 @@ class Optimizer:
         against it and split by it before anything is allocated or written."""
         return self._state8 if self._state8 is not None else state8bit.State8(self)
 
-    def restore(self, groups, steps, arrays, restarts=None, skipped_steps=None, running=None):
+    def restore(self, groups, steps, arrays, restarts=None, skipped_steps=None, running=None, started=None):
         """Write a checked state: ``groups`` from :meth:`merged_groups`, ``steps`` per group,
         ``arrays``: ``{(param index, state name): flat values}`` (a param with no entry starts
         afresh), ``restarts``: per group, whether its next update starts the states of
         ``rule.start_from_grad`` from the gradient (default: none does), ``skipped_steps``:
         the count to go on from (default: kept), ``running``: per group, the rule's running
-        values (default: taken from the step counts). The caller checks the values (see
-        ``fastopt.load``); this checks the layout, then writes."""
+        values (default: taken from the step counts), ``started``: per group, the names of the
+        states its updates started (default: those its options need; one an option no longer
+        needs is kept, and read again when the option comes back). The caller checks the values
+        (see ``fastopt.load``); this checks the layout, then writes."""
         restarts = [False] * len(groups) if restarts is None else list(restarts)
         if not len(groups) == len(steps) == len(restarts) == len(self.param_groups):
             raise ValueError(f"restore: {len(groups)} groups, {len(steps)} step counts and {len(restarts)} "
@@ -772,11 +788,14 @@ class Optimizer:
         for (i, name), value in arrays.items():
             if name not in names or not 0 <= i < len(self._params) or value.size != self._params[i].size:
                 raise ValueError(f"restore: state {name!r} of param {i} does not fit this optimizer")
+        started = [set() for _ in groups] if started is None else [set(s) for s in started]
+        if len(started) != len(groups) or any(not s <= set(self.rule.states) for s in started):
+            raise ValueError(f"restore: started states {started!r} do not fit this optimizer")
         with self.lock:
             for g, new in zip(self.param_groups, groups):
                 dict.update(g, {k: v for k, v in new.items() if k != "params"})
             self._edited[0] = False
-            self._started = [set() for _ in self.param_groups]  # what was loaded is started below
+            self._started = started  # and below, what the options need
             self.masters = None  # a param with no saved master copy starts from its value
             self._allocate()
             for name, arena in self.arenas.items():
@@ -817,7 +836,7 @@ class Optimizer:
         known |= {s + state8bit.ABSMAX for s in rule.states} if self.state_bits == 8 else set()
         # every state dict of the rule carries torch's positional arguments (the rules torch has)
         identity = [n for n, h in rule.hyper.items() if not h.keyword]
-        new_groups, steps, arrays, listed, restarts, running = [], [], {}, set(), [], []
+        new_groups, steps, arrays, listed, restarts, running, started = [], [], {}, set(), [], [], []
         code = state_dict.get("state_code")
         skipped = state_dict.get("skipped_steps")
         if skipped is not None:
@@ -840,7 +859,7 @@ class Optimizer:
             new_groups.append(g)
             needed = self.states_needed(g)
             first = sum(len(x["params"]) for x in self.param_groups[:k])
-            group_steps, late, carried = set(), set(), {n: set() for n in rule.running}
+            group_steps, late, carried, held = set(), set(), {n: set() for n in rule.running}, set()
             for j, saved_index in enumerate(saved["params"]):
                 i, p = first + j, self._params[first + j]
                 listed.add(str(saved_index))
@@ -864,6 +883,7 @@ class Optimizer:
                 t = _step_count(entry["step"], f"the step of param {i}") if "step" in entry else 1
                 group_steps.add(t)
                 have = {renamed.get(n, n) for n in entry}
+                held |= have & set(rule.states)  # an option turned off keeps its state: so does the load
                 lacking = [s for s in needed if s not in have]
                 kept = [s for s in lacking if s not in rule.start_from_grad]
                 if t and kept:
@@ -895,6 +915,7 @@ class Optimizer:
                                  "and some not yet; fastopt starts a group's state as one")
             steps.append(group_steps.pop())
             restarts.append(bool(late and late.pop()))
+            started.append(sorted(held))
             if any(len(v) > 1 for v in carried.values()):
                 raise ValueError(f"param group {k}: its params' {', '.join(carried)} differ; fastopt steps a group "
                                  "as one")
@@ -903,7 +924,7 @@ class Optimizer:
         stray = sorted(str(key) for key in state if str(key) not in listed)
         if stray:
             raise ValueError(f"the state dict has state for params {', '.join(stray)}, which no param group lists")
-        return new_groups, steps, arrays, restarts, skipped, running
+        return new_groups, steps, arrays, restarts, skipped, running, started
 
     def __repr__(self):
         where = f"ParamBuffer of {len(self._params)} tensors" if self._buffer is not None else \

@@ -174,7 +174,7 @@ class Plan8:
         first = sum(len(g["params"]) for g in opt.param_groups[:k])
         idx = list(range(first, first + len(group["params"])))
         self.idx = idx
-        needed = opt.states_needed(group)
+        needed = opt.held_states(k)
         view = _formats.kernel_view
         self.params = [view(opt._params[i].reshape(-1)) for i in idx]
         self.numel = sum(a.size for a in self.params)

@@ -797,3 +797,66 @@ def test_nadam_resumes_exactly_after_a_beta_edit(tmp_path):
     run(fresh, fbuf, range(4, 6))
     np.testing.assert_array_equal(fbuf.arena, wbuf.arena)
     assert fresh.running_values(0) == whole.running_values(0)
+
+
+# an option turned off mid-run and on again (its state kept meanwhile, as torch keeps it):
+# (class, option, on, off)
+TOGGLES = [(fastopt.SGD, "momentum", 0.9, 0.0), (fastopt.RMSprop, "momentum", 0.5, 0.0),
+           (fastopt.RMSprop, "centered", True, False), (fastopt.Adam, "amsgrad", True, False)]
+
+
+def _resume(opt, buf, via, tmp_path):
+    """A new optimizer and buffer resumed from ``opt`` ``via`` a state dict, torch's layout
+    or a checkpoint; the new optimizer is built with the options as they are now."""
+    hyper = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    groups = [{"params": [], **{k: v for k, v in g.items() if k != "params"}} for g in opt.param_groups]
+    new_buf = fastopt.ParamBuffer([a.copy() for a in buf.params])
+    first = 0
+    for g, saved in zip(groups, opt.param_groups):
+        g["params"] = new_buf.params[first:first + len(saved["params"])]
+        first += len(saved["params"])
+    new = type(opt)(groups, **{k: v for k, v in hyper.items() if k not in opt.rule.fixed})
+    if via == "checkpoint":
+        fastopt.load(fastopt.save(tmp_path / "c.npz", opt), new)
+    else:
+        new.load_state_dict(opt.state_dict(torch=via == "torch layout"))
+    return new, new_buf
+
+
+@pytest.mark.parametrize("via", ["state dict", "torch layout", "checkpoint"])
+@pytest.mark.parametrize("cls,option,on,off", TOGGLES, ids=[f"{c.__name__}-{o}" for c, o, _, _ in TOGGLES])
+def test_a_state_kept_while_its_option_is_off_survives_a_resume(cls, option, on, off, via, tmp_path):
+    """Saved while the option is off, loaded, the option back on: the resumed run reads the
+    kept state as the uninterrupted run does, bit for bit (it restarted SGD's momentum from
+    the gradient, 0.85 off, and refused RMSprop's and Adam's as never kept)."""
+    runs = []
+    for resume in (False, True):
+        opt, buf = _stepped(cls, lr=0.01, steps=2, **{option: on})
+        opt.param_groups[0][option] = off
+        _step_with(opt, buf, seed=400)
+        if resume:
+            opt, buf = _resume(opt, buf, via, tmp_path)
+        opt.param_groups[0][option] = on
+        for t in range(2):
+            _step_with(opt, buf, seed=401 + t)
+        runs.append(buf.arena.copy())
+    np.testing.assert_array_equal(*runs)
+
+
+@pytest.mark.parametrize("via", ["state dict", "checkpoint"])
+def test_a_group_that_never_started_a_state_starts_it_from_the_gradient_after_a_resume(via, tmp_path):
+    """Two groups, momentum in the first only: the second group's slice of the momentum arena
+    holds zeros it never started; turned on after a resume, its buffer starts from the
+    gradient, as in the uninterrupted run."""
+    runs = []
+    for resume in (False, True):
+        opt, buf = _stepped(fastopt.SGD, lr=0.1, steps=2, groups=[(0, 1), (1, 3)], momentum=0.0)
+        opt.param_groups[0]["momentum"] = 0.9
+        _step_with(opt, buf, seed=500)
+        if resume:
+            opt, buf = _resume(opt, buf, via, tmp_path)
+        opt.param_groups[1]["momentum"] = 0.9
+        for t in range(2):
+            _step_with(opt, buf, seed=501 + t)
+        runs.append(buf.arena.copy())
+    np.testing.assert_array_equal(*runs)
