@@ -141,7 +141,9 @@ def test_schedule_errors_name_the_flag():
 
 @pytest.mark.parametrize("optimizer,hyper,groups", [("adam", {}, 1), ("adam", {"weight_decay": 1e-4}, 2),
                                                      ("adamw", {}, 2), ("sgd", {"l1": 1e-5}, 2), ("lamb", {}, 2),
-                                                     ("lamb", {"weight_decay": 0.0}, 2), ("lars", {}, 2)])
+                                                     ("lamb", {"weight_decay": 0.0}, 2), ("lars", {}, 2),
+                                                     ("lars", {"always_adapt": True}, 2),
+                                                     ("lars", {"always_adapt": True, "weight_decay": 0.0}, 2)])
 def test_penalties_skip_biases_and_batchnorm(tmp_path, optimizer, hyper, groups):
     model = R.build_model("conv", (1, 8, 8), 10)
     opt, _ = R.make_optimizer(tiny_config(tmp_path, optimizer=optimizer, hyper=hyper), model, 5)
@@ -152,6 +154,7 @@ def test_penalties_skip_biases_and_batchnorm(tmp_path, optimizer, hyper, groups)
         assert len(weights["params"]) + len(others["params"]) == len(model.buffer)
         assert all(others[k] == v for k, v in R.EXEMPT.items() if k in others)
         assert any(weights[k] != v for k, v in R.EXEMPT.items() if k in weights)
+        assert not others.get("always_adapt", False)  # no trust ratio for biases and BatchNorm, ever
 
 
 def test_epoch_order_and_dropout_are_functions_of_seed_and_epoch():

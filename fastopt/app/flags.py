@@ -164,7 +164,7 @@ DESCRIPTIONS = {
     "clamp_value": "upper bound of ||p|| in the trust ratio",
     "trust_coeff": "trust coefficient eta",
     "trust_clip": "clipping of the trust ratio at 1",
-    "always_adapt": "adaptation of groups without weight decay too",
+    "always_adapt": "trust ratios for weights without weight decay too (biases and BatchNorm never get one)",
     "layer_adaptation": "the layer-wise trust ratio",
 }
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}

@@ -36,7 +36,7 @@ SCHEDULES = ("constant", "step", "exp", "inverse_time", "cosine", "warmup_cosine
 REGULARIZERS = ("weight_decay", "l1")
 # what biases and BatchNorm's gamma and beta get instead of the weights' settings: no penalty, and
 # no layer-wise trust ratio (LAMB; LARS adapts only groups with weight decay)
-EXEMPT = {"weight_decay": 0.0, "l1": 0.0, "layer_adaptation": False}
+EXEMPT = {"weight_decay": 0.0, "l1": 0.0, "layer_adaptation": False, "always_adapt": False}
 
 
 # -- precision ---------------------------------------------------------------------------------
@@ -267,12 +267,13 @@ def make_schedule(cfg, lr, steps_per_epoch):
 
 
 # -- the optimizer of a model --------------------------------------------------------------------
-def param_groups(model, penalties, accepted):
+def param_groups(model, penalties, accepted, always_adapt=False):
     """Weight decay, L1 (``penalties``: name -> strength) and layer-wise adaptation on the
     weights (2 or more dimensions) only, not on biases or BatchNorm's gamma and beta: two groups
     of views of ``model.buffer``, or the buffer itself when none of these is on (one group:
-    one fused launch per step). ``accepted``: the optimizer's keywords."""
-    if not any(penalties.values()) and "layer_adaptation" not in accepted:
+    one fused launch per step). ``accepted``: the optimizer's keywords; ``always_adapt``: LARS
+    adapts groups without weight decay too (the weights' group only)."""
+    if not any(penalties.values()) and "layer_adaptation" not in accepted and not always_adapt:
         return model.buffer
     weights = [p for p in model.buffer.params if p.ndim >= 2]
     others = [p for p in model.buffer.params if p.ndim < 2]
@@ -289,7 +290,7 @@ def make_optimizer(cfg, model, steps_per_epoch, name=None, strict=True):
     penalties = {k: kwargs.get(k, defaults[k]) for k in REGULARIZERS if k in defaults}
     kwargs.update(max_grad_norm=cfg.max_grad_norm, nonfinite=cfg.nonfinite, **precision_options(cfg))
     try:
-        opt = cls(param_groups(model, penalties, defaults), **kwargs)
+        opt = cls(param_groups(model, penalties, defaults, kwargs.get("always_adapt", False)), **kwargs)
     except (ValueError, TypeError) as e:  # TypeError: a params dtype the optimizer does not take
         raise UsageError(f"--optimizer {name}: {e}") from None
     if cfg.state_bits == 8 and not any(opt.states_needed(g) for g in opt.param_groups):
