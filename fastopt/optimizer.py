@@ -597,6 +597,12 @@ class Optimizer:
             self._check_hyper(group, where)
         late = []
         for k, (group, plan) in enumerate(zip(self.param_groups, self._plans)):
+            if plan.restart and not set(self.rule.start_from_grad) & set(self.states_needed(group)):
+                # turned off again before an update started it: torch makes a momentum buffer at
+                # the first update that uses it, so this one was never made and starts afresh later
+                self._started[k] -= set(self.rule.start_from_grad)
+                plan.restart = False
+                self._dev = None  # the device's restart flags follow at the next device step
             new = [s for s in self.states_needed(group) if s not in self._started[k]]
             if new and plan.step:
                 refused = [s for s in new if s not in self.rule.start_from_grad]

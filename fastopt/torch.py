@@ -637,7 +637,9 @@ class _StateView(Mapping):
             if inner.arenas is None:
                 continue
             steps = [t for plan, t in zip(inner._plans, inner._steps()) for _ in plan.group["params"]]
-            needed = [set(inner.states_needed(g)) for g in inner.param_groups for _ in g["params"]]
+            # what torch's state would hold: a state kept while its option is off too
+            needed = [inner.saved_states(k, plan.restart) for k, plan in enumerate(inner._plans)
+                      for _ in plan.group["params"]]
             for i, p in enumerate(arena.params):
                 if steps[i]:
                     views = inner.state_views(i)

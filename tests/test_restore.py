@@ -860,3 +860,30 @@ def test_a_group_that_never_started_a_state_starts_it_from_the_gradient_after_a_
             _step_with(opt, buf, seed=501 + t)
         runs.append(buf.arena.copy())
     np.testing.assert_array_equal(*runs)
+
+
+@pytest.mark.parametrize("via", [None, "state dict", "checkpoint"])
+def test_momentum_turned_on_and_off_again_before_any_update_is_never_made(via, tmp_path):
+    """Momentum on, then a step the guard skips (the edit settled, no update used it), then off
+    again: torch never made the buffer, so momentum on later starts it from the gradient
+    (with dampening the difference shows: a zero buffer gives (1 - dampening) g). The same
+    uninterrupted and resumed."""
+    torch = pytest.importorskip("torch")
+    opt, buf = _stepped(fastopt.SGD, lr=0.1, dampening=0.5, steps=1)
+    ps = [torch.nn.Parameter(torch.tensor(a.copy())) for a in buf.params]
+    ref = torch.optim.SGD(ps, lr=0.1, dampening=0.5, foreach=False)
+    opt.param_groups[0]["momentum"] = 0.9
+    buf.grads[0][0, 0] = np.nan
+    opt.step()
+    assert opt.last_step_skipped
+    opt.param_groups[0]["momentum"] = 0.0
+    if via is not None:
+        opt, buf = _resume(opt, buf, via, tmp_path)
+    for t, momentum in enumerate([0.0, 0.9, 0.9]):
+        opt.param_groups[0]["momentum"] = ref.param_groups[0]["momentum"] = momentum
+        _step_with(opt, buf, seed=600 + t)
+        for p, g in zip(ps, _arrays(600 + t)):
+            p.grad = torch.tensor(g)
+        ref.step()
+    for a, p in zip(buf.params, ps):
+        np.testing.assert_allclose(a, p.detach().numpy(), rtol=1e-12, atol=1e-14)

@@ -714,6 +714,20 @@ def test_state_reset_by_assignment_and_read_as_torch():
         opt_a.state = {net_a.fc.weight: {}}
 
 
+def test_state_shows_a_buffer_kept_while_momentum_is_off():
+    """torch keeps SGD's momentum buffer at momentum 0; opt.state shows it, as torch's does."""
+    net_a, opt_a, net_b, opt_b = pair("SGD", dict(lr=1e-2, momentum=0.9))
+    for t in range(3):
+        for net, opt in ((net_a, opt_a), (net_b, opt_b)):
+            if t == 2:
+                opt.param_groups[0]["momentum"] = 0.0
+            _stepping(net, opt, t)
+    assert_same(net_a, opt_a, net_b, opt_b)
+    assert "momentum_buffer" in opt_a.state[net_a.fc.weight] and "momentum_buffer" in opt_b.state[net_b.fc.weight]
+    np.testing.assert_allclose(opt_a.state[net_a.fc.weight]["momentum_buffer"].detach().numpy(),
+                               opt_b.state[net_b.fc.weight]["momentum_buffer"].detach().numpy(), rtol=1e-12)
+
+
 def test_a_second_optimizer_over_the_same_params_is_named():
     net = make()
     first = ft.Adam(net.parameters())
