@@ -1,5 +1,6 @@
 """ParamBuffer: a model's parameters as views into one contiguous arena, and a twin
 arena for their gradients, so that an optimizer updates the whole model in one pass."""
+import copy
 import operator
 import weakref
 
@@ -228,6 +229,21 @@ class ParamBuffer:
         self.params = self._views(self.arena)
         self.grads = self._views(self.grad_arena)
         _BUFFERS.add(self)
+
+    def __deepcopy__(self, memo):
+        """A buffer of its own; a view of this buffer met later in the same deepcopy (a dict
+        holding the buffer and its params) becomes the copy's view. One met before the buffer
+        was copied as an array of its own, cut off from the copy: refused."""
+        views = self.params + self.grads
+        if any(id(v) in memo for v in views):
+            raise TypeError("deepcopy met a view of this ParamBuffer before the buffer itself: its copy would "
+                            "be an array cut off from the copied arena; put the buffer before its views")
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        for old, fresh in zip(views, new.params + new.grads):
+            memo[id(old)] = fresh
+        return new
 
     def __len__(self):
         return len(self.shapes)

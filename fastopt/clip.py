@@ -6,6 +6,7 @@ the one-pass norm + non-finite check the optimizers run before a guarded or clip
 """
 import math
 import numbers
+import weakref
 
 import numpy as np
 
@@ -87,9 +88,22 @@ class NormPlan:
         return (sums if mode == _reduce.MAX else sums ** (1.0 / float(norm_type))), finite
 
 
+_BUFFER_PLANS = weakref.WeakKeyDictionary()  # ParamBuffer -> NormPlan of its params' gradient spans
+
+
+def _buffer_plan(buf):
+    """The norm of ``buf``'s gradients: its params' spans (the alignment padding never counts),
+    laid out once per buffer (a typed list of a view per param costs ms for hundreds of them)."""
+    plan = _BUFFER_PLANS.get(buf)
+    if plan is None:
+        plan = _BUFFER_PLANS[buf] = NormPlan([buf.grad_arena[o:o + g.size] for o, g in zip(buf.offsets, buf.grads)
+                                              if g.size])
+    return plan
+
+
 def _grad_arrays(grads, name="grads", writeable=False):
-    if isinstance(grads, ParamBuffer):  # the params' spans: the alignment padding never counts
-        return [grads.grad_arena[o:o + g.size] for o, g in zip(grads.offsets, grads.grads) if g.size]
+    if isinstance(grads, ParamBuffer):  # its norm is _buffer_plan's; it is scaled as one array
+        return [grads.grad_arena]
     grads = [grads] if hasattr(grads, "shape") else list(grads)
     grads = [_dispatch.as_kernel_array(g) for g in grads]
     if grads:  # the one array check: dtypes may differ between gradients, devices may not
@@ -101,8 +115,16 @@ def _grad_arrays(grads, name="grads", writeable=False):
 
 
 def grad_norm(grads, norm_type=2.0):
-    """The global norm of ``grads`` (a ParamBuffer's grad arena, or a list of arrays)."""
-    return _global_norm(_grad_arrays(grads), norm_type)[0]
+    """The global norm of ``grads`` (a ParamBuffer's gradients, or a list of arrays)."""
+    return _norm_of(grads, norm_type)[0]
+
+
+def _norm_of(grads, norm_type, writeable=False):
+    """``(norm, all finite, the arrays to scale)`` of ``grads``, every array checked."""
+    arrays = _grad_arrays(grads, writeable=writeable)
+    if isinstance(grads, ParamBuffer):
+        return (*_buffer_plan(grads).norm(norm_type), arrays)
+    return (*_global_norm(arrays, norm_type), arrays)
 
 
 def _global_norm(arrays, norm_type):
@@ -134,8 +156,7 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
     """
     if not (isinstance(max_norm, numbers.Real) and not isinstance(max_norm, (bool, np.bool_)) and max_norm > 0):
         raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
-    arrays = _grad_arrays(grads, writeable=True)  # every array checked before the first is scaled
-    total, finite = _global_norm(arrays, norm_type)
+    total, finite, arrays = _norm_of(grads, norm_type, writeable=True)  # all checked before any is scaled
     if error_if_nonfinite and not (finite and math.isfinite(total)):  # an overflowing sum too, as torch
         raise FloatingPointError(f"the total norm of order {norm_type} of the gradients is non-finite, "
                                  "so it cannot be clipped (error_if_nonfinite=True)")

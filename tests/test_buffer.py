@@ -127,3 +127,13 @@ def test_a_copy_is_a_working_buffer_of_its_own(duplicate, dtype):
     fastopt.SGD(other, lr=0.5).step()
     np.testing.assert_array_equal(other.params[0], (buf.params[0].astype(np.float64) - 1.5).astype(dtype))
     np.testing.assert_array_equal(buf.arena, before)  # the original is untouched
+
+
+def test_a_deepcopy_of_a_buffer_with_its_views_keeps_them_views():
+    """A container holding the buffer and then its views (a model's weights): the copy's views
+    are the copied buffer's; views met before their buffer would be cut off: refused."""
+    buf = ParamBuffer(_model(np.float32))
+    held = copy.deepcopy({"buf": buf, "w": buf.params[1], "g": buf.grads[1]})
+    assert held["w"] is held["buf"].params[1] and held["g"] is held["buf"].grads[1]
+    with pytest.raises(TypeError, match="before the buffer itself"):
+        copy.deepcopy({"w": buf.params[1], "buf": buf})
