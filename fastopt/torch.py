@@ -21,10 +21,12 @@ reading the grad arena). How gradients get there, and what the arena changes:
 * ``zero_grad()`` (``set_to_none=True``, torch's default) sets every ``.grad`` to None; a
   post-accumulate-grad hook per param copies each new gradient into the grad arena as
   autograd makes it and makes ``.grad`` the arena's view, so later micro-batches accumulate
-  into it in place. ``zero_grad(set_to_none=False)`` zeroes the grad arena in one pass.
+  into it in place. ``zero_grad(set_to_none=False)`` zeroes the grad arena in one pass (a
+  ``.grad`` that is None stays None, as in torch). ``.grad`` is the arena's view at every
+  step: a reference kept to it sees the next step's gradient (``.clone()`` one to keep it).
   A ``.grad`` that is not the arena's view at the step (a user's own tensor, a
-  ``create_graph`` gradient) is copied in then. A ``.grad`` still None at the step counts
-  as zero (torch would skip that param: see the README's "From PyTorch" section); when every
+  ``create_graph`` gradient) is copied in then. A param whose ``.grad`` is None at the step
+  is skipped, as torch skips it (see the README's "From PyTorch" section); when every
   ``.grad`` is None the step does nothing, as torch.
 * ``model.to(...)``, ``model.half()``, ``param.data = ...``: the param no longer lives in the
   arena; the next step raises :class:`ArenaError` instead of updating memory nobody reads.
@@ -115,8 +117,10 @@ def _plain(value):
     return value
 
 
-def _holds_tensor(value):
-    return isinstance(value, torch.Tensor) or (isinstance(value, (list, tuple)) and any(map(_holds_tensor, value)))
+def _changes_in_place(value):
+    """Whether ``value`` can change while staying the same object: a tensor (a scheduler's
+    ``fill_``), a list (``group["betas"][0] = 0.3``), or a tuple holding one."""
+    return isinstance(value, (torch.Tensor, list)) or (isinstance(value, tuple) and any(map(_changes_in_place, value)))
 
 
 def _span(p):
@@ -173,13 +177,17 @@ class _Arena:
                 n = math.prod(shape)
                 view, grad = arena[o:o + n].view(shape), grad_arena[o:o + n].view(shape)
                 view.copy_(p)
-                if p.grad is not None:
+                had_grad = p.grad is not None
+                if had_grad:
                     if p.grad.is_sparse:
                         grad.copy_(p.grad.to_dense())
                     else:
                         grad.copy_(p.grad)
                 p.data = view  # the model's parameter now lives in the arena
-                p.grad = grad  # and autograd accumulates into the grad arena
+                if had_grad:  # autograd accumulates into the grad arena from now on
+                    p.grad = grad
+                # else .grad stays None, as torch's (a param no backward reaches is not stepped):
+                # its first gradient is copied into the arena by the hook below
                 self.params.append(p)
                 self.grads.append(grad)
                 self.ptrs.append(p.data_ptr())
@@ -413,8 +421,8 @@ class _TorchOptimizer(torch.optim.Optimizer):
                 if last is not None and not arena.tensor_valued[j] and all(map(operator.is_, values, last)):
                     continue  # every value the same object as at the last step: nothing to read
                 arena.seen_values[j] = values
-                # a tensor (lr=torch.tensor(...)) changes in place (a scheduler's fill_): read every step
-                arena.tensor_valued[j] = any(map(_holds_tensor, values))
+                # a tensor (lr=torch.tensor(...)) or a list changes in place: read every step
+                arena.tensor_valued[j] = any(map(_changes_in_place, values))
                 mine, seen = inner_groups[j], arena.seen[j]
                 for key in keys:
                     value = group[key]
@@ -497,7 +505,7 @@ class _TorchOptimizer(torch.optim.Optimizer):
         for arena in self._arenas:
             arena.grad_arena.zero_()
             for p, view in zip(arena.params, arena.grads):
-                if p.grad is not view:
+                if p.grad is not view and p.grad is not None:  # None stays None, as in torch
                     p.grad = view
         for p, _ in self._frozen:
             if p.grad is not None:
@@ -614,7 +622,8 @@ class _TorchOptimizer(torch.optim.Optimizer):
             kept = {k: v for k, v in group.items() if k in self._rule.hyper}  # torch's dicts lack fastopt's
             group.clear()
             group.update(kept)
-            group.update({k: tuple(v) if isinstance(v, list) and k != "param_names" else v
+            # the rule's pairs as torch keeps them (tuples); a user's own keys as saved
+            group.update({k: tuple(v) if isinstance(v, list) and k in self._rule.hyper else v
                           for k, v in saved.items() if k != "params"})
             group["params"] = params
             if names is not None and "param_names" not in saved:
@@ -693,7 +702,10 @@ def _make(fastopt_class, torch_class):
         a = signature.bind(self, *args, **kwargs)
         a.apply_defaults()
         a = a.arguments
-        _TorchOptimizer.__init__(self, a["params"], {**{n: a[n] for n in rule.hyper}, **rule.fixed},
+        # a list default (betas=[0.9, 0.999]) would be one object shared by every group, so an
+        # edit of one group's in place would change all: a tuple, as torch's Adam makes it
+        _TorchOptimizer.__init__(self, a["params"], {**{n: tuple(a[n]) if isinstance(a[n], list) else a[n]
+                                                        for n in rule.hyper}, **rule.fixed},
                                  {n: a[n] for n in extras}, {n: a[n] for n in implementation})
 
     __init__.__signature__ = signature
