@@ -43,12 +43,13 @@ def optimizer(impl, rule, params):
 def with_grads(net, opt):
     """Random gradients in place (into the arena for fastopt.torch), then one warm-up step."""
     g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(p.shape, generator=g) * 1e-3 for p in net.parameters()]
     for p in net.parameters():
-        grad = torch.randn(p.shape, generator=g) * 1e-3
-        if p.grad is None:
-            p.grad = grad
-        else:
-            p.grad.copy_(grad)
+        if p.grad is None:  # fastopt.torch too: a .grad stays None until a backward (or this) makes one
+            p.grad = torch.zeros_like(p)
+    opt.zero_grad(set_to_none=False)  # fastopt.torch: every .grad is now its arena view (a loop's backward does so)
+    for p, grad in zip(net.parameters(), grads):
+        p.grad.copy_(grad)
     opt.step()
     return opt
 
