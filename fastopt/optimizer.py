@@ -1027,7 +1027,8 @@ class _DeviceSteps:
         return cuda.to_device(host, stream=self.stream)
 
     def push_status(self, opt):
-        status = np.array([np.nan if opt._last_grad_norm is None else opt._last_grad_norm,
+        # no norm yet (None) as -1: a norm is never negative, and NaN is one (NaN gradients)
+        status = np.array([-1.0 if opt._last_grad_norm is None else opt._last_grad_norm,
                            float(opt._last_step_skipped), float(opt._skipped_steps)])
         self.status.copy_to_device(status, stream=self.stream)
 
@@ -1041,7 +1042,8 @@ class _DeviceSteps:
         for plan, t, r in zip(opt._plans, steps, restarts):
             plan.step, plan.restart = int(t), bool(r)
         if self.norm_ran:
-            opt._last_grad_norm = float(status[_device.NORM])
+            norm = float(status[_device.NORM])
+            opt._last_grad_norm = None if norm < 0 else norm  # (NaN < 0 is False: a NaN norm stays)
         opt._last_step_skipped = bool(status[_device.SKIPPED])
         opt._skipped_steps = int(status[_device.SKIPS])
         self.stale = False

@@ -243,6 +243,24 @@ def test_an_amp_scalers_scale_and_inf_flag_are_read_on_the_device(mode, device_b
         assert cpu.last_grad_norm == pytest.approx(fastopt.clip.grad_norm(grads[-1]), rel=1e-6)
 
 
+@cuda
+@pytest.mark.parametrize("mode", ["guard", "clip"])
+def test_no_norm_before_a_first_step_the_scaler_skips(mode, device_buffers):
+    """A first step skipped by the scaler's inf flag computes no norm on the CPU: None there
+    and on the device alike (the device's status slot held NaN for "none yet")."""
+    init, grads = _data(7)
+    options = {**RULES["adamw"], **MODES[mode]}
+    cpu = fastopt.AdamW(fastopt.ParamBuffer([a.copy() for a in init]), **options)
+    buf = device_buffers(init)
+    dev = fastopt.AdamW(buf, **options)
+    _write_grads(buf, grads[0])
+    scaler = dict(loss_scale=np.ones(1, np.float32), found_inf=np.ones(1, np.float32))
+    cpu.step(**scaler)
+    dev.step(**scaler)
+    assert cpu.last_grad_norm is None and dev.last_grad_norm is None
+    assert dev.last_step_skipped and dev.skipped_steps == 1
+
+
 def test_an_amp_scaler_value_must_be_one_element():
     opt = fastopt.AdamW(fastopt.ParamBuffer([np.zeros(3, np.float32)]))
     for name in ("loss_scale", "found_inf"):
