@@ -79,10 +79,7 @@ class Optimizer:
     def __init__(self, params, defaults, *, max_grad_norm=None, nonfinite="skip", state_dtype=None,
                  master_weights=False, stochastic_rounding=False, rounding_seed=0, state_bits=None, state_code="fp8",
                  capturable=False):
-        if max_grad_norm is not None and not (_is_real(max_grad_norm) and 0 < max_grad_norm < math.inf):
-            raise ValueError(f"max_grad_norm must be None or a positive number, got {max_grad_norm!r}")
-        if nonfinite not in NONFINITE:
-            raise ValueError(f"nonfinite must be one of {', '.join(map(repr, NONFINITE))}, got {nonfinite!r}")
+        self.max_grad_norm, self.nonfinite = max_grad_norm, nonfinite  # checked (properties below)
         if state_dtype is not None and str(state_dtype) not in _formats.BY_NAME:
             raise ValueError(f"state_dtype must be None or one of {', '.join(map(repr, _formats.BY_NAME))}, "
                              f"got {state_dtype!r}")
@@ -92,7 +89,6 @@ class Optimizer:
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         if not (isinstance(rounding_seed, numbers.Integral) and 0 <= rounding_seed < 2 ** 64):
             raise ValueError(f"rounding_seed must be an integer in [0, 2**64), got {rounding_seed!r}")
-        self.max_grad_norm, self.nonfinite = max_grad_norm, nonfinite
         self._state_dtype = None if state_dtype is None else _formats.BY_NAME[str(state_dtype)]
         self.master_weights, self.stochastic_rounding = bool(master_weights), bool(stochastic_rounding)
         self.rounding_seed = int(rounding_seed)
@@ -134,6 +130,31 @@ class Optimizer:
         self._on_cuda = not isinstance(self._params[0], np.ndarray)  # add_param_group keeps one device
         if self.capturable:
             self._check_capturable()
+
+    @property
+    def max_grad_norm(self):
+        """The global gradient norm clipped to (None: no clipping); may be set between steps."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value):  # checked when set: a step reads it as it is (-1 would climb the gradient)
+        if value is not None and not (_is_real(value) and 0 < value < math.inf):
+            raise ValueError(f"max_grad_norm must be None or a positive number, got {value!r}")
+        self._max_grad_norm = value
+
+    @property
+    def nonfinite(self):
+        """What a step does with an inf or NaN gradient: "skip", "raise" or "propagate"."""
+        return self._nonfinite
+
+    @nonfinite.setter
+    def nonfinite(self, value):
+        if value not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {', '.join(map(repr, NONFINITE))}, got {value!r}")
+        if value == "raise" and getattr(self, "capturable", False):
+            raise ValueError("capturable=True decides each step on the device: nonfinite='raise' would read the "
+                             "gradient norm on the host (use 'skip' or 'propagate')")
+        self._nonfinite = value
 
     def _check_capturable(self):
         """capturable=True: every per-step value on the device, or a named ValueError."""
@@ -210,7 +231,8 @@ class Optimizer:
             raise RuntimeError("add param groups before the first step: state arenas are laid out then")
         if not isinstance(param_group, dict) or "params" not in param_group:
             raise TypeError("a param group must be a dict with a 'params' entry")
-        group = _Group(self, self.defaults, **param_group, **self.rule.fixed)
+        # a fixed key the dict carries (AdamW's own groups do) is taken, and checked below
+        group = _Group(self, {**self.defaults, **self.rule.fixed, **param_group})
         arrays = group["params"]
         if isinstance(arrays, ParamBuffer):
             arrays = arrays.params
@@ -445,11 +467,8 @@ class Optimizer:
         if self._buffer is not None and grads is not None:
             raise ValueError("grads must be None: this optimizer reads gradients from its ParamBuffer's "
                              "grad arena (write them into buffer.grads)")
-        if self._buffer is None:
-            grads = self._check_grads(grads)
         if self._plans is None:
-            for k, group in enumerate(self.param_groups):
-                self._check_hyper(group, f"param group {k}")
+            self._adopt_groups()
             self._edited[0] = False
             self._allocate()
             if self._buffer is not None and _all_zero(self._buffer.grad_arena):
@@ -458,6 +477,8 @@ class Optimizer:
         elif self._edited[0]:
             self._pull()  # the checks read the step counts
             self._apply_edits()
+        if self._buffer is None:  # after the edits: a group replaced by a dict is split by its new self
+            grads = self._check_grads(grads)
         if self._on_cuda:  # (the CPU's steps skip both checks: a tiny model's step is a few us)
             if self._device_decides(scaler is not None):
                 self._device_step(grads, grad_scale, scaler)
@@ -576,7 +597,14 @@ class Optimizer:
         for plan in self._plans:
             plan.constants = None
 
-    def _check_edits(self):
+    def _adopt_groups(self, check=True):
+        """A group replaced by a dict (an edit) must hold the params it replaces (the state is
+        laid out for them) and becomes the optimizer's group, whose later edits are seen; with
+        ``check`` every group is checked as the constructor checks it (a load does not: it
+        writes the saved values, checked then). Whether any was replaced."""
+        if len(self.param_groups) != len(self._group_params):
+            raise ValueError(f"param_groups holds {len(self.param_groups)} groups, the optimizer's state "
+                             f"{len(self._group_params)}: add groups with add_param_group; a group, once added, stays")
         replaced = False
         for k, group in enumerate(self.param_groups):
             where = f"param group {k}"
@@ -589,12 +617,20 @@ class Optimizer:
                                                for a, b in zip(params, kept)):
                 raise ValueError(f"{where}: its params were replaced; the state is laid out for the params "
                                  "it had: build a new optimizer, or add a group with add_param_group")
-            if group is not self._plans[k].group:  # a new dict put in place of the group
-                replaced = True
+            if type(group) is not _Group or group._edited is not self._edited or (
+                    self._plans is not None and group is not self._plans[k].group):
+                replaced = True  # a new dict put in place of the group
                 group = _Group(self, group)
                 dict.__setitem__(group, "params", self._group_params[k])
                 list.__setitem__(self.param_groups, k, group)
-            self._check_hyper(group, where)
+            if check:
+                self._check_hyper(group, where)
+        if replaced:
+            self._grad_cache = (None, None)  # its gradients are split by group object
+        return replaced
+
+    def _check_edits(self):
+        replaced = self._adopt_groups()
         late = []
         for k, (group, plan) in enumerate(zip(self.param_groups, self._plans)):
             if plan.restart and not set(self.rule.start_from_grad) & set(self.states_needed(group)):
@@ -750,6 +786,7 @@ class Optimizer:
         """The groups with the saved hyper-parameters (``saved_groups``: one mapping per group;
         fixed values, and a schedule's place, stay as they are), each checked as the
         constructor checks them; a ValueError prefixed by ``where`` names the first problem."""
+        self._adopt_groups(check=False)  # a group replaced by a dict: its params checked, adopted first
         return [self._merged_group(group, saved, f"{where}param group {k}")
                 for k, (group, saved) in enumerate(zip(self.param_groups, saved_groups))]
 
@@ -784,6 +821,7 @@ class Optimizer:
         states its updates started (default: those its options need; one an option no longer
         needs is kept, and read again when the option comes back). The caller checks the values
         (see ``fastopt.load``); this checks the layout, then writes."""
+        self._adopt_groups(check=False)
         restarts = [False] * len(groups) if restarts is None else list(restarts)
         if not len(groups) == len(steps) == len(restarts) == len(self.param_groups):
             raise ValueError(f"restore: {len(groups)} groups, {len(steps)} step counts and {len(restarts)} "
@@ -827,6 +865,7 @@ class Optimizer:
         restart per group, skipped steps or None, running values per group)``: :meth:`restore`'s
         arguments, or a ValueError / TypeError naming the first problem; writes nothing."""
         name = type(self).__name__
+        self._adopt_groups(check=False)  # a group replaced by a dict: its params checked, adopted first
         if not isinstance(state_dict, Mapping) or not {"param_groups", "state"} <= set(state_dict):
             raise ValueError("a state dict is a mapping with 'state' and 'param_groups', "
                              f"got {type(state_dict).__name__}")
@@ -1289,6 +1328,9 @@ class _GroupList(list):
         self._edited = edited
 
     def __setitem__(self, k, group):
+        if isinstance(k, slice):  # it could drop or add groups
+            raise TypeError("param_groups[i:j] = ...: replace one group at a time; add groups with "
+                            "add_param_group; a group, once added, stays (the state is laid out for its params)")
         super().__setitem__(k, group)
         self._edited[0] = True
 

@@ -887,3 +887,75 @@ def test_momentum_turned_on_and_off_again_before_any_update_is_never_made(via, t
         ref.step()
     for a, p in zip(buf.params, ps):
         np.testing.assert_allclose(a, p.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_a_group_replaced_before_the_first_step_is_checked_and_adopted():
+    """As after a step: a dict with other params is refused (the state is laid out for the
+    params it replaces: it stepped the new array and left the real one), a bad value is
+    refused, and an edit of the adopted dict is seen."""
+    p, q = np.ones(4), np.full(6, 5.0)
+    opt = fastopt.SGD([p], lr=0.1)
+    opt.param_groups[0] = {**opt.param_groups[0], "params": [q]}
+    with pytest.raises(ValueError, match="its params were replaced"):
+        opt.step([np.ones(4)])
+    with pytest.raises(ValueError, match="its params were replaced"):
+        opt.load_state_dict(fastopt.SGD([np.ones(4)], lr=0.1).state_dict())
+    assert (p == 1).all() and (q == 5).all()
+    opt.param_groups[0] = {**opt.param_groups[0], "params": [p], "momentum": -5.0}
+    with pytest.raises(ValueError, match="momentum"):
+        opt.step([np.ones(4)])
+    assert (p == 1).all()
+    opt.param_groups[0] = {**opt.param_groups[0], "params": [p], "momentum": 0.0}
+    opt.step([np.ones(4)])
+    opt.param_groups[0]["weight_decay"] = 1.0  # an edit of the adopted dict
+    opt.step([np.ones(4)])
+    np.testing.assert_allclose(p, 0.9 - 0.1 * (1 + 0.9))
+
+
+def test_a_group_of_separate_arrays_replaced_after_a_step_steps_every_group():
+    """Gradients are split by group: a replaced group's dict is a new object (it raised
+    KeyError after the groups before it had stepped, and again at every later step)."""
+    p0, p1 = np.ones(3), np.ones(3)
+    opt = fastopt.SGD([{"params": [p0]}, {"params": [p1]}], lr=0.05)
+    grads = [np.ones(3), np.ones(3)]
+    opt.step(grads)
+    opt.param_groups[1] = {**opt.param_groups[1], "lr": 0.1}
+    opt.step(grads)
+    np.testing.assert_allclose(p0, 0.9)
+    np.testing.assert_allclose(p1, 0.85)
+    assert opt._steps() == [2, 2]
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("max_grad_norm", -1.0, "max_grad_norm must be None or a positive number"),
+    ("max_grad_norm", float("nan"), "max_grad_norm must be"), ("max_grad_norm", "1", "max_grad_norm must be"),
+    ("max_grad_norm", 0.0, "max_grad_norm must be"), ("nonfinite", "skp", "nonfinite must be one of")])
+def test_clipping_and_guard_options_set_between_steps_are_checked(name, value, match):
+    """They are attributes a step reads as they are: a negative max_grad_norm climbed the
+    gradient, NaN made every param NaN, a misspelt nonfinite let NaN through."""
+    opt, buf = _stepped(max_grad_norm=1.0)
+    before = _snapshot(opt, buf)
+    with pytest.raises(ValueError, match=match):
+        setattr(opt, name, value)
+    assert opt.max_grad_norm == 1.0 and opt.nonfinite == "skip"
+    _step_with(opt, buf)
+    opt.max_grad_norm, opt.nonfinite = None, "propagate"  # valid values are taken
+    _step_with(opt, buf)
+    assert opt.last_grad_norm is not None and before[2] == [2]
+
+
+def test_adamw_takes_a_group_that_carries_its_fixed_key():
+    """AdamW's own groups hold decoupled_weight_decay=True: a model rebuilt from them works, as
+    torch's AdamW takes it; the other value is refused."""
+    opt = fastopt.AdamW([np.ones(3)])
+    again = fastopt.AdamW([{**opt.param_groups[0], "params": [np.ones(3)]}])
+    assert again.param_groups[0]["decoupled_weight_decay"] is True
+    with pytest.raises(ValueError, match="decoupled_weight_decay is True in AdamW"):
+        fastopt.AdamW([{"params": [np.ones(3)], "decoupled_weight_decay": False}])
+
+
+def test_param_groups_slices_cannot_drop_or_add_groups():
+    opt = fastopt.SGD([{"params": [np.ones(3)]}, {"params": [np.ones(3)]}], lr=0.1)
+    with pytest.raises(TypeError, match="replace one group at a time"):
+        opt.param_groups[1:] = []
+    assert len(opt.param_groups) == 2
