@@ -308,10 +308,20 @@ def test_sgd_momentum_turned_on_mid_run_matches_torch():
         if t == 2:
             opt.param_groups[0]["momentum"] = 0.9
             ref.param_groups[0]["momentum"] = 0.9
-        _step_with(opt, buf, seed=300 + t)
-        for p, g in zip(ps, _arrays(300 + t)):
-            p.grad = torch.tensor(g)
-        ref.step()
+        _step_both(opt, buf, ref, ps, seed=300 + t)
+    _assert_like_torch(buf, ps)
+
+
+def _step_both(opt, buf, ref, ps, seed):
+    """One step of ``opt`` over ``buf`` and of the torch optimizer ``ref`` over ``ps``, same gradients."""
+    import torch
+    _step_with(opt, buf, seed=seed)
+    for p, g in zip(ps, _arrays(seed)):
+        p.grad = torch.tensor(g)
+    ref.step()
+
+
+def _assert_like_torch(buf, ps):
     for a, p in zip(buf.params, ps):
         np.testing.assert_allclose(a, p.detach().numpy(), rtol=1e-12, atol=1e-14)
 
@@ -881,12 +891,8 @@ def test_momentum_turned_on_and_off_again_before_any_update_is_never_made(via, t
         opt, buf = _resume(opt, buf, via, tmp_path)
     for t, momentum in enumerate([0.0, 0.9, 0.9]):
         opt.param_groups[0]["momentum"] = ref.param_groups[0]["momentum"] = momentum
-        _step_with(opt, buf, seed=600 + t)
-        for p, g in zip(ps, _arrays(600 + t)):
-            p.grad = torch.tensor(g)
-        ref.step()
-    for a, p in zip(buf.params, ps):
-        np.testing.assert_allclose(a, p.detach().numpy(), rtol=1e-12, atol=1e-14)
+        _step_both(opt, buf, ref, ps, seed=600 + t)
+    _assert_like_torch(buf, ps)
 
 
 def test_a_group_replaced_before_the_first_step_is_checked_and_adopted():
