@@ -161,6 +161,8 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
         raise FloatingPointError(f"the total norm of order {norm_type} of the gradients is non-finite, "
                                  "so it cannot be clipped (error_if_nonfinite=True)")
     coef = clip_coefficient(total, max_norm)
+    if isinstance(grads, ParamBuffer) and not math.isfinite(coef):  # the spans only: 0 * NaN in the
+        arrays = [grads.grad_arena[o:o + g.size] for o, g in zip(grads.offsets, grads.grads) if g.size]  # padding
     if coef != 1.0:  # NaN included: a non-finite norm spreads to the gradients, as in torch
         for a in arrays:
             if isinstance(a, np.ndarray):

@@ -62,7 +62,7 @@ from .buffer import ALIGN, ParamBuffer, _cupy, find_segment
 from .checkpoint import atomic_write, carried_problems
 from .clip import NormPlan, clip_coefficient
 from .kernels import _formats
-from .optimizer import MASTER, NONFINITE, Optimizer
+from .optimizer import MASTER, GuardOptions, Optimizer
 
 MANIFEST_FORMAT = "fastopt-sharded-checkpoint-1"
 SHARD_FORMAT = "fastopt-shard-1"
@@ -118,7 +118,7 @@ def shard_bounds(n, ranks, dtype):
     return size, [(min(r * size, n), min((r + 1) * size, n)) for r in range(ranks)]
 
 
-class ShardedOptimizer:
+class ShardedOptimizer(GuardOptions):
     """``cls`` (a :class:`fastopt.Optimizer` with element-wise state: SGD, Adam, AdamW,
     Lion, ...) over ``params`` (a ParamBuffer, or param groups of its views, as ``cls``
     takes them), its state sharded over ``comm``'s ranks. ``*args`` and ``**kwargs`` are
@@ -143,12 +143,8 @@ class ShardedOptimizer:
         if kwargs.get("state_bits") == 8:
             raise NotShardable("state_bits=8: 8-bit blockwise state is laid out per tensor, not per element, so "
                                "it cannot be cut into shards here (shard 32-bit or 16-bit state)")
-        self.max_grad_norm = kwargs.pop("max_grad_norm", None)
+        self.max_grad_norm = kwargs.pop("max_grad_norm", None)  # checked (GuardOptions)
         self.nonfinite = kwargs.pop("nonfinite", "skip")
-        if self.max_grad_norm is not None and not (0 < self.max_grad_norm < math.inf):
-            raise ValueError(f"max_grad_norm must be None or a positive number, got {self.max_grad_norm!r}")
-        if self.nonfinite not in NONFINITE:
-            raise ValueError(f"nonfinite must be one of {', '.join(map(repr, NONFINITE))}, got {self.nonfinite!r}")
         self.cls, self.comm = cls, comm if comm is not None else MPI.COMM_WORLD
         self.timeout = timeout
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
@@ -193,7 +189,8 @@ class ShardedOptimizer:
             self._grads += grads
             self._group_pieces.append(len(params))
         self.inner = cls(inner_groups, *args, **kwargs, max_grad_norm=None, nonfinite="propagate")
-        self._norm_plan = NormPlan([g for g in self._grads if g.size]) if self._guarded else None
+        # laid out whether guarded or not: the guard or clipping may be turned on between steps
+        self._norm_plan = NormPlan([g for g in self._grads if g.size])
         self.lock = threading.RLock()
         self.last_grad_norm, self.last_step_skipped, self.skipped_steps = None, False, 0
         self.timings = dict.fromkeys(("reduce_scatter", "norm", "update", "allgather"), 0.0)

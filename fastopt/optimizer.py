@@ -55,7 +55,38 @@ OPTIONS = {"max_grad_norm": None, "nonfinite": "skip", "state_dtype": None, "mas
            "capturable": False}
 
 
-class Optimizer:
+class GuardOptions:
+    """``max_grad_norm`` and ``nonfinite``, checked whenever they are set (a step reads them as
+    they are: -1 would climb the gradient, NaN make every param NaN, "skp" let NaN through);
+    :class:`Optimizer` and ``fastopt.distributed.ShardedOptimizer`` hold them so."""
+
+    @property
+    def max_grad_norm(self):
+        """The global gradient norm clipped to (None: no clipping); may be set between steps."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value):  # checked when set: a step reads it as it is (-1 would climb the gradient)
+        if value is not None and not (_is_real(value) and 0 < value < math.inf):
+            raise ValueError(f"max_grad_norm must be None or a positive number, got {value!r}")
+        self._max_grad_norm = value
+
+    @property
+    def nonfinite(self):
+        """What a step does with an inf or NaN gradient: "skip", "raise" or "propagate"."""
+        return self._nonfinite
+
+    @nonfinite.setter
+    def nonfinite(self, value):
+        if value not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {', '.join(map(repr, NONFINITE))}, got {value!r}")
+        if value == "raise" and getattr(self, "capturable", False):
+            raise ValueError("capturable=True decides each step on the device: nonfinite='raise' would read the "
+                             "gradient norm on the host (use 'skip' or 'propagate')")
+        self._nonfinite = value
+
+
+class Optimizer(GuardOptions):
     """Base class; a subclass names its ``rule`` (a ``fastopt.kernels`` :class:`Rule`), whose
     declaration gives the constructor (torch's arguments and defaults, then fastopt's
     keyword options ``max_grad_norm`` and ``nonfinite``), the states and their checks.
@@ -104,7 +135,10 @@ class Optimizer:
         self._norm_plan = None
         self.defaults = dict(defaults)
         self._edited = [False]  # set by an edit of param_groups: re-check before the next step
-        self.param_groups = _GroupList(self._edited)
+        # step, state_dict, load_state_dict, save and load run one at a time: a checkpoint is
+        # a consistent snapshot and two threads never interleave an update (RLock: a hook may re-enter)
+        self.lock = threading.RLock()
+        self.param_groups = _GroupList(self._edited, self.lock)
         self._buffer = None   # the ParamBuffer every param is a view of, in buffer mode
         self._params = []     # every param, in group order
         self.arenas = None    # state name -> arena, after the first step
@@ -114,9 +148,6 @@ class Optimizer:
         self._started = []    # per group: the states its updates have started (they hold values)
         self._running = []    # per group: the rule's running host values (NAdam's mu_product), once stepped
         self._group_params = []  # per group: its params when added (an edit may not replace them)
-        # step, state_dict, load_state_dict, save and load run one at a time: a checkpoint is
-        # a consistent snapshot and two threads never interleave an update (RLock: a hook may re-enter)
-        self.lock = threading.RLock()
         if isinstance(params, ParamBuffer):
             params = [{"params": params}]
         params = list(params) if not _is_array(params) else [params]
@@ -130,31 +161,6 @@ class Optimizer:
         self._on_cuda = not isinstance(self._params[0], np.ndarray)  # add_param_group keeps one device
         if self.capturable:
             self._check_capturable()
-
-    @property
-    def max_grad_norm(self):
-        """The global gradient norm clipped to (None: no clipping); may be set between steps."""
-        return self._max_grad_norm
-
-    @max_grad_norm.setter
-    def max_grad_norm(self, value):  # checked when set: a step reads it as it is (-1 would climb the gradient)
-        if value is not None and not (_is_real(value) and 0 < value < math.inf):
-            raise ValueError(f"max_grad_norm must be None or a positive number, got {value!r}")
-        self._max_grad_norm = value
-
-    @property
-    def nonfinite(self):
-        """What a step does with an inf or NaN gradient: "skip", "raise" or "propagate"."""
-        return self._nonfinite
-
-    @nonfinite.setter
-    def nonfinite(self, value):
-        if value not in NONFINITE:
-            raise ValueError(f"nonfinite must be one of {', '.join(map(repr, NONFINITE))}, got {value!r}")
-        if value == "raise" and getattr(self, "capturable", False):
-            raise ValueError("capturable=True decides each step on the device: nonfinite='raise' would read the "
-                             "gradient norm on the host (use 'skip' or 'propagate')")
-        self._nonfinite = value
 
     def _check_capturable(self):
         """capturable=True: every per-step value on the device, or a named ValueError."""
@@ -467,8 +473,11 @@ class Optimizer:
         if self._buffer is not None and grads is not None:
             raise ValueError("grads must be None: this optimizer reads gradients from its ParamBuffer's "
                              "grad arena (write them into buffer.grads)")
+        checked = False
         if self._plans is None:
             self._adopt_groups()
+            if self._buffer is None:  # before the arenas are laid out: a refused step leaves none
+                grads, checked = self._check_grads(grads), True
             self._edited[0] = False
             self._allocate()
             if self._buffer is not None and _all_zero(self._buffer.grad_arena):
@@ -477,7 +486,7 @@ class Optimizer:
         elif self._edited[0]:
             self._pull()  # the checks read the step counts
             self._apply_edits()
-        if self._buffer is None:  # after the edits: a group replaced by a dict is split by its new self
+        if self._buffer is None and not checked:  # after the edits: a replaced group is split by its new self
             grads = self._check_grads(grads)
         if self._on_cuda:  # (the CPU's steps skip both checks: a tiny model's step is a few us)
             if self._device_decides(scaler is not None):
@@ -611,7 +620,8 @@ class Optimizer:
             if not isinstance(group, Mapping) or "params" not in group:
                 raise TypeError(f"{where} must be a dict with a 'params' entry")
             params = group["params"]
-            params = [params] if _is_array(params) else list(params)
+            params = params.params if isinstance(params, ParamBuffer) else [params] if _is_array(params) \
+                else list(params)
             kept = self._group_params[k]
             if len(params) != len(kept) or any(a is not b and _dispatch.as_kernel_array(a) is not b
                                                for a, b in zip(params, kept)):
@@ -673,7 +683,9 @@ class Optimizer:
         if self.arenas is not None:
             written += [_dispatch._Array(f"state {n!r}", arena) for n, arena in self.arenas.items()]
         _dispatch.check_no_overlap(written, read)  # a grad may not be any param's (nor state's) memory
-        checked = _GradLists(grads, self.param_groups)
+        # split by the groups the plans launch (a dict put in place of one meanwhile is adopted
+        # at the next step's edits, before its gradients are split again)
+        checked = _GradLists(grads, [p.group for p in self._plans] if self._plans else self.param_groups)
         self._grad_cache = (originals, checked)
         return checked
 
@@ -821,7 +833,6 @@ class Optimizer:
         states its updates started (default: those its options need; one an option no longer
         needs is kept, and read again when the option comes back). The caller checks the values
         (see ``fastopt.load``); this checks the layout, then writes."""
-        self._adopt_groups(check=False)
         restarts = [False] * len(groups) if restarts is None else list(restarts)
         if not len(groups) == len(steps) == len(restarts) == len(self.param_groups):
             raise ValueError(f"restore: {len(groups)} groups, {len(steps)} step counts and {len(restarts)} "
@@ -836,6 +847,7 @@ class Optimizer:
         if len(started) != len(groups) or any(not s <= set(self.rule.states) for s in started):
             raise ValueError(f"restore: started states {started!r} do not fit this optimizer")
         with self.lock:
+            self._adopt_groups(check=False)
             for g, new in zip(self.param_groups, groups):
                 dict.update(g, {k: v for k, v in new.items() if k != "params"})
             self._edited[0] = False
@@ -1323,16 +1335,17 @@ class _GroupList(list):
     """``optimizer.param_groups``: a group may be replaced by a dict holding the same params
     (re-checked before the next step, as an edit); groups are added with ``add_param_group``."""
 
-    def __init__(self, edited):
+    def __init__(self, edited, lock):
         super().__init__()
-        self._edited = edited
+        self._edited, self._lock = edited, lock
 
     def __setitem__(self, k, group):
         if isinstance(k, slice):  # it could drop or add groups
             raise TypeError("param_groups[i:j] = ...: replace one group at a time; add groups with "
                             "add_param_group; a group, once added, stays (the state is laid out for its params)")
-        super().__setitem__(k, group)
-        self._edited[0] = True
+        with self._lock:  # not in the middle of a step, as a group's own edits
+            super().__setitem__(k, group)
+            self._edited[0] = True
 
     def _refused(name):
         def method(self, *args, **kwargs):

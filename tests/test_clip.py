@@ -305,6 +305,14 @@ def test_a_param_buffers_alignment_padding_never_counts():
     assert clip_grad_norm_(buf, 1.0) == pytest.approx(math.sqrt(12))
     for g in buf.grads:
         np.testing.assert_allclose(g, 1 / math.sqrt(12), rtol=1e-5)
+    # a NaN gradient: the NaN factor reaches the spans only, never the padding (0 * NaN)
+    buf.grad_arena[...] = 0.0
+    buf.grads[1][0] = np.nan
+    assert math.isnan(clip_grad_norm_(buf, 1.0))
+    spans = np.zeros(buf.grad_arena.size, bool)
+    for o, g in zip(buf.offsets, buf.grads):
+        spans[o:o + g.size] = True
+    assert (buf.grad_arena[~spans] == 0).all() and np.isnan(buf.grad_arena[spans]).all()
     # the spans' plan is laid out once per buffer (per call it cost ~8 ms for 400 tensors)
     assert fastopt.clip._buffer_plan(buf) is fastopt.clip._buffer_plan(buf)
 

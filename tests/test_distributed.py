@@ -466,6 +466,26 @@ def test_8bit_state_and_bfloat16_params_are_refused():
         out.stdout + out.stderr
 
 
+@needs_mpi
+def test_clipping_and_guard_options_are_checked_and_may_be_turned_on_later():
+    """As a plain optimizer's: a bad value is refused when set; clipping turned on after the
+    constructor works (it found no norm plan)."""
+    code = ("import numpy as np, fastopt, fastopt.distributed as d\n"
+            "buf = fastopt.ParamBuffer([np.ones(8, np.float32)])\n"
+            "opt = d.ShardedOptimizer(fastopt.SGD, buf, lr=0.1, nonfinite='propagate')\n"
+            "for name, value in (('max_grad_norm', -1.0), ('nonfinite', 'skp')):\n"
+            "    try:\n        setattr(opt, name, value)\n"
+            "    except ValueError as e:\n        print('refused', name)\n"
+            "opt.max_grad_norm = 1.0\n"
+            "buf.grads[0][...] = 1.0\n"
+            "opt.step()\n"
+            "print('clipped', round(float(buf.params[0][0]), 6))\n")
+    out = _python(code)
+    assert "refused max_grad_norm" in out.stdout and "refused nonfinite" in out.stdout, out.stdout + out.stderr
+    # the gradient (norm sqrt(8)) clipped to norm 1: each element 1 / sqrt(8)
+    assert f"clipped {round(1 - 0.1 / 8 ** 0.5, 6)}" in out.stdout, out.stdout + out.stderr
+
+
 def test_shard_bounds_cover_the_arena():
     from fastopt.distributed import shard_bounds
     for n, ranks in ((816, 2), (816, 3), (10, 4), (1, 3), (1000, 7)):

@@ -918,6 +918,25 @@ def test_a_group_replaced_before_the_first_step_is_checked_and_adopted():
     np.testing.assert_allclose(p, 0.9 - 0.1 * (1 + 0.9))
 
 
+def test_a_refused_first_step_lays_nothing_out():
+    """Gradients of the wrong shape: refused before the state arenas are laid out, so groups
+    can still be added (the optimizer has not stepped)."""
+    opt = fastopt.Adam([np.ones(4)])
+    with pytest.raises(ValueError, match="shape"):
+        opt.step([np.ones(5)])
+    assert opt.arenas is None and opt.steps == 0
+    opt.add_param_group({"params": [np.ones(2)]})
+
+
+def test_a_group_replaced_by_a_dict_may_name_its_param_buffer():
+    buf = fastopt.ParamBuffer([np.ones(4), np.ones(2)])
+    opt = fastopt.SGD(buf, lr=0.1)
+    opt.param_groups[0] = {**opt.param_groups[0], "params": buf, "lr": 0.5}
+    buf.grad_arena[...] = 1.0
+    opt.step()
+    np.testing.assert_allclose(buf.params[0], 0.5)
+
+
 def test_a_group_of_separate_arrays_replaced_after_a_step_steps_every_group():
     """Gradients are split by group: a replaced group's dict is a new object (it raised
     KeyError after the groups before it had stepped, and again at every later step)."""
