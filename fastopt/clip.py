@@ -91,13 +91,17 @@ class NormPlan:
 _BUFFER_PLANS = weakref.WeakKeyDictionary()  # ParamBuffer -> NormPlan of its params' gradient spans
 
 
+def _grad_spans(buf):
+    """``buf``'s params' spans of its grad arena, flat (the alignment padding left out)."""
+    return [buf.grad_arena[o:o + g.size] for o, g in zip(buf.offsets, buf.grads) if g.size]
+
+
 def _buffer_plan(buf):
     """The norm of ``buf``'s gradients: its params' spans (the alignment padding never counts),
     laid out once per buffer (a typed list of a view per param costs ms for hundreds of them)."""
     plan = _BUFFER_PLANS.get(buf)
     if plan is None:
-        plan = _BUFFER_PLANS[buf] = NormPlan([buf.grad_arena[o:o + g.size] for o, g in zip(buf.offsets, buf.grads)
-                                              if g.size])
+        plan = _BUFFER_PLANS[buf] = NormPlan(_grad_spans(buf))
     return plan
 
 
@@ -161,8 +165,8 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
         raise FloatingPointError(f"the total norm of order {norm_type} of the gradients is non-finite, "
                                  "so it cannot be clipped (error_if_nonfinite=True)")
     coef = clip_coefficient(total, max_norm)
-    if isinstance(grads, ParamBuffer) and not math.isfinite(coef):  # the spans only: 0 * NaN in the
-        arrays = [grads.grad_arena[o:o + g.size] for o, g in zip(grads.offsets, grads.grads) if g.size]  # padding
+    if isinstance(grads, ParamBuffer) and not math.isfinite(coef):
+        arrays = _grad_spans(grads)  # the padding's zeros times a NaN factor would be NaN
     if coef != 1.0:  # NaN included: a non-finite norm spreads to the gradients, as in torch
         for a in arrays:
             if isinstance(a, np.ndarray):

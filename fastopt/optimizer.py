@@ -473,21 +473,19 @@ class Optimizer(GuardOptions):
         if self._buffer is not None and grads is not None:
             raise ValueError("grads must be None: this optimizer reads gradients from its ParamBuffer's "
                              "grad arena (write them into buffer.grads)")
-        checked = False
         if self._plans is None:
             self._adopt_groups()
-            if self._buffer is None:  # before the arenas are laid out: a refused step leaves none
-                grads, checked = self._check_grads(grads), True
+        elif self._edited[0]:
+            self._pull()  # the checks read the step counts
+            self._apply_edits()
+        if self._buffer is None:  # after the edits (a replaced group is split by its new self) and
+            grads = self._check_grads(grads)  # before a first step lays out the arenas (a refused one lays none)
+        if self._plans is None:
             self._edited[0] = False
             self._allocate()
             if self._buffer is not None and _all_zero(self._buffer.grad_arena):
                 warnings.warn("the first step found every gradient zero: did the backward pass write into "
                               "the ParamBuffer's grads (buf.grads / buf.grad_arena)?", RuntimeWarning, stacklevel=3)
-        elif self._edited[0]:
-            self._pull()  # the checks read the step counts
-            self._apply_edits()
-        if self._buffer is None and not checked:  # after the edits: a replaced group is split by its new self
-            grads = self._check_grads(grads)
         if self._on_cuda:  # (the CPU's steps skip both checks: a tiny model's step is a few us)
             if self._device_decides(scaler is not None):
                 self._device_step(grads, grad_scale, scaler)
@@ -874,8 +872,9 @@ class Optimizer(GuardOptions):
 
     def _read_state_dict(self, state_dict):
         """``(merged groups, step per group, {(param, state): array in the params' dtype},
-        restart per group, skipped steps or None, running values per group)``: :meth:`restore`'s
-        arguments, or a ValueError / TypeError naming the first problem; writes nothing."""
+        restart per group, skipped steps or None, running values per group, started states per
+        group)``: :meth:`restore`'s arguments, or a ValueError / TypeError naming the first
+        problem; writes nothing."""
         name = type(self).__name__
         self._adopt_groups(check=False)  # a group replaced by a dict: its params checked, adopted first
         if not isinstance(state_dict, Mapping) or not {"param_groups", "state"} <= set(state_dict):

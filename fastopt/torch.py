@@ -647,14 +647,14 @@ class _StateView(Mapping):
                 continue
             steps = [t for plan, t in zip(inner._plans, inner._steps()) for _ in plan.group["params"]]
             # what torch's state would hold: a state kept while its option is off too
-            needed = [inner.saved_states(k, plan.restart) for k, plan in enumerate(inner._plans)
-                      for _ in plan.group["params"]]
+            saved = [inner.saved_states(k, plan.restart) for k, plan in enumerate(inner._plans)
+                     for _ in plan.group["params"]]
             for i, p in enumerate(arena.params):
                 if steps[i]:
                     views = inner.state_views(i)
                     entry = {"step": torch.tensor(float(steps[i]))}
                     entry.update({names.get(n, n): _as_torch(v, p.device)
-                                  for n, v in views.items() if n in needed[i]})
+                                  for n, v in views.items() if n in saved[i]})
                     self._entries[p] = entry
 
     def __getitem__(self, p):
